@@ -1,0 +1,451 @@
+"""The asyncio Python client of the daemon.
+
+    async with bridge.connect() as client:          # finds the daemon through the runtime file
+        async for text in client.generate("Hello", adapters=["pirate"]):
+            print(text, end="")
+
+Leaving the `async for` early cancels the request on the daemon. Errors raise the typed exceptions
+of `bridge.errors`, each carrying the protocol error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed as WsConnectionClosed
+from websockets.exceptions import InvalidStatus
+
+from .codec import FrameError, decode_server, encode
+from .discovery import read_runtime_file
+from .errors import AuthError, ConnectionClosed, DaemonNotFound, LoraloomError, error_for_code
+from .messages import (
+    PROTOCOL_VERSION,
+    AdapterEvent,
+    AdapterInfo,
+    AdapterRef,
+    Adapters,
+    Cancel,
+    ChatMessage,
+    Chunk,
+    Error,
+    Generate,
+    GenerateImage,
+    Hello,
+    ImageProgress,
+    ImageResult,
+    ListAdapters,
+    Ping,
+    Pong,
+    Result,
+    ServerMessage,
+    Subscribe,
+    Welcome,
+)
+
+__all__ = ["AdapterSpec", "Client", "ImageStream", "TextStream", "connect", "parse_adapter"]
+
+AdapterSpec = str | tuple[str, float] | AdapterRef
+
+
+def parse_adapter(spec: AdapterSpec) -> AdapterRef:
+    """`"name"`, `"name:0.5"`, `("name", 0.5)` or an AdapterRef -> AdapterRef."""
+    if isinstance(spec, AdapterRef):
+        return spec
+    if isinstance(spec, tuple):
+        return AdapterRef(name=spec[0], scale=spec[1])
+    name, sep, scale = spec.rpartition(":")
+    if sep and name:
+        try:
+            return AdapterRef(name=name, scale=float(scale))
+        except ValueError:
+            pass
+    return AdapterRef(name=spec)
+
+
+class _Request:
+    """The client side of one in-flight request: a queue of its events."""
+
+    def __init__(self, request_id: str) -> None:
+        self.id = request_id
+        self.queue: asyncio.Queue[ServerMessage | LoraloomError] = asyncio.Queue()
+        self.done = False
+
+
+class TextStream:
+    """The text of one generation as it arrives. Iterate for text pieces; `result` once done."""
+
+    def __init__(self, client: Client, message: Generate) -> None:
+        self._client = client
+        self._message = message
+        self._request: _Request | None = None
+        self.result: Result | None = None
+        self.chunks: list[Chunk] = []
+
+    @property
+    def id(self) -> str:
+        return self._message.id
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.result is not None:
+            raise StopAsyncIteration
+        if self._request is None:
+            self._request = await self._client._start(self._message)
+        event = await self._client._next_event(self._request)
+        if isinstance(event, Chunk):
+            self.chunks.append(event)
+            return event.text
+        if isinstance(event, Result):
+            self.result = event
+            self._client._finish(self._request)
+            raise StopAsyncIteration
+        raise LoraloomError(f"unexpected event {event.type!r} for a text request")
+
+    async def aclose(self) -> None:
+        """Cancel the request on the daemon if it is still running."""
+        request = self._request
+        if request is not None and not request.done and self.result is None:
+            self._client._finish(request)
+            await self._client._send_quietly(Cancel(id=request.id))
+
+    async def text(self) -> str:
+        """Wait for the end and return the whole text."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result.text
+
+
+class ImageStream:
+    """Progress events of one image request; `result` holds the images once done."""
+
+    def __init__(self, client: Client, message: GenerateImage) -> None:
+        self._client = client
+        self._message = message
+        self._request: _Request | None = None
+        self.result: ImageResult | None = None
+
+    def __aiter__(self) -> ImageStream:
+        return self
+
+    async def __anext__(self) -> ImageProgress:
+        if self.result is not None:
+            raise StopAsyncIteration
+        if self._request is None:
+            self._request = await self._client._start(self._message)
+        event = await self._client._next_event(self._request)
+        if isinstance(event, ImageProgress):
+            return event
+        if isinstance(event, ImageResult):
+            self.result = event
+            self._client._finish(self._request)
+            raise StopAsyncIteration
+        raise LoraloomError(f"unexpected event {event.type!r} for an image request")
+
+    async def aclose(self) -> None:
+        request = self._request
+        if request is not None and not request.done and self.result is None:
+            self._client._finish(request)
+            await self._client._send_quietly(Cancel(id=request.id))
+
+    def __await__(self) -> Generator[Any, None, ImageResult]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> ImageResult:
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Client:
+    """One connection to the daemon. Create it with `connect()`."""
+
+    def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
+        self._ws = ws
+        self.welcome = welcome
+        self._requests: dict[str, _Request] = {}
+        self._subscribers: list[asyncio.Queue[AdapterEvent | LoraloomError]] = []
+        self._subscribed = False
+        self._ids = itertools.count(1)
+        self._closed: LoraloomError | None = None
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    # ------------------------------------------------------------ public API
+
+    def new_id(self) -> str:
+        return f"py-{next(self._ids)}"
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
+        system: str | None = None,
+        adapters: Iterable[AdapterSpec] = (),
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stream: bool = True,
+        request_id: str | None = None,
+    ) -> TextStream:
+        """Start a generation. With `system`, `prompt` becomes a chat turn (chat template)."""
+        chat: list[ChatMessage] | None = None
+        if messages is not None:
+            chat = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
+        if system is not None:
+            chat = [ChatMessage(role="system", content=system), *(chat or [])]
+            if prompt is not None:
+                chat.append(ChatMessage(role="user", content=prompt))
+                prompt = None
+        message = Generate(
+            id=request_id or self.new_id(),
+            adapters=[parse_adapter(a) for a in adapters],
+            prompt=prompt,
+            messages=chat,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=list(stop),
+            stream=stream,
+        )
+        return TextStream(self, message)
+
+    async def complete(self, prompt: str | None = None, **kwargs: Any) -> Result:
+        """Generate without streaming and return the final `Result`."""
+        stream = self.generate(prompt, stream=False, **kwargs)
+        async for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def generate_image(
+        self,
+        prompt: str,
+        *,
+        adapters: Iterable[AdapterSpec] = (),
+        negative_prompt: str | None = None,
+        width: int = 512,
+        height: int = 512,
+        steps: int = 20,
+        guidance: float = 7.5,
+        seed: int | None = None,
+        count: int = 1,
+        request_id: str | None = None,
+    ) -> ImageStream:
+        """Start an image request: iterate for progress, or `await` it for the result."""
+        message = GenerateImage(
+            id=request_id or self.new_id(),
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            adapters=[parse_adapter(a) for a in adapters],
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            count=count,
+        )
+        return ImageStream(self, message)
+
+    async def adapters(self) -> list[AdapterInfo]:
+        """The daemon's current adapters."""
+        reply = await self._call(ListAdapters(id=self.new_id()))
+        assert isinstance(reply, Adapters)
+        return reply.adapters
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        start = time.perf_counter()
+        reply = await self._call(Ping(id=self.new_id()))
+        assert isinstance(reply, Pong)
+        return time.perf_counter() - start
+
+    async def events(self) -> AsyncIterator[AdapterEvent]:
+        """Adapter events from now on (subscribes on first use)."""
+        queue: asyncio.Queue[AdapterEvent | LoraloomError] = asyncio.Queue()
+        self._subscribers.append(queue)
+        try:
+            if not self._subscribed:
+                self._subscribed = True
+                await self._call(Subscribe(id=self.new_id()))
+            while True:
+                item = await queue.get()
+                if isinstance(item, LoraloomError):
+                    raise item
+                yield item
+        finally:
+            self._subscribers.remove(queue)
+
+    async def subscribe(self) -> list[AdapterInfo]:
+        """Subscribe to adapter events explicitly; returns the current list."""
+        self._subscribed = True
+        reply = await self._call(Subscribe(id=self.new_id()))
+        assert isinstance(reply, Adapters)
+        return reply.adapters
+
+    async def close(self) -> None:
+        """Close the connection; idempotent."""
+        await self._ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _start(self, message: Generate | GenerateImage | ListAdapters | Ping | Subscribe) -> _Request:
+        if self._closed is not None:
+            raise self._closed
+        request = _Request(message.id)
+        self._requests[message.id] = request
+        try:
+            await self._ws.send(encode(message))
+        except WsConnectionClosed as exc:
+            self._finish(request)
+            raise ConnectionClosed(f"connection to the daemon closed: {exc}") from None
+        return request
+
+    async def _call(self, message: ListAdapters | Ping | Subscribe) -> ServerMessage:
+        request = await self._start(message)
+        try:
+            return await self._next_event(request)
+        finally:
+            self._finish(request)
+
+    async def _next_event(self, request: _Request) -> ServerMessage:
+        item = await request.queue.get()
+        if isinstance(item, LoraloomError):
+            self._finish(request)
+            raise item
+        return item
+
+    def _finish(self, request: _Request) -> None:
+        request.done = True
+        self._requests.pop(request.id, None)
+
+    async def _send_quietly(self, message: Cancel) -> None:
+        with contextlib.suppress(WsConnectionClosed):
+            await self._ws.send(encode(message))
+
+    async def _read_loop(self) -> None:
+        reason: LoraloomError = ConnectionClosed("connection to the daemon closed")
+        try:
+            async for frame in self._ws:
+                if isinstance(frame, str):
+                    continue
+                try:
+                    event = decode_server(frame)
+                except FrameError:
+                    continue  # a newer daemon's message we do not know: ignore it
+                self._dispatch(event)
+        except WsConnectionClosed as exc:
+            reason = ConnectionClosed(f"connection to the daemon closed: {exc}")
+        finally:
+            self._closed = reason
+            for request in list(self._requests.values()):
+                request.queue.put_nowait(reason)
+            for queue in self._subscribers:
+                queue.put_nowait(reason)
+
+    def _dispatch(self, event: ServerMessage) -> None:
+        if isinstance(event, AdapterEvent):
+            for queue in self._subscribers:
+                queue.put_nowait(event)
+            return
+        request_id = getattr(event, "id", None)
+        request = self._requests.get(request_id) if request_id else None
+        if request is None:
+            return
+        if isinstance(event, Error):
+            request.queue.put_nowait(error_for_code(event.code, event.message))
+        else:
+            request.queue.put_nowait(event)
+
+
+class _Connect:
+    """`await connect(...)` or `async with connect(...) as client`."""
+
+    def __init__(self, url: str | None, token: str | None, client_name: str,
+                 runtime_file: Path | None, open_timeout: float) -> None:
+        self._args = (url, token, client_name, runtime_file, open_timeout)
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def _open(self) -> Client:
+        url, token, client_name, runtime_file, open_timeout = self._args
+        if url is None or token is None:
+            info = read_runtime_file(runtime_file)
+            url = url or info.url
+            token = token if token is not None else info.token
+        try:
+            ws = await ws_connect(url, open_timeout=open_timeout, max_size=None,
+                                  compression=None, user_agent_header=f"loraloom-python/{client_name}")
+        except InvalidStatus as exc:
+            raise AuthError(f"the daemon refused the connection: HTTP {exc.response.status_code}") from None
+        except (OSError, TimeoutError) as exc:
+            raise DaemonNotFound(f"cannot reach the daemon at {url}: {exc}") from None
+        try:
+            await ws.send(encode(Hello(protocol=PROTOCOL_VERSION, token=token, client=client_name)))
+            first = decode_server(await asyncio.wait_for(ws.recv(), open_timeout))  # type: ignore[arg-type]
+        except WsConnectionClosed as exc:
+            raise ConnectionClosed(f"the daemon closed the connection during the handshake: {exc}") from None
+        except BaseException:
+            await ws.close()
+            raise
+        if isinstance(first, Error):
+            await ws.close()
+            raise error_for_code(first.code, first.message)
+        if not isinstance(first, Welcome):
+            await ws.close()
+            raise LoraloomError(f"expected 'welcome', got {first.type!r}")
+        return Client(ws, first)
+
+
+def connect(
+    url: str | None = None,
+    token: str | None = None,
+    *,
+    client_name: str = "python",
+    runtime_file: Path | None = None,
+    open_timeout: float = 10.0,
+) -> _Connect:
+    """Connect to a daemon: explicit `url`/`token`, or those of the runtime file."""
+    return _Connect(url, token, client_name, runtime_file, open_timeout)
