@@ -1,0 +1,1 @@
+"""The adapter library: folders of adapters, immutable versions, validation, live reload."""

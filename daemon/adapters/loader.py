@@ -1,0 +1,91 @@
+"""Reading one adapter folder from disk into an `AdapterVersion` (nothing is validated here).
+
+Text adapters are PEFT folders (adapter_config.json + adapter_model.safetensors); image adapters
+are diffusers LoRA folders (one *.safetensors, usually pytorch_lora_weights.safetensors). The
+bytes are read once: the hash and the tensors come from the same bytes, so a file rewritten
+while we read can never give a version whose hash and weights disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from .version import AdapterKind, AdapterVersion
+
+__all__ = ["AdapterFiles", "read_adapter_files"]
+
+TEXT_CONFIG = "adapter_config.json"
+TEXT_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterFiles:
+    """The parsed content of an adapter folder at one moment."""
+
+    def __init__(self, kind: AdapterKind, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 digest: str, files: dict[str, int]) -> None:
+        self.kind = kind
+        self.config = config
+        self.tensors = tensors
+        self.hash = digest
+        self.files = files  # name -> size
+
+    def to_version(self, name: str, number: int, prepared: Any, rank: int,
+                   targets: tuple[str, ...]) -> AdapterVersion:
+        return AdapterVersion(name=name, kind=self.kind, number=number, hash=self.hash, tensors=self.tensors,
+                              config=self.config, rank=rank, targets=targets, prepared=prepared)
+
+
+def _weights_file(folder: Path, kind: AdapterKind) -> Path:
+    if kind == "text":
+        path = folder / TEXT_WEIGHTS
+        if not path.exists():
+            if (folder / "adapter_model.bin").exists():
+                raise ValueError("adapter_model.bin (pickle) is not loaded for safety; save as safetensors")
+            raise ValueError(f"{TEXT_WEIGHTS} is missing")
+        return path
+    candidates = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
+    if not candidates:
+        raise ValueError("no *.safetensors file in the folder")
+    if len(candidates) > 1:
+        preferred = folder / "pytorch_lora_weights.safetensors"
+        if preferred in candidates:
+            return preferred
+        raise ValueError(f"several weight files ({', '.join(p.name for p in candidates)}); keep one")
+    return candidates[0]
+
+
+def read_adapter_files(folder: Path, kind: AdapterKind) -> AdapterFiles:
+    """Read and parse an adapter folder, or raise ValueError with a reason a designer can act on."""
+    digest = hashlib.sha256()
+    sizes: dict[str, int] = {}
+    config: dict[str, Any] = {}
+    if kind == "text":
+        cfg_path = folder / TEXT_CONFIG
+        try:
+            raw_cfg = cfg_path.read_bytes()
+        except FileNotFoundError:
+            raise ValueError(f"{TEXT_CONFIG} is missing") from None
+        try:
+            config = json.loads(raw_cfg)
+        except ValueError as exc:
+            raise ValueError(f"{TEXT_CONFIG} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{TEXT_CONFIG} must hold a JSON object")
+        digest.update(raw_cfg)
+        sizes[TEXT_CONFIG] = len(raw_cfg)
+    weights = _weights_file(folder, kind)
+    raw = weights.read_bytes()
+    sizes[weights.name] = len(raw)
+    digest.update(raw)
+    try:
+        tensors = load_safetensors(raw)
+    except Exception as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ValueError(f"{weights.name} is not a readable safetensors file (truncated or corrupt?): {reason}") from None
+    return AdapterFiles(kind, config, tensors, digest.hexdigest()[:16], sizes)

@@ -1,0 +1,213 @@
+"""The adapter registry: names -> the live, validated, immutable version of each adapter.
+
+Owns the folder layout (each sub-folder of an adapter folder is one adapter named after it),
+version numbering, the status of every adapter, and the events sent when something changes.
+A new version goes live only after it validates against the loaded base model; a rejected one
+leaves the previous version serving. Swaps are atomic: `get()` returns either the old or the
+new version, and requests keep the version they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import AdapterError, ErrorCode
+from bridge.messages import ADAPTER_NAME_PATTERN, AdapterInfo
+
+from .loader import AdapterFiles, read_adapter_files
+from .version import AdapterKind, AdapterVersion
+
+__all__ = ["AdapterChange", "AdapterRegistry", "Validator", "is_ignored_name"]
+
+log = logging.getLogger("loraloom.adapters")
+
+# Validates parsed files for one engine: returns (prepared, rank, targets) or raises ValueError.
+Validator = Callable[[AdapterFiles], tuple[Any, int, tuple[str, ...]]]
+
+_NAME = re.compile(ADAPTER_NAME_PATTERN)
+_TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", ".swx", "~", ".bak")
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden files, editor temp files and partial downloads are never adapters or adapter files."""
+    return name.startswith((".", "~", "#")) or name.endswith(_TEMP_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class AdapterChange:
+    """What happened to one adapter (becomes an `adapter_event` on the wire)."""
+
+    event: str  # added | updated | removed | rejected
+    info: AdapterInfo
+    previous_version: int | None = None
+    reason: str | None = None
+
+
+class _Entry:
+    def __init__(self, name: str, kind: AdapterKind, folder: Path) -> None:
+        self.name = name
+        self.kind = kind
+        self.folder = folder
+        self.live: AdapterVersion | None = None
+        self.error: str | None = None
+        self.numbers = 0
+
+    def info(self) -> AdapterInfo:
+        v = self.live
+        status = "ready" if v is not None else ("failed" if self.error else "loading")
+        return AdapterInfo(name=self.name, kind=self.kind, status=status, version=v.number if v else None,
+                           hash=v.hash if v else None, rank=v.rank if v else None,
+                           targets=list(v.targets) if v else [], error=self.error)
+
+
+class AdapterRegistry:
+    """Adapters of both kinds, from one or more folders each."""
+
+    def __init__(self, *, folders: dict[AdapterKind, list[Path]], validators: dict[AdapterKind, Validator],
+                 on_change: Callable[[AdapterChange], None] | None = None,
+                 on_retire: Callable[[AdapterVersion], None] | None = None) -> None:
+        self.folders = {k: [Path(p).resolve() for p in v] for k, v in folders.items()}
+        self.validators = validators
+        self.on_change = on_change
+        self.on_retire = on_retire
+        self._entries: dict[tuple[AdapterKind, str], _Entry] = {}
+        self._lock = threading.RLock()
+
+    # ---------------------------------------------------------------- queries
+
+    def get(self, name: str, kind: AdapterKind) -> AdapterVersion:
+        """The live version of `name`, or AdapterError(unknown_adapter / adapter_unavailable)."""
+        with self._lock:
+            entry = self._entries.get((kind, name))
+            if entry is None:
+                known = sorted(n for (k, n) in self._entries if k == kind)
+                other = [k for (k, n) in self._entries if n == name]
+                hint = f" (it is an {other[0]} adapter)" if other else ""
+                raise AdapterError(
+                    f"unknown {kind} adapter '{name}'{hint}; known: {', '.join(known) or 'none'}",
+                    code=ErrorCode.UNKNOWN_ADAPTER)
+            if entry.live is None:
+                raise AdapterError(f"{kind} adapter '{name}' has no valid version: {entry.error or 'loading'}",
+                                   code=ErrorCode.ADAPTER_UNAVAILABLE)
+            return entry.live
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [e.info() for _, e in sorted(self._entries.items())]
+
+    def owner(self, path: Path) -> tuple[AdapterKind, Path, str] | None:
+        """(kind, folder, adapter name) for a path inside an adapter folder, or None."""
+        path = Path(path)
+        for kind, roots in self.folders.items():
+            for root in roots:
+                try:
+                    rel = path.relative_to(root)
+                except ValueError:
+                    continue
+                if not rel.parts:
+                    return None
+                return kind, root, rel.parts[0]
+        return None
+
+    # ---------------------------------------------------------------- changes
+
+    def scan(self) -> None:
+        """Load every adapter folder (at start)."""
+        for kind, roots in self.folders.items():
+            for root in roots:
+                if not root.is_dir():
+                    log.warning("%s adapter folder %s does not exist (yet)", kind, root)
+                    continue
+                for child in sorted(root.iterdir()):
+                    if child.is_dir():
+                        self.refresh(kind, root, child.name)
+
+    def refresh(self, kind: AdapterKind, root: Path, name: str) -> AdapterChange | None:
+        """Re-read one adapter folder and act on what it holds now. Returns the change, if any."""
+        if is_ignored_name(name):
+            return None
+        if not _NAME.match(name):
+            log.warning("ignoring %s: adapter folder names are identifiers (letters, digits, _ - .)", root / name)
+            return None
+        folder = root / name
+        with self._lock:
+            entry = self._entries.get((kind, name))
+            if entry is not None and entry.folder != folder:
+                if entry.folder.is_dir():
+                    log.warning("adapter '%s' exists in %s and %s; using the first", name, entry.folder, folder)
+                    return None
+                entry.folder = folder
+        if not folder.is_dir():
+            return self._remove(kind, name)
+        try:
+            files = read_adapter_files(folder, kind)
+        except ValueError as exc:
+            return self._reject(kind, name, folder, str(exc))
+        except OSError as exc:
+            if not folder.is_dir():
+                return self._remove(kind, name)
+            return self._reject(kind, name, folder, f"cannot read the files: {exc}")
+        with self._lock:
+            entry = self._entries.get((kind, name))
+            if entry is not None and entry.live is not None and entry.live.hash == files.hash:
+                if entry.error:  # a broken save was fixed back to the live content
+                    entry.error = None
+                return None
+        try:
+            prepared, rank, targets = self.validators[kind](files)
+        except ValueError as exc:
+            return self._reject(kind, name, folder, str(exc))
+        except Exception as exc:  # a validator bug must not take the watcher down
+            log.exception("validating %s failed", folder)
+            return self._reject(kind, name, folder, f"internal error while validating: {exc}")
+        with self._lock:
+            entry = self._entries.setdefault((kind, name), _Entry(name, kind, folder))
+            entry.numbers += 1
+            old = entry.live
+            entry.live = files.to_version(name, entry.numbers, prepared, rank, targets)
+            entry.error = None
+            change = AdapterChange("updated" if old else "added", entry.info(),
+                                   previous_version=old.number if old else None)
+        log.info("%s adapter '%s' %s: version %d (%s, rank %d)", kind, name, change.event, entry.live.number,
+                 entry.live.hash, rank)
+        if old is not None and self.on_retire:
+            self.on_retire(old)
+        self._notify(change)
+        return change
+
+    def _reject(self, kind: AdapterKind, name: str, folder: Path, reason: str) -> AdapterChange:
+        with self._lock:
+            entry = self._entries.setdefault((kind, name), _Entry(name, kind, folder))
+            entry.error = reason
+            change = AdapterChange("rejected", entry.info(), reason=reason)
+        keeps = f"; version {entry.live.number} keeps serving" if entry.live else ""
+        log.warning("%s adapter '%s' rejected: %s%s", kind, name, reason, keeps)
+        self._notify(change)
+        return change
+
+    def _remove(self, kind: AdapterKind, name: str) -> AdapterChange | None:
+        with self._lock:
+            entry = self._entries.pop((kind, name), None)
+            if entry is None:
+                return None
+            old = entry.live
+            info = entry.info().model_copy(update={"status": "removed"})
+            change = AdapterChange("removed", info, previous_version=old.number if old else None)
+        log.info("%s adapter '%s' removed", kind, name)
+        if old is not None and self.on_retire:
+            self.on_retire(old)
+        self._notify(change)
+        return change
+
+    def _notify(self, change: AdapterChange) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(change)
+            except Exception:
+                log.exception("an adapter change listener failed")

@@ -1,0 +1,285 @@
+"""The `loraloom` command: serve, ask, adapters, demo (and more subcommands as they land).
+
+Exit codes: 0 success; 1 the daemon refused or failed the request; 2 bad usage; 3 no daemon
+reachable (or it went away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import ConnectionClosed, DaemonNotFound, LoraloomError
+
+from . import __version__
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_REQUEST, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------- serve
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network and security")
+    g.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, help="port (default 7341; 0 picks a free one)")
+    g.add_argument("--token", help="client token (default: a new random one each start)")
+    g.add_argument("--allow-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
+                   help="a browser Origin allowed to connect (repeatable)")
+    g.add_argument("--runtime-file", type=Path, help="where to publish url, token and pid")
+    g = p.add_argument_group("models")
+    g.add_argument("--text-model", help="Hugging Face folder, 'default' (embedded SmolLM2) or 'none'")
+    g.add_argument("--image-model", help="diffusers folder, 'default' (placeholder that draws noise) or 'none'")
+    g.add_argument("--cache-dir", type=Path, help="where converted/generated models are kept")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--text-adapters", action="append", type=Path, metavar="DIR", help="text adapter folder (repeatable)")
+    g.add_argument("--image-adapters", action="append", type=Path, metavar="DIR", help="image adapter folder (repeatable)")
+    g.add_argument("--pin", dest="pinned_adapters", action="append", metavar="NAME", help="never evict this adapter")
+    g.add_argument("--no-watch", dest="watch", action="store_const", const=False, help="do not live-reload adapters")
+    g = p.add_argument_group("capacity and limits")
+    g.add_argument("--max-seqs", type=int, help="sequences generated at once")
+    g.add_argument("--max-context", type=int, help="tokens per sequence, prompt included")
+    g.add_argument("--lora-slots", type=int, help="adapters resident in compute memory")
+    g.add_argument("--max-lora-rank", type=int)
+    g.add_argument("--max-frame-bytes", type=int)
+    g.add_argument("--max-inflight", dest="max_inflight_per_connection", type=int)
+    g.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--config", type=Path, help="TOML file with any of these settings")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+_SERVE_KEYS = ("host", "port", "token", "allowed_origins", "runtime_file", "text_model", "image_model", "cache_dir",
+               "device", "dtype", "text_adapters", "image_adapters", "pinned_adapters", "watch", "max_seqs",
+               "max_context", "lora_slots", "max_lora_rank", "max_frame_bytes", "max_inflight_per_connection",
+               "max_new_tokens", "log_level")
+
+
+def _settings_from_args(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
+    if args.config is not None:
+        if not args.config.exists():
+            raise SystemExit(f"loraloom: config file {args.config} does not exist")
+        os.environ["LORALOOM_CONFIG"] = str(args.config)
+    overrides = {k: getattr(args, k) for k in _SERVE_KEYS if getattr(args, k, None) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SystemExit(f"loraloom: invalid settings:\n{exc}") from None
+
+
+async def serve_async(settings: Any, *, ready: asyncio.Event | None = None) -> None:
+    from bridge.discovery import RuntimeInfo, default_runtime_file, remove_runtime_file, write_runtime_file
+    from bridge.messages import PROTOCOL_VERSION
+
+    from .server import DaemonServer
+    from .service import Service
+
+    log = logging.getLogger("loraloom")
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s, not loopback: anyone who can reach this machine and has the token "
+                    "can use the daemon", settings.host)
+    token = settings.token or secrets.token_urlsafe(24)
+    service = await asyncio.to_thread(Service.from_settings, settings)
+    service.start()
+    server = DaemonServer(service, token=token)
+    await server.start()
+    runtime_file = settings.runtime_file or default_runtime_file()
+    write_runtime_file(RuntimeInfo(url=server.url, host=str(server.host), port=server.port, token=token,
+                                   pid=os.getpid(), version=__version__, protocol=PROTOCOL_VERSION), runtime_file)
+    text, image = service.model_infos()
+    if image is not None and image.placeholder:
+        log.warning("image model: %s — a PLACEHOLDER with random weights that draws noise; "
+                    "pass --image-model PATH for a real diffusers model", image.name)
+    log.info("runtime file %s", runtime_file)
+    log.info("listening on %s", server.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop()
+        remove_runtime_file(runtime_file, pid=os.getpid())
+        log.info("stopped")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("websockets", "watchdog", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    _setup_logging(settings.log_level)
+    try:
+        asyncio.run(serve_async(settings))
+    except (FileNotFoundError, ValueError) as exc:
+        logging.getLogger("loraloom").error("%s", exc)
+        return EXIT_USAGE
+    except OSError as exc:
+        logging.getLogger("loraloom").error("cannot start: %s", exc)
+        return EXIT_NO_DAEMON
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- clients
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="daemon URL (default: from the runtime file)")
+    p.add_argument("--token", help="token (default: from the runtime file)")
+    p.add_argument("--runtime-file", type=Path, help="runtime file to read url and token from")
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    import bridge
+
+    return bridge.connect(args.url, args.token, client_name="cli", runtime_file=args.runtime_file)
+
+
+def _run_client(coro: Any) -> int:
+    try:
+        return int(asyncio.run(coro))
+    except DaemonNotFound as exc:
+        print(f"loraloom: {exc.message}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except ConnectionClosed as exc:
+        print(f"loraloom: {exc.message}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except LoraloomError as exc:
+        print(f"loraloom: {exc}", file=sys.stderr)
+        return EXIT_REQUEST
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    async with _connect(args) as client:
+        stream = client.generate(
+            args.prompt, system=args.system, adapters=args.adapter or [], max_tokens=args.max_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+        try:
+            async for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            await stream.aclose()
+        sys.stdout.write("\n")
+        if args.verbose and stream.result is not None:
+            r = stream.result
+            print(f"[{r.finish_reason}; {r.prompt_tokens} prompt + {r.completion_tokens} tokens; "
+                  f"first token {r.timings.first_token_ms} ms; {r.timings.tokens_per_s} tokens/s; "
+                  f"adapters {r.adapter_versions}]", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        return _run_client(_ask(args))
+    except ValidationError as exc:
+        print(f"loraloom: invalid request: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _adapters(args: argparse.Namespace) -> int:
+    async with _connect(args) as client:
+        infos = await client.adapters()
+    if args.json:
+        import json
+
+        print(json.dumps([i.model_dump() for i in infos], indent=2))
+        return EXIT_OK
+    rows = [("NAME", "KIND", "STATUS", "VERSION", "RANK", "TARGETS", "ERROR")]
+    for i in infos:
+        rows.append((i.name, i.kind, i.status, str(i.version or "-"), str(i.rank or "-"),
+                     ",".join(t.removesuffix("_proj") for t in i.targets) or "-", i.error or ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in range(6)) + ("  " + r[6] if r[6] else ""))
+    if len(rows) == 1:
+        print("(no adapters; start the daemon with --text-adapters DIR)")
+    return EXIT_OK
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    return _run_client(_adapters(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraloom", description="A local multi-LoRA runtime for games.")
+    parser.add_argument("--version", action="version", version=f"loraloom {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    _add_serve_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ask", help="stream one answer from the running daemon")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--adapter", "-a", action="append", metavar="NAME[:SCALE]", help="adapter to use (repeatable: a mix)")
+    p.add_argument("--system", help="system prompt (the prompt then uses the chat template)")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print token counts and timings to stderr")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("adapters", help="list the daemon's adapters")
+    p.add_argument("--json", action="store_true")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("demo", help="several NPCs answering at once on the embedded model (no daemon needed)")
+    p.add_argument("--adapters", type=Path, help="text adapter folder (default: samples/adapters)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--text-model", default="default")
+    p.add_argument("--cache-dir", type=Path)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "ask" and args.prompt is not None and not args.prompt.strip():
+        parser.error("the prompt is empty")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model engines: `text` (our multi-LoRA LLM engine) and `image` (diffusers)."""

@@ -1,0 +1,522 @@
+"""The multi-LoRA text engine: continuous batching of requests on different adapters.
+
+Usable as a library:
+
+    engine = TextEngine.from_folder(path)              # or TextEngine.from_folder("default")
+    print(engine.generate("Hello", adapters=[(version, 1.0)], max_tokens=32))
+
+and by the daemon, which calls `start()` (a worker thread runs the step loop) and `submit()` from
+any thread; events come back through each request's callback, on the worker thread.
+
+Each step: take commands (submit, cancel, retire), admit queued requests while cache rows and
+adapter slots allow (arrival order; a request whose adapters need slots that are busy lets
+requests with resident adapters pass), then run one forward pass over every running sequence:
+one decode token each, plus prompt chunks within a token budget, so a long prompt never freezes
+the others' streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridge.errors import ErrorCode
+
+from ...adapters.version import AdapterVersion
+from .config import LORA_TARGETS, ModelSpec
+from .detok import IncrementalDecoder
+from .lora import LoraBatch, LoraSlotStorage, PreparedLora
+from .model import KVCache, PrefillChunk, StepInput, TextModel
+from .peft_format import prepare_peft_lora
+from .sampler import SamplingParams, sample
+from .slots import SlotTable
+
+__all__ = [
+    "EngineConfig",
+    "TextChunkEvent",
+    "TextDoneEvent",
+    "TextEngine",
+    "TextErrorEvent",
+    "TextRequest",
+]
+
+log = logging.getLogger("loraloom.text")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity settings of the text engine."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    max_seqs: int = 16  # sequences running at once (KV-cache rows)
+    max_context: int = 2048  # tokens per sequence, prompt included
+    kv_cache_mb: int | None = None  # if set, caps max_seqs to what fits
+    lora_slots: int = 16  # adapters resident in compute memory at once
+    max_lora_rank: int = 64
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    max_adapters_per_request: int = 4
+    prefill_chunk: int = 256  # prompt tokens of one sequence per step
+    max_step_tokens: int = 512  # tokens of all sequences per step
+    pinned_adapters: tuple[str, ...] = ()
+
+
+@dataclass
+class TextRequest:
+    """One generation. `adapters` hold validated versions (with `prepared` LoRA matrices)."""
+
+    key: Any
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    on_event: Callable[[Any], None]
+    adapters: list[tuple[AdapterVersion, float]] = field(default_factory=list)
+    stream: bool = True
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class TextChunkEvent:
+    key: Any
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TextDoneEvent:
+    key: Any
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_versions: dict[str, int]
+    queued_ms: float
+    first_token_ms: float | None
+    total_ms: float
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextErrorEvent:
+    key: Any
+    code: str
+    message: str
+
+
+class _Seq:
+    """A running request."""
+
+    def __init__(self, req: TextRequest, row: int, slots: list[int], tokenizer: Any) -> None:
+        self.req = req
+        self.row = row
+        self.slots = slots
+        self.scales = [s for _, s in req.adapters]
+        self.versions = [v for v, _ in req.adapters]
+        self.done_prompt = 0
+        self.generated: list[int] = []
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text = ""  # all text so far
+        self.sent = 0  # characters of `text` already emitted
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+        self.cancelled = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.done_prompt < self.prompt_len
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype '{name}' (use auto, float32, bfloat16 or float16)")
+    return table[name]
+
+
+class TextEngine:
+    """One base model, many LoRA adapters, continuous batching."""
+
+    def __init__(self, model_dir: Path, config: EngineConfig | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = cfg = config or EngineConfig()
+        self.device = _resolve_device(cfg.device)
+        self.dtype = _resolve_dtype(cfg.dtype, self.device)
+        self.model_dir = Path(model_dir)
+        self.model = TextModel.from_folder(self.model_dir, device=self.device, dtype=self.dtype)
+        self.spec: ModelSpec = self.model.spec
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        eos = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos)
+        self.max_context = min(cfg.max_context, self.spec.max_position_embeddings)
+        rows = cfg.max_seqs
+        if cfg.kv_cache_mb is not None:
+            per_row = KVCache.bytes_per_row(self.spec, self.max_context, self.dtype)
+            rows = max(1, min(rows, cfg.kv_cache_mb * 2**20 // per_row))
+        self.cache = KVCache(self.spec, rows=rows, max_len=self.max_context, device=self.device, dtype=self.dtype)
+        bad = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"unknown LoRA targets {bad} (supported: {', '.join(LORA_TARGETS)})")
+        self.storage = LoraSlotStorage(
+            num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(), targets=tuple(cfg.lora_targets),
+            num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank, device=self.device, dtype=self.dtype)
+        self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
+        self._free_rows = list(range(rows - 1, -1, -1))
+        self._queue: deque[TextRequest] = deque()
+        self._running: list[_Seq] = []
+        self._commands: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.last_batch_size = 0
+        log.info("text model %s: %s layers, %.0fM parameters, %s %s, %d sequences x %d tokens, %d LoRA slots",
+                 self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6, self.device,
+                 str(self.dtype).removeprefix("torch."), rows, self.max_context, cfg.lora_slots)
+
+    @classmethod
+    def from_folder(cls, model: str | Path, config: EngineConfig | None = None,
+                    cache_dir: Path | None = None) -> TextEngine:
+        """`model` is a Hugging Face folder, or "default" for the embedded SmolLM2-135M-Instruct."""
+        if str(model) == "default":
+            from .default_model import ensure_default_text_model
+
+            model = ensure_default_text_model(cache_dir)
+        return cls(Path(model), config)
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def max_rows(self) -> int:
+        return self.cache.rows
+
+    def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
+        """Token ids of a raw prompt, or of chat messages rendered with the model's chat template."""
+        if messages is not None:
+            if getattr(self.tokenizer, "chat_template", None):
+                text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+                return list(self.tokenizer.encode(text, add_special_tokens=False))
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return list(self.tokenizer.encode(text))
+        return list(self.tokenizer.encode(prompt or ""))
+
+    def prepare_adapter(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PreparedLora:
+        """Validate a PEFT LoRA against this base model (raises ValueError with the reason)."""
+        prepared = prepare_peft_lora(config, tensors, self.spec, max_rank=self.config.max_lora_rank)
+        unused = [t for t in prepared.targets if t not in self.storage.targets]
+        if unused:
+            raise ValueError(f"targets {unused} are not enabled on this daemon (lora_targets: "
+                             f"{', '.join(self.storage.targets)})")
+        return prepared
+
+    def check_request(self, req: TextRequest) -> tuple[str, str] | None:
+        """(code, message) if the request can never run here, else None."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            return ErrorCode.INVALID_PARAMETER.value, "the prompt is empty"
+        if n >= self.max_context:
+            return (ErrorCode.PROMPT_TOO_LONG.value,
+                    f"the prompt has {n} tokens; this daemon's context is {self.max_context} tokens "
+                    f"and at least one must be left to generate")
+        if len(req.adapters) > self.config.max_adapters_per_request:
+            return (ErrorCode.INVALID_PARAMETER.value,
+                    f"{len(req.adapters)} adapters in one request; the maximum is "
+                    f"{self.config.max_adapters_per_request}")
+        if len({v.key for v, _ in req.adapters}) > self.config.lora_slots:
+            return ErrorCode.INVALID_PARAMETER.value, "more distinct adapters than LoRA slots"
+        for v, _ in req.adapters:
+            if not isinstance(v.prepared, PreparedLora):
+                return ErrorCode.ADAPTER_UNAVAILABLE.value, f"adapter '{v.name}' is not a text adapter"
+        return None
+
+    # ------------------------------------------------------------------ thread-safe API
+
+    def submit(self, req: TextRequest) -> None:
+        """Queue a request (any thread). Problems are reported through its callback."""
+        self._command("submit", req)
+
+    def cancel(self, key: Any) -> None:
+        self._command("cancel", key)
+
+    def retire(self, version_key: str) -> None:
+        """An adapter version was replaced or removed: free its slot once unused."""
+        self._command("retire", version_key)
+
+    def _command(self, kind: str, arg: Any) -> None:
+        with self._wake:
+            self._commands.append((kind, arg))
+            self._wake.notify()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="loraloom-text", daemon=True)
+            self._thread.start()
+
+    def stop(self, message: str = "the daemon is shutting down") -> None:
+        """Stop the worker; every queued and running request ends with `shutting_down`. Idempotent."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._drain_commands()
+        for req in list(self._queue):
+            self._emit(req, TextErrorEvent(req.key, ErrorCode.SHUTTING_DOWN.value, message))
+        self._queue.clear()
+        for seq in list(self._running):
+            self._finish(seq, None, error=(ErrorCode.SHUTTING_DOWN.value, message))
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._queue or self._commands)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # ------------------------------------------------------------------ library convenience
+
+    def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
+                 adapters: Sequence[tuple[AdapterVersion, float]] = (), **sampling: Any) -> str:
+        """Run one request to the end on the calling thread (engine not started) and return its text."""
+        return self.generate_many([dict(prompt=prompt, messages=messages, adapters=adapters, **sampling)])[0].text
+
+    def generate_many(self, requests: Sequence[dict[str, Any]]) -> list[TextDoneEvent]:
+        """Run several requests batched together on the calling thread; their final events, in order."""
+        if self._thread is not None:
+            raise RuntimeError("generate_many() runs the engine itself; use submit() while it is started")
+        results: dict[int, Any] = {}
+        for i, r in enumerate(requests):
+            r = dict(r)
+            ids = r.pop("prompt_ids", None) or self.encode_prompt(r.pop("prompt", None), r.pop("messages", None))
+            r.pop("prompt", None)
+            r.pop("messages", None)
+            adapters = list(r.pop("adapters", ()))
+            seed = r.pop("seed", None)
+            params = SamplingParams(seed=seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1,
+                                    **{k: (tuple(v) if k == "stop" else v) for k, v in r.items()})
+            self.submit(TextRequest(key=i, prompt_ids=ids, sampling=params, adapters=adapters,
+                                    on_event=lambda e: results.__setitem__(e.key, e) if not isinstance(e, TextChunkEvent) else None))
+        while self.has_work():
+            self.step()
+        out = []
+        for i in range(len(requests)):
+            e = results[i]
+            if isinstance(e, TextErrorEvent):
+                raise ValueError(f"{e.code}: {e.message}")
+            out.append(e)
+        return out
+
+    # ------------------------------------------------------------------ the step
+
+    def _emit(self, req: TextRequest, event: Any) -> None:
+        try:
+            req.on_event(event)
+        except Exception:
+            log.exception("an event callback failed for request %r", req.key)
+
+    def _drain_commands(self) -> None:
+        while True:
+            with self._wake:
+                if not self._commands:
+                    return
+                kind, arg = self._commands.popleft()
+            if kind == "submit":
+                problem = self.check_request(arg)
+                if problem:
+                    self._emit(arg, TextErrorEvent(arg.key, *problem))
+                else:
+                    self._queue.append(arg)
+            elif kind == "cancel":
+                self._cancel(arg)
+            elif kind == "retire":
+                self.slots.retire(arg)
+
+    def _cancel(self, key: Any) -> None:
+        for req in self._queue:
+            if req.key == key:
+                self._queue.remove(req)
+                now = time.perf_counter()
+                ms = (now - req.arrival) * 1000
+                self._emit(req, TextDoneEvent(key, "", "cancelled", len(req.prompt_ids), 0,
+                                              {v.name: v.number for v, _ in req.adapters}, ms, None, ms))
+                return
+        for seq in self._running:
+            if seq.req.key == key:
+                seq.cancelled = True
+
+    def _admit(self) -> None:
+        blocked_on_slots = False
+        for req in list(self._queue):
+            if not self._free_rows:
+                return
+            versions = [v for v, _ in req.adapters]
+            needs_load = any(v.key not in self.slots.resident() for v in versions)
+            if blocked_on_slots and needs_load:
+                continue  # keep arrival order among requests that wait for slots
+            slots = self.slots.acquire(versions)
+            if slots is None:
+                blocked_on_slots = True
+                continue
+            self._queue.remove(req)
+            self._running.append(_Seq(req, self._free_rows.pop(), slots, self.tokenizer))
+
+    def step(self) -> bool:
+        """One scheduling round and forward pass. Returns False when there was nothing to do."""
+        self._drain_commands()
+        for seq in [s for s in self._running if s.cancelled]:
+            self._finish(seq, "cancelled")
+        self._admit()
+        if not self._running:
+            return False
+        try:
+            self._forward_and_sample()
+        except Exception as exc:
+            log.error("engine step failed: %s\n%s", exc, traceback.format_exc())
+            for seq in list(self._running):
+                self._finish(seq, None, error=(ErrorCode.INTERNAL.value, f"engine step failed: {exc}"))
+        self.steps += 1
+        return True
+
+    def _forward_and_sample(self) -> None:
+        cfg = self.config
+        ids: list[int] = []
+        pos: list[int] = []
+        rows: list[int] = []
+        tok_slots: list[list[int]] = []
+        tok_scales: list[list[float]] = []
+        sample_seqs: list[_Seq] = []
+        logit_index: list[int] = []
+        decode = [s for s in self._running if not s.in_prefill]
+        for s in decode:
+            ctx = s.prompt_len + len(s.generated)
+            ids.append(s.generated[-1])
+            pos.append(ctx - 1)
+            rows.append(s.row)
+            tok_slots.append(s.slots)
+            tok_scales.append(s.scales)
+            logit_index.append(len(ids) - 1)
+            sample_seqs.append(s)
+        budget = max(cfg.max_step_tokens - len(decode), 1)
+        chunks: list[PrefillChunk] = []
+        for s in self._running:
+            if not s.in_prefill or budget <= 0:
+                continue
+            n = min(s.prompt_len - s.done_prompt, cfg.prefill_chunk, budget)
+            start = len(ids)
+            ids.extend(s.req.prompt_ids[s.done_prompt:s.done_prompt + n])
+            pos.extend(range(s.done_prompt, s.done_prompt + n))
+            rows.extend([s.row] * n)
+            tok_slots.extend([s.slots] * n)
+            tok_scales.extend([s.scales] * n)
+            chunks.append(PrefillChunk(start=start, end=start + n, row=s.row, pos0=s.done_prompt))
+            s.done_prompt += n
+            budget -= n
+            if not s.in_prefill:
+                logit_index.append(len(ids) - 1)
+                sample_seqs.append(s)
+        dev = self.device
+        step = StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            cache_rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            num_decode=len(decode),
+            decode_rows=torch.tensor([s.row for s in decode], dtype=torch.long, device=dev),
+            decode_lens=torch.tensor([p + 1 for p in pos[:len(decode)]], dtype=torch.long, device=dev),
+            max_decode_len=max((p + 1 for p in pos[:len(decode)]), default=0),
+            prefill=chunks,
+            logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
+            lora=LoraBatch.build(tok_slots, tok_scales, max_rank=self.storage.max_rank,
+                                 num_slots=self.storage.num_slots, device=dev, dtype=self.dtype,
+                                 prefer_dense=dev.type == "cuda"),
+        )
+        self.last_batch_size = len(ids)
+        if not sample_seqs:
+            self.model.forward(step, self.cache, self.storage)
+            return
+        logits = self.model.forward(step, self.cache, self.storage)
+        tokens = sample(logits, [s.req.sampling for s in sample_seqs], [len(s.generated) for s in sample_seqs],
+                        [s.req.prompt_ids + s.generated for s in sample_seqs])
+        now = time.perf_counter()
+        for s, tok in zip(sample_seqs, tokens, strict=True):
+            self._accept(s, tok, now)
+
+    def _accept(self, s: _Seq, tok: int, now: float) -> None:
+        if s.first_token is None:
+            s.first_token = now
+        if tok in self.eos_ids:
+            self._finish(s, "stop")
+            return
+        s.generated.append(tok)
+        s.text += s.decoder.push(tok)
+        stops = s.req.sampling.stop
+        if stops:
+            window = s.text[max(0, s.sent - max(len(x) for x in stops)):]
+            base = max(0, s.sent - max(len(x) for x in stops))
+            hits = [base + window.find(x) for x in stops if x in window]
+            if hits:
+                s.text = s.text[:min(hits)]
+                self._finish(s, "stop")
+                return
+        if len(s.generated) >= s.req.sampling.max_tokens or s.prompt_len + len(s.generated) >= self.max_context:
+            self._finish(s, "length")
+            return
+        self._flush(s, final=False)
+
+    def _flush(self, s: _Seq, *, final: bool) -> None:
+        if not s.req.stream:
+            return
+        # Hold back a tail that could still become a stop string.
+        hold = 0 if final or not s.req.sampling.stop else max(len(x) for x in s.req.sampling.stop) - 1
+        upto = max(s.sent, len(s.text) - hold)
+        if upto > s.sent:
+            piece = s.text[s.sent:upto]
+            s.sent = upto
+            self._emit(s.req, TextChunkEvent(s.req.key, piece, len(s.generated)))
+
+    def _finish(self, s: _Seq, reason: str | None, *, error: tuple[str, str] | None = None) -> None:
+        self._running.remove(s)
+        self._free_rows.append(s.row)
+        self.slots.release(s.versions)
+        if error is not None:
+            self._emit(s.req, TextErrorEvent(s.req.key, *error))
+            return
+        assert reason is not None
+        self._flush(s, final=True)
+        now = time.perf_counter()
+        req = s.req
+        self._emit(req, TextDoneEvent(
+            key=req.key, text=s.text, finish_reason=reason, prompt_tokens=s.prompt_len,
+            completion_tokens=len(s.generated), adapter_versions={v.name: v.number for v in s.versions},
+            queued_ms=(s.started - req.arrival) * 1000,
+            first_token_ms=None if s.first_token is None else (s.first_token - req.arrival) * 1000,
+            total_ms=(now - req.arrival) * 1000, token_ids=tuple(s.generated)))

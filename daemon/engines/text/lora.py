@@ -1,0 +1,162 @@
+"""LoRA math for many adapters in one batch: slot storage and the batched shrink/expand ops.
+
+Bookkeeping (which adapter sits in which slot) lives in `slots.py`; this module only knows tensors.
+
+Each targeted projection y = x W^T gets, per token t,
+
+    y[t] += sum_m  scale[t, m] * (x[t] @ A[slot[t, m]]^T) @ B[slot[t, m]]
+
+where A[s] is [R, d_in] and B[s] is [R, d_out] (PEFT's lora_B transposed, with alpha/r folded in),
+zero-padded to the slot rank R. A weighted mix of adapters is M > 1 entries per token, which is the
+same as one adapter of rank M*R (A's concatenated, B's scaled): one code path serves base rows
+(scale 0), single adapters and mixes.
+
+Two fast paths compute exactly that, and `lora_reference` is the plain loop the tests compare with:
+- `bgmv`: gather each token's A and B and use batched matmuls (cost per token = its own rank);
+  best for decode steps with many distinct adapters on the CPU.
+- `dense`: multiply by the A's of the step's active slots at once and mask with a weight matrix
+  [T, K]; best for prefill chunks (few adapters, many tokens) and on GPUs (no gathers, big GEMMs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["LoraBatch", "LoraSlotStorage", "PreparedLora", "lora_apply", "lora_reference"]
+
+Mode = Literal["none", "bgmv", "dense"]
+
+
+@dataclass(frozen=True)
+class PreparedLora:
+    """One adapter's matrices, parsed and scaled, on the host: layers[i][target] = (A, B)."""
+
+    rank: int
+    targets: tuple[str, ...]
+    layers: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], ...]  # A [r, d_in], B [r, d_out]
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for layer in self.layers for a, b in layer.values())
+
+
+class LoraSlotStorage:
+    """Compute-resident adapter matrices: for every layer and target, A [S, R, d_in], B [S, R, d_out]."""
+
+    def __init__(self, *, num_layers: int, target_dims: dict[str, tuple[int, int]], targets: tuple[str, ...],
+                 num_slots: int, max_rank: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.targets = targets
+        self.a: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, torch.Tensor]] = []
+        for _ in range(num_layers):
+            self.a.append({t: torch.zeros(num_slots, max_rank, target_dims[t][0], device=device, dtype=dtype)
+                           for t in targets})
+            self.b.append({t: torch.zeros(num_slots, max_rank, target_dims[t][1], device=device, dtype=dtype)
+                           for t in targets})
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for layer in (*self.a, *self.b) for x in layer.values())
+
+    def load(self, slot: int, lora: PreparedLora) -> None:
+        """Copy `lora` into `slot`, zero-padding its rank; targets it lacks become zero."""
+        for i, (layer_a, layer_b) in enumerate(zip(self.a, self.b, strict=True)):
+            parts = lora.layers[i]
+            for t in self.targets:
+                a_slot, b_slot = layer_a[t][slot], layer_b[t][slot]
+                a_slot.zero_()
+                b_slot.zero_()
+                if t in parts:
+                    a, b = parts[t]
+                    r = a.shape[0]
+                    a_slot[:r].copy_(a, non_blocking=True)
+                    b_slot[:r].copy_(b, non_blocking=True)
+
+    def clear(self, slot: int) -> None:
+        for layer in (*self.a, *self.b):
+            for x in layer.values():
+                x[slot].zero_()
+
+
+@dataclass
+class LoraBatch:
+    """Which slots and scales each token of a step uses: the seam between scheduler and kernels.
+
+    slots/scales are [T, M]; a row on the base model has scale 0. For the dense path, `active`
+    lists the K slots in use (None = all slots) and `weights` is [T, K*R] (scales spread over ranks).
+    """
+
+    mode: Mode
+    slots: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # [T, M*R] for bgmv (repeated over the rank)
+    active: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    @staticmethod
+    def build(token_slots: list[list[int]], token_scales: list[list[float]], *, max_rank: int,
+              num_slots: int, device: torch.device, dtype: torch.dtype, prefer_dense: bool) -> LoraBatch:
+        """Plan a step. token_slots[t] / token_scales[t] list the adapters of token t (may be empty)."""
+        if not any(any(s != 0.0 for s in row) for row in token_scales):
+            return LoraBatch(mode="none")
+        m = max(1, max(len(row) for row in token_slots))
+        t = len(token_slots)
+        slots = [row + [0] * (m - len(row)) for row in token_slots]
+        scales = [row + [0.0] * (m - len(row)) for row in token_scales]
+        used = sorted({s for row, sc in zip(token_slots, token_scales, strict=True)
+                       for s, x in zip(row, sc, strict=True) if x != 0.0})
+        k = len(used)
+        # Dense costs K*R per token, bgmv M*R per token plus gathers; dense also wins whenever
+        # the step has several tokens per active adapter (prefill) or runs on a GPU.
+        if prefer_dense or k <= 2 * m or t >= 4 * k:
+            use_all = prefer_dense and k * 2 > num_slots
+            cols = list(range(num_slots)) if use_all else used
+            index = {s: j for j, s in enumerate(cols)}
+            w = torch.zeros(t, len(cols), dtype=torch.float32)
+            for i, (row, sc) in enumerate(zip(slots, scales, strict=True)):
+                for s, x in zip(row, sc, strict=True):
+                    if x != 0.0:
+                        w[i, index[s]] += x
+            weights = w.repeat_interleave(max_rank, dim=1).to(device=device, dtype=dtype)
+            active = None if use_all else torch.tensor(cols, dtype=torch.long, device=device)
+            return LoraBatch(mode="dense", active=active, weights=weights)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
+        scale_t = torch.tensor(scales, dtype=torch.float32).repeat_interleave(max_rank, dim=1)
+        return LoraBatch(mode="bgmv", slots=slot_t, scales=scale_t.to(device=device, dtype=dtype))
+
+
+def lora_apply(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoraBatch) -> None:
+    """out[T, d_out] += the LoRA update of x[T, d_in] with slot stacks a [S, R, d_in], b [S, R, d_out]."""
+    if batch.mode == "none":
+        return
+    s, r, d_in = a.shape
+    d_out = b.shape[2]
+    if batch.mode == "dense":
+        if batch.active is None:
+            a_act, b_act = a.view(s * r, d_in), b.view(s * r, d_out)
+        else:
+            a_act = a.index_select(0, batch.active).view(-1, d_in)
+            b_act = b.index_select(0, batch.active).view(-1, d_out)
+        assert batch.weights is not None
+        shrunk = (x @ a_act.t()) * batch.weights
+        out.addmm_(shrunk, b_act)
+        return
+    assert batch.slots is not None and batch.scales is not None
+    t, m = batch.slots.shape
+    a_g = a[batch.slots].view(t, m * r, d_in)  # gather: [T, M*R, d_in]
+    shrunk = torch.bmm(a_g, x.unsqueeze(-1)).squeeze(-1) * batch.scales  # [T, M*R]
+    b_g = b[batch.slots].view(t, m * r, d_out)
+    out.add_(torch.bmm(shrunk.unsqueeze(1), b_g).squeeze(1))
+
+
+def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   token_slots: list[list[int]], token_scales: list[list[float]]) -> torch.Tensor:
+    """The update as a plain loop over tokens and adapters, for tests."""
+    out = torch.zeros(x.shape[0], b.shape[2], dtype=x.dtype, device=x.device)
+    for t, (row, sc) in enumerate(zip(token_slots, token_scales, strict=True)):
+        for s, scale in zip(row, sc, strict=True):
+            out[t] += scale * ((x[t] @ a[s].t()) @ b[s])
+    return out

@@ -1,0 +1,220 @@
+"""The transformer forward pass of the Llama / Qwen2 family over a flat batch of tokens.
+
+One step runs every scheduled token of every sequence at once: decode tokens (one per sequence)
+first, then prefill chunks. Linear layers see all tokens together ([T, hidden]); each targeted
+projection adds its per-token LoRA update (`lora.lora_apply`); attention reads and writes the
+KV cache by (cache row, position). No per-sequence loop on the decode path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .config import ModelSpec, UnsupportedModel
+from .lora import LoraBatch, LoraSlotStorage, lora_apply
+
+__all__ = ["KVCache", "PrefillChunk", "StepInput", "TextModel"]
+
+
+class KVCache:
+    """Keys and values of every layer: [rows, kv_heads, max_len, head_dim], one row per sequence."""
+
+    def __init__(self, spec: ModelSpec, *, rows: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (rows, spec.num_kv_heads, max_len, spec.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.rows = rows
+        self.max_len = max_len
+
+    @staticmethod
+    def bytes_per_row(spec: ModelSpec, max_len: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * spec.num_layers * spec.num_kv_heads * max_len * spec.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Tokens [start, end) of the flat batch are prompt positions pos0.. of cache row `row`."""
+
+    start: int
+    end: int
+    row: int
+    pos0: int
+
+
+@dataclass
+class StepInput:
+    """Everything one forward step needs, already on the device."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    cache_rows: torch.Tensor  # [T]
+    num_decode: int  # tokens [0, num_decode) are decode tokens, one per sequence
+    decode_rows: torch.Tensor  # [D]
+    decode_lens: torch.Tensor  # [D] context length including the new token
+    max_decode_len: int
+    prefill: list[PrefillChunk]
+    logit_index: torch.Tensor  # [N] which tokens need next-token logits
+    lora: LoraBatch
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+    if not files:
+        raise UnsupportedModel(f"{path} has no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+class TextModel:
+    """Weights of one base model, fused for speed (qkv, gate_up), and its forward step."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], *, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+
+        def take(name: str) -> torch.Tensor:
+            if name not in tensors:
+                raise UnsupportedModel(f"weight '{name}' is missing from the model files")
+            return tensors.pop(name).to(device=device, dtype=dtype)
+
+        self.embed = take("model.embed_tokens.weight")
+        self.norm = take("model.norm.weight")
+        if "lm_head.weight" in tensors:
+            self.lm_head = take("lm_head.weight")
+        else:
+            self.lm_head = self.embed  # tied embeddings
+        self.layers: list[dict[str, torch.Tensor | None]] = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            q, k, v = (take(p + f"self_attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj"))
+            bias = None
+            if p + "self_attn.q_proj.bias" in tensors:
+                bias = torch.cat([take(p + f"self_attn.{n}.bias") for n in ("q_proj", "k_proj", "v_proj")])
+            gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
+            self.layers.append({
+                "ln1": take(p + "input_layernorm.weight"),
+                "qkv": torch.cat([q, k, v]).contiguous(),
+                "qkv_bias": bias,
+                "o": take(p + "self_attn.o_proj.weight"),
+                "ln2": take(p + "post_attention_layernorm.weight"),
+                "gate_up": torch.cat([gate, up]).contiguous(),
+                "down": take(p + "mlp.down_proj.weight"),
+            })
+        inv_freq = torch.tensor(spec.rope_inv_freq(), dtype=torch.float64)
+        self._inv_freq = inv_freq
+        self._rope_len = 0
+        self._cos = self._sin = torch.empty(0)
+        self._ensure_rope(min(spec.max_position_embeddings, 4096))
+
+    @classmethod
+    def from_folder(cls, path: Path, *, device: torch.device, dtype: torch.dtype) -> TextModel:
+        spec = ModelSpec.from_folder(path)
+        return cls(spec, _load_tensors(path), device=device, dtype=dtype)
+
+    def _ensure_rope(self, length: int) -> None:
+        if length <= self._rope_len:
+            return
+        pos = torch.arange(length, dtype=torch.float64)
+        freqs = torch.outer(pos, self._inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self._cos = emb.cos().to(device=self.device, dtype=torch.float32)
+        self._sin = emb.sin().to(device=self.device, dtype=torch.float32)
+        self._rope_len = length
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [T, heads, D]; rotate-half convention of the HF checkpoints.
+        half = x.shape[-1] // 2
+        xf = x.float()
+        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput, cache: KVCache, slots: LoraSlotStorage | None) -> torch.Tensor:
+        """Run one step; returns float32 logits [N, vocab] for the tokens in `step.logit_index`."""
+        spec = self.spec
+        self._ensure_rope(cache.max_len)
+        t = step.input_ids.shape[0]
+        nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        qs, kvs = spec.q_size, spec.kv_size
+        cos = self._cos[step.positions].unsqueeze(1)
+        sin = self._sin[step.positions].unsqueeze(1)
+        lora = step.lora if slots is not None else LoraBatch(mode="none")
+        targets = slots.targets if slots is not None else ()
+        d = step.num_decode
+        h = self.embed[step.input_ids]
+        for i, layer in enumerate(self.layers):
+            la = slots.a[i] if slots is not None else {}
+            lb = slots.b[i] if slots is not None else {}
+            x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
+            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
+            for name, lo, hi in (("q_proj", 0, qs), ("k_proj", qs, qs + kvs), ("v_proj", qs + kvs, qs + 2 * kvs)):
+                if name in targets:
+                    lora_apply(x, qkv[:, lo:hi], la[name], lb[name], lora)
+            q = self._rope(qkv[:, :qs].view(t, nh, hd), cos, sin)
+            k = self._rope(qkv[:, qs:qs + kvs].view(t, nkv, hd), cos, sin)
+            v = qkv[:, qs + kvs:].view(t, nkv, hd)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[step.cache_rows, :, step.positions] = k
+            vc[step.cache_rows, :, step.positions] = v
+            attn = torch.empty(t, nh, hd, device=h.device, dtype=h.dtype)
+            if d:
+                n = step.max_decode_len
+                keys = kc[step.decode_rows, :, :n]
+                values = vc[step.decode_rows, :, :n]
+                mask = torch.arange(n, device=h.device)[None, :] < step.decode_lens[:, None]
+                out = F.scaled_dot_product_attention(
+                    q[:d].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], enable_gqa=nkv != nh)
+                attn[:d] = out.squeeze(2)
+            for c in step.prefill:
+                end = c.pos0 + (c.end - c.start)
+                keys = kc[c.row, :, :end].unsqueeze(0)
+                values = vc[c.row, :, :end].unsqueeze(0)
+                qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
+                if c.pos0 == 0:
+                    out = F.scaled_dot_product_attention(qc, keys, values, is_causal=True, enable_gqa=nkv != nh)
+                else:
+                    qpos = torch.arange(c.pos0, end, device=h.device)
+                    mask = torch.arange(end, device=h.device)[None, :] <= qpos[:, None]
+                    out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
+                attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
+            attn2 = attn.view(t, qs)
+            o = F.linear(attn2, layer["o"])  # type: ignore[arg-type]
+            if "o_proj" in targets:
+                lora_apply(attn2, o, la["o_proj"], lb["o_proj"], lora)
+            h = h + o
+            x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]
+            gu = F.linear(x, layer["gate_up"])  # type: ignore[arg-type]
+            inter = spec.intermediate_size
+            if "gate_proj" in targets:
+                lora_apply(x, gu[:, :inter], la["gate_proj"], lb["gate_proj"], lora)
+            if "up_proj" in targets:
+                lora_apply(x, gu[:, inter:], la["up_proj"], lb["up_proj"], lora)
+            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            down = F.linear(act, layer["down"])  # type: ignore[arg-type]
+            if "down_proj" in targets:
+                lora_apply(act, down, la["down_proj"], lb["down_proj"], lora)
+            h = h + down
+        last = self._rms_norm(h[step.logit_index], self.norm)
+        return F.linear(last, self.lm_head).float()

@@ -1,0 +1,92 @@
+"""Per-row sampling for a whole batch at once: greedy, temperature, top-k, top-p, repetition penalty.
+
+Randomness is counter-based: the noise for (seed, step, token id) is a hash, not a generator's
+state. So a seeded request gives the same tokens whatever else shares its batch, on any device,
+and rows need no Python loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingParams", "sample"]
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    # murmur3's finaliser; values stay in [0, 2^32) inside int64, so products never lose low bits.
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0,1) noise [B, vocab] from per-row 64-bit seeds and step counters."""
+    device = seeds.device
+    lo = seeds & _M32
+    hi = (seeds >> 32) & _M32
+    row = _fmix32(lo ^ _fmix32(hi ^ ((counters * 0x9E3779B9) & _M32)))
+    ids = torch.arange(vocab, device=device, dtype=torch.int64)
+    h = _fmix32(row[:, None] ^ ((ids[None, :] * 0x27D4EB2F) & _M32))
+    h = _fmix32(h ^ ((row[:, None] * 0x165667B1) & _M32))
+    return (h.to(torch.float64) + 0.5).div(2**32).to(torch.float32)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[int],
+           histories: list[list[int]]) -> list[int]:
+    """Choose one token per row of float32 `logits` [B, V]."""
+    b, vocab = logits.shape
+    device = logits.device
+    if any(p.repetition_penalty != 1.0 for p in params):
+        width = max(1, max(len(h) for h in histories))
+        hist = torch.full((b, width), vocab, dtype=torch.long)
+        for i, h in enumerate(histories):
+            if params[i].repetition_penalty != 1.0 and h:
+                hist[i, : len(h)] = torch.tensor(h[-width:], dtype=torch.long)
+        hist = hist.to(device)
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        padded = torch.cat([logits, torch.zeros(b, 1, device=device)], dim=1)
+        seen = padded.gather(1, hist)
+        padded.scatter_(1, hist, torch.where(seen > 0, seen / penalty, seen * penalty))
+        logits = padded[:, :vocab]
+    greedy = [p.temperature == 0.0 for p in params]
+    if all(greedy):
+        return logits.argmax(dim=-1).tolist()
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    scaled = logits / temps[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=device)[None, :]
+        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)[:, None]
+        drop = ranks >= k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        drop |= before >= top_p
+        drop[:, 0] = False
+        filtered = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    else:
+        filtered = scaled
+    seeds = torch.tensor([p.seed & (2**63 - 1) for p in params], dtype=torch.int64, device=device)
+    steps = torch.tensor(counters, dtype=torch.int64, device=device)
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, vocab)))
+    choice = (filtered + gumbel).argmax(dim=-1)
+    if any(greedy):
+        choice = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), choice)
+    return choice.tolist()

@@ -1,0 +1,82 @@
+"""All daemon settings in one pydantic-settings model.
+
+Sources, strongest first: command-line options, environment variables (`LORALOOM_PORT=0`,
+lists as JSON: `LORALOOM_TEXT_ADAPTERS='["./adapters"]'`), a TOML file (`--config FILE`, or
+`$LORALOOM_CONFIG`), the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORALOOM_", extra="forbid", validate_default=True)
+
+    # -- network and security
+    host: str = "127.0.0.1"
+    port: int = Field(default=7341, ge=0, le=65535)  # 0 picks a free port
+    token: str | None = None  # generated at start when unset
+    allowed_origins: list[str] = []  # browser Origins allowed to connect ("*" = any; avoid)
+    runtime_file: Path | None = None  # default: bridge.discovery.default_runtime_file()
+
+    # -- models
+    text_model: str = "default"  # a Hugging Face folder, "default" (embedded SmolLM2) or "none"
+    image_model: str = "none"  # a diffusers folder, "default" (placeholder noise model) or "none"
+    cache_dir: Path | None = None  # default: $LORALOOM_CACHE_DIR or ~/.cache/loraloom
+    device: str = "auto"
+    dtype: str = "auto"
+
+    # -- adapters
+    text_adapters: list[Path] = []
+    image_adapters: list[Path] = []
+    watch: bool = True  # reload adapters when their files change
+    reload_debounce_ms: int = Field(default=250, ge=0)
+    pinned_adapters: list[str] = []
+
+    # -- text engine capacity
+    max_seqs: int = Field(default=16, ge=1)
+    max_context: int = Field(default=2048, ge=16)
+    kv_cache_mb: int | None = None
+    lora_slots: int = Field(default=16, ge=1)
+    max_lora_rank: int = Field(default=64, ge=1)
+    prefill_chunk: int = Field(default=256, ge=1)
+
+    # -- limits
+    max_frame_bytes: int = Field(default=1 << 20, ge=1024)
+    max_inflight_per_connection: int = Field(default=64, ge=1)
+    max_prompt_tokens: int | None = None  # default: the context length minus one
+    max_new_tokens: int = Field(default=4096, ge=1)
+    max_adapters_per_request: int = Field(default=4, ge=1)
+
+    # -- logging
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("text_adapters", "image_adapters", "allowed_origins", "pinned_adapters", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.startswith("["):
+            return [v for v in value.split(",") if v]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get("LORALOOM_CONFIG")
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)

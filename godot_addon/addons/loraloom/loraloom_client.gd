@@ -1,0 +1,465 @@
+class_name LoraloomClient
+extends Node
+## The connection to the loraloom daemon, registered by the plugin as the autoload
+## [code]Loraloom[/code].
+##
+## It finds the daemon (project settings, or the runtime file the daemon writes), connects over a
+## WebSocket, does the [code]hello[/code]/[code]welcome[/code] handshake, subscribes to adapter
+## events and reconnects when the connection drops. Everything runs on the main thread: the socket
+## is polled in [method Node._process], and signals are emitted from there.[br]
+## Nodes such as [LoraloomChat] and [LoraloomImage] send their requests through it; requests made
+## before the connection is ready wait for it (up to [member connect_timeout] seconds).[br]
+## Settings (Project Settings, under [code]loraloom/[/code]) are read once, in [method Node._ready];
+## the matching properties can be changed before [method connect_to_daemon].
+
+## Emitted when the handshake succeeded; [param welcome] is the daemon's [code]welcome[/code].
+signal connected(welcome: Dictionary)
+## Emitted when an established connection closed.
+signal disconnected(code: int, reason: String)
+## Emitted when an attempt to connect failed (no daemon, refused, bad token, timeout).
+signal connection_failed(reason: String)
+## Emitted when an adapter changed on disk and the daemon acted on it. [param event] is
+## [code]added[/code], [code]updated[/code], [code]removed[/code] or [code]rejected[/code];
+## [param adapter] is the daemon's AdapterInfo (name, kind, status, version, ...).
+signal adapter_changed(adapter_name: String, event: String, adapter: Dictionary)
+## Emitted when the whole adapter list was (re)loaded: after connecting, and after
+## [method refresh_adapters].
+signal adapters_updated(adapters: Dictionary)
+## Emitted for every frame received, after it was handled; for tools and debugging.
+signal message_received(message: Dictionary)
+
+enum State { DISCONNECTED, CONNECTING, HANDSHAKING, READY }
+
+## The protocol version this addon speaks.
+const PROTOCOL_VERSION := 1
+const SETTING_PREFIX := "loraloom/"
+## Project settings and their defaults; the editor plugin registers them.
+const SETTINGS := {
+	"connection/url": "",
+	"connection/token": "",
+	"connection/runtime_file": "",
+	"connection/auto_connect": true,
+	"connection/auto_reconnect": true,
+	"connection/connect_timeout": 10.0,
+	"connection/client_name": "godot",
+	"connection/max_frame_bytes": 16777216,
+	"daemon/auto_start": false,
+	"daemon/executable": "loraloom",
+	"daemon/arguments": PackedStringArray(["serve"]),
+	"daemon/stop_on_exit": true,
+}
+const _MAX_RECONNECT_DELAY := 10.0
+
+## Daemon URL ([code]ws://127.0.0.1:PORT[/code]); empty means "read the runtime file".
+var url: String = ""
+## Token for the handshake; empty means "read the runtime file".
+var token: String = ""
+## Runtime file to read; empty means the default location (see [LoraloomDiscovery]).
+var runtime_file: String = ""
+## Connect as soon as the node is ready.
+var auto_connect: bool = true
+## Reconnect (with growing delays, up to 10 s) after a failure or a dropped connection.
+var auto_reconnect: bool = true
+## Seconds an attempt to connect, or a request waiting for the connection, may take.
+var connect_timeout: float = 10.0
+## The name the daemon logs for this client.
+var client_name: String = "godot"
+## Largest frame accepted; image results need room.
+var max_frame_bytes: int = 16777216
+## Start a local daemon with [member daemon_executable] when none is found.
+var auto_start_daemon: bool = false
+## The program [method start_daemon] runs.
+var daemon_executable: String = "loraloom"
+## Its arguments.
+var daemon_arguments: PackedStringArray = PackedStringArray(["serve"])
+## Stop the daemon this node started when the node leaves the tree.
+var stop_daemon_on_exit: bool = true
+## Where the connection stands.
+var state: State = State.DISCONNECTED
+## The daemon's [code]welcome[/code] (models, limits); empty until connected.
+var welcome: Dictionary = {}
+## Adapters the daemon knows, by name (AdapterInfo dictionaries); kept current by its events.
+var adapters: Dictionary = {}
+## The pid of the daemon started by [method start_daemon], or -1.
+var daemon_pid: int = -1
+## Why the last attempt to connect failed; empty after a success.
+var last_error: String = ""
+
+var _peer: WebSocketPeer
+var _codec := LoraloomMsgpack.new()
+var _requests: Dictionary = {}
+var _queued: Array[LoraloomRequest] = []
+var _queued_since: Dictionary = {}
+var _next_id: int = 1
+var _attempt_started: float = 0.0
+var _retry_at: float = -1.0
+var _retry_delay: float = 0.5
+var _pending_token: String = ""
+var _handshake_refused: bool = false
+var _subscribe_id: String = ""
+var _daemon_start_tried: bool = false
+
+
+func _ready() -> void:
+	process_mode = Node.PROCESS_MODE_ALWAYS
+	url = _setting("connection/url")
+	token = _setting("connection/token")
+	runtime_file = _setting("connection/runtime_file")
+	auto_connect = _setting("connection/auto_connect")
+	auto_reconnect = _setting("connection/auto_reconnect")
+	connect_timeout = _setting("connection/connect_timeout")
+	client_name = _setting("connection/client_name")
+	max_frame_bytes = _setting("connection/max_frame_bytes")
+	auto_start_daemon = _setting("daemon/auto_start")
+	daemon_executable = _setting("daemon/executable")
+	daemon_arguments = _setting("daemon/arguments")
+	stop_daemon_on_exit = _setting("daemon/stop_on_exit")
+	if auto_connect:
+		connect_to_daemon()
+
+
+func _exit_tree() -> void:
+	disconnect_from_daemon()
+	if stop_daemon_on_exit and daemon_pid > 0:
+		OS.kill(daemon_pid)
+		daemon_pid = -1
+
+
+func _process(_delta: float) -> void:
+	var now := _now()
+	if _peer == null:
+		if _retry_at >= 0.0 and now >= _retry_at:
+			_retry_at = -1.0
+			_open()
+	else:
+		_poll(now)
+	_expire_queued(now)
+
+
+# ---------------------------------------------------------------- connection
+
+
+## Connects to [param daemon_url] with [param daemon_token], or to [member url] and [member token],
+## or, when those are empty, to the daemon named by the runtime file. The result arrives as
+## [signal connected] or [signal connection_failed].
+func connect_to_daemon(daemon_url: String = "", daemon_token: String = "") -> void:
+	if not daemon_url.is_empty():
+		url = daemon_url
+	if not daemon_token.is_empty():
+		token = daemon_token
+	_close_peer()
+	_retry_delay = 0.5
+	_retry_at = -1.0
+	_open()
+
+
+## Closes the connection and stops reconnecting. Requests in flight fail with
+## [code]connection_closed[/code]. Safe to call at any time.
+func disconnect_from_daemon() -> void:
+	_retry_at = -1.0
+	var was_ready := state == State.READY
+	_close_peer()
+	_fail_all("connection_closed", "disconnected by the game")
+	if was_ready:
+		disconnected.emit(1000, "disconnected by the game")
+
+
+## True when the handshake is done and requests go straight out.
+func is_ready() -> bool:
+	return state == State.READY
+
+
+## Names of the adapters of [param kind] ([code]text[/code], [code]image[/code] or empty for
+## all) whose status is [code]ready[/code], sorted.
+func get_adapter_names(kind: String = "") -> PackedStringArray:
+	var names := PackedStringArray()
+	for adapter_name: String in adapters:
+		var info: Dictionary = adapters[adapter_name]
+		if info.get("status") == "ready" and (kind.is_empty() or info.get("kind") == kind):
+			names.append(adapter_name)
+	names.sort()
+	return names
+
+
+## Starts the daemon as a child process; returns its pid, or -1 (always on the web).
+func start_daemon() -> int:
+	if OS.has_feature("web") or daemon_executable.is_empty():
+		return -1
+	daemon_pid = OS.create_process(daemon_executable, daemon_arguments)
+	return daemon_pid
+
+
+# ---------------------------------------------------------------- requests
+
+
+## A request id unique on this client.
+func new_id() -> String:
+	var request_id := "gd-%d" % _next_id
+	_next_id += 1
+	return request_id
+
+
+## Sends a request frame ([param message] must have a [code]type[/code]; an [code]id[/code] is
+## added when missing) and returns its [LoraloomRequest]. Failures, even immediate ones, arrive
+## on the request after this returns, so its signals can be connected first.
+func send_request(message: Dictionary) -> LoraloomRequest:
+	var frame := message.duplicate()
+	if str(frame.get("id", "")).is_empty():
+		frame["id"] = new_id()
+	var request := LoraloomRequest.new(frame["id"], frame, cancel)
+	if _requests.has(request.id):
+		request.fail.call_deferred("duplicate_id", "a request with this id is in flight")
+		return request
+	_requests[request.id] = request
+	request.finished.connect(_on_request_finished)
+	if state == State.READY:
+		_send_frame(frame)
+	elif _peer != null or _retry_at >= 0.0:
+		_queued.append(request)
+		_queued_since[request.id] = _now()
+	else:
+		request.fail.call_deferred("not_connected", "not connected to the daemon")
+	return request
+
+
+## Asks the daemon to stop the request [param request_id]; it then ends with its result
+## (finish reason [code]cancelled[/code]).
+func cancel(request_id: String) -> void:
+	var request: LoraloomRequest = _requests.get(request_id)
+	if request == null or request.done:
+		return
+	if request in _queued:
+		_queued.erase(request)
+		request.fail("cancelled", "cancelled before it was sent")
+		return
+	if state == State.READY:
+		_send_frame({"type": "cancel", "id": request_id})
+
+
+## Asks for the adapter list again; [signal adapters_updated] follows.
+func refresh_adapters() -> LoraloomRequest:
+	return send_request({"type": "list_adapters"})
+
+
+## Sends a [code]ping[/code]; the request's result is the [code]pong[/code].
+func ping() -> LoraloomRequest:
+	return send_request({"type": "ping"})
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+func _setting(key: String) -> Variant:
+	return ProjectSettings.get_setting(SETTING_PREFIX + key, SETTINGS[key])
+
+
+func _now() -> float:
+	return Time.get_ticks_msec() / 1000.0
+
+
+func _open() -> void:
+	var target := url
+	var secret := token
+	if target.is_empty() or secret.is_empty():
+		var path := runtime_file
+		if path.is_empty():
+			path = LoraloomDiscovery.default_runtime_file()
+		var info := LoraloomDiscovery.read_runtime_file(path)
+		if info.has("error"):
+			_attempt_failed(info["error"], true)
+			return
+		target = target if not target.is_empty() else str(info["url"])
+		secret = secret if not secret.is_empty() else str(info["token"])
+	_peer = WebSocketPeer.new()
+	_peer.inbound_buffer_size = max_frame_bytes
+	_peer.outbound_buffer_size = max_frame_bytes
+	_peer.max_queued_packets = 4096
+	_handshake_refused = false
+	var err := _peer.connect_to_url(target)
+	if err != OK:
+		_peer = null
+		_attempt_failed("cannot connect to %s: %s" % [target, error_string(err)], true)
+		return
+	state = State.CONNECTING
+	_attempt_started = _now()
+	_pending_token = secret
+
+
+func _poll(now: float) -> void:
+	_peer.poll()
+	var ready_state := _peer.get_ready_state()
+	if ready_state == WebSocketPeer.STATE_OPEN and state == State.CONNECTING:
+		state = State.HANDSHAKING
+		var hello := {
+			"type": "hello",
+			"protocol": PROTOCOL_VERSION,
+			"token": _pending_token,
+			"client": client_name,
+		}
+		_pending_token = ""
+		_send_frame(hello)
+	while _peer != null and _peer.get_available_packet_count() > 0:
+		var packet := _peer.get_packet()
+		if _peer.was_string_packet():
+			continue
+		var frame: Variant = _codec.decode(packet)
+		if typeof(frame) != TYPE_DICTIONARY:
+			push_warning("loraloom: unreadable frame from the daemon: %s" % _codec.error)
+			continue
+		_handle(frame)
+	if _peer == null:
+		return
+	if _peer.get_ready_state() == WebSocketPeer.STATE_CLOSED:
+		_on_closed(_peer.get_close_code(), _peer.get_close_reason())
+	elif state != State.READY and now - _attempt_started > connect_timeout:
+		_close_peer()
+		_attempt_failed("no answer from the daemon within %.0f s" % connect_timeout, false)
+
+
+func _handle(frame: Dictionary) -> void:
+	var kind: String = str(frame.get("type", ""))
+	if state == State.HANDSHAKING:
+		_handle_handshake(kind, frame)
+	elif kind == "adapter_event":
+		_handle_adapter_event(frame)
+	else:
+		var request_id := str(frame.get("id", "")) if frame.get("id") != null else ""
+		var request: LoraloomRequest = _requests.get(request_id)
+		if kind == "adapters":
+			_set_adapters(frame.get("adapters", []))
+		if request != null:
+			request.handle_event(frame)
+		elif kind == "error":
+			push_warning("loraloom: %s: %s" % [frame.get("code"), frame.get("message")])
+	message_received.emit(frame)
+	_report_to_editor(kind, frame)
+
+
+func _handle_handshake(kind: String, frame: Dictionary) -> void:
+	if kind == "welcome":
+		state = State.READY
+		welcome = frame
+		last_error = ""
+		_retry_delay = 0.5
+		_set_adapters(frame.get("adapters", []))
+		_subscribe_id = new_id()
+		_send_frame({"type": "subscribe", "id": _subscribe_id, "topics": ["adapters"]})
+		var waiting := _queued.duplicate()
+		_queued.clear()
+		_queued_since.clear()
+		for request: LoraloomRequest in waiting:
+			if not request.done:
+				_send_frame(request.message)
+		connected.emit(welcome)
+	elif kind == "error":
+		# The daemon closes after a refused hello; a retry with the same token would fail again
+		# until the runtime file (and so the token) changes, so it waits the longest delay.
+		_handshake_refused = true
+		last_error = "%s: %s" % [frame.get("code"), frame.get("message")]
+		_close_peer()
+		_retry_delay = _MAX_RECONNECT_DELAY
+		_attempt_failed(last_error, false)
+	else:
+		push_warning("loraloom: expected 'welcome', got '%s'" % kind)
+
+
+func _handle_adapter_event(frame: Dictionary) -> void:
+	var info: Dictionary = frame.get("adapter", {})
+	var adapter_name := str(info.get("name", ""))
+	var event := str(frame.get("event", ""))
+	if event == "removed":
+		adapters.erase(adapter_name)
+	elif not adapter_name.is_empty():
+		adapters[adapter_name] = info
+	adapter_changed.emit(adapter_name, event, info)
+
+
+func _set_adapters(items: Array) -> void:
+	adapters.clear()
+	for info: Variant in items:
+		if typeof(info) == TYPE_DICTIONARY:
+			adapters[str(info.get("name", ""))] = info
+	adapters_updated.emit(adapters)
+
+
+func _send_frame(frame: Dictionary) -> void:
+	var bytes := _codec.encode(frame)
+	if bytes.is_empty():
+		var request: LoraloomRequest = _requests.get(str(frame.get("id", "")))
+		if request != null:
+			request.fail("bad_message", "cannot encode the request: %s" % _codec.error)
+		return
+	if _peer == null or _peer.send(bytes) != OK:
+		var request: LoraloomRequest = _requests.get(str(frame.get("id", "")))
+		if request != null:
+			request.fail("connection_closed", "cannot send to the daemon")
+
+
+func _on_closed(code: int, reason: String) -> void:
+	var was_ready := state == State.READY
+	_peer = null
+	state = State.DISCONNECTED
+	welcome = {}
+	_fail_all("connection_closed", "the connection to the daemon closed (%d %s)" % [code, reason])
+	if was_ready:
+		disconnected.emit(code, reason)
+		_report_to_editor("disconnected", {"code": code, "reason": reason})
+		_schedule_retry()
+	elif not _handshake_refused:
+		_attempt_failed("the daemon closed the connection (%d %s)" % [code, reason], true)
+
+
+func _attempt_failed(reason: String, daemon_missing: bool) -> void:
+	state = State.DISCONNECTED
+	last_error = reason
+	if daemon_missing and auto_start_daemon and not _daemon_start_tried:
+		_daemon_start_tried = true
+		start_daemon()
+	connection_failed.emit(reason)
+	_report_to_editor("connection_failed", {"reason": reason})
+	_schedule_retry()
+
+
+func _schedule_retry() -> void:
+	var waiting := not _queued.is_empty()
+	if not auto_reconnect and not waiting:
+		_fail_all("not_connected", last_error)
+		return
+	_retry_at = _now() + _retry_delay
+	_retry_delay = minf(_retry_delay * 2.0, _MAX_RECONNECT_DELAY)
+
+
+func _close_peer() -> void:
+	if _peer != null:
+		_peer.close(1000, "bye")
+		_peer = null
+	state = State.DISCONNECTED
+
+
+func _fail_all(code: String, reason: String) -> void:
+	var in_flight: Array = _requests.values()
+	_queued.clear()
+	_queued_since.clear()
+	for request: LoraloomRequest in in_flight:
+		request.fail(code, reason)
+
+
+func _expire_queued(now: float) -> void:
+	if _queued.is_empty():
+		return
+	for request: LoraloomRequest in _queued.duplicate():
+		if now - float(_queued_since.get(request.id, now)) > connect_timeout:
+			_queued.erase(request)
+			_queued_since.erase(request.id)
+			request.fail("not_connected", "no connection to the daemon: %s" % last_error)
+
+
+func _on_request_finished(request: LoraloomRequest) -> void:
+	_requests.erase(request.id)
+
+
+func _report_to_editor(kind: String, frame: Dictionary) -> void:
+	# The editor dock shows what the running game sees; frames with payloads stay out of it.
+	if not EngineDebugger.is_active() or kind in ["chunk", "image_progress", "image_result"]:
+		return
+	EngineDebugger.send_message("loraloom:event", [kind, state, frame.duplicate(true)])

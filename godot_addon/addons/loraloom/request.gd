@@ -1,0 +1,109 @@
+class_name LoraloomRequest
+extends RefCounted
+## One request sent to the daemon, from its start to its end; awaitable.
+##
+## [LoraloomClient] creates these and feeds them the daemon's events. Nodes such as
+## [LoraloomChat] turn them into their own signals; game code may also [code]await[/code]
+## [method wait] directly:
+## [codeblock]
+## var request := Loraloom.send_request({"type": "ping"})
+## await request.wait(5.0)
+## if request.ok:
+##     print(request.result)
+## [/codeblock]
+## Besides the protocol's error codes, a request can fail with the client-side codes
+## [code]not_connected[/code], [code]connection_closed[/code] and [code]timeout[/code].
+
+## Emitted for every event the daemon sends about this request (chunk, result, error, ...).
+signal event_received(request: LoraloomRequest, event: Dictionary)
+## Emitted once, when the request ends, whether it succeeded or failed.
+signal finished(request: LoraloomRequest)
+
+## The client-chosen id; every event about this request carries it.
+var id: String = ""
+## The frame that was sent, as a dictionary.
+var message: Dictionary = {}
+## True once the request has ended (see [member ok]).
+var done: bool = false
+## True when the request ended with its result (even a cancelled one).
+var ok: bool = false
+## Text received so far (text requests); the whole text once done.
+var text: String = ""
+## The number of [code]chunk[/code] events received.
+var chunk_count: int = 0
+## The final event ([code]result[/code], [code]image_result[/code], [code]adapters[/code], ...).
+var result: Dictionary = {}
+## Why a text request stopped: [code]stop[/code], [code]length[/code] or [code]cancelled[/code].
+var finish_reason: String = ""
+## The error code when the request failed.
+var error_code: String = ""
+## The error message when the request failed.
+var error_message: String = ""
+
+var _cancel: Callable
+
+
+func _init(request_id: String, frame: Dictionary, cancel: Callable = Callable()) -> void:
+	id = request_id
+	message = frame
+	_cancel = cancel
+
+
+## Waits until the request ends, at most [param timeout_s] seconds, and returns this request.
+## On timeout the request is cancelled on the daemon and fails with code [code]timeout[/code].
+func wait(timeout_s: float = 60.0) -> LoraloomRequest:
+	if done:
+		return self
+	var tree := Engine.get_main_loop() as SceneTree
+	if tree != null and timeout_s >= 0.0:
+		tree.create_timer(timeout_s, true, false, true).timeout.connect(_on_wait_timeout)
+	await finished
+	return self
+
+
+## Handles one event from the daemon (called by [LoraloomClient]).
+func handle_event(event: Dictionary) -> void:
+	if done:
+		return
+	var kind: String = event.get("type", "")
+	if kind == "chunk":
+		chunk_count += 1
+		text += str(event.get("text", ""))
+	event_received.emit(self, event)
+	match kind:
+		"error":
+			fail(str(event.get("code", "internal")), str(event.get("message", "")))
+		"result":
+			text = str(event.get("text", text))
+			finish_reason = str(event.get("finish_reason", ""))
+			_succeed(event)
+		"image_result":
+			finish_reason = str(event.get("finish_reason", "stop"))
+			_succeed(event)
+		"adapters", "pong":
+			_succeed(event)
+
+
+## Ends the request as failed (no-op once done).
+func fail(code: String, reason: String) -> void:
+	if done:
+		return
+	done = true
+	error_code = code
+	error_message = reason
+	finished.emit(self)
+
+
+func _succeed(event: Dictionary) -> void:
+	done = true
+	ok = true
+	result = event
+	finished.emit(self)
+
+
+func _on_wait_timeout() -> void:
+	if done:
+		return
+	if _cancel.is_valid():
+		_cancel.call(id)
+	fail("timeout", "no answer within the time the caller waited")

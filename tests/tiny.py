@@ -1,0 +1,174 @@
+"""Tiny random models and adapters built on the spot, for tests and benchmarks (no downloads).
+
+- `build_tokenizer(dir)`: a byte-level BPE tokenizer trained on a few sentences, with a chat template.
+- `build_tiny_model(dir, arch)`: a random Llama or Qwen2 causal LM (float32 safetensors + tokenizer).
+- `write_text_adapter(dir, base_dir, ...)`: a PEFT LoRA adapter with non-zero B for that base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "Ahoy matey, the quartermaster counts the barrels of rum twice a day.",
+    "The elven archivist keeps the old scrolls in a library under the roots.",
+    "Hammer and anvil, the grumpy blacksmith forges a sword before dawn.",
+    "Hello, who goes there? A traveller from the northern hills seeks shelter.",
+    "Gold coins, silver rings, and a map with an X marked in red ink.",
+    "Once upon a time the dragon slept on a hoard of glittering treasure.",
+] * 4
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_tokenizer(path: Path, vocab_size: int = 384) -> Any:
+    """Train and save a small byte-level BPE tokenizer with special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(
+    path: Path,
+    arch: str = "llama",
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    seed: int = 0,
+    max_positions: int = 512,
+) -> Path:
+    """A random causal LM folder (config.json, model.safetensors, tokenizer) of `arch` llama/qwen2."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tok = build_tokenizer(path)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # a larger init than the default keeps logits far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return path
+
+
+def _model_dims(base_dir: Path) -> dict[str, tuple[int, int]]:
+    cfg = json.loads((base_dir / "config.json").read_text())
+    h = cfg["hidden_size"]
+    n_heads = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // n_heads
+    kv = cfg.get("num_key_value_heads", n_heads) * hd
+    i = cfg["intermediate_size"]
+    return {
+        "q_proj": (h, n_heads * hd),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (n_heads * hd, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def write_text_adapter(
+    path: Path,
+    base_dir: Path,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 1,
+    std: float = 0.3,
+    use_rslora: bool = False,
+    atomic: bool = True,
+) -> Path:
+    """Write a PEFT LoRA adapter folder for `base_dir` with random, non-zero A and B."""
+    cfg = json.loads((base_dir / "config.json").read_text())
+    dims = _model_dims(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for t in targets:
+            d_in, d_out = dims[t]
+            group = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{group}.{t}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha if alpha is not None else 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(targets),
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base_dir),
+    }
+    final = path
+    work = path.with_name(f".{path.name}.tmp") if atomic else path
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "adapter_model.safetensors"))
+    if atomic:
+        import shutil
+
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+    return final
