@@ -10,7 +10,6 @@ or a `ValueError` that a designer can act on.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +55,9 @@ def build_shape_index(pipe: Any) -> ShapeIndex:
     return index
 
 
-def normalize_lora(pipe_cls: type, tensors: Mapping[str, torch.Tensor], unet_config: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+def normalize_lora(
+    pipe_cls: type, tensors: Mapping[str, torch.Tensor], unet_config: Any = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """Split a LoRA file into components with PEFT-style keys, the way diffusers will read it.
 
     Returns {component: {"<module>.lora_A.weight": tensor, ...}}. Raises ValueError when the
@@ -175,8 +176,3 @@ def check_lora(
     if modules == 0:
         raise ValueError("the file holds no complete LoRA matrix pair")
     return rank, tuple(sorted(targets))
-
-
-def finite_weight(weight: float) -> bool:
-    """A mix weight the pipeline can use."""
-    return isinstance(weight, (int, float)) and math.isfinite(weight)
