@@ -23,6 +23,14 @@ namespace Loraloom.Core
         public string Id;
 
         public override string RequestId { get { return Id; } }
+
+        /// <summary>A shallow copy carrying another id, so the caller's request object is never changed.</summary>
+        internal RequestMessage WithId(string id)
+        {
+            var copy = (RequestMessage)MemberwiseClone();
+            copy.Id = id;
+            return copy;
+        }
     }
 
     // ------------------------------------------------------------------ client -> daemon

@@ -1,0 +1,569 @@
+using System;
+using System.Collections.Concurrent;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.Threading;
+using System.Threading.Tasks;
+
+namespace Loraloom.Core
+{
+    /// <summary>
+    /// One connection to the loraloom daemon, shared by every NPC and tool of a game. Requests run
+    /// concurrently and each names its own adapters; the daemon batches them.
+    /// </summary>
+    /// <remarks>
+    /// Every Task faults with <see cref="LoraloomException"/> carrying the protocol error code, or
+    /// ends cancelled when its CancellationToken fires (the daemon is told to stop the request).
+    /// Callbacks and events run on the client's network thread, in arrival order: marshal them to
+    /// your main thread (Loraloom.Unity does that for you). If the connection drops, requests in
+    /// flight fail with connection_closed and the client reconnects with backoff, re-reading the
+    /// runtime file each time so a restarted daemon on a new port is found.
+    /// </remarks>
+    public sealed class LoraloomClient : IDisposable
+    {
+        readonly LoraloomClientOptions _options;
+        readonly object _gate = new object();
+        readonly CancellationTokenSource _lifetime = new CancellationTokenSource();
+        readonly Random _jitter = new Random();
+        Connection _connection;
+        TaskCompletionSource<Connection> _connected = NewConnectedSource();
+        ConnectionState _state = ConnectionState.Connecting;
+        List<AdapterInfo> _adapters = new List<AdapterInfo>();
+        Welcome _welcome;
+        bool _closed;
+        bool _subscribed;
+        int _nextId;
+
+        LoraloomClient(LoraloomClientOptions options)
+        {
+            _options = options.Copy();
+            _subscribed = options.SubscribeToAdapterEvents;
+        }
+
+        // ================================================================ connecting
+
+        /// <summary>Connects through the runtime file, or the URL and token of <paramref name="options"/>.</summary>
+        /// <exception cref="LoraloomException">daemon_not_found, unauthorized, unsupported_version, timeout.</exception>
+        public static async Task<LoraloomClient> ConnectAsync(LoraloomClientOptions options = null,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            var client = new LoraloomClient(options ?? new LoraloomClientOptions());
+            try
+            {
+                Connection connection = await client.OpenAsync(cancellationToken).ConfigureAwait(false);
+                if (!client.Attach(connection)) throw Closed("the connection closed right after the handshake");
+            }
+            catch
+            {
+                client.Dispose();
+                throw;
+            }
+            return client;
+        }
+
+        public static Task<LoraloomClient> ConnectAsync(string url, string token,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            return ConnectAsync(new LoraloomClientOptions { Url = url, Token = token }, cancellationToken);
+        }
+
+        // ================================================================ state and events
+
+        /// <summary>The daemon's answer to the latest handshake: models, adapters, limits.</summary>
+        public Welcome Welcome { get { lock (_gate) return _welcome; } }
+
+        public ConnectionState State { get { lock (_gate) return _state; } }
+
+        /// <summary>The adapters as last reported (handshake, list, or adapter events since).</summary>
+        public IReadOnlyList<AdapterInfo> Adapters { get { lock (_gate) return _adapters.ToArray(); } }
+
+        /// <summary>The last error of a failed reconnection attempt, for status displays.</summary>
+        public LoraloomException LastConnectError { get; private set; }
+
+        /// <summary>Raised with the new state whenever it changes.</summary>
+        public event Action<ConnectionState> StateChanged;
+
+        /// <summary>An adapter was added, updated, removed or rejected on disk.</summary>
+        public event Action<AdapterEvent> AdapterChanged;
+
+        /// <summary>Every frame from the daemon, before it is routed: for tools and logs.</summary>
+        public event Action<ProtocolMessage> MessageReceived;
+
+        /// <summary>
+        /// An event handler threw. Handlers run on the network thread and an exception there must
+        /// not stop the client, so it is reported here (and to stderr when nobody listens).
+        /// </summary>
+        public event Action<Exception> HandlerFailed;
+
+        // ================================================================ requests
+
+        /// <summary>
+        /// Generates text. <paramref name="onToken"/> receives each new piece as it streams (set
+        /// <c>request.Stream = false</c> for none). Leave <c>request.Id</c> null to get a fresh id.
+        /// </summary>
+        public async Task<Completion> GenerateAsync(Generate request, Action<string> onToken = null,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (request == null) throw new ArgumentNullException("request");
+            var pending = new TextRequest(request.Id ?? NextId(), onToken);
+            return await RunAsync(request, pending, pending.Task, cancellationToken).ConfigureAwait(false);
+        }
+
+        /// <summary>A shortcut: one user turn (plus an optional system prompt) on one adapter.</summary>
+        public Task<Completion> GenerateAsync(string text, string adapter = null, string systemPrompt = null,
+            Action<string> onToken = null, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            var request = new Generate { Messages = new List<ChatMessage>() };
+            if (systemPrompt != null) request.Messages.Add(new ChatMessage(ChatRole.System, systemPrompt));
+            request.Messages.Add(new ChatMessage(ChatRole.User, text));
+            if (!string.IsNullOrEmpty(adapter)) request.Adapters.Add(AdapterRef.Parse(adapter));
+            return GenerateAsync(request, onToken, cancellationToken);
+        }
+
+        /// <summary>Generates images; <paramref name="onProgress"/> receives each finished denoising step.</summary>
+        public async Task<ImageResult> GenerateImageAsync(GenerateImage request, Action<ImageProgress> onProgress = null,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (request == null) throw new ArgumentNullException("request");
+            var pending = new ImageRequest(request.Id ?? NextId(), onProgress);
+            return await RunAsync(request, pending, pending.Task, cancellationToken).ConfigureAwait(false);
+        }
+
+        /// <summary>The daemon's current adapters (also refreshes <see cref="Adapters"/>).</summary>
+        public async Task<IReadOnlyList<AdapterInfo>> ListAdaptersAsync(CancellationToken cancellationToken = default(CancellationToken))
+        {
+            var pending = new ReplyRequest<AdapterList>(NextId());
+            AdapterList reply = await RunAsync(new ListAdapters(), pending, pending.Task, cancellationToken).ConfigureAwait(false);
+            lock (_gate) _adapters = new List<AdapterInfo>(reply.Adapters);
+            return reply.Adapters.AsReadOnly();
+        }
+
+        /// <summary>Subscribes to adapter events on this and every later connection; returns the current list.</summary>
+        public async Task<IReadOnlyList<AdapterInfo>> SubscribeAsync(CancellationToken cancellationToken = default(CancellationToken))
+        {
+            lock (_gate) _subscribed = true;
+            var pending = new ReplyRequest<AdapterList>(NextId());
+            AdapterList reply = await RunAsync(new Subscribe(), pending, pending.Task, cancellationToken).ConfigureAwait(false);
+            lock (_gate) _adapters = new List<AdapterInfo>(reply.Adapters);
+            return reply.Adapters.AsReadOnly();
+        }
+
+        /// <summary>The round-trip time of one ping.</summary>
+        public async Task<TimeSpan> PingAsync(CancellationToken cancellationToken = default(CancellationToken))
+        {
+            var pending = new ReplyRequest<Pong>(NextId());
+            var clock = Stopwatch.StartNew();
+            await RunAsync(new Ping(), pending, pending.Task, cancellationToken).ConfigureAwait(false);
+            return clock.Elapsed;
+        }
+
+        // ================================================================ closing
+
+        /// <summary>Closes the connection politely and stops reconnecting; idempotent.</summary>
+        public async Task CloseAsync()
+        {
+            Connection connection = Shutdown();
+            if (connection != null) await connection.Transport.CloseAsync(TimeSpan.FromSeconds(2)).ConfigureAwait(false);
+        }
+
+        /// <summary>Drops the connection at once (no close handshake) and stops reconnecting; idempotent.</summary>
+        public void Dispose()
+        {
+            Connection connection = Shutdown();
+            if (connection != null) connection.Transport.Dispose();
+        }
+
+        Connection Shutdown()
+        {
+            Connection connection;
+            lock (_gate)
+            {
+                if (_closed) return null;
+                _closed = true;
+                connection = _connection;
+                _connection = null;
+                _connected.TrySetException(Closed("the client was closed"));
+            }
+            _lifetime.Cancel();
+            SetState(ConnectionState.Closed);
+            if (connection != null) connection.FailAll(Closed("the client was closed"));
+            return connection;
+        }
+
+        // ================================================================ plumbing
+
+        /// <summary>One WebSocket and the requests in flight on it; they die together.</summary>
+        sealed class Connection
+        {
+            public readonly WebSocketTransport Transport;
+            public readonly Welcome Welcome;
+            public readonly ConcurrentDictionary<string, PendingRequest> Pending =
+                new ConcurrentDictionary<string, PendingRequest>();
+            public List<AdapterInfo> SubscribedAdapters;
+            /// <summary>Set (under the client's lock) once its read loop ended; a dead connection is never attached.</summary>
+            public bool Dead;
+            public Task Reader;
+
+            public Connection(WebSocketTransport transport, Welcome welcome)
+            {
+                Transport = transport;
+                Welcome = welcome;
+            }
+
+            public void FailAll(Exception error)
+            {
+                foreach (var pair in Pending)
+                {
+                    PendingRequest removed;
+                    if (Pending.TryRemove(pair.Key, out removed)) removed.Fail(error);
+                }
+            }
+        }
+
+        string NextId() { return "cs-" + Interlocked.Increment(ref _nextId); }
+
+        static TaskCompletionSource<Connection> NewConnectedSource()
+        {
+            return new TaskCompletionSource<Connection>(TaskCreationOptions.RunContinuationsAsynchronously);
+        }
+
+        static LoraloomException Closed(string why) { return new LoraloomException(ErrorCodes.ConnectionClosed, why); }
+
+        async Task<T> RunAsync<T>(RequestMessage request, PendingRequest pending, Task<T> task, CancellationToken cancellationToken)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            Connection connection = await WaitForConnectionAsync(cancellationToken).ConfigureAwait(false);
+            if (!connection.Pending.TryAdd(pending.Id, pending))
+                throw new LoraloomException(ErrorCodes.DuplicateId, "a request with id '" + pending.Id + "' is already in flight", pending.Id);
+            using (cancellationToken.Register(() => CancelRequest(connection, pending, cancellationToken)))
+            {
+                try
+                {
+                    RequestMessage frame = request.Id == pending.Id ? request : request.WithId(pending.Id);
+                    await connection.Transport.SendAsync(frame, _lifetime.Token).ConfigureAwait(false);
+                }
+                catch (Exception e)
+                {
+                    PendingRequest ignored;
+                    connection.Pending.TryRemove(pending.Id, out ignored);
+                    if (e is LoraloomException) throw;
+                    if (_lifetime.IsCancellationRequested) throw Closed("the client was closed");
+                    throw;
+                }
+                return await task.ConfigureAwait(false);
+            }
+        }
+
+        // The Task ends cancelled at once; the request stays registered until the daemon's final
+        // result arrives, so its late chunks are recognised and dropped instead of misrouted.
+        void CancelRequest(Connection connection, PendingRequest pending, CancellationToken token)
+        {
+            if (pending.IsDone || !pending.Abandon()) return;
+            pending.Cancelled(token);
+            SendCancel(connection, pending.Id);
+        }
+
+        void SendCancel(Connection connection, string id)
+        {
+            // Cancelling is best effort: if the connection is gone the daemon has dropped the request anyway.
+            connection.Transport.SendAsync(new Cancel { Id = id }, CancellationToken.None).Forget();
+        }
+
+        async Task<Connection> WaitForConnectionAsync(CancellationToken cancellationToken)
+        {
+            Task<Connection> connected;
+            lock (_gate)
+            {
+                if (_closed) throw Closed("the client was closed");
+                connected = _connected.Task;
+            }
+            if (connected.IsCompleted) return await connected.ConfigureAwait(false);
+            using (var wait = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken))
+            {
+                Task delay = Task.Delay(_options.RequestConnectWait, wait.Token);
+                Task first = await Task.WhenAny(connected, delay).ConfigureAwait(false);
+                wait.Cancel();
+                if (first == connected) return await connected.ConfigureAwait(false);
+            }
+            cancellationToken.ThrowIfCancellationRequested();
+            LoraloomException last = LastConnectError;
+            throw Closed("not connected to the daemon (reconnecting for " + _options.RequestConnectWait.TotalSeconds + " s"
+                + (last != null ? "; last attempt: " + last.Message : "") + ")");
+        }
+
+        /// <summary>Resolves the endpoint, does the WebSocket and hello/welcome handshakes, subscribes if asked.</summary>
+        async Task<Connection> OpenAsync(CancellationToken cancellationToken)
+        {
+            string url = _options.Url;
+            string token = _options.Token;
+            if (url == null || token == null)
+            {
+                // Read afresh on every attempt: a restarted daemon has a new port and maybe a new token.
+                RuntimeInfo info = RuntimeFile.Read(_options.RuntimeFile);
+                url = url ?? info.Url;
+                token = token ?? info.Token;
+            }
+            Uri uri;
+            if (!Uri.TryCreate(url, UriKind.Absolute, out uri) || (uri.Scheme != "ws" && uri.Scheme != "wss"))
+                throw new LoraloomException(ErrorCodes.DaemonNotFound, "'" + url + "' is not a ws:// URL");
+
+            WebSocketTransport transport = await WebSocketTransport.ConnectAsync(uri, _options.ConnectTimeout, cancellationToken).ConfigureAwait(false);
+            Connection connection;
+            try
+            {
+                var hello = new Hello { Protocol = Protocol.Version, Token = token, Client = _options.ClientName };
+                await transport.SendAsync(hello, cancellationToken).ConfigureAwait(false);
+                ProtocolMessage first = await ReceiveHandshakeAsync(transport, uri, cancellationToken).ConfigureAwait(false);
+                var error = first as Error;
+                if (error != null) throw new LoraloomException(error.Code, error.Message);
+                var welcome = first as Welcome;
+                if (welcome == null) throw new LoraloomException(ErrorCodes.BadMessage, "expected 'welcome', got '" + first.Type + "'");
+                if (welcome.Protocol != Protocol.Version)
+                    throw new LoraloomException(ErrorCodes.UnsupportedVersion, "the daemon speaks protocol " + welcome.Protocol + ", this client " + Protocol.Version);
+                connection = new Connection(transport, welcome);
+            }
+            catch
+            {
+                transport.Dispose();
+                throw;
+            }
+
+            connection.Reader = Task.Run(() => ReadLoopAsync(connection));
+
+            bool subscribe;
+            lock (_gate) subscribe = _subscribed;
+            if (subscribe)
+            {
+                var pending = new ReplyRequest<AdapterList>(NextId());
+                connection.Pending[pending.Id] = pending;
+                try
+                {
+                    await transport.SendAsync(new Subscribe { Id = pending.Id }, cancellationToken).ConfigureAwait(false);
+                    Task finished = await Task.WhenAny(pending.Task, Task.Delay(_options.ConnectTimeout, cancellationToken)).ConfigureAwait(false);
+                    if (finished != pending.Task)
+                    {
+                        cancellationToken.ThrowIfCancellationRequested();
+                        throw new LoraloomException(ErrorCodes.Timeout, "no answer to 'subscribe' within " + _options.ConnectTimeout.TotalSeconds + " s");
+                    }
+                    connection.SubscribedAdapters = (await pending.Task.ConfigureAwait(false)).Adapters;
+                }
+                catch
+                {
+                    transport.Dispose();
+                    throw;
+                }
+            }
+            return connection;
+        }
+
+        async Task<ProtocolMessage> ReceiveHandshakeAsync(WebSocketTransport transport, Uri uri, CancellationToken cancellationToken)
+        {
+            using (var limit = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken))
+            {
+                limit.CancelAfter(_options.ConnectTimeout);
+                int length;
+                try
+                {
+                    length = await transport.ReceiveAsync(limit.Token).ConfigureAwait(false);
+                }
+                catch (Exception e)
+                {
+                    if (cancellationToken.IsCancellationRequested) throw new OperationCanceledException(cancellationToken);
+                    if (limit.IsCancellationRequested)
+                        throw new LoraloomException(ErrorCodes.Timeout, "no 'welcome' from " + uri + " within " + _options.ConnectTimeout.TotalSeconds + " s");
+                    if (e is LoraloomException) throw;
+                    throw Closed("the daemon closed the connection during the handshake: " + WebSocketTransport.Describe(e));
+                }
+                if (length < 0)
+                    throw Closed("the daemon closed the connection during the handshake (" + transport.CloseStatus + " " + transport.CloseDescription + ")");
+                return Protocol.Decode(transport.Buffer, 0, length);
+            }
+        }
+
+        bool Attach(Connection connection)
+        {
+            lock (_gate)
+            {
+                if (_closed || connection.Dead)
+                {
+                    connection.Transport.Dispose();
+                    return false;
+                }
+                _connection = connection;
+                _welcome = connection.Welcome;
+                _adapters = new List<AdapterInfo>(connection.SubscribedAdapters ?? connection.Welcome.Adapters);
+                _connected.TrySetResult(connection);
+                LastConnectError = null;
+            }
+            SetState(ConnectionState.Connected);
+            return true;
+        }
+
+        async Task ReadLoopAsync(Connection connection)
+        {
+            string why = null;
+            try
+            {
+                while (true)
+                {
+                    int length = await connection.Transport.ReceiveAsync(_lifetime.Token).ConfigureAwait(false);
+                    if (length < 0)
+                    {
+                        why = "the daemon closed the connection (" + connection.Transport.CloseStatus + " " + connection.Transport.CloseDescription + ")";
+                        break;
+                    }
+                    ProtocolMessage message;
+                    try
+                    {
+                        message = Protocol.Decode(connection.Transport.Buffer, 0, length);
+                    }
+                    catch (LoraloomException)
+                    {
+                        continue; // a newer daemon's message this client does not know
+                    }
+                    Dispatch(connection, message);
+                }
+            }
+            catch (Exception e)
+            {
+                why = "the connection to the daemon was lost: " + WebSocketTransport.Describe(e);
+            }
+            ConnectionLost(connection, why);
+        }
+
+        void Dispatch(Connection connection, ProtocolMessage message)
+        {
+            Raise(MessageReceived, message);
+            var adapterEvent = message as AdapterEvent;
+            if (adapterEvent != null)
+            {
+                Remember(adapterEvent);
+                Raise(AdapterChanged, adapterEvent);
+                return;
+            }
+            string id = message.RequestId;
+            PendingRequest pending;
+            if (id == null || !connection.Pending.TryGetValue(id, out pending)) return;
+            if (pending.Handle(message))
+            {
+                connection.Pending.TryRemove(id, out pending);
+            }
+            else if (pending.CallbackError != null && pending.Abandon())
+            {
+                SendCancel(connection, id);
+            }
+        }
+
+        void Remember(AdapterEvent adapterEvent)
+        {
+            if (adapterEvent.Adapter == null) return;
+            lock (_gate)
+            {
+                int at = _adapters.FindIndex(a => a.Name == adapterEvent.Adapter.Name && a.Kind == adapterEvent.Adapter.Kind);
+                bool gone = adapterEvent.Event == AdapterEventKind.Removed;
+                var updated = new List<AdapterInfo>(_adapters);
+                if (at >= 0 && gone) updated.RemoveAt(at);
+                else if (at >= 0) updated[at] = adapterEvent.Adapter;
+                else if (!gone) updated.Add(adapterEvent.Adapter);
+                _adapters = updated;
+            }
+        }
+
+        void ConnectionLost(Connection connection, string why)
+        {
+            connection.Transport.Dispose();
+            connection.FailAll(Closed(why ?? "the connection to the daemon closed"));
+            bool reconnect;
+            lock (_gate)
+            {
+                connection.Dead = true;
+                if (_connection != connection) return; // never attached, or already replaced
+                _connection = null;
+                if (_closed) return;
+                reconnect = _options.AutoReconnect;
+                if (reconnect) _connected = NewConnectedSource();
+                else
+                {
+                    _closed = true;
+                    _connected.TrySetException(Closed(why ?? "the connection to the daemon closed"));
+                }
+            }
+            if (!reconnect)
+            {
+                SetState(ConnectionState.Closed);
+                return;
+            }
+            SetState(ConnectionState.Reconnecting);
+            Task.Run(() => ReconnectLoopAsync());
+        }
+
+        async Task ReconnectLoopAsync()
+        {
+            TimeSpan delay = _options.ReconnectMinDelay;
+            while (!_lifetime.IsCancellationRequested)
+            {
+                try
+                {
+                    await Task.Delay(Jittered(delay), _lifetime.Token).ConfigureAwait(false);
+                    Connection connection = await OpenAsync(_lifetime.Token).ConfigureAwait(false);
+                    if (Attach(connection)) return;
+                }
+                catch (OperationCanceledException)
+                {
+                    if (_lifetime.IsCancellationRequested) return;
+                }
+                catch (LoraloomException e)
+                {
+                    LastConnectError = e;
+                }
+                catch (Exception e)
+                {
+                    LastConnectError = new LoraloomException(ErrorCodes.DaemonNotFound, WebSocketTransport.Describe(e), null, e);
+                }
+                long doubled = Math.Min(delay.Ticks * 2, _options.ReconnectMaxDelay.Ticks);
+                delay = TimeSpan.FromTicks(Math.Max(doubled, _options.ReconnectMinDelay.Ticks));
+            }
+        }
+
+        // Up to a quarter less than the delay, so many clients of one restarted daemon do not arrive together.
+        TimeSpan Jittered(TimeSpan delay)
+        {
+            double factor;
+            lock (_jitter) factor = 0.75 + 0.25 * _jitter.NextDouble();
+            return TimeSpan.FromTicks((long)(delay.Ticks * factor));
+        }
+
+        void SetState(ConnectionState state)
+        {
+            lock (_gate)
+            {
+                if (_state == state) return;
+                if (_state == ConnectionState.Closed) return;
+                _state = state;
+            }
+            Raise(StateChanged, state);
+        }
+
+        void Raise<T>(Action<T> handler, T value)
+        {
+            if (handler == null) return;
+            try
+            {
+                handler(value);
+            }
+            catch (Exception e)
+            {
+                Action<Exception> report = HandlerFailed;
+                if (report != null)
+                {
+                    try { report(e); }
+                    catch (Exception) { Console.Error.WriteLine("loraloom: an event handler failed: " + e); }
+                }
+                else
+                {
+                    Console.Error.WriteLine("loraloom: an event handler failed: " + e);
+                }
+            }
+        }
+    }
+}
