@@ -130,7 +130,8 @@ class Service:
                 "uptime_s": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "text_model": text.model_dump() if text else None,
                 "image_model": image.model_dump() if image else None,
-                "adapters": len(self.registry.list())}
+                "adapters": len(self.registry.list()),
+                "text_engine": self.text.stats() if self.text is not None else None}
 
     # ---------------------------------------------------------------- adapters
 

@@ -193,6 +193,8 @@ class TextEngine:
         self._stopping = False
         self.steps = 0
         self.last_batch_size = 0
+        # Test and debugging hook: called with (request keys, float32 logits) after every forward.
+        self.on_logits: Callable[[list[Any], torch.Tensor], None] | None = None
         log.info("text model %s: %s layers, %.0fM parameters, %s %s, %d sequences x %d tokens, %d LoRA slots",
                  self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6, self.device,
                  str(self.dtype).removeprefix("torch."), rows, self.max_context, cfg.lora_slots)
@@ -290,6 +292,12 @@ class TextEngine:
         self._queue.clear()
         for seq in list(self._running):
             self._finish(seq, None, error=(ErrorCode.SHUTTING_DOWN.value, message))
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /healthz and benchmarks (read without locking: approximate while running)."""
+        return {"running": len(self._running), "queued": len(self._queue), "steps": self.steps,
+                "free_rows": len(self._free_rows), "slot_loads": self.slots.stats.loads,
+                "slot_evictions": self.slots.stats.evictions, "resident_adapters": len(self.slots.resident())}
 
     def has_work(self) -> bool:
         return bool(self._running or self._queue or self._commands)
@@ -464,6 +472,8 @@ class TextEngine:
             self.model.forward(step, self.cache, self.storage)
             return
         logits = self.model.forward(step, self.cache, self.storage)
+        if self.on_logits is not None:
+            self.on_logits([s.req.key for s in sample_seqs], logits)
         tokens = sample(logits, [s.req.sampling for s in sample_seqs], [len(s.generated) for s in sample_seqs],
                         [s.req.prompt_ids + s.generated for s in sample_seqs])
         now = time.perf_counter()

@@ -98,8 +98,11 @@ class LoraBatch:
 
     @staticmethod
     def build(token_slots: list[list[int]], token_scales: list[list[float]], *, max_rank: int,
-              num_slots: int, device: torch.device, dtype: torch.dtype, prefer_dense: bool) -> LoraBatch:
-        """Plan a step. token_slots[t] / token_scales[t] list the adapters of token t (may be empty)."""
+              num_slots: int, device: torch.device, dtype: torch.dtype, prefer_dense: bool,
+              force: Mode | None = None) -> LoraBatch:
+        """Plan a step. token_slots[t] / token_scales[t] list the adapters of token t (may be empty).
+
+        `force` picks the path regardless of the cost rule (tests and benchmarks use it)."""
         if not any(any(s != 0.0 for s in row) for row in token_scales):
             return LoraBatch(mode="none")
         m = max(1, max(len(row) for row in token_slots))
@@ -111,7 +114,10 @@ class LoraBatch:
         k = len(used)
         # Dense costs K*R per token, bgmv M*R per token plus gathers; dense also wins whenever
         # the step has several tokens per active adapter (prefill) or runs on a GPU.
-        if prefer_dense or k <= 2 * m or t >= 4 * k:
+        dense = prefer_dense or k <= 2 * m or t >= 4 * k
+        if force is not None:
+            dense = force == "dense"
+        if dense:
             use_all = prefer_dense and k * 2 > num_slots
             cols = list(range(num_slots)) if use_all else used
             index = {s: j for j, s in enumerate(cols)}

@@ -1,0 +1,137 @@
+"""The engine's logits equal transformers + PEFT on the same weights (float32, tiny random models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from daemon.adapters.loader import read_adapter_files
+from daemon.engines.text.engine import EngineConfig, TextEngine, TextRequest
+from daemon.engines.text.sampler import SamplingParams
+from tiny import write_text_adapter
+
+ADAPTERS = {
+    "a_qv": dict(rank=4, targets=("q_proj", "v_proj"), seed=21),
+    "b_all": dict(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                  seed=22),
+    "c_mlp": dict(rank=2, targets=("gate_proj", "up_proj", "down_proj"), seed=23, use_rslora=True),
+    "d_ok": dict(rank=6, targets=("k_proj", "o_proj"), seed=24, alpha=3.0),
+}
+
+
+def load_version(engine: TextEngine, folder: Path, number: int = 1):
+    files = read_adapter_files(folder, "text")
+    prepared = engine.prepare_adapter(files.config, files.tensors)
+    return files.to_version(folder.name, number, prepared, prepared.rank, prepared.targets)
+
+
+def reference_models(model_dir: Path, adapter_dirs: dict[str, Path]):
+    """A PEFT model holding every adapter, plus per-module PEFT delta weights for mixes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    names = list(adapter_dirs)
+    peft = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        peft.load_adapter(adapter_dirs[n], adapter_name=n)
+    peft.eval()
+    return peft
+
+
+@torch.no_grad()
+def reference_logits(peft, ids: list[int], adapters: list[tuple[str, float]]) -> torch.Tensor:
+    """Logits [len(ids), V] of the base model plus the scaled adapters (PEFT's math)."""
+    x = torch.tensor([ids])
+    if not adapters:
+        with peft.disable_adapter():
+            return peft(input_ids=x).logits[0].float()
+    if len(adapters) == 1 and adapters[0][1] == 1.0:
+        peft.set_adapter(adapters[0][0])
+        return peft(input_ids=x).logits[0].float()
+    # A weighted mix: add sum(scale * PEFT's delta weight) onto the base weights, then run the base.
+    from peft.tuners.lora import LoraLayer
+
+    saved = []
+    for module in peft.modules():
+        if isinstance(module, LoraLayer):
+            delta = None
+            for name, scale in adapters:
+                if name in module.lora_A:
+                    d = module.get_delta_weight(name) * scale
+                    delta = d if delta is None else delta + d
+            if delta is not None:
+                w = module.get_base_layer().weight
+                saved.append((w, w.detach().clone()))
+                w.data += delta
+    try:
+        with peft.disable_adapter():
+            return peft(input_ids=x).logits[0].float()
+    finally:
+        for w, old in saved:
+            w.data.copy_(old)
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_logits_match_peft_for_mixed_batch(arch_fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """One batch: a base row, rows on four adapters of different ranks/targets, a weighted mix,
+    different prompt lengths, chunked prefill and rows joining mid-decode: logits within 1e-4."""
+    model_dir: Path = request.getfixturevalue(arch_fixture)
+    dirs = {n: write_text_adapter(tmp_path / n, model_dir, **spec) for n, spec in ADAPTERS.items()}
+    engine = TextEngine(model_dir, EngineConfig(device="cpu", dtype="float32", max_seqs=8, max_context=128,
+                                                lora_slots=6, max_lora_rank=8, prefill_chunk=5, max_step_tokens=24))
+    versions = {n: load_version(engine, d) for n, d in dirs.items()}
+    peft = reference_models(model_dir, dirs)
+    prompts = ["Ahoy matey", "The elven archivist keeps the old scrolls", "Hammer", "Gold coins, silver rings, and a map",
+               "Once upon a time", "Hello, who goes there? A traveller from the northern hills"]
+    rows = [
+        [],
+        [("a_qv", 1.0)],
+        [("b_all", 1.0)],
+        [("c_mlp", 1.0)],
+        [("d_ok", 1.0)],
+        [("a_qv", 0.7), ("b_all", -0.4), ("c_mlp", 1.3)],
+    ]
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(rows))}
+    done: dict[int, object] = {}
+
+    def hook(keys: list[int], logits: torch.Tensor) -> None:
+        for k, row in zip(keys, logits, strict=True):
+            captured[k].append(row.clone())
+
+    engine.on_logits = hook
+    ids = [engine.encode_prompt(p) for p in prompts]
+
+    def submit(i: int) -> None:
+        engine.submit(TextRequest(
+            key=i, prompt_ids=ids[i], sampling=SamplingParams(temperature=0.0, max_tokens=6),
+            adapters=[(versions[n], s) for n, s in rows[i]], on_event=lambda e: done.__setitem__(e.key, e)
+            if not type(e).__name__.endswith("ChunkEvent") else None))
+
+    for i in range(4):
+        submit(i)
+    for _ in range(3):  # the first rows are prefilling/decoding when the others join
+        engine.step()
+    for i in range(4, len(rows)):
+        submit(i)
+    while engine.has_work():
+        engine.step()
+    assert engine.slots.stats.loads == 4
+    for i, adapters in enumerate(rows):
+        event = done[i]
+        assert event.finish_reason in ("length", "stop"), event
+        generated = list(event.token_ids)
+        full = ids[i] + generated
+        ref = reference_logits(peft, full, adapters)
+        n_prompt = len(ids[i])
+        assert len(captured[i]) >= len(generated)
+        for j, got in enumerate(captured[i]):
+            want = ref[n_prompt - 1 + j]
+            rel = (got - want).abs().max() / want.abs().max()
+            assert rel < 1e-4, f"row {i} ({adapters}) step {j}: relative error {rel:.2e}"
+        if adapters:  # the adapter really changed this row
+            with torch.no_grad():
+                base = reference_logits(peft, full, [])[n_prompt - 1]
+            assert (base - captured[i][0]).abs().max() > 1e-3

@@ -1,0 +1,221 @@
+"""Engine behaviour: sampling, seeds, stop strings, cancellation, limits, adapter validation, slots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from daemon.adapters.loader import read_adapter_files
+from daemon.engines.text.detok import IncrementalDecoder
+from daemon.engines.text.engine import EngineConfig, TextChunkEvent, TextDoneEvent, TextEngine, TextErrorEvent, TextRequest
+from daemon.engines.text.sampler import SamplingParams, sample
+from tiny import write_text_adapter
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> TextEngine:
+    return TextEngine(tiny_model_dir, EngineConfig(device="cpu", max_seqs=4, max_context=64, lora_slots=2,
+                                                   max_lora_rank=8, prefill_chunk=8))
+
+
+def version(engine: TextEngine, folder: Path, number: int = 1):
+    files = read_adapter_files(folder, "text")
+    prepared = engine.prepare_adapter(files.config, files.tensors)
+    return files.to_version(folder.name, number, prepared, prepared.rank, prepared.targets)
+
+
+def run(engine: TextEngine, *requests: TextRequest) -> dict:
+    events: dict = {}
+    for r in requests:
+        r.on_event = lambda e, events=events: events.setdefault(e.key, []).append(e)
+        engine.submit(r)
+    while engine.has_work():
+        engine.step()
+    return events
+
+
+def req(engine: TextEngine, key, prompt="Ahoy matey", **kw) -> TextRequest:
+    adapters = kw.pop("adapters", [])
+    stream = kw.pop("stream", True)
+    return TextRequest(key=key, prompt_ids=engine.encode_prompt(prompt), sampling=SamplingParams(**kw),
+                       on_event=lambda e: None, adapters=adapters, stream=stream)
+
+
+def test_seeded_request_is_reproducible_alone_and_in_a_batch(engine: TextEngine) -> None:
+    """Same seed, same tokens: alone twice, and next to other requests (counter-based noise)."""
+    a = run(engine, req(engine, "a", temperature=1.0, seed=42, max_tokens=12))["a"][-1]
+    b = run(engine, req(engine, "b", temperature=1.0, seed=42, max_tokens=12))["b"][-1]
+    mixed = run(engine, req(engine, "x", "Gold coins", temperature=1.0, seed=1, max_tokens=12),
+                req(engine, "c", temperature=1.0, seed=42, max_tokens=12))["c"][-1]
+    other = run(engine, req(engine, "d", temperature=1.0, seed=43, max_tokens=12))["d"][-1]
+    assert a.token_ids == b.token_ids == mixed.token_ids
+    assert other.token_ids != a.token_ids
+
+
+def test_chunks_concatenate_to_the_final_text(engine: TextEngine) -> None:
+    """Streamed chunks add up to the result's text; token counts rise; finish reason is length."""
+    events = run(engine, req(engine, "s", temperature=0.8, seed=3, max_tokens=20))["s"]
+    chunks = [e for e in events if isinstance(e, TextChunkEvent)]
+    done = events[-1]
+    assert isinstance(done, TextDoneEvent) and done.finish_reason == "length" and done.completion_tokens == 20
+    assert "".join(c.text for c in chunks) == done.text
+    assert [c.tokens for c in chunks] == sorted(c.tokens for c in chunks)
+
+
+def test_stream_false_sends_only_the_result(engine: TextEngine) -> None:
+    events = run(engine, req(engine, "q", temperature=0.0, max_tokens=5, stream=False))["q"]
+    assert len(events) == 1 and isinstance(events[0], TextDoneEvent)
+
+
+def test_stop_string_ends_and_trims(engine: TextEngine) -> None:
+    """A stop string taken from a greedy continuation ends that continuation right before it."""
+    full = run(engine, req(engine, "f", temperature=0.0, max_tokens=24))["f"][-1].text
+    assert len(full) > 6
+    stop = full[4:7]
+    events = run(engine, req(engine, "t", temperature=0.0, max_tokens=24, stop=(stop,)))["t"]
+    done = events[-1]
+    assert done.finish_reason == "stop"
+    assert done.text == full[: full.index(stop)]
+    assert "".join(e.text for e in events if isinstance(e, TextChunkEvent)) == done.text
+
+
+def test_cancel_running_and_queued(engine: TextEngine) -> None:
+    """Cancelling frees the row at the next step; a queued request cancels without running."""
+    events: dict = {}
+    sink = lambda e: events.setdefault(e.key, []).append(e)  # noqa: E731
+    reqs = [req(engine, i, temperature=0.5, seed=i, max_tokens=40) for i in range(6)]  # 4 rows: 2 queue
+    for r in reqs:
+        r.on_event = sink
+        engine.submit(r)
+    for _ in range(4):
+        engine.step()
+    engine.cancel(0)
+    engine.cancel(5)
+    while engine.has_work():
+        engine.step()
+    assert events[0][-1].finish_reason == "cancelled" and events[0][-1].completion_tokens < 40
+    assert events[5][-1].finish_reason == "cancelled" and events[5][-1].completion_tokens == 0
+    assert all(events[i][-1].finish_reason == "length" for i in (1, 2, 3, 4))
+    assert len(engine._free_rows) == engine.max_rows
+
+
+def test_prompt_too_long_and_empty(engine: TextEngine) -> None:
+    long = run(engine, TextRequest(key="l", prompt_ids=[5] * 64, sampling=SamplingParams(), on_event=lambda e: None))
+    assert isinstance(long["l"][0], TextErrorEvent) and long["l"][0].code == "prompt_too_long"
+    empty = run(engine, TextRequest(key="e", prompt_ids=[], sampling=SamplingParams(), on_event=lambda e: None))
+    assert empty["e"][0].code == "invalid_parameter"
+
+
+def test_context_limit_finishes_with_length(engine: TextEngine) -> None:
+    done = run(engine, TextRequest(key="c", prompt_ids=[5] * 60, sampling=SamplingParams(temperature=0.0, max_tokens=100),
+                                   on_event=lambda e: None))["c"][-1]
+    assert done.finish_reason == "length" and done.prompt_tokens + done.completion_tokens == 64
+
+
+def test_bad_adapters_are_refused_with_reasons(engine: TextEngine, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Wrong shapes, too high a rank, unknown targets, DoRA, non-LoRA: clear errors, engine keeps serving."""
+    good = write_text_adapter(tmp_path / "good", tiny_model_dir, rank=4)
+    files = read_adapter_files(good, "text")
+    cases = {}
+    t = dict(files.tensors)
+    k = next(iter(t))
+    t[k] = torch.zeros(4, 7)
+    cases["shape"] = (files.config, t, "do not fit this base model")
+    cases["rank"] = ({**files.config, "r": 16}, {kk: (torch.zeros(16, v.shape[1]) if "lora_A" in kk else torch.zeros(v.shape[0], 16))
+                                                  for kk, v in files.tensors.items()}, "above this daemon's maximum of 8")
+    t = dict(files.tensors)
+    t["base_model.model.model.layers.0.self_attn.rotary.lora_A.weight"] = torch.zeros(4, 64)
+    cases["target"] = (files.config, t, "unknown target module 'rotary'")
+    t = dict(files.tensors)
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 64)
+    cases["embedding"] = (files.config, t, "unsupported tensor")
+    cases["dora"] = ({**files.config, "use_dora": True}, files.tensors, "DoRA")
+    cases["ia3"] = ({**files.config, "peft_type": "IA3"}, files.tensors, "not a LoRA adapter")
+    for name, (config, tensors, reason) in cases.items():
+        with pytest.raises(ValueError, match=reason.replace("(", r"\(")):
+            engine.prepare_adapter(config, tensors)
+    v = version(engine, good)
+    done = run(engine, req(engine, "ok", temperature=0.0, max_tokens=4, adapters=[(v, 1.0)]))["ok"][-1]
+    assert done.finish_reason == "length"
+
+
+def test_truncated_safetensors_is_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = write_text_adapter(tmp_path / "trunc", tiny_model_dir)
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_adapter_files(folder, "text")
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_adapter_files(folder, "text")
+
+
+def test_slots_lru_eviction_pinning_and_waiting(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two slots, three adapters: the least recently used idle one is evicted; a pinned one never is;
+    a request whose adapter cannot get a slot waits while others run, then completes."""
+    eng = TextEngine(tiny_model_dir, EngineConfig(device="cpu", max_seqs=4, max_context=64, lora_slots=2,
+                                                  max_lora_rank=8, pinned_adapters=("p",)))
+    vs = {n: version(eng, write_text_adapter(tmp_path / n, tiny_model_dir, seed=i)) for i, n in enumerate("pab")}
+    run(eng, req(eng, 1, max_tokens=2, adapters=[(vs["p"], 1.0)]))
+    run(eng, req(eng, 2, max_tokens=2, adapters=[(vs["a"], 1.0)]))
+    run(eng, req(eng, 3, max_tokens=2, adapters=[(vs["b"], 1.0)]))  # evicts a, not the pinned p
+    resident = set(eng.slots.resident())
+    assert resident == {"p@1", "b@1"} and eng.slots.stats.evictions == 1
+    # b busy for long, p pinned: a must wait for b to finish, then take its slot.
+    events = run(eng, req(eng, "long", max_tokens=30, temperature=0.0, adapters=[(vs["b"], 1.0)]),
+                 req(eng, "wait", max_tokens=2, adapters=[(vs["a"], 1.0)]),
+                 req(eng, "base", max_tokens=2))
+    assert events["wait"][-1].finish_reason == "length"
+    assert events["wait"][-1].queued_ms >= events["base"][-1].queued_ms
+    assert set(eng.slots.resident()) == {"p@1", "a@1"}
+
+
+def test_retired_version_frees_its_slot_when_unused(engine: TextEngine, tiny_model_dir: Path, tmp_path: Path) -> None:
+    v1 = version(engine, write_text_adapter(tmp_path / "r", tiny_model_dir, seed=5), 1)
+    run(engine, req(engine, "r", max_tokens=2, adapters=[(v1, 1.0)]))
+    assert "r@1" in engine.slots.resident()
+    engine.retire("r@1")
+    engine.step()
+    assert "r@1" not in engine.slots.resident()
+
+
+def test_incremental_decoder_never_emits_broken_utf8(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "Gold ⚔ coins 🐉 and ümlauts"
+    ids = tok.encode(text)
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_sampler_top_k_1_is_greedy_and_repetition_penalty_changes_choice() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    p = SamplingParams(temperature=1.5, top_k=1, seed=9)
+    assert sample(logits, [p], [0], [[]]) == [1]
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample(logits, [penalised], [0], [[1]]) == [2]
+    nucleus = SamplingParams(temperature=1.0, top_p=0.01, seed=3)
+    assert {sample(logits, [nucleus], [c], [[]])[0] for c in range(20)} == {1}
+
+
+def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
+    from daemon.engines.text.config import ModelSpec, UnsupportedModel
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModel, match="unsupported model architecture 'gpt2'.*Qwen2"):
+        ModelSpec.from_folder(tmp_path)
+
+
+def test_safetensors_roundtrip_helper_is_sane(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The fixture adapters really have non-zero B (PEFT's default init would make them no-ops)."""
+    folder = write_text_adapter(tmp_path / "nz", tiny_model_dir)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
+    save_file(tensors, str(tmp_path / "copy.safetensors"))
