@@ -13,6 +13,7 @@ Only the engine's worker thread calls into this class: it touches the pipeline.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from daemon.adapters.version import AdapterVersion
 __all__ = ["AdapterSlots", "SlotStats"]
 
 log = logging.getLogger(__name__)
+
+# diffusers warns on every unet-only LoRA that it found nothing for the text encoder, and PEFT on
+# every second adapter that several adapters share a model: both are this module's normal case.
+logging.getLogger("diffusers.loaders.lora_base").setLevel(logging.ERROR)
+_PEFT_MULTI_ADAPTER_WARNING = "Already found a `peft_config` attribute"
 
 
 @dataclass
@@ -117,7 +123,9 @@ class AdapterSlots:
         slot = f"slot{self._next}"
         self._next += 1
         try:
-            self._pipe.load_lora_weights(dict(version.tensors), adapter_name=slot)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_PEFT_MULTI_ADAPTER_WARNING)
+                self._pipe.load_lora_weights(dict(version.tensors), adapter_name=slot)
         except Exception:
             self._forget_slot(slot)
             raise
