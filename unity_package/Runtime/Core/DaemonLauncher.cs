@@ -322,7 +322,9 @@ namespace Loraloom.Core
 
         static string Quote(string argument)
         {
-            if (argument.Length > 0 && argument.IndexOfAny(new[] { ' ', '\t', '\n', '"', '\'' }) < 0) return argument;
+            // Mono on Unix parses shell-style (a bare backslash escapes), Windows by its C runtime's
+            // rules; inside double quotes, with backslashes doubled before a quote, both read the same.
+            if (argument.Length > 0 && argument.IndexOfAny(new[] { ' ', '\t', '\n', '"', '\'', '\\' }) < 0) return argument;
             var sb = new StringBuilder("\"");
             int backslashes = 0;
             foreach (char c in argument)
