@@ -157,7 +157,8 @@ def test_unity_core_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFix
 
     with capsys.disabled():
         print()
-        print(f"unity: {len(ran)} passed, {len(failed)} failed, {len(not_run)} not run (C# NUnit, Loraloom.Core)")
+        print("C# NUnit suite of unity_package (Loraloom.Core):")
+        print(f"unity: {len(ran)} passed, {len(failed)} failed, {len(not_run)} skipped")
         for name, why in sorted(not_run.items()):
             print(f"  not run: {name}: {why}")
         for name, why in sorted(failed.items()):
