@@ -70,6 +70,7 @@ SINGLE = {
         "LauncherUsesADaemonThatIsAlreadyRunning",
         "LauncherReportsADaemonThatCannotStart",
         "ArgumentsSurviveQuotingThroughARealProcess",
+        "CommandLinesSplitLikeAShell",
         "ClientReconnectsAfterTheDaemonRestarts",
     ],
 }

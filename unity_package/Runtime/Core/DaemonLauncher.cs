@@ -29,6 +29,70 @@ namespace Loraloom.Core
         /// <summary>How long a stopping daemon gets to finish before it is killed.</summary>
         public TimeSpan StopGrace = TimeSpan.FromSeconds(10);
 
+        /// <summary>
+        /// Options from one command line as a user types it in the inspector: words split on spaces,
+        /// double or single quotes group words, a backslash escapes a following quote or space.
+        /// </summary>
+        public static DaemonLauncherOptions FromCommandLine(string commandLine)
+        {
+            return FromCommand(SplitCommandLine(commandLine));
+        }
+
+        public static List<string> SplitCommandLine(string commandLine)
+        {
+            var words = new List<string>();
+            var word = new System.Text.StringBuilder();
+            bool inWord = false;
+            char quote = '\0';
+            for (int i = 0; i < (commandLine ?? "").Length; i++)
+            {
+                char c = commandLine[i];
+                if (quote == '\'')
+                {
+                    if (c == '\'') quote = '\0';
+                    else word.Append(c);
+                    continue;
+                }
+                // A backslash escapes only a quote or a space, so Windows paths need no doubling.
+                if (c == '\\' && i + 1 < commandLine.Length && IsEscapable(commandLine[i + 1], quote))
+                {
+                    word.Append(commandLine[++i]);
+                    inWord = true;
+                    continue;
+                }
+                if (quote == '"')
+                {
+                    if (c == '"') quote = '\0';
+                    else word.Append(c);
+                    continue;
+                }
+                if (c == '"' || c == '\'')
+                {
+                    quote = c;
+                    inWord = true;
+                    continue;
+                }
+                if (char.IsWhiteSpace(c))
+                {
+                    if (inWord) words.Add(word.ToString());
+                    word.Length = 0;
+                    inWord = false;
+                    continue;
+                }
+                word.Append(c);
+                inWord = true;
+            }
+            if (quote != '\0') throw new ArgumentException("unterminated quote in: " + commandLine);
+            if (inWord) words.Add(word.ToString());
+            return words;
+        }
+
+        static bool IsEscapable(char next, char quote)
+        {
+            if (quote == '"') return next == '"';
+            return next == '"' || next == '\'' || char.IsWhiteSpace(next);
+        }
+
         /// <summary>Options from one argv list (program first), e.g. a command line saved in project settings.</summary>
         public static DaemonLauncherOptions FromCommand(IList<string> argv)
         {

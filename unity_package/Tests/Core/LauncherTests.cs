@@ -118,6 +118,21 @@ namespace Loraloom.Core.Tests
         }
 
         [Test]
+        public void CommandLinesSplitLikeAShell()
+        {
+            CollectionAssert.AreEqual(new[] { "loraloom", "serve", "--port", "0" }, DaemonLauncherOptions.SplitCommandLine("loraloom serve --port 0"));
+            CollectionAssert.AreEqual(new[] { "C:\\Program Files\\py.exe", "-m", "daemon", "it's", "" },
+                DaemonLauncherOptions.SplitCommandLine("  'C:\\Program Files\\py.exe' -m  daemon \"it's\" ''"));
+            CollectionAssert.AreEqual(new[] { "a b", "c\"d" }, DaemonLauncherOptions.SplitCommandLine("a\\ b \"c\\\"d\""));
+            CollectionAssert.AreEqual(new[] { "C:\\Users\\me\\loraloom.exe", "\\\\host\\share" },
+                DaemonLauncherOptions.SplitCommandLine("C:\\Users\\me\\loraloom.exe \\\\host\\share"));
+            var options = DaemonLauncherOptions.FromCommandLine("loraloom serve --port 0");
+            Assert.AreEqual("loraloom", options.Executable);
+            CollectionAssert.AreEqual(new[] { "serve", "--port", "0" }, options.Arguments);
+            Assert.Throws<ArgumentException>(() => DaemonLauncherOptions.SplitCommandLine("say \"unfinished"));
+        }
+
+        [Test]
         public void ClientReconnectsAfterTheDaemonRestarts()
         {
             string dir = TestEnv.TempDir();
