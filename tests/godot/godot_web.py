@@ -228,7 +228,7 @@ class WebHarness:
         harness = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass  # the suite's own log is what matters
 
             def _headers(self, status: int, content_type: str, length: int) -> None:

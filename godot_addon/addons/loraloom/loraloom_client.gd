@@ -45,7 +45,7 @@ const SETTINGS := {
 	"connection/max_frame_bytes": 16777216,
 	"daemon/auto_start": false,
 	"daemon/executable": "loraloom",
-	"daemon/arguments": PackedStringArray(["serve"]),
+	"daemon/arguments": ["serve"],
 	"daemon/stop_on_exit": true,
 }
 const _MAX_RECONNECT_DELAY := 10.0
@@ -112,7 +112,7 @@ func _ready() -> void:
 	max_frame_bytes = _setting("connection/max_frame_bytes")
 	auto_start_daemon = _setting("daemon/auto_start")
 	daemon_executable = _setting("daemon/executable")
-	daemon_arguments = _setting("daemon/arguments")
+	daemon_arguments = PackedStringArray(_setting("daemon/arguments"))
 	stop_daemon_on_exit = _setting("daemon/stop_on_exit")
 	if auto_connect:
 		connect_to_daemon()

@@ -1,0 +1,191 @@
+class_name LoraloomChat
+extends Node
+## One conversation with the daemon's text model through one adapter: an NPC's voice.
+##
+## Many chat nodes share the one connection (the autoload [code]Loraloom[/code]) and the one base
+## model; each request names this node's adapter, so NPCs on different adapters are batched
+## together by the daemon. The node keeps the conversation history and sends it with every
+## [method ask] (rendered with the model's chat template).
+## [codeblock]
+## @onready var npc: LoraloomChat = $Pirate
+##
+## func _ready() -> void:
+##     npc.response_updated.connect(func(_id: String, token: String) -> void: label.text += token)
+##     var request := await npc.wait(npc.ask("Who goes there?"))
+##     if not request.ok:
+##         push_warning(request.error_message)
+## [/codeblock]
+
+## Emitted for every piece of text as it arrives. [param token] is the new text only;
+## [method get_text] gives the text so far.
+signal response_updated(request_id: String, token: String)
+## Emitted when a request finished; [param text] is the whole answer (also after [method stop],
+## with what was generated until then).
+signal response_finished(request_id: String, text: String)
+## Emitted when a request failed: [param code] is the protocol's error code (for example
+## [code]unknown_adapter[/code]) or a client-side one ([code]not_connected[/code],
+## [code]connection_closed[/code], [code]timeout[/code]).
+signal request_failed(request_id: String, code: String, message: String)
+
+## The adapter that gives this node its voice (a folder name in the daemon's adapter folder);
+## empty uses the base model.
+@export var adapter: String = ""
+## How strongly the adapter applies: 1 as trained, 0 none, negative values push away from it.
+@export_range(-8.0, 8.0, 0.05) var adapter_scale: float = 1.0
+## The system prompt sent before the conversation; empty sends none.
+@export_multiline var system_prompt: String = ""
+## Remember the exchanges and send them with each new question.
+@export var keep_history: bool = true
+## The most question-and-answer pairs kept; older ones are dropped first.
+@export_range(0, 256) var max_history_turns: int = 16
+
+@export_group("Sampling")
+## The most tokens one answer may have.
+@export_range(1, 8192) var max_tokens: int = 128
+## Randomness: 0 always picks the likeliest token.
+@export_range(0.0, 5.0, 0.01) var temperature: float = 0.7
+## Sample only among the k likeliest tokens; 0 turns it off.
+@export_range(0, 1000) var top_k: int = 0
+## Sample only among the likeliest tokens whose probabilities add up to p; 1 turns it off.
+@export_range(0.01, 1.0, 0.01) var top_p: float = 1.0
+## Above 1 makes repeating earlier tokens less likely.
+@export_range(0.05, 5.0, 0.01) var repetition_penalty: float = 1.0
+## Seed for repeatable answers; -1 picks a new one each time.
+@export var random_seed: int = -1
+## Texts that end an answer when generated (not included in it).
+@export var stop_sequences: PackedStringArray = PackedStringArray()
+
+## The conversation so far: [code]{"role": "user"|"assistant", "content": String}[/code] turns.
+var history: Array[Dictionary] = []
+## The client to use; null means the autoload [code]/root/Loraloom[/code].
+var client: LoraloomClient
+
+var _requests: Dictionary = {}
+var _questions: Dictionary = {}
+
+
+## Sends [param text] as the player's next line and returns the request id. The answer streams
+## through [signal response_updated] and ends with [signal response_finished] or
+## [signal request_failed]; [method wait] awaits it.
+func ask(text: String) -> String:
+	var connection := _client()
+	var frame := build_request(text)
+	if connection == null:
+		var orphan := LoraloomRequest.new("gd-orphan-%d" % Time.get_ticks_usec(), frame)
+		_track(orphan, text)
+		orphan.fail.call_deferred("not_connected", "no Loraloom autoload; enable the plugin")
+		return orphan.id
+	var request := connection.send_request(frame)
+	_track(request, text)
+	return request.id
+
+
+## The [code]generate[/code] frame [method ask] sends for [param text] (without its id).
+func build_request(text: String) -> Dictionary:
+	var messages: Array[Dictionary] = []
+	if not system_prompt.is_empty():
+		messages.append({"role": "system", "content": system_prompt})
+	if keep_history:
+		messages.append_array(history)
+	messages.append({"role": "user", "content": text})
+	var frame := {
+		"type": "generate",
+		"adapters": [] if adapter.is_empty() else [{"name": adapter, "scale": adapter_scale}],
+		"messages": messages,
+		"max_tokens": max_tokens,
+		"temperature": temperature,
+		"top_k": top_k,
+		"top_p": top_p,
+		"repetition_penalty": repetition_penalty,
+		"stop": Array(stop_sequences),
+		"stream": true,
+	}
+	if random_seed >= 0:
+		frame["seed"] = random_seed
+	return frame
+
+
+## Stops [param request_id], or every request of this node when empty. Each stopped request
+## still ends with [signal response_finished] (finish reason [code]cancelled[/code]).
+func stop(request_id: String = "") -> void:
+	var connection := _client()
+	for key: String in _requests.keys():
+		if connection != null and (request_id.is_empty() or key == request_id):
+			connection.cancel(key)
+
+
+## Waits for [param request_id] to end (at most [param timeout_s] seconds) and returns its
+## [LoraloomRequest]: [member LoraloomRequest.ok], [member LoraloomRequest.text],
+## [member LoraloomRequest.finish_reason], or the error.
+func wait(request_id: String, timeout_s: float = 60.0) -> LoraloomRequest:
+	var request: LoraloomRequest = _requests.get(request_id)
+	if request == null:
+		request = LoraloomRequest.new(request_id, {})
+		request.fail("unknown_request", "this node has no request '%s'" % request_id)
+		return request
+	return await request.wait(timeout_s)
+
+
+## The text received so far for [param request_id].
+func get_text(request_id: String) -> String:
+	var request: LoraloomRequest = _requests.get(request_id)
+	return request.text if request != null else ""
+
+
+## True while [param request_id] (or, when empty, any request of this node) is running.
+func is_busy(request_id: String = "") -> bool:
+	for key: String in _requests:
+		var request: LoraloomRequest = _requests[key]
+		if not request.done and (request_id.is_empty() or key == request_id):
+			return true
+	return false
+
+
+## Forgets the conversation.
+func clear_history() -> void:
+	history.clear()
+
+
+func _client() -> LoraloomClient:
+	if client != null:
+		return client
+	return get_node_or_null("/root/Loraloom") as LoraloomClient
+
+
+func _track(request: LoraloomRequest, question: String) -> void:
+	_requests[request.id] = request
+	_questions[request.id] = question
+	request.event_received.connect(_on_event)
+	request.finished.connect(_on_finished)
+
+
+func _on_event(request: LoraloomRequest, event: Dictionary) -> void:
+	if event.get("type") == "chunk":
+		response_updated.emit(request.id, str(event.get("text", "")))
+
+
+func _on_finished(request: LoraloomRequest) -> void:
+	var question: String = _questions.get(request.id, "")
+	_questions.erase(request.id)
+	# Finished requests stay readable through wait() and get_text() until the next few asks.
+	_forget_old_requests()
+	if not request.ok:
+		request_failed.emit(request.id, request.error_code, request.error_message)
+		return
+	if keep_history:
+		history.append({"role": "user", "content": question})
+		history.append({"role": "assistant", "content": request.text})
+		while history.size() > max_history_turns * 2:
+			history.pop_front()
+			history.pop_front()
+	response_finished.emit(request.id, request.text)
+
+
+func _forget_old_requests() -> void:
+	var finished: Array = []
+	for key: String in _requests:
+		if (_requests[key] as LoraloomRequest).done:
+			finished.append(key)
+	# Keep the newest finished ones; dictionaries iterate in insertion order, oldest first.
+	while finished.size() > 32:
+		_requests.erase(finished.pop_front())

@@ -1,0 +1,143 @@
+class_name LoraloomImage
+extends Node
+## Image generation on the daemon's diffusion model, through one image adapter (optional).
+##
+## The built-in image model of the daemon is a placeholder that draws noise; point the daemon at
+## a real diffusers folder for real pictures. [code]welcome.image_model[/code] of the autoload
+## tells which one is loaded (null when none).
+## [codeblock]
+## $Painter.image_ready.connect(func(_id: String, texture: Texture2D) -> void:
+##     $Portrait.texture = texture)
+## $Painter.generate("a lighthouse at dusk, oil painting")
+## [/codeblock]
+
+## Emitted after each denoising step; [param step] counts from 1 to [param total].
+signal image_progress(request_id: String, step: int, total: int)
+## Emitted for each finished image of a request (once, unless [member count] is above 1).
+signal image_ready(request_id: String, texture: ImageTexture)
+## Emitted when a request failed; [param code] is the protocol's error code or a client-side one
+## ([code]not_connected[/code], [code]connection_closed[/code], [code]timeout[/code]).
+signal request_failed(request_id: String, code: String, message: String)
+
+## The image adapter (a folder in the daemon's image adapter folder); empty uses the base model.
+@export var adapter: String = ""
+## How strongly the adapter applies.
+@export_range(-8.0, 8.0, 0.05) var adapter_scale: float = 1.0
+## What the image should not show.
+@export_multiline var negative_prompt: String = ""
+## Image width in pixels (multiples of 8).
+@export_range(8, 2048, 8) var width: int = 512
+## Image height in pixels (multiples of 8).
+@export_range(8, 2048, 8) var height: int = 512
+## Denoising steps: more is slower and usually better.
+@export_range(1, 200) var steps: int = 20
+## How closely to follow the prompt (classifier-free guidance).
+@export_range(0.0, 50.0, 0.1) var guidance: float = 7.5
+## How many images one request makes.
+@export_range(1, 8) var count: int = 1
+## Seed for repeatable images; -1 picks a new one each time.
+@export var random_seed: int = -1
+
+## The client to use; null means the autoload [code]/root/Loraloom[/code].
+var client: LoraloomClient
+## The textures of the last finished request.
+var textures: Array[ImageTexture] = []
+
+var _requests: Dictionary = {}
+
+
+## Starts an image for [param prompt] and returns the request id.
+func generate(prompt: String) -> String:
+	var frame := build_request(prompt)
+	var connection := _client()
+	var request: LoraloomRequest
+	if connection != null:
+		request = connection.send_request(frame)
+	else:
+		request = LoraloomRequest.new("gd-orphan-%d" % Time.get_ticks_usec(), frame)
+		request.fail.call_deferred("not_connected", "no Loraloom autoload; enable the plugin")
+	_requests[request.id] = request
+	request.event_received.connect(_on_event)
+	request.finished.connect(_on_finished)
+	return request.id
+
+
+## The [code]generate_image[/code] frame [method generate] sends (without its id).
+func build_request(prompt: String) -> Dictionary:
+	var frame := {
+		"type": "generate_image",
+		"prompt": prompt,
+		"adapters": [] if adapter.is_empty() else [{"name": adapter, "scale": adapter_scale}],
+		"width": width,
+		"height": height,
+		"steps": steps,
+		"guidance": guidance,
+		"count": count,
+	}
+	if not negative_prompt.is_empty():
+		frame["negative_prompt"] = negative_prompt
+	if random_seed >= 0:
+		frame["seed"] = random_seed
+	return frame
+
+
+## Stops [param request_id], or every running request of this node when empty.
+func stop(request_id: String = "") -> void:
+	var connection := _client()
+	for key: String in _requests.keys():
+		if connection != null and (request_id.is_empty() or key == request_id):
+			connection.cancel(key)
+
+
+## Waits for [param request_id] to end (at most [param timeout_s] seconds) and returns its
+## [LoraloomRequest]; its [member LoraloomRequest.result] holds the PNG bytes.
+func wait(request_id: String, timeout_s: float = 120.0) -> LoraloomRequest:
+	var request: LoraloomRequest = _requests.get(request_id)
+	if request == null:
+		request = LoraloomRequest.new(request_id, {})
+		request.fail("unknown_request", "this node has no request '%s'" % request_id)
+		return request
+	return await request.wait(timeout_s)
+
+
+## Turns PNG bytes into a texture; null when they are not a PNG.
+static func texture_from_png(png: PackedByteArray) -> ImageTexture:
+	var picture := Image.new()
+	if picture.load_png_from_buffer(png) != OK:
+		return null
+	return ImageTexture.create_from_image(picture)
+
+
+func _client() -> LoraloomClient:
+	if client != null:
+		return client
+	return get_node_or_null("/root/Loraloom") as LoraloomClient
+
+
+func _on_event(request: LoraloomRequest, event: Dictionary) -> void:
+	if event.get("type") == "image_progress":
+		image_progress.emit(request.id, int(event.get("step", 0)), int(event.get("total", 0)))
+
+
+func _on_finished(request: LoraloomRequest) -> void:
+	var finished: Array = []
+	for key: String in _requests:
+		if (_requests[key] as LoraloomRequest).done:
+			finished.append(key)
+	# Finished requests stay readable through wait() for a while; the oldest go first.
+	while finished.size() > 16:
+		_requests.erase(finished.pop_front())
+	if not request.ok:
+		request_failed.emit(request.id, request.error_code, request.error_message)
+		return
+	textures.clear()
+	for png: Variant in request.result.get("images", []):
+		var texture: ImageTexture = null
+		if typeof(png) == TYPE_PACKED_BYTE_ARRAY:
+			texture = texture_from_png(png)
+		if texture == null:
+			request_failed.emit(request.id, "bad_image", "the daemon sent an image that is not a PNG")
+			return
+		textures.append(texture)
+	for texture: ImageTexture in textures:
+		image_ready.emit(request.id, texture)

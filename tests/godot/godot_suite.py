@@ -1,0 +1,271 @@
+"""The GDScript suite's pieces that are specific to loraloom: fixtures data and the suite's daemon.
+
+`godot_run` (session-wide, in conftest.py) packs the addon project into a .pck with the golden
+frames, starts a daemon of our own (on the tiny model of `live_daemon`, with the page's Origin
+allowed and an extra adapter folder that the suite may change), serves the page on loopback,
+opens it in headless chromium once and collects the results the runner prints. The tests in
+test_godot_addon.py then assert on those results one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import godot_web
+
+REPO = godot_web.REPO_ROOT
+ADDON_PROJECT = REPO / "godot_addon"
+FRAMES_DIR = REPO / "tests" / "fixtures" / "frames"
+# Editor-only scripts: EditorPlugin and friends do not exist in an exported game.
+EDITOR_SCRIPTS = {
+    "addons/loraloom/plugin.gd",
+    "addons/loraloom/dock.gd",
+    "addons/loraloom/debugger_plugin.gd",
+}
+SUITE_TIMEOUT = 420.0
+UNKNOWN_ADAPTER = "ghost"
+
+
+def runtime_scripts() -> list[str]:
+    """res:// paths of every script that runs in a game (the runner loads each one)."""
+    paths = sorted(p.relative_to(ADDON_PROJECT).as_posix() for p in ADDON_PROJECT.rglob("*.gd")
+                   if ".godot" not in p.parts)
+    return [p for p in paths if p not in EDITOR_SCRIPTS]
+
+
+def golden_frame_names() -> list[str]:
+    return sorted(p.stem for p in FRAMES_DIR.glob("*.msgpack"))
+
+
+# ---------------------------------------------------------------- codec fixtures
+
+
+def typed(value: Any) -> Any:
+    """A JSON form that keeps what Godot's JSON parser would lose (int vs float, bytes, key order)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return {"$int": _halves(value)}
+    if isinstance(value, float):
+        return {"$float": _halves(struct.unpack("<q", struct.pack("<d", value))[0])}
+    if isinstance(value, bytes):
+        return {"$bin": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [typed(v) for v in value]
+    if isinstance(value, dict):
+        return {"$map": [[typed(k), typed(v)] for k, v in value.items()]}
+    raise TypeError(type(value))
+
+
+def _halves(n: int) -> list[int]:
+    # Godot's JSON numbers are doubles and its String.to_int() refuses -2**63: two 32-bit halves
+    # (signed high, unsigned low) carry any int64 exactly.
+    return [n >> 32, n & 0xFFFFFFFF]
+
+
+def from_golden_json(value: Any) -> Any:
+    """The golden JSON's value with {"$bin": base64} turned back into bytes."""
+    if isinstance(value, dict):
+        if set(value) == {"$bin"}:
+            return base64.b64decode(value["$bin"])
+        return {k: from_golden_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_golden_json(v) for v in value]
+    return value
+
+
+def boundary_value() -> dict[str, Any]:
+    """Values at every msgpack size boundary, so the encoder's choice of form is checked too."""
+    ints = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1,
+            -1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63)]
+    return {
+        "ints": ints,
+        "floats": [0.0, -0.0, 1.5, -2.25, 1e300, 5e-324, 0.1],
+        "strs": ["", "a" * 31, "b" * 32, "c" * 255, "d" * 256, "e" * 65535, "f" * 65536, "héllo ✓ 🎲"],
+        "bins": [b"", b"\x00" * 255, b"\x01" * 256, b"\x02" * 65535, b"\x03" * 65536],
+        "arrays": [list(range(15)), list(range(16)), [None, True, False]],
+        "maps": [{f"k{i}": i for i in range(15)}, {f"k{i}": i for i in range(16)}, {"z": 1, "a": 2}],
+        "array32": [None] * 65536,
+    }
+
+
+def codec_cases() -> dict[str, tuple[bytes, Any]]:
+    """name -> (canonical bytes, value): every golden frame, plus the boundary case."""
+    cases: dict[str, tuple[bytes, Any]] = {}
+    for name in golden_frame_names():
+        data = (FRAMES_DIR / f"{name}.msgpack").read_bytes()
+        value = from_golden_json(json.loads((FRAMES_DIR / f"{name}.json").read_text(encoding="utf-8")))
+        cases[name] = (data, value)
+    value = boundary_value()
+    cases["boundaries"] = (msgpack.packb(value, use_bin_type=True), value)
+    return cases
+
+
+def discovery_cases(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The Python client's runtime-file locations for several platforms and environments."""
+    from bridge import discovery
+
+    home = "/home/npc"
+    variants = [
+        ("linux", "Linux", {"XDG_RUNTIME_DIR": "/run/user/1000"}),
+        ("linux", "Linux", {}),
+        ("linux", "Linux", {"XDG_RUNTIME_DIR": ""}),
+        ("linux", "Linux", {"LORALOOM_RUNTIME_FILE": "/tmp/custom/daemon.json", "XDG_RUNTIME_DIR": "/x"}),
+        ("freebsd13", "FreeBSD", {"XDG_RUNTIME_DIR": "/var/run/user/7"}),
+        ("darwin", "macOS", {}),
+        ("win32", "Windows", {"LOCALAPPDATA": "C:\\Users\\npc\\AppData\\Local"}),
+        ("win32", "Windows", {}),
+    ]
+    cases = []
+    for platform, os_name, env in variants:
+        with monkeypatch.context() as m:
+            for key in ("LORALOOM_RUNTIME_FILE", "LOCALAPPDATA", "XDG_RUNTIME_DIR"):
+                m.delenv(key, raising=False)
+            for key, val in env.items():
+                m.setenv(key, val)
+            m.setenv("HOME", home)
+            m.setattr(discovery, "sys", type("FakeSys", (), {"platform": platform}))
+            expected = str(discovery.default_runtime_file())
+        cases.append({"os": os_name, "env": env, "home": home, "expected": expected})
+    return cases
+
+
+# ---------------------------------------------------------------- the daemon of this suite
+
+
+@dataclass
+class SuiteDaemon:
+    process: subprocess.Popen[bytes]
+    url: str
+    token: str
+    runtime_file: Path
+    adapter_dir: Path
+    extra_adapter_dir: Path
+    log_path: Path
+    welcome: dict[str, Any] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_suite_daemon(live: Any, origin: str, workdir: Path) -> SuiteDaemon:
+    runtime = workdir / "daemon.json"
+    extra_dir = workdir / "adapters-extra"
+    extra_dir.mkdir()
+    argv = live.serve_command(runtime, 0, ["--allow-origin", origin, "--text-adapters", str(extra_dir)])
+    log_path = workdir / "daemon.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {proc.returncode}:\n{log_path.read_text()}")
+        if runtime.exists() and "listening on ws://" in log_path.read_text(errors="replace"):
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"the daemon did not start in 120 s:\n{log_path.read_text()}")
+    info = json.loads(runtime.read_text())
+    return SuiteDaemon(proc, info["url"], info["token"], runtime, Path(live.text_adapter_dir), extra_dir,
+                       log_path)
+
+
+def python_welcome(daemon: SuiteDaemon) -> dict[str, Any]:
+    """The welcome the reference Python client gets, to compare with what Godot saw."""
+    from bridge.client import connect
+
+    async def go() -> dict[str, Any]:
+        async with connect(daemon.url, daemon.token, client_name="godot-suite-check") as client:
+            return client.welcome.model_dump(mode="json")
+
+    return asyncio.run(go())
+
+
+# ---------------------------------------------------------------- one run of the suite
+
+
+@dataclass
+class GodotRun:
+    """What one page run printed, parsed."""
+
+    lines: list[tuple[str, str]]
+    results: dict[str, dict[str, Any]]
+    done: dict[str, Any] | None
+    seconds: float
+    daemon: SuiteDaemon | None
+    daemon_error: str | None
+    actions: list[dict[str, Any]]
+    setup_error: str | None = None
+
+    def errors(self) -> list[str]:
+        return [text for kind, text in self.lines if kind == "err"]
+
+    def log_tail(self, count: int = 60) -> str:
+        return "\n".join(f"[{k}] {t[:400]}" for k, t in self.lines[-count:])
+
+    def result(self, name: str) -> dict[str, Any]:
+        """The result named `name`; fails the test with the page's log when it never came."""
+        if self.setup_error:
+            pytest.fail(f"the GDScript suite did not run: {self.setup_error}")
+        if name not in self.results:
+            pytest.fail(f"no result '{name}' from the GDScript suite (done: {self.done}); "
+                        f"last lines of the page:\n{self.log_tail()}")
+        return self.results[name]
+
+
+def parse_lines(lines: list[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    results: dict[str, dict[str, Any]] = {}
+    done = None
+    for kind, text in lines:
+        if kind != "out":
+            continue
+        if text.startswith("LORALOOM_TEST "):
+            item = json.loads(text[len("LORALOOM_TEST "):], strict=False)
+            results[item["name"]] = item
+        elif text.startswith("LORALOOM_DONE "):
+            done = json.loads(text[len("LORALOOM_DONE "):], strict=False)
+    return results, done
+
+
+def suite_project_settings() -> bytes:
+    """The packed project's settings: the runner as main scene, no automatic connection."""
+    return b"""config_version=5
+
+[application]
+
+config/name="loraloom GDScript suite"
+run/main_scene="res://tests/runner.tscn"
+config/features=PackedStringArray("4.6", "GL Compatibility")
+
+[autoload]
+
+Loraloom="*res://addons/loraloom/loraloom_client.gd"
+
+[loraloom]
+
+connection/auto_connect=false
+
+[rendering]
+
+renderer/rendering_method="gl_compatibility"
+renderer/rendering_method.mobile="gl_compatibility"
+"""
+
+

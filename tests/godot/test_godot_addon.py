@@ -1,0 +1,274 @@
+"""The Godot addon: static checks with gdtoolkit, then its behaviour in the real Godot 4.6 runtime.
+
+The runtime results come from one page run (`godot_run` in conftest.py) against a real daemon on
+a tiny random model, so the checks are on structure, never on what the text says.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from godot_suite import (
+    ADDON_PROJECT,
+    UNKNOWN_ADAPTER,
+    GodotRun,
+    golden_frame_names,
+    runtime_scripts,
+)
+
+from bridge.messages import PROTOCOL_VERSION
+
+GD_FILES = sorted(p for p in ADDON_PROJECT.rglob("*.gd") if ".godot" not in p.parts)
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: run `bash .ci/install-godot-deps.sh` (installs gdtoolkit)")
+    return path
+
+
+def _daemon_result(run: GodotRun, name: str) -> dict[str, Any]:
+    if run.daemon is None:
+        pytest.fail(f"the suite's daemon did not start: {run.daemon_error}")
+    return run.result(name)
+
+
+def _ok(result: dict[str, Any]) -> None:
+    assert result["ok"], f"{result['name']}: {result['detail']} {result['data']}"
+
+
+# ---------------------------------------------------------------- static checks
+
+
+def test_every_gd_file_parses() -> None:
+    """gdparse accepts every GDScript file of the addon project."""
+    assert GD_FILES, "no .gd files found"
+    proc = subprocess.run([_tool("gdparse"), *map(str, GD_FILES)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_gd_file_passes_gdlint() -> None:
+    """gdlint (the Godot style guide's rules, default settings) finds no problem."""
+    proc = subprocess.run([_tool("gdlint"), *map(str, GD_FILES)], capture_output=True, text=True,
+                          cwd=ADDON_PROJECT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_addon_ships_what_the_readme_promises() -> None:
+    """The shipped folder has the plugin, the autoload and the node scripts, each documented."""
+    addon = ADDON_PROJECT / "addons" / "loraloom"
+    for name in ("plugin.cfg", "plugin.gd", "loraloom_client.gd", "msgpack.gd", "chat.gd", "image.gd"):
+        assert (addon / name).is_file(), name
+    assert 'script="plugin.gd"' in (addon / "plugin.cfg").read_text()
+    for path in GD_FILES:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            exported = line.startswith("@export") and " var " in line
+            if exported or line.startswith("signal "):
+                assert lines[i - 1].startswith("##"), f"{path.name}:{i + 1} undocumented: {line}"
+
+
+# ---------------------------------------------------------------- the runtime
+
+
+def test_godot_web_runtime_ran_the_suite(godot_run: GodotRun) -> None:
+    """Godot 4.6's web build started in chromium and the runner got to its end."""
+    assert godot_run.setup_error is None
+    engine = [t for k, t in godot_run.lines if k == "out" and t.startswith("Godot Engine v4.6")]
+    assert engine, godot_run.log_tail()
+    assert godot_run.done is not None, f"the runner did not finish:\n{godot_run.log_tail()}"
+    assert godot_run.done["count"] == len(godot_run.results)
+
+
+def test_no_script_errors(godot_run: GodotRun) -> None:
+    """Nothing the suite loaded or ran printed a script error."""
+    errors = [e for e in godot_run.errors() if "SCRIPT ERROR" in e or "Parse Error" in e]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("script", runtime_scripts())
+def test_runtime_script_loads(godot_run: GodotRun, script: str) -> None:
+    """Each script that runs in a game compiles in the real runtime (types, names, arguments)."""
+    _ok(godot_run.result(f"load:res://{script}"))
+    mentions = [e for e in godot_run.errors() if f"res://{script}" in e]
+    assert not mentions, "\n".join(mentions)
+
+
+@pytest.mark.parametrize("frame", [*golden_frame_names(), "boundaries"])
+def test_codec_round_trips_frame(godot_run: GodotRun, frame: str) -> None:
+    """Decoding gives the frame's JSON value with its types; encoding gives the bytes exactly."""
+    _ok(godot_run.result(f"codec:{frame}"))
+
+
+def test_codec_refuses_malformed_frames(godot_run: GodotRun) -> None:
+    """Truncated frames, trailing bytes, too-deep nesting and unencodable values are refused."""
+    result = godot_run.result("codec:malformed")
+    _ok(result)
+    assert result["data"]["refused"] > 0
+
+
+def test_discovery_rule_matches_python(godot_run: GodotRun) -> None:
+    """The runtime-file location rule gives the Python client's path on every platform."""
+    result = godot_run.result("discovery:rule")
+    _ok(result)
+    assert result["data"]["cases"] >= 8
+
+
+def test_discovery_reads_runtime_file(godot_run: GodotRun) -> None:
+    """A runtime file is read with typed fields; malformed, non-JSON and missing ones are refused."""
+    _ok(godot_run.result("discovery:read"))
+
+
+# ---------------------------------------------------------------- against the daemon
+
+
+def test_connects_through_runtime_file(godot_run: GodotRun) -> None:
+    """The autoload finds the daemon through a runtime file and sees the welcome Python sees."""
+    result = _daemon_result(godot_run, "client:connect")
+    _ok(result)
+    data, welcome = result["data"], godot_run.daemon.welcome  # type: ignore[union-attr]
+    assert data["protocol"] == PROTOCOL_VERSION
+    assert data["server"] == welcome["server"]
+    assert data["text_model"] == welcome["text_model"]["name"]
+    assert data["image_model"] == (welcome["image_model"] or {}).get("name")
+    assert sorted(data["welcome_adapters"]) == sorted(a["name"] for a in welcome["adapters"])
+
+
+def test_request_sent_while_connecting_waits_for_handshake(godot_run: GodotRun) -> None:
+    """A ping sent before the welcome is queued, then answered by a pong."""
+    result = _daemon_result(godot_run, "client:queued_request")
+    _ok(result)
+    assert result["data"]["server_time_is_float"]
+
+
+def test_adapter_list(godot_run: GodotRun) -> None:
+    """The autoload's adapter list holds the daemon's adapters, and list_adapters answers."""
+    result = _daemon_result(godot_run, "client:adapters")
+    _ok(result)
+    expected = {"alpha", "beta", "gamma"}
+    assert expected <= set(result["data"]["names"])
+    assert expected <= set(result["data"]["listed"])
+
+
+def test_two_adapters_stream_at_once(godot_run: GodotRun) -> None:
+    """Two chat nodes on two adapters stream at the same time; tokens add up to each answer."""
+    result = _daemon_result(godot_run, "chat:two_adapters")
+    _ok(result)
+    data = result["data"]
+    assert data["in_flight_together"]
+    assert len(set(data["ids"])) == 2
+    for adapter in ("alpha", "beta"):
+        chat = data[adapter]
+        assert chat["ok"], chat
+        assert chat["chunks"] >= 1
+        assert chat["joined_tokens"] == chat["text"] == chat["finished_text"]
+        assert chat["finish_reason"] in ("stop", "length")
+        assert chat["sent_adapters"] == [{"name": adapter, "scale": 1.0}]
+        assert adapter in chat["adapter_versions"]
+        assert 1 <= chat["completion_tokens"] <= 24
+
+
+def test_stop_mid_stream(godot_run: GodotRun) -> None:
+    """stop() after the first token ends the answer early, as cancelled, with its partial text."""
+    result = _daemon_result(godot_run, "chat:stop")
+    _ok(result)
+    attempts = result["data"]["attempts"]
+    # Attempts before the last ended by themselves (the random model said end-of-turn first).
+    assert all(a["finish_reason"] in ("stop", "length") for a in attempts[:-1]), attempts
+    stopped = attempts[-1]
+    assert stopped["finish_reason"] == "cancelled", attempts
+    assert stopped["chunks"] >= 1
+    assert stopped["completion_tokens"] < stopped["max_tokens"]
+    assert stopped["finished_text"].startswith(stopped["joined_tokens"])
+
+
+def test_unknown_adapter_fails_the_request(godot_run: GodotRun) -> None:
+    """An unknown adapter gives request_failed(unknown_adapter), not response_finished."""
+    result = _daemon_result(godot_run, "chat:unknown_adapter")
+    _ok(result)
+    data = result["data"]
+    assert data["code"] == "unknown_adapter"
+    assert UNKNOWN_ADAPTER in data["message"]
+    assert not data["finished"]
+    assert data["still_connected"]
+
+
+def test_connection_usable_after_error(godot_run: GodotRun) -> None:
+    """The same node and connection answer normally right after a refused request."""
+    _ok(_daemon_result(godot_run, "chat:after_error"))
+
+
+def test_history_and_await(godot_run: GodotRun) -> None:
+    """await chat.wait(chat.ask(...)) returns the answer; history goes out with the next ask."""
+    result = _daemon_result(godot_run, "chat:history_and_await")
+    _ok(result)
+    data = result["data"]
+    history = data["history_after_first"]
+    assert [turn["role"] for turn in history] == ["user", "assistant"]
+    assert history[0]["content"] == "Hello there."
+    assert history[1]["content"] == data["first_text"]
+    assert data["next_roles"] == ["system", "user", "assistant", "user"]
+    assert data["history_size_after_second"] == 4
+
+
+def test_image_generation(godot_run: GodotRun) -> None:
+    """LoraloomImage reports every step and hands over a texture of the asked size."""
+    result = _daemon_result(godot_run, "image:generate")
+    if result["data"].get("not_run"):
+        assert godot_run.daemon.welcome["image_model"] is None  # type: ignore[union-attr]
+        pytest.skip("not run: the test daemon has no image model (welcome.image_model is null)")
+    _ok(result)
+    data = result["data"]
+    assert data["progress"] == [[1, 2], [2, 2]]
+    assert data["sizes"] == [[64, 64]]
+
+
+def test_adapter_changed_after_folder_change(godot_run: GodotRun) -> None:
+    """Copying an adapter folder in makes the daemon emit an event and Godot adapter_changed."""
+    result = _daemon_result(godot_run, "adapters:changed")
+    actions = [a for a in godot_run.actions if a.get("action") == "copy_adapter"]
+    assert actions and actions[0].get("done"), godot_run.actions
+    _ok(result)
+    events = result["data"]["events"]
+    assert events[0][1] in ("added", "updated")
+    assert actions[0]["target"] in result["data"]["listed"]
+    assert any(e[2] == "ready" for e in events)
+
+
+def test_new_adapter_serves(godot_run: GodotRun) -> None:
+    """The adapter that appeared during play answers a chat right away."""
+    result = _daemon_result(godot_run, "adapters:new_adapter_serves")
+    _ok(result)
+    assert len(result["data"]["adapter_versions"]) == 1
+
+
+def test_demo_three_npcs_speak_at_once(godot_run: GodotRun) -> None:
+    """The demo scene's three NPCs answer one line at once, each on its own adapter."""
+    result = _daemon_result(godot_run, "demo:three_npcs")
+    _ok(result)
+    outcome = result["data"]["outcome"]
+    assert result["data"]["npcs"] == 3
+    assert sorted(o[2][0] for o in outcome) == ["alpha", "beta", "gamma"]
+
+
+def test_bad_token_is_refused(godot_run: GodotRun) -> None:
+    """A wrong token ends in connection_failed with the daemon's unauthorized code."""
+    result = _daemon_result(godot_run, "client:bad_token")
+    _ok(result)
+    assert "unauthorized" in result["data"]["reason"]
+
+
+def test_reconnect(godot_run: GodotRun) -> None:
+    """After disconnecting, connecting again works and requests are answered."""
+    result = _daemon_result(godot_run, "client:reconnect")
+    _ok(result)
+    assert result["data"]["disconnected_signals"] == 1
