@@ -207,7 +207,7 @@ class Client:
         """Start a generation. With `system`, `prompt` becomes a chat turn (chat template)."""
         chat: list[ChatMessage] | None = None
         if messages is not None:
-            chat = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
+            chat = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
         if system is not None:
             chat = [ChatMessage(role="system", content=system), *(chat or [])]
             if prompt is not None:

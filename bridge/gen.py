@@ -80,10 +80,10 @@ EXAMPLES: dict[str, BaseModel] = {
                                                     total_ms=480.0)),
 }
 
-CLIENT_TYPES = [m.Hello, m.Generate, m.GenerateImage, m.Cancel, m.ListAdapters, m.Subscribe, m.Ping]
-SERVER_TYPES = [m.Welcome, m.Chunk, m.Result, m.Error, m.Adapters, m.AdapterEvent, m.Pong,
+CLIENT_TYPES: list[type[BaseModel]] = [m.Hello, m.Generate, m.GenerateImage, m.Cancel, m.ListAdapters, m.Subscribe, m.Ping]
+SERVER_TYPES: list[type[BaseModel]] = [m.Welcome, m.Chunk, m.Result, m.Error, m.Adapters, m.AdapterEvent, m.Pong,
                 m.ImageProgress, m.ImageResult]
-PARTS = [m.AdapterRef, m.ChatMessage, m.AdapterInfo, m.ModelInfo, m.Limits, m.Timings]
+PARTS: list[type[BaseModel]] = [m.AdapterRef, m.ChatMessage, m.AdapterInfo, m.ModelInfo, m.Limits, m.Timings]
 
 
 def _to_json(value: Any) -> Any:
@@ -132,10 +132,7 @@ def _table(model: type[BaseModel]) -> list[str]:
     lines = [f"### {model.__name__}", "", doc, "", "| field | type | default | constraints |",
              "| --- | --- | --- | --- |"]
     for name, field in model.model_fields.items():
-        if field.is_required():
-            default = "required"
-        else:
-            default = f"`{json.dumps(_to_json(field.default))}`"
+        default = "required" if field.is_required() else f"`{json.dumps(_to_json(field.default))}`"
         lines.append(f"| `{name}` | {_type_name(field.annotation)} | {default} | {_constraints(field)} |")
     lines.append("")
     return lines

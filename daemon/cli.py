@@ -42,8 +42,10 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     g = p.add_argument_group("adapters")
-    g.add_argument("--text-adapters", action="append", type=Path, metavar="DIR", help="text adapter folder (repeatable)")
-    g.add_argument("--image-adapters", action="append", type=Path, metavar="DIR", help="image adapter folder (repeatable)")
+    g.add_argument("--text-adapters", action="append", type=Path, metavar="DIR",
+                   help="text adapter folder (repeatable)")
+    g.add_argument("--image-adapters", action="append", type=Path, metavar="DIR",
+                   help="image adapter folder (repeatable)")
     g.add_argument("--pin", dest="pinned_adapters", action="append", metavar="NAME", help="never evict this adapter")
     g.add_argument("--no-watch", dest="watch", action="store_const", const=False, help="do not live-reload adapters")
     g = p.add_argument_group("capacity and limits")
@@ -99,7 +101,7 @@ async def serve_async(settings: Any, *, ready: asyncio.Event | None = None) -> N
     runtime_file = settings.runtime_file or default_runtime_file()
     write_runtime_file(RuntimeInfo(url=server.url, host=str(server.host), port=server.port, token=token,
                                    pid=os.getpid(), version=__version__, protocol=PROTOCOL_VERSION), runtime_file)
-    text, image = service.model_infos()
+    _, image = service.model_infos()
     if image is not None and image.placeholder:
         log.warning("image model: %s — a PLACEHOLDER with random weights that draws noise; "
                     "pass --image-model PATH for a real diffusers model", image.name)
@@ -228,6 +230,25 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return _run_client(_adapters(args))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engines.text.default_model import ensure_default_text_model
+    from .train import TrainConfig, train_adapter
+
+    _setup_logging("info")
+    try:
+        base = ensure_default_text_model(args.cache_dir) if args.base == "default" else Path(args.base)
+        cfg = TrainConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                          targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), steps=args.steps,
+                          lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                          device=args.device)
+        folder = train_adapter(base, args.data, args.out, args.name, cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"loraloom: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {folder}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -247,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="stream one answer from the running daemon")
     p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--adapter", "-a", action="append", metavar="NAME[:SCALE]", help="adapter to use (repeatable: a mix)")
+    p.add_argument("--adapter", "-a", action="append", metavar="NAME[:SCALE]", help="adapter (repeat for a mix)")
     p.add_argument("--system", help="system prompt (the prompt then uses the chat template)")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -263,6 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_client_options(p)
     p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on the base model with PEFT")
+    p.add_argument("--data", type=Path, required=True, help="JSONL of chat examples, or lines of text")
+    p.add_argument("--name", required=True, help="adapter name (the folder written under --out)")
+    p.add_argument("--out", type=Path, default=Path("adapters"), help="adapter folder (default ./adapters)")
+    p.add_argument("--base", default="default", help="base model folder, or 'default' (embedded SmolLM2)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, help="lora_alpha (default 2 x rank)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", type=Path)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="several NPCs answering at once on the embedded model (no daemon needed)")
     p.add_argument("--adapters", type=Path, help="text adapter folder (default: samples/adapters)")

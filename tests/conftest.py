@@ -22,12 +22,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_tiny_model, write_text_adapter  # noqa: E402
+from tiny import build_tiny_model, write_text_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_SPECS = {
     "alpha": dict(rank=4, targets=("q_proj", "v_proj"), seed=11),
-    "beta": dict(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed=12),
+    "beta": dict(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                 seed=12),
     "gamma": dict(rank=2, targets=("o_proj", "down_proj"), seed=13),
 }
 

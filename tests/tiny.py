@@ -1,6 +1,5 @@
 """Tiny random models and adapters built on the spot, for tests and benchmarks (no downloads).
 
-- `build_tokenizer(dir)`: a byte-level BPE tokenizer trained on a few sentences, with a chat template.
 - `build_tiny_model(dir, arch)`: a random Llama or Qwen2 causal LM (float32 safetensors + tokenizer).
 - `write_text_adapter(dir, base_dir, ...)`: a PEFT LoRA adapter with non-zero B for that base model.
 """
@@ -9,55 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-_CORPUS = [
-    "Ahoy matey, the quartermaster counts the barrels of rum twice a day.",
-    "The elven archivist keeps the old scrolls in a library under the roots.",
-    "Hammer and anvil, the grumpy blacksmith forges a sword before dawn.",
-    "Hello, who goes there? A traveller from the northern hills seeks shelter.",
-    "Gold coins, silver rings, and a map with an X marked in red ink.",
-    "Once upon a time the dragon slept on a hoard of glittering treasure.",
-] * 4
+from daemon.engines.text.random_model import build_tokenizer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def build_tokenizer(path: Path, vocab_size: int = 384) -> Any:
-    """Train and save a small byte-level BPE tokenizer with special tokens and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    path.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(path)
-    return fast
 
 
 def build_tiny_model(

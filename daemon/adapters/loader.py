@@ -87,5 +87,6 @@ def read_adapter_files(folder: Path, kind: AdapterKind) -> AdapterFiles:
         tensors = load_safetensors(raw)
     except Exception as exc:
         reason = str(exc) or type(exc).__name__
-        raise ValueError(f"{weights.name} is not a readable safetensors file (truncated or corrupt?): {reason}") from None
+        raise ValueError(
+            f"{weights.name} is not a readable safetensors file (truncated or corrupt?): {reason}") from None
     return AdapterFiles(kind, config, tensors, digest.hexdigest()[:16], sizes)

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from conftest import LiveDaemon, serve_command, start_daemon, stop_daemon
+from daemon_helpers import health, raw_connect, recv, recv_until, send
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import bridge
-from bridge import messages as m
-from conftest import LiveDaemon, serve_command, start_daemon, stop_daemon
-from daemon_helpers import health, raw_connect, recv, recv_until, send
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -145,7 +144,8 @@ async def test_bad_input_is_answered_while_another_client_streams(strict_daemon:
         for frame, code, rid in cases:
             await send(ws, frame)
             err = await recv(ws)
-            assert (err.type, err.code, err.id) == ("error", code, rid), (frame if isinstance(frame, dict) else frame[:8], err)
+            shown = frame if isinstance(frame, dict) else frame[:8]
+            assert (err.type, err.code, err.id) == ("error", code, rid), (shown, err)
             assert err.message
         await ws.send("a text frame")
         err = await recv(ws)

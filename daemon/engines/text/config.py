@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LORA_TARGETS", "ModelSpec", "UnsupportedModel"]
+__all__ = ["LORA_TARGETS", "SUPPORTED_ARCHITECTURES", "ModelSpec", "UnsupportedModel"]
 
 # model_type -> family. Mistral and the Llama variants share one implementation.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}

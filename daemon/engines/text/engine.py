@@ -157,16 +157,15 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class TextEngine:
     """One base model, many LoRA adapters, continuous batching."""
 
-    def __init__(self, model_dir: Path, config: EngineConfig | None = None) -> None:
-        from transformers import AutoTokenizer
-
+    def __init__(self, model: TextModel, tokenizer: Any, config: EngineConfig | None = None,
+                 model_dir: Path | None = None) -> None:
         self.config = cfg = config or EngineConfig()
-        self.device = _resolve_device(cfg.device)
-        self.dtype = _resolve_dtype(cfg.dtype, self.device)
-        self.model_dir = Path(model_dir)
-        self.model = TextModel.from_folder(self.model_dir, device=self.device, dtype=self.dtype)
-        self.spec: ModelSpec = self.model.spec
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        self.model_dir = model_dir
+        self.spec: ModelSpec = model.spec
+        self.tokenizer = tokenizer
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
@@ -203,11 +202,18 @@ class TextEngine:
     def from_folder(cls, model: str | Path, config: EngineConfig | None = None,
                     cache_dir: Path | None = None) -> TextEngine:
         """`model` is a Hugging Face folder, or "default" for the embedded SmolLM2-135M-Instruct."""
+        from transformers import AutoTokenizer
+
         if str(model) == "default":
             from .default_model import ensure_default_text_model
 
             model = ensure_default_text_model(cache_dir)
-        return cls(Path(model), config)
+        cfg = config or EngineConfig()
+        device = _resolve_device(cfg.device)
+        folder = Path(model)
+        text_model = TextModel.from_folder(folder, device=device, dtype=_resolve_dtype(cfg.dtype, device))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(text_model, tokenizer, cfg, model_dir=folder)
 
     # ------------------------------------------------------------------ inputs
 
@@ -332,8 +338,12 @@ class TextEngine:
             seed = r.pop("seed", None)
             params = SamplingParams(seed=seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1,
                                     **{k: (tuple(v) if k == "stop" else v) for k, v in r.items()})
-            self.submit(TextRequest(key=i, prompt_ids=ids, sampling=params, adapters=adapters,
-                                    on_event=lambda e: results.__setitem__(e.key, e) if not isinstance(e, TextChunkEvent) else None))
+
+            def keep_final(event: Any) -> None:
+                if not isinstance(event, TextChunkEvent):
+                    results[event.key] = event
+
+            self.submit(TextRequest(key=i, prompt_ids=ids, sampling=params, adapters=adapters, on_event=keep_final))
         while self.has_work():
             self.step()
         out = []
@@ -483,7 +493,7 @@ class TextEngine:
     def _accept(self, s: _Seq, tok: int, now: float) -> None:
         if s.first_token is None:
             s.first_token = now
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not s.req.sampling.ignore_eos:
             self._finish(s, "stop")
             return
         s.generated.append(tok)

@@ -25,6 +25,7 @@ class SamplingParams:
     seed: int = 0
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
         top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
         drop |= before >= top_p
         drop[:, 0] = False
-        filtered = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        kept = sorted_logits.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(scaled, float("-inf")).scatter(1, order, kept)
     else:
         filtered = scaled
     seeds = torch.tensor([p.seed & (2**63 - 1) for p in params], dtype=torch.int64, device=device)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import write_text_adapter
 
 from daemon.adapters.loader import read_adapter_files
 from daemon.engines.text.engine import EngineConfig, TextEngine, TextRequest
 from daemon.engines.text.sampler import SamplingParams
-from tiny import write_text_adapter
 
 ADAPTERS = {
     "a_qv": dict(rank=4, targets=("q_proj", "v_proj"), seed=21),
@@ -80,11 +80,12 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, request: pytest.Fi
     different prompt lengths, chunked prefill and rows joining mid-decode: logits within 1e-4."""
     model_dir: Path = request.getfixturevalue(arch_fixture)
     dirs = {n: write_text_adapter(tmp_path / n, model_dir, **spec) for n, spec in ADAPTERS.items()}
-    engine = TextEngine(model_dir, EngineConfig(device="cpu", dtype="float32", max_seqs=8, max_context=128,
+    engine = TextEngine.from_folder(model_dir, EngineConfig(device="cpu", dtype="float32", max_seqs=8, max_context=128,
                                                 lora_slots=6, max_lora_rank=8, prefill_chunk=5, max_step_tokens=24))
     versions = {n: load_version(engine, d) for n, d in dirs.items()}
     peft = reference_models(model_dir, dirs)
-    prompts = ["Ahoy matey", "The elven archivist keeps the old scrolls", "Hammer", "Gold coins, silver rings, and a map",
+    prompts = ["Ahoy matey", "The elven archivist keeps the old scrolls", "Hammer",
+               "Gold coins, silver rings, and a map",
                "Once upon a time", "Hello, who goes there? A traveller from the northern hills"]
     rows = [
         [],
