@@ -92,12 +92,31 @@ def _nunit_framework() -> Path:
 
 
 def _compile(mcs: str, out: Path, sources: Path, refs: list[str]) -> None:
-    files = sorted(str(p) for p in sources.rglob("*.cs"))
+    files = sorted(str(p) for p in (sources.rglob("*.cs") if sources.is_dir() else [sources]))
     assert files, f"no C# sources under {sources}"
     cmd = [mcs, "-langversion:7.2", "-target:library", "-warnaserror+", "-nowarn:1591",
            f"-out:{out}", *(f"-r:{r}" for r in refs), *files]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"mcs failed for {sources.relative_to(ROOT)}:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_unity_layer_type_checks_against_api_stubs(tmp_path: Path) -> None:
+    """Runtime/Unity, Editor and Samples~ compile with mcs against stubs of the Unity API they use.
+
+    The stubs (tests/unity/stubs) hold Unity 2021.3's documented signatures without behaviour: this
+    catches C# errors in code that only Unity can build, not a wrong use of Unity at run time.
+    """
+    mcs = _tool("mcs")
+    stubs = Path(__file__).parent / "stubs"
+    engine, editor = tmp_path / "UnityEngine.dll", tmp_path / "UnityEditor.dll"
+    core, unity = tmp_path / "Loraloom.Core.dll", tmp_path / "Loraloom.Unity.dll"
+    _compile(mcs, engine, stubs / "UnityEngine.cs", [])
+    _compile(mcs, editor, stubs / "UnityEditor.cs", [str(engine)])
+    _compile(mcs, core, PACKAGE / "Runtime" / "Core", ["System.Net.Http"])
+    _compile(mcs, unity, PACKAGE / "Runtime" / "Unity", [str(core), str(engine), "System.Core"])
+    _compile(mcs, tmp_path / "Loraloom.Editor.dll", PACKAGE / "Editor",
+             [str(core), str(unity), str(engine), str(editor), "System.Core"])
+    _compile(mcs, tmp_path / "Samples.dll", PACKAGE / "Samples~", [str(core), str(unity), str(engine), "System.Core"])
 
 
 def _expected_tests() -> set[str]:

@@ -1,0 +1,129 @@
+// Signatures of the UnityEngine API that unity_package uses, as documented for Unity 2021.3, with
+// no behaviour. They let mcs type-check Runtime/Unity, Editor and Samples~ here, where Unity
+// cannot run; they are not a Unity build. Add a member only as Unity's reference documents it.
+#pragma warning disable 0067, 0649, 1591
+using System;
+using System.Collections.Generic;
+
+namespace UnityEngine
+{
+    public enum HideFlags { None = 0, HideAndDontSave = 61 }
+    public enum RuntimeInitializeLoadType { AfterSceneLoad, BeforeSceneLoad, AfterAssembliesLoaded, BeforeSplashScreen, SubsystemRegistration }
+    public enum TextureFormat { RGBA32 = 4 }
+    public enum TextureWrapMode { Repeat, Clamp }
+    public enum PrimitiveType { Sphere, Capsule, Cylinder, Cube, Plane, Quad }
+
+    public class Object
+    {
+        public string name { get { return null; } set { } }
+        public HideFlags hideFlags { get; set; }
+        public static void Destroy(Object obj) { }
+        public static void DontDestroyOnLoad(Object target) { }
+        public static T FindObjectOfType<T>() where T : Object { return null; }
+        public static bool operator ==(Object x, Object y) { return ReferenceEquals(x, y); }
+        public static bool operator !=(Object x, Object y) { return !ReferenceEquals(x, y); }
+        public static implicit operator bool(Object exists) { return !ReferenceEquals(exists, null); }
+        public override bool Equals(object other) { return ReferenceEquals(this, other); }
+        public override int GetHashCode() { return 0; }
+    }
+
+    public class Component : Object
+    {
+        public GameObject gameObject { get { return null; } }
+        public Transform transform { get { return null; } }
+        public T GetComponent<T>() { return default(T); }
+    }
+
+    public class Behaviour : Component { public bool enabled { get; set; } }
+    public class MonoBehaviour : Behaviour { }
+
+    public sealed class GameObject : Object
+    {
+        public GameObject(string name) { }
+        public Transform transform { get { return null; } }
+        public T AddComponent<T>() where T : Component { return null; }
+        public T GetComponent<T>() { return default(T); }
+        public static GameObject CreatePrimitive(PrimitiveType type) { return null; }
+    }
+
+    public class Transform : Component
+    {
+        public Transform parent { get; set; }
+        public Vector3 localScale { get; set; }
+        public void SetParent(Transform parent, bool worldPositionStays) { }
+    }
+
+    public struct Vector2 { public float x, y; }
+    public struct Vector3 { public float x, y, z; public Vector3(float x, float y, float z) { this.x = x; this.y = y; this.z = z; } }
+
+    public struct Rect
+    {
+        public Rect(float x, float y, float width, float height) { this.x = x; this.y = y; this.width = width; this.height = height; }
+        public float x, y, width, height;
+        public float xMax { get { return x + width; } }
+    }
+
+    public static class Screen { public static int width { get { return 0; } } public static int height { get { return 0; } } }
+    public static class Application { public static bool isPlaying { get { return false; } } }
+
+    public static class Debug
+    {
+        public static void Log(object message) { }
+        public static void LogWarning(object message, Object context) { }
+        public static void LogError(object message, Object context) { }
+        public static void LogException(Exception exception) { }
+        public static void LogException(Exception exception, Object context) { }
+    }
+
+    public class Texture : Object { public TextureWrapMode wrapMode { get; set; } }
+    public sealed class Texture2D : Texture { public Texture2D(int width, int height, TextureFormat textureFormat, bool mipChain) { } }
+    public static class ImageConversion { public static bool LoadImage(Texture2D tex, byte[] data, bool markNonReadable) { return true; } }
+    public class Material : Object { public void SetTexture(string name, Texture value) { } }
+    public class Renderer : Component { public Material material { get; set; } }
+
+    [AttributeUsage(AttributeTargets.Method)] public sealed class RuntimeInitializeOnLoadMethodAttribute : Attribute { public RuntimeInitializeOnLoadMethodAttribute(RuntimeInitializeLoadType loadType) { } }
+    [AttributeUsage(AttributeTargets.Class)] public sealed class AddComponentMenu : Attribute { public AddComponentMenu(string menuName) { } }
+    [AttributeUsage(AttributeTargets.Class)] public sealed class DisallowMultipleComponent : Attribute { }
+    [AttributeUsage(AttributeTargets.Field)] public sealed class SerializeField : Attribute { }
+    [AttributeUsage(AttributeTargets.Field, Inherited = true, AllowMultiple = false)] public abstract class PropertyAttribute : Attribute { }
+    public class HeaderAttribute : PropertyAttribute { public HeaderAttribute(string header) { } }
+    public class TooltipAttribute : PropertyAttribute { public TooltipAttribute(string tooltip) { } }
+    public class TextAreaAttribute : PropertyAttribute { public TextAreaAttribute() { } public TextAreaAttribute(int minLines, int maxLines) { } }
+    public class RangeAttribute : PropertyAttribute { public RangeAttribute(float min, float max) { } }
+    public class MinAttribute : PropertyAttribute { public MinAttribute(float min) { } }
+
+    public class GUIStyle { }
+    public class GUIContent { public GUIContent(string text, string tooltip) { } public string text { get; set; } }
+    public sealed class GUILayoutOption { }
+
+    public class GUI { public static bool Button(Rect position, GUIContent content, GUIStyle style) { return false; } }
+
+    public class GUILayout
+    {
+        public static void BeginArea(Rect screenRect) { }
+        public static void EndArea() { }
+        public static void BeginHorizontal(params GUILayoutOption[] options) { }
+        public static void EndHorizontal() { }
+        public static void Label(string text, params GUILayoutOption[] options) { }
+        public static void Label(string text, GUIStyle style, params GUILayoutOption[] options) { }
+        public static string TextField(string text, params GUILayoutOption[] options) { return text; }
+        public static string TextArea(string text, params GUILayoutOption[] options) { return text; }
+        public static bool Button(string text, params GUILayoutOption[] options) { return false; }
+        public static void Space(float pixels) { }
+        public static float HorizontalSlider(float value, float leftValue, float rightValue, params GUILayoutOption[] options) { return value; }
+        public static GUILayoutOption Width(float width) { return null; }
+        public static GUILayoutOption MinWidth(float minWidth) { return null; }
+        public static GUILayoutOption MinHeight(float minHeight) { return null; }
+    }
+}
+
+namespace UnityEngine.Events
+{
+    public class UnityEvent { public void AddListener(Action call) { } public void Invoke() { } }
+    public class UnityEvent<T0> { public void AddListener(Action<T0> call) { } public void Invoke(T0 arg0) { } }
+}
+
+namespace UnityEngine.UI
+{
+    public class RawImage : Behaviour { public Texture texture { get; set; } }
+}
