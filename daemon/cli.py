@@ -202,7 +202,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     try:
         return _run_client(_ask(args))
     except ValidationError as exc:
-        print(f"loraloom: invalid request: {exc.errors()[0]['msg']}", file=sys.stderr)
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        print(f"loraloom: invalid request: {where}: {err['msg']}", file=sys.stderr)
         return EXIT_USAGE
 
 
