@@ -163,13 +163,16 @@ namespace Loraloom.Core
         public async Task CloseAsync()
         {
             Connection connection = Shutdown();
+            // The close handshake goes out before the read loop is cancelled, which would abort the socket.
             if (connection != null) await connection.Transport.CloseAsync(TimeSpan.FromSeconds(2)).ConfigureAwait(false);
+            _lifetime.Cancel();
         }
 
         /// <summary>Drops the connection at once (no close handshake) and stops reconnecting; idempotent.</summary>
         public void Dispose()
         {
             Connection connection = Shutdown();
+            _lifetime.Cancel();
             if (connection != null) connection.Transport.Dispose();
         }
 
@@ -183,8 +186,8 @@ namespace Loraloom.Core
                 connection = _connection;
                 _connection = null;
                 _connected.TrySetException(Closed("the client was closed"));
+                _connected.Task.Forget();
             }
-            _lifetime.Cancel();
             SetState(ConnectionState.Closed);
             if (connection != null) connection.FailAll(Closed("the client was closed"));
             return connection;
@@ -235,21 +238,23 @@ namespace Loraloom.Core
             Connection connection = await WaitForConnectionAsync(cancellationToken).ConfigureAwait(false);
             if (!connection.Pending.TryAdd(pending.Id, pending))
                 throw new LoraloomException(ErrorCodes.DuplicateId, "a request with id '" + pending.Id + "' is already in flight", pending.Id);
+            try
+            {
+                RequestMessage frame = request.Id == pending.Id ? request : request.WithId(pending.Id);
+                await connection.Transport.SendAsync(frame, _lifetime.Token).ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                PendingRequest ignored;
+                connection.Pending.TryRemove(pending.Id, out ignored);
+                if (e is LoraloomException) throw;
+                if (_lifetime.IsCancellationRequested) throw Closed("the client was closed");
+                throw;
+            }
+            // Registered only once the request is on the wire, so a cancel frame never overtakes it;
+            // a token cancelled meanwhile runs the callback right here.
             using (cancellationToken.Register(() => CancelRequest(connection, pending, cancellationToken)))
             {
-                try
-                {
-                    RequestMessage frame = request.Id == pending.Id ? request : request.WithId(pending.Id);
-                    await connection.Transport.SendAsync(frame, _lifetime.Token).ConfigureAwait(false);
-                }
-                catch (Exception e)
-                {
-                    PendingRequest ignored;
-                    connection.Pending.TryRemove(pending.Id, out ignored);
-                    if (e is LoraloomException) throw;
-                    if (_lifetime.IsCancellationRequested) throw Closed("the client was closed");
-                    throw;
-                }
                 return await task.ConfigureAwait(false);
             }
         }
@@ -486,6 +491,7 @@ namespace Loraloom.Core
                 {
                     _closed = true;
                     _connected.TrySetException(Closed(why ?? "the connection to the daemon closed"));
+                    _connected.Task.Forget();
                 }
             }
             if (!reconnect)
