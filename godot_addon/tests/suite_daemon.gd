@@ -254,7 +254,7 @@ func _check_image() -> void:
 		seen["progress"].append([step, total]))
 	painter.image_ready.connect(func(_id: String, texture: ImageTexture) -> void:
 		seen["textures"].append(texture))
-	var request := await painter.wait(painter.generate("a lighthouse at dusk"), 300.0)
+	var request := await painter.wait(painter.generate("a lighthouse at dusk"), 90.0)
 	var sizes: Array = (seen["textures"] as Array).map(
 		func(t: ImageTexture) -> Array: return [t.get_width(), t.get_height()])
 	_report("image:generate", request.ok, request.error_message, {
