@@ -14,15 +14,21 @@ namespace Loraloom.Core.Tests
         public static IEnumerable<string> FrameNames()
         {
             string dir = TestEnv.FramesDir;
-            if (!Directory.Exists(dir)) return new[] { "<no frames folder at " + dir + ">" };
+            // Outside the repository (a game project) there are no frames: one placeholder case says so.
+            if (!Directory.Exists(dir)) return new[] { "<no golden frames at " + dir + "; set LORALOOM_TEST_FRAMES>" };
             return Directory.GetFiles(dir, "*.msgpack").Select(Path.GetFileNameWithoutExtension).OrderBy(n => n, StringComparer.Ordinal).ToList();
         }
 
-        static byte[] Bytes(string name) { return File.ReadAllBytes(Path.Combine(TestEnv.FramesDir, name + ".msgpack")); }
+        static byte[] Bytes(string name)
+        {
+            if (name.StartsWith("<")) Assert.Ignore(name);
+            return File.ReadAllBytes(Path.Combine(TestEnv.FramesDir, name + ".msgpack"));
+        }
 
         // The JSON twin with {"$bin": base64} turned back into bytes, so it compares with msgpack bin.
         static object Expected(string name)
         {
+            if (name.StartsWith("<")) Assert.Ignore(name);
             return Unbin(Json.Parse(File.ReadAllText(Path.Combine(TestEnv.FramesDir, name + ".json"))));
         }
 
@@ -98,6 +104,7 @@ namespace Loraloom.Core.Tests
         [Test]
         public void TypedFieldsCarryTheGoldenValues()
         {
+            if (!Directory.Exists(TestEnv.FramesDir)) Assert.Ignore("no golden frames at " + TestEnv.FramesDir);
             var welcome = (Welcome)Protocol.Decode(Bytes("welcome"));
             var json = (Dictionary<string, object>)Expected("welcome");
             var limits = (Dictionary<string, object>)json["limits"];

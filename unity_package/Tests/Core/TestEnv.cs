@@ -15,8 +15,10 @@ namespace Loraloom.Core.Tests
         public static string Require(string name)
         {
             string value = Environment.GetEnvironmentVariable(name);
+            // Ignored rather than failed, so the suite also opens in Unity's Test Runner; the pytest
+            // driver sets every variable and fails on any test that did not run.
             if (string.IsNullOrEmpty(value))
-                Assert.Fail(name + " is not set: run these tests through tests/unity/test_unity.py");
+                Assert.Ignore(name + " is not set: these tests need a live daemon (see tests/unity/test_unity.py)");
             return value;
         }
 
