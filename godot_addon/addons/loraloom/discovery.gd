@@ -54,9 +54,11 @@ static func read_runtime_file(path: String) -> Dictionary:
 		return {"error": "no runtime file on this platform; set loraloom/connection/url"}
 	if not FileAccess.file_exists(path):
 		return {"error": "no daemon is running (no runtime file at %s)" % path}
-	var text := FileAccess.get_file_as_string(path)
-	var data: Variant = JSON.parse_string(text)
-	if typeof(data) != TYPE_DICTIONARY:
+	# JSON.parse() reports through its return value; JSON.parse_string() would also log an error.
+	var json := JSON.new()
+	var parsed := json.parse(FileAccess.get_file_as_string(path))
+	var data: Variant = json.data
+	if parsed != OK or typeof(data) != TYPE_DICTIONARY:
 		return {"error": "the runtime file %s is not a JSON object" % path}
 	for key: String in REQUIRED_KEYS:
 		if typeof(data.get(key)) != REQUIRED_KEYS[key]:

@@ -147,7 +147,13 @@ func connect_to_daemon(daemon_url: String = "", daemon_token: String = "") -> vo
 		url = daemon_url
 	if not daemon_token.is_empty():
 		token = daemon_token
-	_close_peer()
+	if _peer != null:
+		# Requests sent on the old connection would never hear back on the new one.
+		var was_ready := state == State.READY
+		_close_peer()
+		_fail_all("connection_closed", "reconnecting to the daemon")
+		if was_ready:
+			disconnected.emit(1000, "reconnecting")
 	_retry_delay = 0.5
 	_retry_at = -1.0
 	_open()
