@@ -133,7 +133,9 @@ def _build_tokenizer() -> Any:
                 vocab[piece] = len(vocab)
     raw_merges = json.loads(bpe.to_str())["model"]["merges"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in raw_merges]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # transformers types `merges` as strings; the tokenizers backend takes (left, right) pairs too.
+    pairs: Any = merges
+    return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)
 
 
 def build_tiny_pipeline(*, unet_config: dict[str, Any] | None = None, seed: int = _SEED) -> Any:
@@ -142,9 +144,13 @@ def build_tiny_pipeline(*, unet_config: dict[str, Any] | None = None, seed: int 
     `unet_config` replaces the tiny UNet (e.g. `real_unet_config()` for a speed run); its
     `cross_attention_dim` must then match the text encoder, so the text encoder follows it.
     """
+    import importlib
+
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    # diffusers is untyped; going through Any keeps mypy quiet without scattering ignores.
+    diffusers: Any = importlib.import_module("diffusers")
 
     unet_cfg = dict(unet_config or tiny_unet_config())
     hidden = int(unet_cfg["cross_attention_dim"])
@@ -152,8 +158,8 @@ def build_tiny_pipeline(*, unet_config: dict[str, Any] | None = None, seed: int 
     # Forking keeps the caller's global RNG untouched; the seed makes the folder reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**_tiny_vae_config())
+        unet = diffusers.UNet2DConditionModel(**unet_cfg)
+        vae = diffusers.AutoencoderKL(**_tiny_vae_config())
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
@@ -168,7 +174,7 @@ def build_tiny_pipeline(*, unet_config: dict[str, Any] | None = None, seed: int 
                 projection_dim=hidden,
             )
         )
-    scheduler = DDIMScheduler(
+    scheduler = diffusers.DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -176,7 +182,7 @@ def build_tiny_pipeline(*, unet_config: dict[str, Any] | None = None, seed: int 
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    pipe = diffusers.StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,

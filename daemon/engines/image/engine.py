@@ -209,8 +209,9 @@ class ImageEngine:
         # adapters resident in the pipeline at once (LRU beyond that)
         adapter_slots: int = 8,
     ) -> None:
-        from diffusers import AutoPipelineForText2Image
+        import importlib
 
+        auto: Any = importlib.import_module("diffusers").AutoPipelineForText2Image
         if str(model) == "default":
             path = ensure_default_image_model(Path(cache_dir))
         else:
@@ -220,7 +221,7 @@ class ImageEngine:
         placeholder = is_placeholder_model(path)
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, device, placeholder)
-        pipe = AutoPipelineForText2Image.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True)
+        pipe = auto.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True)
         name = PLACEHOLDER_NAME if placeholder else path.name
         self._setup(
             pipe,
@@ -361,9 +362,7 @@ class ImageEngine:
         `files` (other files of the adapter folder, by name) only sharpen the error message.
         """
         if not self._supports_lora:
-            raise ValueError(
-                f"the image model {self._name} ({type(self._pipe).__name__}) does not take LoRAs"
-            )
+            raise ValueError(f"the image model {self._name} ({type(self._pipe).__name__}) does not take LoRAs")
         try:
             if not tensors:
                 raise ValueError("the adapter holds no tensors")
@@ -457,9 +456,7 @@ class ImageEngine:
             self._inbox = []
             self._queue = FairQueue()
         for job in waiting:
-            self._finish_error(
-                job, ErrorCode.SHUTTING_DOWN, "the image engine stopped before this request ran"
-            )
+            self._finish_error(job, ErrorCode.SHUTTING_DOWN, "the image engine stopped before this request ran")
 
     def _admit(self, job: _Job) -> None:
         try:
@@ -507,9 +504,7 @@ class ImageEngine:
         for item in r.adapters:
             version, weight = item
             if not isinstance(version, AdapterVersion):
-                raise _Refused(
-                    bad, f"adapters must be (AdapterVersion, weight) pairs, got {type(version).__name__}"
-                )
+                raise _Refused(bad, f"adapters must be (AdapterVersion, weight) pairs, got {type(version).__name__}")
             if version.kind != "image":
                 raise _Refused(
                     ErrorCode.ADAPTER_UNAVAILABLE,
@@ -524,9 +519,7 @@ class ImageEngine:
             job.versions[version.key] = version
             weights[version.key] = weights.get(version.key, 0.0) + float(weight)
         if len(job.versions) > self._max_adapters:
-            raise _Refused(
-                bad, f"{len(job.versions)} adapters in one request; the limit is {self._max_adapters}"
-            )
+            raise _Refused(bad, f"{len(job.versions)} adapters in one request; the limit is {self._max_adapters}")
         # Weight 0 is left out of the mix, so it is the base model exactly and batches with it.
         job.mix = tuple(sorted((k, w) for k, w in weights.items() if w != 0.0))
         job.batch_key = (job.mix, r.width, r.height, r.steps, float(r.guidance), r.negative_prompt is None)
@@ -552,9 +545,7 @@ class ImageEngine:
             log.exception("could not load image adapters %s", [v.key for v, _ in mix])
             names = ", ".join(f"'{v.name}' (version {v.number})" for v, _ in mix)
             for job in jobs:
-                self._finish_error(
-                    job, ErrorCode.ADAPTER_UNAVAILABLE, f"could not load adapter {names}: {exc}"
-                )
+                self._finish_error(job, ErrorCode.ADAPTER_UNAVAILABLE, f"could not load adapter {names}: {exc}")
             return
 
         prompts: list[str] = []
@@ -590,9 +581,7 @@ class ImageEngine:
         except Exception as exc:
             log.exception("image pipeline call failed")
             for job in jobs:
-                self._finish_error(
-                    job, ErrorCode.INTERNAL, f"image generation failed: {type(exc).__name__}: {exc}"
-                )
+                self._finish_error(job, ErrorCode.INTERNAL, f"image generation failed: {type(exc).__name__}: {exc}")
             return
         with self._cond:
             self._stats.pipeline_calls += 1
@@ -661,9 +650,7 @@ class ImageEngine:
                 del self._live[job.key]
             self._cancels.discard(job.key)
 
-    def _finish(
-        self, job: _Job, images: list[bytes], reason: Literal["stop", "cancelled"], now: float
-    ) -> None:
+    def _finish(self, job: _Job, images: list[bytes], reason: Literal["stop", "cancelled"], now: float) -> None:
         self._retire(job)
         with self._cond:
             if reason == "cancelled":

@@ -48,26 +48,22 @@ def build_shape_index(pipe: Any) -> ShapeIndex:
             if isinstance(module, torch.nn.Linear):
                 shapes[name] = ModuleShape("linear", module.in_features, module.out_features)
             elif isinstance(module, torch.nn.Conv2d):
-                shapes[name] = ModuleShape(
-                    "conv", module.in_channels, module.out_channels, tuple(module.kernel_size)
-                )
+                shapes[name] = ModuleShape("conv", module.in_channels, module.out_channels, tuple(module.kernel_size))
         index[component] = shapes
     return index
 
 
 def normalize_lora(
-    pipe_cls: type, tensors: Mapping[str, torch.Tensor], unet_config: Any = None
+    pipe_cls: Any, tensors: Mapping[str, torch.Tensor], unet_config: Any = None
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Split a LoRA file into components with PEFT-style keys, the way diffusers will read it.
 
     Returns {component: {"<module>.lora_A.weight": tensor, ...}}. Raises ValueError when the
     file is not something diffusers can read as a LoRA.
     """
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
+    import importlib
+
+    convert: Any = importlib.import_module("diffusers.utils.state_dict_utils")
 
     lora_keys = [k for k in tensors if "lora" in k]
     if not lora_keys:
@@ -96,9 +92,9 @@ def normalize_lora(
             continue
         # Older diffusers spellings (lora.down/up, lora_linear_layer, to_q_lora): let diffusers map them.
         if component.startswith("text_encoder"):
-            parts[component] = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+            parts[component] = convert.convert_state_dict_to_peft(convert.convert_state_dict_to_diffusers(sd))
         else:
-            parts[component] = convert_unet_state_dict_to_peft(sd)
+            parts[component] = convert.convert_unet_state_dict_to_peft(sd)
     return parts
 
 
@@ -146,8 +142,7 @@ def check_lora(
             shape = shapes.get(path)
             if shape is None:
                 raise ValueError(
-                    f"'{where}' does not exist in this model's {component}; "
-                    "the LoRA was made for a different model"
+                    f"'{where}' does not exist in this model's {component}; the LoRA was made for a different model"
                 )
             a, b = ab["A"], ab["B"]
             if not (a.is_floating_point() and b.is_floating_point()):

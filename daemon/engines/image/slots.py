@@ -97,9 +97,7 @@ class AdapterSlots:
                 self._pipe.load_lora_weights(dict(version.tensors), adapter_name=slot, hotswap=True)
             except Exception:
                 # diffusers may leave the slot half-updated; it held a stale version anyway.
-                log.warning(
-                    "hotswap of %s over %s failed; loading it fresh", version.key, old_key, exc_info=True
-                )
+                log.warning("hotswap of %s over %s failed; loading it fresh", version.key, old_key, exc_info=True)
                 self._unload(old_key)
                 return False
             del self._slots[old_key]

@@ -280,9 +280,7 @@ def test_unloadable_adapter_fails_only_its_request(make_engine, version, random_
     from dataclasses import replace
 
     engine = make_engine()
-    broken = replace(
-        version("ink"), name="broken", tensors={"unet.nowhere.lora_A.weight": random_tensor(2, 3)}
-    )
+    broken = replace(version("ink"), name="broken", tensors={"unet.nowhere.lora_A.weight": random_tensor(2, 3)})
     ev = error(generate(engine, "b", adapters=[(broken, 1.0)]))
     assert ev.code == ErrorCode.ADAPTER_UNAVAILABLE
     assert "broken" in ev.message
