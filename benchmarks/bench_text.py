@@ -8,6 +8,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.bench_text import main  # noqa: E402
+from daemon.bench_text import main
 
 sys.exit(main())

@@ -112,8 +112,13 @@ class TextStream:
             raise StopAsyncIteration
         raise LoraloomError(f"unexpected event {event.type!r} for a text request")
 
+    async def cancel(self) -> None:
+        """Ask the daemon to stop; keep iterating to receive the `cancelled` result."""
+        if self._request is not None and not self._request.done:
+            await self._client._send_quietly(Cancel(id=self._request.id))
+
     async def aclose(self) -> None:
-        """Cancel the request on the daemon if it is still running."""
+        """Cancel the request on the daemon if it is still running, and stop listening."""
         request = self._request
         if request is not None and not request.done and self.result is None:
             self._client._finish(request)
@@ -152,6 +157,11 @@ class ImageStream:
             self._client._finish(self._request)
             raise StopAsyncIteration
         raise LoraloomError(f"unexpected event {event.type!r} for an image request")
+
+    async def cancel(self) -> None:
+        """Ask the daemon to stop between steps; keep iterating to receive the `cancelled` result."""
+        if self._request is not None and not self._request.done:
+            await self._client._send_quietly(Cancel(id=self._request.id))
 
     async def aclose(self) -> None:
         request = self._request

@@ -80,7 +80,8 @@ EXAMPLES: dict[str, BaseModel] = {
                                                     total_ms=480.0)),
 }
 
-CLIENT_TYPES: list[type[BaseModel]] = [m.Hello, m.Generate, m.GenerateImage, m.Cancel, m.ListAdapters, m.Subscribe, m.Ping]
+CLIENT_TYPES: list[type[BaseModel]] = [m.Hello, m.Generate, m.GenerateImage, m.Cancel, m.ListAdapters,
+                                       m.Subscribe, m.Ping]
 SERVER_TYPES: list[type[BaseModel]] = [m.Welcome, m.Chunk, m.Result, m.Error, m.Adapters, m.AdapterEvent, m.Pong,
                 m.ImageProgress, m.ImageResult]
 PARTS: list[type[BaseModel]] = [m.AdapterRef, m.ChatMessage, m.AdapterInfo, m.ModelInfo, m.Limits, m.Timings]

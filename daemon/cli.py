@@ -228,6 +228,43 @@ async def _adapters(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _image(args: argparse.Namespace) -> int:
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        print(f"loraloom: --size must look like 512x512, not {args.size!r}", file=sys.stderr)
+        return EXIT_USAGE
+    async with _connect(args) as client:
+        model = client.welcome.image_model
+        if model is not None and model.placeholder:
+            print(f"note: the daemon's image model is {model.name}: a placeholder that draws noise", file=sys.stderr)
+        stream = client.generate_image(args.prompt, adapters=args.adapter or [], negative_prompt=args.negative,
+                                       width=width, height=height, steps=args.steps, guidance=args.guidance,
+                                       seed=args.seed, count=args.count)
+        async for progress in stream:
+            print(f"\rstep {progress.step}/{progress.total}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        result = stream.result
+        assert result is not None
+    outputs = [args.output] if len(result.images) == 1 else [
+        args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(len(result.images))]
+    for path, png in zip(outputs, result.images, strict=True):
+        path.write_bytes(png)
+        print(f"wrote {path} ({result.width}x{result.height}, seed {result.seed})")
+    return EXIT_OK
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        return _run_client(_image(args))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"loraloom: invalid request: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def cmd_adapters(args: argparse.Namespace) -> int:
     return _run_client(_adapters(args))
 
@@ -281,6 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and timings to stderr")
     _add_client_options(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("image", help="generate an image on the running daemon")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--adapter", "-a", action="append", metavar="NAME[:WEIGHT]", help="image adapter (repeatable)")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--count", type=int, default=1)
+    _add_client_options(p)
+    p.set_defaults(func=cmd_image)
 
     p = sub.add_parser("adapters", help="list the daemon's adapters")
     p.add_argument("--json", action="store_true")

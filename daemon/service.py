@@ -144,7 +144,7 @@ class Service:
     def _validate_image(self, files: AdapterFiles) -> tuple[Any, int, tuple[str, ...]]:
         if self.image is None:
             raise ValueError("no image model is loaded")
-        rank, targets = self.image.validate_adapter(files.tensors)
+        rank, targets = self.image.validate_adapter(files.tensors, {n: b"" for n in files.files})
         return None, rank, tuple(targets)
 
     def _retire(self, version: AdapterVersion) -> None:
@@ -256,12 +256,12 @@ class Service:
                     id=key.id, images=list(event.images), seed=event.seed, width=event.width, height=event.height,
                     finish_reason=event.finish_reason,  # type: ignore[arg-type]
                     adapter_versions=dict(event.adapter_versions),
-                    timings=m.Timings(queued_ms=round(event.queued_ms, 3),
-                                      first_token_ms=None if event.first_step_ms is None
-                                      else round(event.first_step_ms, 3),
-                                      total_ms=round(event.total_ms, 3))))
+                    timings=m.Timings(queued_ms=round(event.timings.queued_ms, 3),
+                                      first_token_ms=None if event.timings.first_step_ms is None
+                                      else round(event.timings.first_step_ms, 3),
+                                      total_ms=round(event.timings.total_ms, 3))))
             else:
-                send(m.Error(id=key.id, code=event.code, message=event.message))
+                send(m.Error(id=key.id, code=str(event.code), message=event.message))
 
         self.image.submit(ImageRequest(
             key=key, prompt=msg.prompt, negative_prompt=msg.negative_prompt, width=msg.width, height=msg.height,

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
 
     # -- models
     text_model: str = "default"  # a Hugging Face folder, "default" (embedded SmolLM2) or "none"
-    image_model: str = "none"  # a diffusers folder, "default" (placeholder noise model) or "none"
+    image_model: str = "default"  # a diffusers folder, "default" (a placeholder that draws noise) or "none"
     cache_dir: Path | None = None  # default: $LORALOOM_CACHE_DIR or ~/.cache/loraloom
     device: str = "auto"
     dtype: str = "auto"

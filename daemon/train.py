@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     drop_system: float = 0.5
+    save_dtype: str = "float32"  # or bfloat16 / float16: half the size on disk, same quality for serving
 
 
 def load_examples(path: Path) -> list[dict[str, Any]]:
@@ -149,6 +150,13 @@ def train_adapter(base_dir: Path, data: Path, out_dir: Path, name: str, cfg: Tra
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
     try:
         model.save_pretrained(str(work))
+        (work / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub says nothing about this adapter
+        if cfg.save_dtype != "float32":
+            from safetensors.torch import load_file, save_file
+
+            weights = work / "adapter_model.safetensors"
+            cast = getattr(torch, cfg.save_dtype)
+            save_file({k: v.to(cast).contiguous() for k, v in load_file(str(weights)).items()}, str(weights))
         meta = json.loads((work / "adapter_config.json").read_text())
         meta["base_model_name_or_path"] = base_dir.name
         (work / "adapter_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

