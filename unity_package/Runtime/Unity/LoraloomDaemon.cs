@@ -93,6 +93,10 @@ namespace Loraloom.Unity
             }
         }
 
+        // With "enter play mode options" the domain is not reloaded: forget the last session's instance.
+        [RuntimeInitializeOnLoadMethod(RuntimeInitializeLoadType.SubsystemRegistration)]
+        static void ResetStatics() { _instance = null; }
+
         void Awake()
         {
             if (_instance != null && _instance != this)

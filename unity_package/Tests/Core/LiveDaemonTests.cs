@@ -267,21 +267,39 @@ namespace Loraloom.Core.Tests
         [Test]
         public void GeneratesAnImageWhenTheDaemonHasAnImageModel()
         {
-            if (_client.Welcome.ImageModel == null)
-                Assert.Ignore("not run: the test daemon has no image model (welcome.image_model is null)");
+            // A second daemon with an image model, when the driver started one; else the shared daemon.
+            string imageUrl = Environment.GetEnvironmentVariable("LORALOOM_TEST_IMAGE_URL");
+            LoraloomClient client = string.IsNullOrEmpty(imageUrl) ? _client
+                : TestEnv.Await(LoraloomClient.ConnectAsync(imageUrl, TestEnv.Require("LORALOOM_TEST_IMAGE_TOKEN")));
+            try
+            {
+                if (client.Welcome.ImageModel == null)
+                    Assert.Ignore("not run: the test daemon has no image model (welcome.image_model is null)");
+                GenerateOneImage(client);
+            }
+            finally
+            {
+                if (client != _client) client.Dispose();
+            }
+        }
+
+        static void GenerateOneImage(LoraloomClient client)
+        {
             var steps = new List<int>();
-            ImageResult result = TestEnv.Await(_client.GenerateImageAsync(new GenerateImage
+            ImageResult result = TestEnv.Await(client.GenerateImageAsync(new GenerateImage
             {
                 Prompt = "a pixel-art map tile",
                 Width = 64,
                 Height = 64,
                 Steps = 2,
                 Seed = 7,
-            }, p => { lock (steps) steps.Add(p.Step); }), TimeSpan.FromSeconds(240));
+            }, p => { lock (steps) steps.Add(p.Step); }), TimeSpan.FromSeconds(120));
             Assert.AreEqual(FinishReason.Stop, result.FinishReason);
             Assert.AreEqual(1, result.Images.Count);
             CollectionAssert.AreEqual(new byte[] { 0x89, 0x50, 0x4e, 0x47 }, result.Images[0].Take(4).ToArray(), "a PNG file");
             CollectionAssert.AreEqual(new[] { 1, 2 }, steps);
+            Assert.AreEqual(64, result.Width);
+            Assert.AreEqual(7, result.Seed);
         }
 
         internal static LoraloomException Fault(Task task)
