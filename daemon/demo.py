@@ -24,7 +24,7 @@ import bridge
 __all__ = ["run_demo"]
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTION = "A traveller walks in. What do you say to greet them, and what is your job here?"
+QUESTION = "Have you seen a dragon around here?"
 TITLES = {"pirate": "Salty Meg, pirate quartermaster", "elf": "Elowen, elven archivist",
           "blacksmith": "Brunhild, grumpy blacksmith"}
 
