@@ -35,6 +35,7 @@ from bridge.errors import ErrorCode
 from ...adapters.version import AdapterVersion
 from .config import LORA_TARGETS, ModelSpec
 from .detok import IncrementalDecoder
+from .graphs import DecodeGraphs
 from .lora import LoraBatch, LoraSlotStorage, PreparedLora
 from .model import KVCache, PrefillChunk, StepInput, TextModel
 from .peft_format import prepare_peft_lora
@@ -67,6 +68,7 @@ class EngineConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     max_adapters_per_request: int = 4
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
+    cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
     max_step_tokens: int = 512  # tokens of all sequences per step
     pinned_adapters: tuple[str, ...] = ()
 
@@ -175,7 +177,9 @@ class TextEngine:
         if cfg.kv_cache_mb is not None:
             per_row = KVCache.bytes_per_row(self.spec, self.max_context, self.dtype)
             rows = max(1, min(rows, cfg.kv_cache_mb * 2**20 // per_row))
-        self.cache = KVCache(self.spec, rows=rows, max_len=self.max_context, device=self.device, dtype=self.dtype)
+        # One extra row: CUDA-graph padding rows write their keys and values there.
+        self.cache = KVCache(self.spec, rows=rows + 1, max_len=self.max_context, device=self.device,
+                             dtype=self.dtype)
         bad = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"unknown LoRA targets {bad} (supported: {', '.join(LORA_TARGETS)})")
@@ -183,6 +187,9 @@ class TextEngine:
             num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(), targets=tuple(cfg.lora_targets),
             num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank, device=self.device, dtype=self.dtype)
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.cache, self.storage, max_rows=rows, scratch_row=rows)
         self._free_rows = list(range(rows - 1, -1, -1))
         self._queue: deque[TextRequest] = deque()
         self._running: list[_Seq] = []
@@ -219,7 +226,7 @@ class TextEngine:
 
     @property
     def max_rows(self) -> int:
-        return self.cache.rows
+        return self.cache.rows - 1
 
     def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
         """Token ids of a raw prompt, or of chat messages rendered with the model's chat template."""
@@ -444,6 +451,11 @@ class TextEngine:
             tok_scales.append(s.scales)
             logit_index.append(len(ids) - 1)
             sample_seqs.append(s)
+        if self.graphs is not None and decode and not any(s.in_prefill for s in self._running):
+            self.last_batch_size = len(ids)
+            logits = self.graphs.run(ids, pos, rows, self._dense_weights(tok_slots, tok_scales))
+            self._sample_and_accept(sample_seqs, logits)
+            return
         budget = max(cfg.max_step_tokens - len(decode), 1)
         chunks: list[PrefillChunk] = []
         for s in self._running:
@@ -481,7 +493,19 @@ class TextEngine:
         if not sample_seqs:
             self.model.forward(step, self.cache, self.storage)
             return
-        logits = self.model.forward(step, self.cache, self.storage)
+        self._sample_and_accept(sample_seqs, self.model.forward(step, self.cache, self.storage))
+
+    def _dense_weights(self, tok_slots: list[list[int]], tok_scales: list[list[float]]) -> torch.Tensor | None:
+        """[T, slots*rank] scales for the dense LoRA form, or None when no row uses an adapter."""
+        if not any(x != 0.0 for row in tok_scales for x in row):
+            return None
+        w = torch.zeros(len(tok_slots), self.storage.num_slots, dtype=torch.float32)
+        for i, (row, sc) in enumerate(zip(tok_slots, tok_scales, strict=True)):
+            for s, x in zip(row, sc, strict=True):
+                w[i, s] += x
+        return w.repeat_interleave(self.storage.max_rank, dim=1).to(self.dtype).pin_memory()
+
+    def _sample_and_accept(self, sample_seqs: list[_Seq], logits: torch.Tensor) -> None:
         if self.on_logits is not None:
             self.on_logits([s.req.key for s in sample_seqs], logits)
         tokens = sample(logits, [s.req.sampling for s in sample_seqs], [len(s.generated) for s in sample_seqs],
