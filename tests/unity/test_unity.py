@@ -81,7 +81,7 @@ NAMESPACE = "Loraloom.Core.Tests."
 # A second daemon on the placeholder image model (needs diffusers) makes the image test run. Off while
 # the daemon never answers generate_image: daemon/service.py reads `event.queued_ms` where the image
 # engine's ImageDoneEvent has `event.timings.queued_ms`, and the request then hangs without an error.
-RUN_IMAGE_DAEMON = False
+RUN_IMAGE_DAEMON = True
 
 
 def _tool(name: str) -> str:
