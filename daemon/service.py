@@ -227,8 +227,8 @@ class Service:
             else:
                 send(m.Error(id=key.id, code=event.code, message=event.message))
 
-        self.text.submit(TextRequest(key=key, prompt_ids=ids, sampling=params, on_event=on_event,
-                                     adapters=adapters, stream=msg.stream))
+        self.text.submit(TextRequest(key=key, prompt_ids=ids, sampling=params, adapters=adapters,
+                                     stream=msg.stream, on_event=_guarded(key, send, on_end, on_event)))
 
     def cancel(self, key: RequestKey, kind: str) -> None:
         engine = self.text if kind == "text" else self.image
@@ -265,7 +265,24 @@ class Service:
 
         self.image.submit(ImageRequest(
             key=key, prompt=msg.prompt, negative_prompt=msg.negative_prompt, width=msg.width, height=msg.height,
-            steps=msg.steps, guidance=msg.guidance, seed=msg.seed, count=msg.count, adapters=adapters), on_event)
+            steps=msg.steps, guidance=msg.guidance, seed=msg.seed, count=msg.count, adapters=adapters),
+            _guarded(key, send, on_end, on_event))
+
+
+def _guarded(key: RequestKey, send: Send, on_end: Callable[[], None],
+             handler: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Turn a failure while translating an engine event into an `internal` error for that request,
+    so the client is answered instead of waiting forever."""
+
+    def on_event(event: Any) -> None:
+        try:
+            handler(event)
+        except Exception as exc:
+            log.exception("request %s: turning %s into a message failed", key.id, type(event).__name__)
+            on_end()
+            send(m.Error(id=key.id, code=ErrorCode.INTERNAL.value, message=f"internal error: {exc}"))
+
+    return on_event
 
 
 def _load_image_engine(settings: Settings) -> Any:

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     text_adapters: list[Path] = []
     image_adapters: list[Path] = []
     watch: bool = True  # reload adapters when their files change
-    reload_debounce_ms: int = Field(default=250, ge=0)
+    reload_debounce_ms: int = Field(default=200, ge=0)
     pinned_adapters: list[str] = []
 
     # -- text engine capacity

@@ -1,10 +1,11 @@
 """Live reload: watchdog events on the adapter folders -> debounced, stable `registry.refresh()`.
 
 Editors save by writing a temp file and renaming it, or by rewriting in place in chunks, often
-several times a second. Every event only marks its adapter dirty; a worker thread refreshes an
-adapter once no event arrived for it during the debounce interval AND its files' sizes and
-modification times stayed the same across that interval. The registry then parses and validates
-before anything goes live, so a half-written file can at worst be rejected, never served.
+several times a second. Every event marks its adapter dirty and notes the folder's files (names,
+sizes, modification times); a worker thread refreshes an adapter once no event arrived for it
+during the debounce interval AND its files still look as they did at the last event. The
+registry then parses and validates before anything goes live, so a half-written file can at
+worst be rejected, never served.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class AdapterWatcher(FileSystemEventHandler):
         self.registry = registry
         self.debounce_s = debounce_s
         self._dirty: dict[_Key, float] = {}  # adapter -> time of its last event
+        self._seen: dict[_Key, tuple[tuple[str, int, int], ...] | None] = {}  # files at the last event
         self._cond = threading.Condition()
         self._stopping = False
         self._observer = Observer()
@@ -69,17 +71,15 @@ class AdapterWatcher(FileSystemEventHandler):
             return
         paths = [event.src_path, getattr(event, "dest_path", "")]
         now = time.monotonic()
+        owners = {o for raw in paths if raw for o in [self.registry.owner(Path(str(raw)))] if o is not None}
+        snaps = {o: _snapshot(o[1] / o[2]) for o in owners}
         with self._cond:
-            for raw in paths:
-                if not raw:
-                    continue
-                owner = self.registry.owner(Path(str(raw)))
-                if owner is not None:
-                    self._dirty[owner] = now
+            for owner in owners:
+                self._dirty[owner] = now
+                self._seen[owner] = snaps[owner]
             self._cond.notify()
 
     def _run(self) -> None:
-        snapshots: dict[_Key, tuple[tuple[str, int, int], ...] | None] = {}
         while True:
             with self._cond:
                 while not self._stopping and not self._dirty:
@@ -95,17 +95,16 @@ class AdapterWatcher(FileSystemEventHandler):
             for key in due:
                 kind, root, name = key
                 snap = _snapshot(root / name)
-                if key not in snapshots or snapshots[key] != snap:
-                    # First look, or still changing: look again one interval later.
-                    snapshots[key] = snap
-                    with self._cond:
-                        self._dirty[key] = time.monotonic()
-                    continue
                 with self._cond:
                     if self._dirty.get(key, 0) > now - self.debounce_s:
                         continue  # a new event arrived meanwhile
+                    if self._seen.get(key) != snap:
+                        # Changed without an event we saw (or still being written): wait once more.
+                        self._seen[key] = snap
+                        self._dirty[key] = time.monotonic()
+                        continue
                     self._dirty.pop(key, None)
-                snapshots.pop(key, None)
+                    self._seen.pop(key, None)
                 self.refreshes += 1
                 try:
                     self.registry.refresh(kind, root, name)

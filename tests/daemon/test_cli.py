@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, LiveDaemon
+from support import ROOT, LiveDaemon
 
 pytestmark = pytest.mark.timeout(120)
 

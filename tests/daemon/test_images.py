@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, LiveDaemon, serve_command, start_daemon, stop_daemon
+from support import ROOT, LiveDaemon, serve_command, start_daemon, stop_daemon
 
 import bridge
 

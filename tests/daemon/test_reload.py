@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ADAPTER_SPECS, serve_command, start_daemon, stop_daemon
+from support import ADAPTER_SPECS, serve_command, start_daemon, stop_daemon
 from tiny import write_text_adapter
 
 import bridge

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import LiveDaemon, serve_command, start_daemon, stop_daemon
 from daemon_helpers import health, raw_connect, recv, recv_until, send
+from support import LiveDaemon, serve_command, start_daemon, stop_daemon
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 

@@ -150,7 +150,7 @@ def test_unity_core_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFix
     image_env = {}
     image_proc = None
     if RUN_IMAGE_DAEMON and importlib.util.find_spec("diffusers") is not None:
-        from conftest import start_daemon, stop_daemon
+        from support import start_daemon, stop_daemon
 
         image_runtime = tmp_path / "image-daemon.json"
         argv = live_daemon.serve_command(image_runtime, 0, ["--image-model", "default"])
