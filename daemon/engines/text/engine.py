@@ -69,6 +69,7 @@ class EngineConfig:
     max_adapters_per_request: int = 4
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
     cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
+    lora_kernel: str = "auto"  # auto | dense | bgmv (see lora.py; auto picks per step)
     max_step_tokens: int = 512  # tokens of all sequences per step
     pinned_adapters: tuple[str, ...] = ()
 
@@ -441,7 +442,7 @@ class TextEngine:
         tok_scales: list[list[float]] = []
         sample_seqs: list[_Seq] = []
         logit_index: list[int] = []
-        decode = [s for s in self._running if not s.in_prefill]
+        decode = sorted((s for s in self._running if not s.in_prefill), key=lambda s: s.row)
         for s in decode:
             ctx = s.prompt_len + len(s.generated)
             ids.append(s.generated[-1])
@@ -485,9 +486,12 @@ class TextEngine:
             max_decode_len=max((p + 1 for p in pos[:len(decode)]), default=0),
             prefill=chunks,
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
+            decode_row_range=(decode[0].row, decode[-1].row + 1)
+            if decode and decode[-1].row - decode[0].row + 1 == len(decode) else None,
             lora=LoraBatch.build(tok_slots, tok_scales, max_rank=self.storage.max_rank,
                                  num_slots=self.storage.num_slots, device=dev, dtype=self.dtype,
-                                 prefer_dense=dev.type == "cuda"),
+                                 prefer_dense=dev.type == "cuda",
+                                 force=None if cfg.lora_kernel == "auto" else cfg.lora_kernel),  # type: ignore[arg-type]
         )
         self.last_batch_size = len(ids)
         if not sample_seqs:

@@ -12,10 +12,11 @@ same as one adapter of rank M*R (A's concatenated, B's scaled): one code path se
 (scale 0), single adapters and mixes.
 
 Two fast paths compute exactly that, and `lora_reference` is the plain loop the tests compare with:
-- `bgmv`: gather each token's A and B and use batched matmuls (cost per token = its own rank);
-  best for decode steps with many distinct adapters on the CPU.
 - `dense`: multiply by the A's of the step's active slots at once and mask with a weight matrix
-  [T, K]; best for prefill chunks (few adapters, many tokens) and on GPUs (no gathers, big GEMMs).
+  [T, K]; the default: prefill chunks (few adapters, many tokens), GPUs (no gathers, big GEMMs)
+  and CPU decode (memory-bound: each adapter is read once per step).
+- `bgmv`: gather each token's A and B and use batched matmuls (cost per token = its own rank);
+  for very many wide adapters with few tokens each.
 """
 
 from __future__ import annotations
@@ -112,13 +113,16 @@ class LoraBatch:
         used = sorted({s for row, sc in zip(token_slots, token_scales, strict=True)
                        for s, x in zip(row, sc, strict=True) if x != 0.0})
         k = len(used)
-        # Dense costs K*R per token, bgmv M*R per token plus gathers; dense also wins whenever
-        # the step has several tokens per active adapter (prefill) or runs on a GPU.
-        dense = prefer_dense or k <= 2 * m or t >= 4 * k
+        # Decode on a CPU is bound by reading weights: dense reads each active adapter once per
+        # step, bgmv copies one per token (then reads the copy). Dense only loses when K*R grows
+        # so wide that its extra multiply-adds dominate, with few tokens per adapter.
+        dense = prefer_dense or k * max_rank <= 1024 or t >= 2 * k
         if force is not None:
             dense = force == "dense"
         if dense:
-            use_all = prefer_dense and k * 2 > num_slots
+            # Gathering the active slots costs a copy per target; with most slots active it is
+            # cheaper to multiply by all of them (unused ones get weight 0).
+            use_all = k * 2 > num_slots
             cols = list(range(num_slots)) if use_all else used
             index = {s: j for j, s in enumerate(cols)}
             w = torch.zeros(t, len(cols), dtype=torch.float32)

@@ -62,6 +62,7 @@ class StepInput:
     prefill: list[PrefillChunk]
     logit_index: torch.Tensor  # [N] which tokens need next-token logits
     lora: LoraBatch
+    decode_row_range: tuple[int, int] | None = None  # decode rows are exactly r0..r1-1, in order
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -181,8 +182,11 @@ class TextModel:
             attn = torch.empty(t, nh, hd, device=h.device, dtype=h.dtype)
             if d:
                 n = step.max_decode_len
-                keys = kc[step.decode_rows, :, :n]
-                values = vc[step.decode_rows, :, :n]
+                if step.decode_row_range is not None:  # a view: no copy of the cache
+                    r0, r1 = step.decode_row_range
+                    keys, values = kc[r0:r1, :, :n], vc[r0:r1, :, :n]
+                else:
+                    keys, values = kc[step.decode_rows, :, :n], vc[step.decode_rows, :, :n]
                 mask = torch.arange(n, device=h.device)[None, :] < step.decode_lens[:, None]
                 out = F.scaled_dot_product_attention(
                     q[:d].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], enable_gqa=nkv != nh)

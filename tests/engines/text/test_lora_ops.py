@@ -54,9 +54,14 @@ def test_all_base_rows_skip_lora() -> None:
     assert batch.mode == "none"
 
 
-def test_planner_picks_bgmv_for_decode_on_many_adapters() -> None:
-    """Eight decode tokens on eight distinct adapters on the CPU: per-token gathers beat dense."""
+def test_planner_picks_bgmv_only_for_many_wide_adapters() -> None:
+    """Eight decode tokens on eight rank-8 adapters: dense over all slots (no gathers at all);
+    64 tokens on 64 rank-64 adapters: per-token gathers (dense would multiply by 4096 columns)."""
     slots = [[i] for i in range(8)]
     batch = LoraBatch.build(slots, [[1.0]] * 8, max_rank=8, num_slots=8, device=torch.device("cpu"),
+                            dtype=torch.float32, prefer_dense=False)
+    assert batch.mode == "dense" and batch.active is None
+    slots = [[i] for i in range(64)]
+    batch = LoraBatch.build(slots, [[1.0]] * 64, max_rank=64, num_slots=64, device=torch.device("cpu"),
                             dtype=torch.float32, prefer_dense=False)
     assert batch.mode == "bgmv"
