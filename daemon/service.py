@@ -53,7 +53,8 @@ class Service:
         validators: dict[AdapterKind, Any] = {"text": self._validate_text, "image": self._validate_image}
         self.registry = AdapterRegistry(
             folders={"text": list(settings.text_adapters), "image": list(settings.image_adapters)},
-            validators=validators, on_change=self._broadcast, on_retire=self._retire)
+            validators=validators, on_change=self._broadcast, on_retire=self._retire,
+            capacity=settings.adapter_capacity, pinned=settings.pinned_adapters)
         self.watcher: AdapterWatcher | None = None
         self.shutting_down = False
 
@@ -131,7 +132,9 @@ class Service:
                 "text_model": text.model_dump() if text else None,
                 "image_model": image.model_dump() if image else None,
                 "adapters": len(self.registry.list()),
-                "text_engine": self.text.stats() if self.text is not None else None}
+                "text_engine": self.text.stats() if self.text is not None else None,
+                "host_cache": {"capacity": self.registry.capacity, "warm": self.registry.warm_count(),
+                               **self.registry.stats}}
 
     # ---------------------------------------------------------------- adapters
 

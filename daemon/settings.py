@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     watch: bool = True  # reload adapters when their files change
     reload_debounce_ms: int = Field(default=200, ge=0)
     pinned_adapters: list[str] = []
+    adapter_capacity: int | None = Field(default=64, ge=1)  # adapters kept in host memory (None: all)
 
     # -- text engine capacity
     max_seqs: int = Field(default=16, ge=1)

@@ -5,6 +5,12 @@ version numbering, the status of every adapter, and the events sent when somethi
 A new version goes live only after it validates against the loaded base model; a rejected one
 leaves the previous version serving. Swaps are atomic: `get()` returns either the old or the
 new version, and requests keep the version they started with.
+
+It is also the host-memory cache level ("capacity"): at most `capacity` live versions keep their
+weights in memory, least recently used first out, pinned adapters never. An evicted version
+goes cold (same number, no weights); the next `get()` reads its files again, and if they no
+longer hash the same, the adapter gets a new version instead. A request holding a version keeps
+its weights alive whatever the registry does (the engines' slots are the compute-side level).
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,11 @@ class _Entry:
         self.live: AdapterVersion | None = None
         self.error: str | None = None
         self.numbers = 0
+        self.last_used = 0.0
+
+    @property
+    def warm(self) -> bool:
+        return self.live is not None and (self.live.prepared is not None or bool(self.live.tensors))
 
     def info(self) -> AdapterInfo:
         v = self.live
@@ -71,13 +83,17 @@ class AdapterRegistry:
 
     def __init__(self, *, folders: dict[AdapterKind, list[Path]], validators: dict[AdapterKind, Validator],
                  on_change: Callable[[AdapterChange], None] | None = None,
-                 on_retire: Callable[[AdapterVersion], None] | None = None) -> None:
+                 on_retire: Callable[[AdapterVersion], None] | None = None,
+                 capacity: int | None = None, pinned: Iterable[str] = ()) -> None:
         self.folders = {k: [Path(p).resolve() for p in v] for k, v in folders.items()}
         self.validators = validators
         self.on_change = on_change
         self.on_retire = on_retire
         self._entries: dict[tuple[AdapterKind, str], _Entry] = {}
         self._lock = threading.RLock()
+        self.capacity = capacity
+        self.pinned = set(pinned)
+        self.stats = {"evictions": 0, "reloads": 0}
 
     # ---------------------------------------------------------------- queries
 
@@ -95,7 +111,50 @@ class AdapterRegistry:
             if entry.live is None:
                 raise AdapterError(f"{kind} adapter '{name}' has no valid version: {entry.error or 'loading'}",
                                    code=ErrorCode.ADAPTER_UNAVAILABLE)
-            return entry.live
+            entry.last_used = time.monotonic()
+            if entry.warm:
+                return entry.live
+            cold = entry.live
+        self._rewarm(kind, entry, cold)
+        with self._lock:
+            current = self._entries.get((kind, name))
+            if current is None or current.live is None or not current.warm:
+                reason = current.error if current is not None and current.error else "its files are gone"
+                raise AdapterError(f"{kind} adapter '{name}' could not be reloaded: {reason}",
+                                   code=ErrorCode.ADAPTER_UNAVAILABLE)
+            return current.live
+
+    def _rewarm(self, kind: AdapterKind, entry: _Entry, cold: AdapterVersion) -> None:
+        """Read an evicted version's files again; a changed file becomes a new version."""
+        try:
+            files = read_adapter_files(entry.folder, kind)
+            if files.hash != cold.hash:
+                raise ValueError("changed on disk")
+            prepared, _, _ = self.validators[kind](files)
+        except (ValueError, OSError):
+            self.refresh(kind, entry.folder.parent, entry.name)  # the watcher would get there too
+            return
+        with self._lock:
+            if entry.live is cold:
+                entry.live = replace(cold, prepared=prepared, tensors={} if kind == "text" else files.tensors)
+                self.stats["reloads"] += 1
+        self._enforce_capacity(keep=entry)
+
+    def _enforce_capacity(self, keep: _Entry | None = None) -> None:
+        if self.capacity is None:
+            return
+        with self._lock:
+            warm = [e for e in self._entries.values() if e.warm and e.name not in self.pinned and e is not keep]
+            excess = len(warm) + (1 if keep is not None and keep.warm else 0) - self.capacity
+            for e in sorted(warm, key=lambda e: e.last_used)[:max(0, excess)]:
+                assert e.live is not None
+                e.live = replace(e.live, prepared=None, tensors={})
+                self.stats["evictions"] += 1
+                log.debug("%s adapter '%s' left host memory (capacity %d)", e.kind, e.name, self.capacity)
+
+    def warm_count(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.warm)
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:
@@ -170,14 +229,18 @@ class AdapterRegistry:
             entry = self._entries.setdefault((kind, name), _Entry(name, kind, folder))
             entry.numbers += 1
             old = entry.live
+            if kind == "text":
+                files.tensors = {}  # the engine keeps its own prepared copy; don't hold both
             entry.live = files.to_version(name, entry.numbers, prepared, rank, targets)
             entry.error = None
+            entry.last_used = time.monotonic()
             change = AdapterChange("updated" if old else "added", entry.info(),
                                    previous_version=old.number if old else None)
         log.info("%s adapter '%s' %s: version %d (%s, rank %d)", kind, name, change.event, entry.live.number,
                  entry.live.hash, rank)
         if old is not None and self.on_retire:
             self.on_retire(old)
+        self._enforce_capacity(keep=entry)
         self._notify(change)
         return change
 
