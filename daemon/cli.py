@@ -289,6 +289,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench_text import main as bench_text
+
+    return bench_text(args.rest)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -354,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="benchmarks: `loraloom bench text --help`")
+    p.add_argument("which", choices=["text"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="several NPCs answering at once on the embedded model (no daemon needed)")
     p.add_argument("--adapters", type=Path, help="text adapter folder (default: samples/adapters)")

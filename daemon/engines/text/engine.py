@@ -118,12 +118,16 @@ class TextErrorEvent:
 class _Seq:
     """A running request."""
 
-    def __init__(self, req: TextRequest, row: int, slots: list[int], tokenizer: Any) -> None:
+    def __init__(self, req: TextRequest, row: int, slots: list[int], tokenizer: Any, num_slots: int,
+                 dtype: torch.dtype) -> None:
         self.req = req
         self.row = row
         self.slots = slots
         self.scales = [s for _, s in req.adapters]
         self.versions = [v for v, _ in req.adapters]
+        self.slot_weights = torch.zeros(num_slots, dtype=dtype)  # this row's scale per slot (dense LoRA)
+        for slot, scale in zip(slots, self.scales, strict=True):
+            self.slot_weights[slot] += scale
         self.done_prompt = 0
         self.generated: list[int] = []
         self.decoder = IncrementalDecoder(tokenizer)
@@ -414,7 +418,8 @@ class TextEngine:
                 blocked_on_slots = True
                 continue
             self._queue.remove(req)
-            self._running.append(_Seq(req, self._free_rows.pop(), slots, self.tokenizer))
+            self._running.append(_Seq(req, self._free_rows.pop(), slots, self.tokenizer, self.storage.num_slots,
+                                      self.dtype))
 
     def step(self) -> bool:
         """One scheduling round and forward pass. Returns False when there was nothing to do."""
@@ -454,7 +459,7 @@ class TextEngine:
             sample_seqs.append(s)
         if self.graphs is not None and decode and not any(s.in_prefill for s in self._running):
             self.last_batch_size = len(ids)
-            logits = self.graphs.run(ids, pos, rows, self._dense_weights(tok_slots, tok_scales))
+            logits = self.graphs.run(ids, pos, rows, self._slot_weights(decode))
             self._sample_and_accept(sample_seqs, logits)
             return
         budget = max(cfg.max_step_tokens - len(decode), 1)
@@ -499,15 +504,11 @@ class TextEngine:
             return
         self._sample_and_accept(sample_seqs, self.model.forward(step, self.cache, self.storage))
 
-    def _dense_weights(self, tok_slots: list[list[int]], tok_scales: list[list[float]]) -> torch.Tensor | None:
-        """[T, slots*rank] scales for the dense LoRA form, or None when no row uses an adapter."""
-        if not any(x != 0.0 for row in tok_scales for x in row):
+    def _slot_weights(self, decode: list[_Seq]) -> torch.Tensor | None:
+        """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""
+        if not any(x != 0.0 for s in decode for x in s.scales):
             return None
-        w = torch.zeros(len(tok_slots), self.storage.num_slots, dtype=torch.float32)
-        for i, (row, sc) in enumerate(zip(tok_slots, tok_scales, strict=True)):
-            for s, x in zip(row, sc, strict=True):
-                w[i, s] += x
-        return w.repeat_interleave(self.storage.max_rank, dim=1).to(self.dtype).pin_memory()
+        return torch.stack([s.slot_weights for s in decode])
 
     def _sample_and_accept(self, sample_seqs: list[_Seq], logits: torch.Tensor) -> None:
         if self.on_logits is not None:

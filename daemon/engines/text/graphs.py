@@ -37,11 +37,8 @@ def _bucket(n: int, sizes: list[int]) -> int:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    ids: torch.Tensor
-    pos: torch.Tensor
-    rows: torch.Tensor
-    lens: torch.Tensor
-    weights: torch.Tensor | None
+    ints: torch.Tensor  # [4, batch]: token ids, positions, cache rows, context lengths (one copy per step)
+    slot_weights: torch.Tensor | None  # [batch, slots]: each row's scale per slot
     logits: torch.Tensor
     step: StepInput  # keeps every tensor the graph reads alive (e.g. logit_index)
 
@@ -60,49 +57,53 @@ class DecodeGraphs:
 
     def _capture(self, batch: int, context: int, lora: bool) -> _Graph:
         dev = self.model.device
-        s, r = self.storage.num_slots, self.storage.max_rank
-        ids = torch.zeros(batch, dtype=torch.long, device=dev)
-        pos = torch.zeros(batch, dtype=torch.long, device=dev)
-        rows = torch.full((batch,), self.scratch_row, dtype=torch.long, device=dev)
-        lens = torch.ones(batch, dtype=torch.long, device=dev)
-        weights = torch.zeros(batch, s * r, dtype=self.model.dtype, device=dev) if lora else None
-        step = StepInput(input_ids=ids, positions=pos, cache_rows=rows, num_decode=batch, decode_rows=rows,
-                         decode_lens=lens, max_decode_len=context, prefill=[],
-                         logit_index=torch.arange(batch, device=dev),
-                         lora=LoraBatch(mode="dense", weights=weights) if lora else LoraBatch(mode="none"))
+        ints = torch.zeros(4, batch, dtype=torch.long, device=dev)
+        ints[2] = self.scratch_row
+        ints[3] = 1
+        slot_weights = torch.zeros(batch, self.storage.num_slots, dtype=self.model.dtype, device=dev) if lora else None
+        step = StepInput(input_ids=ints[0], positions=ints[1], cache_rows=ints[2], num_decode=batch,
+                         decode_rows=ints[2], decode_lens=ints[3], max_decode_len=context, prefill=[],
+                         logit_index=torch.arange(batch, device=dev), lora=LoraBatch(mode="none"))
+
+        def forward() -> torch.Tensor:
+            if slot_weights is not None:  # spread over the rank inside the graph: the host copies [B, S] only
+                step.lora = LoraBatch(mode="dense",
+                                      weights=slot_weights.repeat_interleave(self.storage.max_rank, dim=1))
+            return self.model.forward(step, self.cache, self.storage)
+
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels and allocator outside the capture
-                self.model.forward(step, self.cache, self.storage)
+                forward()
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # Each graph gets its own memory pool: graphs are replayed in any order, so sharing one
         # would let a replay overwrite another graph's intermediates.
         with torch.cuda.graph(graph):
-            logits = self.model.forward(step, self.cache, self.storage)
+            logits = forward()
         log.debug("captured a decode graph: batch %d, context %d, lora %s", batch, context, lora)
-        return _Graph(graph, ids, pos, rows, lens, weights, logits, step)
+        return _Graph(graph, ints, slot_weights, logits, step)
 
-    def run(self, ids: list[int], positions: list[int], rows: list[int], weights: torch.Tensor | None) -> torch.Tensor:
-        """Logits [len(ids), vocab] for a decode-only step. `weights` [n, slots*rank] on the host, or None."""
+    def run(self, ids: list[int], positions: list[int], rows: list[int],
+            slot_weights: torch.Tensor | None) -> torch.Tensor:
+        """Logits [len(ids), vocab] for a decode-only step; `slot_weights` [n, slots] on the host, or None."""
         n = len(ids)
         batch = _bucket(n, self.batch_sizes)
         longest = max(positions) + 1
         context = min(-(-longest // _CONTEXT_BUCKET) * _CONTEXT_BUCKET, self.cache.max_len)
-        key = (batch, context, weights is not None)
+        key = (batch, context, slot_weights is not None)
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._capture(batch, context, weights is not None)
+            g = self._graphs[key] = self._capture(batch, context, slot_weights is not None)
         pad = batch - n
-        g.ids.copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        g.pos.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        g.rows.copy_(torch.tensor(rows + [self.scratch_row] * pad), non_blocking=True)
-        g.lens.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad), non_blocking=True)
-        if g.weights is not None:
-            assert weights is not None
-            g.weights[:n].copy_(weights, non_blocking=True)
-            g.weights[n:].zero_()
+        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, rows + [self.scratch_row] * pad,
+                             [p + 1 for p in positions] + [1] * pad])
+        g.ints.copy_(host, non_blocking=True)
+        if g.slot_weights is not None:
+            assert slot_weights is not None
+            g.slot_weights[:n].copy_(slot_weights, non_blocking=True)
+            g.slot_weights[n:].zero_()
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]

@@ -26,7 +26,8 @@ from typing import Literal
 
 import torch
 
-__all__ = ["LoraBatch", "LoraSlotStorage", "PreparedLora", "lora_apply", "lora_reference"]
+__all__ = ["GROUPS", "LoraBatch", "LoraSlotStorage", "PreparedLora", "lora_apply", "lora_apply_group",
+           "lora_reference"]
 
 Mode = Literal["none", "bgmv", "dense"]
 
@@ -44,8 +45,16 @@ class PreparedLora:
                    for layer in self.layers for a, b in layer.values())
 
 
+# Projections that read the same input: their A matrices are stacked so one GEMM shrinks for all.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
 class LoraSlotStorage:
-    """Compute-resident adapter matrices: for every layer and target, A [S, R, d_in], B [S, R, d_out]."""
+    """Compute-resident adapter matrices: for every layer and target, A [S, R, d_in], B [S, R, d_out].
+
+    The A's of targets that share an input (q/k/v, gate/up) are views into one [n, S, R, d_in]
+    tensor per group (`groups`), so the dense path shrinks a whole group with one GEMM.
+    """
 
     def __init__(self, *, num_layers: int, target_dims: dict[str, tuple[int, int]], targets: tuple[str, ...],
                  num_slots: int, max_rank: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -54,9 +63,21 @@ class LoraSlotStorage:
         self.targets = targets
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
+        self.groups: list[list[tuple[tuple[str, ...], torch.Tensor]]] = []
         for _ in range(num_layers):
-            self.a.append({t: torch.zeros(num_slots, max_rank, target_dims[t][0], device=device, dtype=dtype)
-                           for t in targets})
+            layer_a: dict[str, torch.Tensor] = {}
+            layer_groups = []
+            for group in GROUPS:
+                members = tuple(t for t in group if t in targets)
+                if not members:
+                    continue
+                d_in = target_dims[members[0]][0]
+                stacked = torch.zeros(len(members), num_slots, max_rank, d_in, device=device, dtype=dtype)
+                layer_groups.append((members, stacked))
+                for j, t in enumerate(members):
+                    layer_a[t] = stacked[j]
+            self.a.append(layer_a)
+            self.groups.append(layer_groups)
             self.b.append({t: torch.zeros(num_slots, max_rank, target_dims[t][1], device=device, dtype=dtype)
                            for t in targets})
 
@@ -160,6 +181,32 @@ def lora_apply(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Ten
     shrunk = torch.bmm(a_g, x.unsqueeze(-1)).squeeze(-1) * batch.scales  # [T, M*R]
     b_g = b[batch.slots].view(t, m * r, d_out)
     out.add_(torch.bmm(shrunk.unsqueeze(1), b_g).squeeze(1))
+
+
+def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], a_group: torch.Tensor, bs: list[torch.Tensor],
+                     batch: LoraBatch) -> None:
+    """outs[j] += the LoRA update of target j, for targets sharing input x; a_group is [n, S, R, d_in].
+
+    Dense: one GEMM shrinks x for every target and slot, one multiply applies the per-row scales,
+    one GEMM per target expands. Other modes go target by target."""
+    if batch.mode == "none":
+        return
+    if batch.mode != "dense" or len(outs) == 1:
+        for j, (out, b) in enumerate(zip(outs, bs, strict=True)):
+            lora_apply(x, out, a_group[j], b, batch)
+        return
+    n, s, r, d_in = a_group.shape
+    assert batch.weights is not None
+    if batch.active is None:
+        a_flat = a_group.view(n * s * r, d_in)
+        b_flats = [b.view(s * r, -1) for b in bs]
+    else:
+        a_flat = a_group.index_select(1, batch.active).view(-1, d_in)
+        b_flats = [b.index_select(0, batch.active).view(-1, b.shape[2]) for b in bs]
+    width = b_flats[0].shape[0]
+    shrunk = (x @ a_flat.t()).view(x.shape[0], n, width) * batch.weights.unsqueeze(1)
+    for j, (out, b_flat) in enumerate(zip(outs, b_flats, strict=True)):
+        out.addmm_(shrunk[:, j], b_flat)
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from .config import ModelSpec, UnsupportedModel
-from .lora import LoraBatch, LoraSlotStorage, lora_apply
+from .lora import LoraBatch, LoraSlotStorage, lora_apply_group
 
 __all__ = ["KVCache", "PrefillChunk", "StepInput", "TextModel"]
 
@@ -151,6 +151,15 @@ class TextModel:
         rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)
 
+    @staticmethod
+    def _lora(x: torch.Tensor, spans: dict[str, torch.Tensor], group: tuple[tuple[str, ...], torch.Tensor] | None,
+              lb: dict[str, torch.Tensor], lora: LoraBatch) -> None:
+        """Add the LoRA updates of one projection group (e.g. q/k/v) onto its output spans."""
+        if group is None or lora.mode == "none":
+            return
+        members, stacked = group
+        lora_apply_group(x, [spans[t] for t in members], stacked, [lb[t] for t in members], lora)
+
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: KVCache, slots: LoraSlotStorage | None) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for the tokens in `step.logit_index`."""
@@ -162,17 +171,17 @@ class TextModel:
         cos = self._cos[step.positions].unsqueeze(1)
         sin = self._sin[step.positions].unsqueeze(1)
         lora = step.lora if slots is not None else LoraBatch(mode="none")
-        targets = slots.targets if slots is not None else ()
         d = step.num_decode
         h = self.embed[step.input_ids]
         for i, layer in enumerate(self.layers):
-            la = slots.a[i] if slots is not None else {}
             lb = slots.b[i] if slots is not None else {}
+            # each target -> (its group's targets, their stacked A)
+            groups = {t: g for g in slots.groups[i] for t in g[0]} if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
             qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
-            for name, lo, hi in (("q_proj", 0, qs), ("k_proj", qs, qs + kvs), ("v_proj", qs + kvs, qs + 2 * kvs)):
-                if name in targets:
-                    lora_apply(x, qkv[:, lo:hi], la[name], lb[name], lora)
+            spans = {"q_proj": qkv[:, :qs], "k_proj": qkv[:, qs:qs + kvs], "v_proj": qkv[:, qs + kvs:]}
+            attn_group = groups.get("q_proj") or groups.get("k_proj") or groups.get("v_proj")
+            self._lora(x, spans, attn_group, lb, lora)
             q = self._rope(qkv[:, :qs].view(t, nh, hd), cos, sin)
             k = self._rope(qkv[:, qs:qs + kvs].view(t, nkv, hd), cos, sin)
             v = qkv[:, qs + kvs:].view(t, nkv, hd)
@@ -205,20 +214,16 @@ class TextModel:
                 attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
             attn2 = attn.view(t, qs)
             o = F.linear(attn2, layer["o"])  # type: ignore[arg-type]
-            if "o_proj" in targets:
-                lora_apply(attn2, o, la["o_proj"], lb["o_proj"], lora)
+            self._lora(attn2, {"o_proj": o}, groups.get("o_proj"), lb, lora)
             h = h + o
             x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]
             gu = F.linear(x, layer["gate_up"])  # type: ignore[arg-type]
             inter = spec.intermediate_size
-            if "gate_proj" in targets:
-                lora_apply(x, gu[:, :inter], la["gate_proj"], lb["gate_proj"], lora)
-            if "up_proj" in targets:
-                lora_apply(x, gu[:, inter:], la["up_proj"], lb["up_proj"], lora)
+            mlp_group = groups.get("gate_proj") or groups.get("up_proj")
+            self._lora(x, {"gate_proj": gu[:, :inter], "up_proj": gu[:, inter:]}, mlp_group, lb, lora)
             act = F.silu(gu[:, :inter]) * gu[:, inter:]
             down = F.linear(act, layer["down"])  # type: ignore[arg-type]
-            if "down_proj" in targets:
-                lora_apply(act, down, la["down_proj"], lb["down_proj"], lora)
+            self._lora(act, {"down_proj": down}, groups.get("down_proj"), lb, lora)
             h = h + down
         last = self._rms_norm(h[step.logit_index], self.norm)
         return F.linear(last, self.lm_head).float()

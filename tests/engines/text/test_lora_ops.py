@@ -65,3 +65,26 @@ def test_planner_picks_bgmv_only_for_many_wide_adapters() -> None:
     batch = LoraBatch.build(slots, [[1.0]] * 64, max_rank=64, num_slots=64, device=torch.device("cpu"),
                             dtype=torch.float32, prefer_dense=False)
     assert batch.mode == "bgmv"
+
+
+@pytest.mark.parametrize("use_all", [True, False])
+def test_grouped_dense_equals_per_target(use_all: bool) -> None:
+    """Stacked A's of a projection group (q/k/v) give the same updates as one target at a time."""
+    from daemon.engines.text.lora import lora_apply_group
+
+    g = torch.Generator().manual_seed(5)
+    n, s, r, d_in = 3, 8, 8, 32
+    a_group = torch.randn(n, s, r, d_in, generator=g)
+    bs = [torch.randn(s, r, d, generator=g) for d in (24, 8, 8)]
+    x = torch.randn(5, d_in, generator=g)
+    slots = [[0], [1], [3], [1, 3], []] if not use_all else [[0], [1], [3], [4, 5], [6, 7]]
+    scales = [[1.0], [0.5], [-1.0], [0.3, 0.7], []] if not use_all else [[1.0], [0.5], [-1.0], [0.3, 0.7], [2, 1]]
+    batch = LoraBatch.build(slots, scales, max_rank=r, num_slots=s, device=torch.device("cpu"),
+                            dtype=torch.float32, prefer_dense=True, force="dense")
+    assert (batch.active is None) == use_all
+    fused = torch.zeros(5, 40)
+    outs = [fused[:, :24], fused[:, 24:32], fused[:, 32:]]
+    lora_apply_group(x, outs, a_group, bs, batch)
+    for j, (lo, hi) in enumerate(((0, 24), (24, 32), (32, 40))):
+        torch.testing.assert_close(fused[:, lo:hi], lora_reference(x, a_group[j], bs[j], slots, scales),
+                                   rtol=1e-5, atol=1e-5)
