@@ -34,7 +34,7 @@ from bridge.errors import ErrorCode
 
 from ...adapters.version import AdapterVersion
 from .config import LORA_TARGETS, ModelSpec
-from .detok import IncrementalDecoder
+from .detok import IncrementalDecoder, byte_table
 from .graphs import DecodeGraphs
 from .lora import LoraBatch, LoraSlotStorage, PreparedLora
 from .model import KVCache, PrefillChunk, StepInput, TextModel
@@ -118,8 +118,8 @@ class TextErrorEvent:
 class _Seq:
     """A running request."""
 
-    def __init__(self, req: TextRequest, row: int, slots: list[int], tokenizer: Any, num_slots: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, req: TextRequest, row: int, slots: list[int], tokenizer: Any, table: list[bytes] | None,
+                 num_slots: int, dtype: torch.dtype) -> None:
         self.req = req
         self.row = row
         self.slots = slots
@@ -130,7 +130,7 @@ class _Seq:
             self.slot_weights[slot] += scale
         self.done_prompt = 0
         self.generated: list[int] = []
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer, table)
         self.text = ""  # all text so far
         self.sent = 0  # characters of `text` already emitted
         self.started = time.perf_counter()
@@ -177,6 +177,7 @@ class TextEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
+        self.byte_table = byte_table(tokenizer)
         self.max_context = min(cfg.max_context, self.spec.max_position_embeddings)
         rows = cfg.max_seqs
         if cfg.kv_cache_mb is not None:
@@ -418,8 +419,8 @@ class TextEngine:
                 blocked_on_slots = True
                 continue
             self._queue.remove(req)
-            self._running.append(_Seq(req, self._free_rows.pop(), slots, self.tokenizer, self.storage.num_slots,
-                                      self.dtype))
+            self._running.append(_Seq(req, self._free_rows.pop(), slots, self.tokenizer, self.byte_table,
+                                      self.storage.num_slots, self.dtype))
 
     def step(self) -> bool:
         """One scheduling round and forward pass. Returns False when there was nothing to do."""

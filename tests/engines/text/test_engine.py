@@ -192,16 +192,25 @@ def test_retired_version_frees_its_slot_when_unused(engine: TextEngine, tiny_mod
     assert "r@1" not in engine.slots.resident()
 
 
-def test_incremental_decoder_never_emits_broken_utf8(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_incremental_decoder_never_emits_broken_utf8(tiny_model_dir: Path, byte_level: bool) -> None:
+    """Both paths (byte table, decoded window) give the tokenizer's text piece by piece, never
+    half a character, with the multi-byte characters split across tokens."""
     from transformers import AutoTokenizer
 
+    from daemon.engines.text.detok import byte_table
+
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    table = byte_table(tok) if byte_level else None
+    assert (table is not None) == byte_level
     text = "Gold ⚔ coins 🐉 and ümlauts"
     ids = tok.encode(text)
-    dec = IncrementalDecoder(tok)
+    assert len(ids) > len(text.split())  # the emoji and accents really span several tokens
+    dec = IncrementalDecoder(tok, table)
     pieces = [dec.push(i) for i in ids]
-    assert "".join(pieces) == text
+    assert "".join(pieces) == text == tok.decode(ids, skip_special_tokens=True)
     assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # some tokens completed no character yet
 
 
 def test_sampler_top_k_1_is_greedy_and_repetition_penalty_changes_choice() -> None:
