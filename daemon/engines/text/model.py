@@ -226,4 +226,8 @@ class TextModel:
             self._lora(act, {"down_proj": down}, groups.get("down_proj"), lb, lora)
             h = h + down
         last = self._rms_norm(h[step.logit_index], self.norm)
+        if self.device.type == "cpu" and last.shape[0] > 1:
+            # MKL runs the vocab projection about 2x faster with the weight as the left operand
+            # when only a few rows need logits (measured on 2 cores: 9 ms vs 20 ms for 8 rows).
+            return (self.lm_head @ last.t()).t().float()
         return F.linear(last, self.lm_head).float()
