@@ -49,6 +49,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pin", dest="pinned_adapters", action="append", metavar="NAME", help="never evict this adapter")
     g.add_argument("--adapter-capacity", type=int, help="adapters kept in host memory (LRU; default 64)")
     g.add_argument("--no-watch", dest="watch", action="store_const", const=False, help="do not live-reload adapters")
+    g.add_argument("--reload-debounce-ms", type=int, help="quiet time before a changed adapter reloads (200)")
     g = p.add_argument_group("capacity and limits")
     g.add_argument("--max-seqs", type=int, help="sequences generated at once")
     g.add_argument("--max-context", type=int, help="tokens per sequence, prompt included")
@@ -61,10 +62,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
-_SERVE_KEYS = ("host", "port", "token", "allowed_origins", "runtime_file", "text_model", "image_model", "cache_dir",
-               "device", "dtype", "text_adapters", "image_adapters", "pinned_adapters", "adapter_capacity", "watch",
-               "max_seqs", "max_context", "lora_slots", "max_lora_rank", "max_frame_bytes",
-               "max_inflight_per_connection", "max_new_tokens", "log_level")
+_SERVE_KEYS = (
+    "host", "port", "token", "allowed_origins", "runtime_file", "text_model", "image_model", "cache_dir", "device",
+    "dtype", "text_adapters", "image_adapters", "pinned_adapters", "adapter_capacity", "watch", "reload_debounce_ms",
+    "max_seqs", "max_context", "lora_slots", "max_lora_rank", "max_frame_bytes", "max_inflight_per_connection",
+    "max_new_tokens", "log_level",
+)
 
 
 def _settings_from_args(args: argparse.Namespace) -> Any:

@@ -7,6 +7,7 @@ engine requests and engine events back into protocol messages, delivered through
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -75,7 +76,12 @@ class Service:
                 prefill_chunk=settings.prefill_chunk, pinned_adapters=tuple(settings.pinned_adapters))
             text = TextEngine.from_folder(settings.text_model, cfg, cache_dir=cache)
         if settings.image_model != "none":
-            image = _load_image_engine(settings)
+            if settings.image_model == "default" and importlib.util.find_spec("diffusers") is None:
+                # The placeholder is a convenience, not a reason to refuse to serve text.
+                log.warning("image generation is off: diffusers is not installed "
+                            "(pip install 'loraloom[image]', or pass --image-model none to silence this)")
+            else:
+                image = _load_image_engine(settings)
         return cls(settings, text_engine=text, image_engine=image)
 
     def start(self) -> None:
