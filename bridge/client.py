@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -54,6 +54,8 @@ from .messages import (
 __all__ = ["AdapterSpec", "Client", "ImageStream", "TextStream", "connect", "parse_adapter"]
 
 AdapterSpec = str | tuple[str, float] | AdapterRef
+E = TypeVar("E", Chunk, ImageProgress)
+F = TypeVar("F", Result, ImageResult)
 
 
 def parse_adapter(spec: AdapterSpec) -> AdapterRef:
@@ -80,37 +82,35 @@ class _Request:
         self.done = False
 
 
-class TextStream:
-    """The text of one generation as it arrives. Iterate for text pieces; `result` once done."""
+class _Stream(Generic[E, F]):
+    """One request's events: iterate for the progress events (E); `result` (F) once it ended."""
 
-    def __init__(self, client: Client, message: Generate) -> None:
+    _progress: type[E]
+    _final: type[F]
+
+    def __init__(self, client: Client, message: Generate | GenerateImage) -> None:
         self._client = client
         self._message = message
         self._request: _Request | None = None
-        self.result: Result | None = None
-        self.chunks: list[Chunk] = []
+        self.result: F | None = None
 
     @property
     def id(self) -> str:
         return self._message.id
 
-    def __aiter__(self) -> TextStream:
-        return self
-
-    async def __anext__(self) -> str:
+    async def _next(self) -> E:
         if self.result is not None:
             raise StopAsyncIteration
         if self._request is None:
             self._request = await self._client._start(self._message)
         event = await self._client._next_event(self._request)
-        if isinstance(event, Chunk):
-            self.chunks.append(event)
-            return event.text
-        if isinstance(event, Result):
+        if isinstance(event, self._progress):
+            return event
+        if isinstance(event, self._final):
             self.result = event
             self._client._finish(self._request)
             raise StopAsyncIteration
-        raise LoraloomError(f"unexpected event {event.type!r} for a text request")
+        raise LoraloomError(f"unexpected event {event.type!r} for a {self._message.type!r} request")
 
     async def cancel(self) -> None:
         """Ask the daemon to stop; keep iterating to receive the `cancelled` result."""
@@ -124,6 +124,34 @@ class TextStream:
             self._client._finish(request)
             await self._client._send_quietly(Cancel(id=request.id))
 
+    async def _wait(self) -> F:
+        while True:
+            try:
+                await self._next()
+            except StopAsyncIteration:
+                break
+        assert self.result is not None
+        return self.result
+
+
+class TextStream(_Stream[Chunk, Result]):
+    """The text of one generation as it arrives. Iterate for text pieces; `result` once done."""
+
+    _progress = Chunk
+    _final = Result
+
+    def __init__(self, client: Client, message: Generate) -> None:
+        super().__init__(client, message)
+        self.chunks: list[Chunk] = []
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        chunk = await self._next()
+        self.chunks.append(chunk)
+        return chunk.text
+
     async def text(self) -> str:
         """Wait for the end and return the whole text."""
         async for _ in self:
@@ -132,51 +160,20 @@ class TextStream:
         return self.result.text
 
 
-class ImageStream:
-    """Progress events of one image request; `result` holds the images once done."""
+class ImageStream(_Stream[ImageProgress, ImageResult]):
+    """Progress events of one image request; `await` it (or iterate to the end) for the images."""
 
-    def __init__(self, client: Client, message: GenerateImage) -> None:
-        self._client = client
-        self._message = message
-        self._request: _Request | None = None
-        self.result: ImageResult | None = None
+    _progress = ImageProgress
+    _final = ImageResult
 
     def __aiter__(self) -> ImageStream:
         return self
 
     async def __anext__(self) -> ImageProgress:
-        if self.result is not None:
-            raise StopAsyncIteration
-        if self._request is None:
-            self._request = await self._client._start(self._message)
-        event = await self._client._next_event(self._request)
-        if isinstance(event, ImageProgress):
-            return event
-        if isinstance(event, ImageResult):
-            self.result = event
-            self._client._finish(self._request)
-            raise StopAsyncIteration
-        raise LoraloomError(f"unexpected event {event.type!r} for an image request")
-
-    async def cancel(self) -> None:
-        """Ask the daemon to stop between steps; keep iterating to receive the `cancelled` result."""
-        if self._request is not None and not self._request.done:
-            await self._client._send_quietly(Cancel(id=self._request.id))
-
-    async def aclose(self) -> None:
-        request = self._request
-        if request is not None and not request.done and self.result is None:
-            self._client._finish(request)
-            await self._client._send_quietly(Cancel(id=request.id))
+        return await self._next()
 
     def __await__(self) -> Generator[Any, None, ImageResult]:
         return self._wait().__await__()
-
-    async def _wait(self) -> ImageResult:
-        async for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
 
 
 class Client:

@@ -200,16 +200,21 @@ async def _ask(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
+def _run_request(coro: Any) -> int:
+    """Run a client command; a request the protocol models refuse is a usage error (exit 2)."""
     from pydantic import ValidationError
 
     try:
-        return _run_client(_ask(args))
+        return _run_client(coro)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "request"
         print(f"loraloom: invalid request: {where}: {err['msg']}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    return _run_request(_ask(args))
 
 
 async def _adapters(args: argparse.Namespace) -> int:
@@ -259,14 +264,7 @@ async def _image(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    try:
-        return _run_client(_image(args))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        print(f"loraloom: invalid request: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-        return EXIT_USAGE
+    return _run_request(_image(args))
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:

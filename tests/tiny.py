@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from daemon.engines.text.random_model import build_tokenizer
+from daemon.engines.text.config import ModelSpec
+from daemon.engines.text.random_model import build_tokenizer, random_adapter_tensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,24 +63,6 @@ def build_tiny_model(
     return path
 
 
-def _model_dims(base_dir: Path) -> dict[str, tuple[int, int]]:
-    cfg = json.loads((base_dir / "config.json").read_text())
-    h = cfg["hidden_size"]
-    n_heads = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // n_heads
-    kv = cfg.get("num_key_value_heads", n_heads) * hd
-    i = cfg["intermediate_size"]
-    return {
-        "q_proj": (h, n_heads * hd),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (n_heads * hd, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-
-
 def write_text_adapter(
     path: Path,
     base_dir: Path,
@@ -93,17 +76,8 @@ def write_text_adapter(
     atomic: bool = True,
 ) -> Path:
     """Write a PEFT LoRA adapter folder for `base_dir` with random, non-zero A and B."""
-    cfg = json.loads((base_dir / "config.json").read_text())
-    dims = _model_dims(base_dir)
-    g = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        for t in targets:
-            d_in, d_out = dims[t]
-            group = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{group}.{t}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std
+    spec = ModelSpec.from_folder(base_dir)
+    tensors = random_adapter_tensors(spec, rank=rank, targets=targets, seed=seed, std=std)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
