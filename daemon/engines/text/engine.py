@@ -458,7 +458,7 @@ class TextEngine:
             tok_scales.append(s.scales)
             logit_index.append(len(ids) - 1)
             sample_seqs.append(s)
-        if self.graphs is not None and decode and not any(s.in_prefill for s in self._running):
+        if self.graphs is not None and decode and len(decode) == len(self._running):  # decode only
             self.last_batch_size = len(ids)
             logits = self.graphs.run(ids, pos, rows, self._slot_weights(decode))
             self._sample_and_accept(sample_seqs, logits)
@@ -500,10 +500,9 @@ class TextEngine:
                                  force=None if cfg.lora_kernel == "auto" else cfg.lora_kernel),  # type: ignore[arg-type]
         )
         self.last_batch_size = len(ids)
-        if not sample_seqs:
-            self.model.forward(step, self.cache, self.storage)
-            return
-        self._sample_and_accept(sample_seqs, self.model.forward(step, self.cache, self.storage))
+        logits = self.model.forward(step, self.cache, self.storage)
+        if sample_seqs:  # else: only prompt chunks that end mid-prompt
+            self._sample_and_accept(sample_seqs, logits)
 
     def _slot_weights(self, decode: list[_Seq]) -> torch.Tensor | None:
         """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""
