@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -51,7 +51,7 @@ from .messages import (
     Welcome,
 )
 
-__all__ = ["AdapterSpec", "Client", "ImageStream", "TextStream", "connect", "parse_adapter"]
+__all__ = ["AdapterEvents", "AdapterSpec", "Client", "ImageStream", "TextStream", "connect", "parse_adapter"]
 
 AdapterSpec = str | tuple[str, float] | AdapterRef
 E = TypeVar("E", Chunk, ImageProgress)
@@ -176,6 +176,36 @@ class ImageStream(_Stream[ImageProgress, ImageResult]):
         return self._wait().__await__()
 
 
+class AdapterEvents:
+    """Adapter events of one connection, queued from creation on; `aclose()` stops queueing."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._queue: asyncio.Queue[AdapterEvent | LoraloomError] = asyncio.Queue()
+        client._subscribers.append(self._queue)
+        # Subscribe on the daemon right away (at the next await), not at the first iteration.
+        self._subscription: asyncio.Future[Any] | None = None
+        if not client._subscribed:
+            client._subscribed = True
+            self._subscription = asyncio.ensure_future(client._call(Subscribe(id=client.new_id())))
+
+    def __aiter__(self) -> AdapterEvents:
+        return self
+
+    async def __anext__(self) -> AdapterEvent:
+        if self._subscription is not None:
+            subscription, self._subscription = self._subscription, None
+            await subscription
+        item = await self._queue.get()
+        if isinstance(item, LoraloomError):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        if self._queue in self._client._subscribers:
+            self._client._subscribers.remove(self._queue)
+
+
 class Client:
     """One connection to the daemon. Create it with `connect()`."""
 
@@ -286,21 +316,9 @@ class Client:
         assert isinstance(reply, Pong)
         return time.perf_counter() - start
 
-    async def events(self) -> AsyncIterator[AdapterEvent]:
-        """Adapter events from now on (subscribes on first use)."""
-        queue: asyncio.Queue[AdapterEvent | LoraloomError] = asyncio.Queue()
-        self._subscribers.append(queue)
-        try:
-            if not self._subscribed:
-                self._subscribed = True
-                await self._call(Subscribe(id=self.new_id()))
-            while True:
-                item = await queue.get()
-                if isinstance(item, LoraloomError):
-                    raise item
-                yield item
-        finally:
-            self._subscribers.remove(queue)
+    def events(self) -> AdapterEvents:
+        """Adapter events from this call on (subscribes on first use): `async for e in client.events()`."""
+        return AdapterEvents(self)
 
     async def subscribe(self) -> list[AdapterInfo]:
         """Subscribe to adapter events explicitly; returns the current list."""
