@@ -1,18 +1,25 @@
 """All daemon settings in one pydantic-settings model.
 
-Sources, strongest first: command-line options, environment variables (`LORALOOM_PORT=0`,
-lists as JSON: `LORALOOM_TEXT_ADAPTERS='["./adapters"]'`), a TOML file (`--config FILE`, or
-`$LORALOOM_CONFIG`), the defaults below.
+Sources, strongest first: command-line options, environment variables (`LORALOOM_PORT=0`;
+lists comma-separated, `LORALOOM_TEXT_ADAPTERS=./a,./b`, or as JSON), a TOML file
+(`--config FILE`, or `$LORALOOM_CONFIG`), the defaults below.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 __all__ = ["Settings"]
 
@@ -24,7 +31,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=7341, ge=0, le=65535)  # 0 picks a free port
     token: str | None = None  # generated at start when unset
-    allowed_origins: list[str] = []  # browser Origins allowed to connect ("*" = any; avoid)
+    allowed_origins: Annotated[list[str], NoDecode] = []  # browser Origins allowed to connect ("*" = any; avoid)
     runtime_file: Path | None = None  # default: bridge.discovery.default_runtime_file()
 
     # -- models
@@ -35,11 +42,11 @@ class Settings(BaseSettings):
     dtype: str = "auto"
 
     # -- adapters
-    text_adapters: list[Path] = []
-    image_adapters: list[Path] = []
+    text_adapters: Annotated[list[Path], NoDecode] = []
+    image_adapters: Annotated[list[Path], NoDecode] = []
     watch: bool = True  # reload adapters when their files change
     reload_debounce_ms: int = Field(default=200, ge=0)
-    pinned_adapters: list[str] = []
+    pinned_adapters: Annotated[list[str], NoDecode] = []
     adapter_capacity: int | None = Field(default=64, ge=1)  # adapters kept in host memory (None: all)
 
     # -- text engine capacity
@@ -63,8 +70,11 @@ class Settings(BaseSettings):
     @field_validator("text_adapters", "image_adapters", "allowed_origins", "pinned_adapters", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.startswith("["):
-            return [v for v in value.split(",") if v]
+        # Environment variables hold lists as JSON ('["a", "b"]') or comma-separated ("a,b").
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
     @classmethod
