@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny import write_text_adapter
 
 from bridge.errors import AdapterError
 from daemon.adapters.loader import AdapterFiles
 from daemon.adapters.registry import AdapterRegistry
 from daemon.engines.text.engine import EngineConfig, TextEngine
-from tiny import write_text_adapter
 
 
 @pytest.fixture(scope="module")
