@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -93,8 +94,6 @@ class Session:
             self.service.subscribe(self.conn_id, self._send)
             self._send(m.Adapters(id=msg.id, adapters=self.service.registry.list()))
         elif isinstance(msg, m.Ping):
-            import time
-
             self._send(m.Pong(id=msg.id, server_time=time.time()))
         elif isinstance(msg, m.Hello):
             self._error(ErrorCode.BAD_MESSAGE, "'hello' was already received on this connection")
