@@ -14,6 +14,7 @@ import base64
 import importlib.util
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -28,6 +29,24 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import godot_web
+
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_JSON_ESCAPES = set('"\\/bfnrtu')
+
+
+def loads_godot_json(text: str) -> Any:
+    """Parse a line of Godot's JSON.stringify, which writes some control characters as escapes
+    JSON does not have (\\v for a vertical tab): turn those into \\uXXXX first. The random test
+    model's text contains such characters now and then."""
+
+    def fix(match: re.Match[str]) -> str:
+        char = match.group(1)
+        if char in _JSON_ESCAPES:
+            return match.group(0)
+        code = {"v": 0x0B, "a": 0x07, "0": 0x00}.get(char, ord(char))
+        return f"\\u{code:04x}"
+
+    return json.loads(_ESCAPE.sub(fix, text), strict=False)
 
 REPO = godot_web.REPO_ROOT
 ADDON_PROJECT = REPO / "godot_addon"
@@ -243,10 +262,10 @@ def parse_lines(lines: list[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]]
         if kind != "out":
             continue
         if text.startswith("LORALOOM_TEST "):
-            item = json.loads(text[len("LORALOOM_TEST "):], strict=False)
+            item = loads_godot_json(text[len("LORALOOM_TEST "):])
             results[item["name"]] = item
         elif text.startswith("LORALOOM_DONE "):
-            done = json.loads(text[len("LORALOOM_DONE "):], strict=False)
+            done = loads_godot_json(text[len("LORALOOM_DONE "):])
     return results, done
 
 
