@@ -64,7 +64,8 @@ async def test_same_seed_same_text_over_the_wire(live_daemon: LiveDaemon) -> Non
 async def test_cancel_mid_stream(live_daemon: LiveDaemon) -> None:
     """`cancel` ends a running request with finish_reason cancelled; the connection stays usable."""
     ws = await raw_connect(live_daemon.url, live_daemon.token)
-    await send(ws, {"type": "generate", "id": "c1", "prompt": "Hello", "max_tokens": 200, "temperature": 0.5})
+    await send(ws, {"type": "generate", "id": "c1", "prompt": "Hello", "max_tokens": 200, "temperature": 0.5,
+                    "seed": 4})
     first = await recv(ws)
     assert first.type == "chunk" and first.id == "c1"
     await send(ws, {"type": "cancel", "id": "c1"})
@@ -81,7 +82,7 @@ async def test_cancel_mid_stream(live_daemon: LiveDaemon) -> None:
 
 async def test_client_leaving_the_loop_early_cancels(live_daemon: LiveDaemon) -> None:
     async with bridge.connect(live_daemon.url, live_daemon.token) as client:
-        stream = client.generate("Hello", max_tokens=400, temperature=0.5)
+        stream = client.generate("Hello", max_tokens=400, temperature=0.5, seed=4)
         async for _ in stream:
             break
         await stream.aclose()
@@ -216,7 +217,7 @@ async def test_shutdown_ends_requests_and_removes_the_runtime_file(tmp_path: Pat
     info = json.loads(runtime.read_text())
     assert stat.S_IMODE(runtime.stat().st_mode) == 0o600 and info["pid"] == proc.pid and info["token"] == "bye"
     async with bridge.connect(runtime_file=runtime) as client:
-        stream = client.generate("Hello", max_tokens=250, temperature=0.5)
+        stream = client.generate("Hello", max_tokens=250, temperature=0.5, seed=4)
         await stream.__anext__()
         os.kill(proc.pid, signal.SIGTERM)
         with pytest.raises(bridge.ShuttingDown):
