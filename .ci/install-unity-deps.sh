@@ -3,28 +3,15 @@
 # libraries the Core assembly references, and NUnit 2.6's console runner. Safe to run again.
 set -euo pipefail
 
-packages=(
-  mono-mcs
-  mono-runtime
-  libmono-system-net-http4.0-cil
-  libmono-system-runtime4.0-cil
-  libmono-system-xml-linq4.0-cil
-  nunit-console
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+apt_install \
+  mono-mcs \
+  mono-runtime \
+  libmono-system-net-http4.0-cil \
+  libmono-system-runtime4.0-cil \
+  libmono-system-xml-linq4.0-cil \
+  nunit-console \
   libnunit-framework2.6.3-cil
-)
-
-missing=()
-for p in "${packages[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
-
-if [ "${#missing[@]}" -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
 
 echo "mcs: $(mcs --version)"
 echo "mono: $(mono --version | head -n 1)"
