@@ -1,5 +1,5 @@
 class_name LoraloomChat
-extends Node
+extends LoraloomRequester
 ## One conversation with the daemon's text model through one adapter: an NPC's voice.
 ##
 ## Many chat nodes share the one connection (the autoload [code]Loraloom[/code]) and the one base
@@ -57,10 +57,6 @@ signal request_failed(request_id: String, code: String, message: String)
 
 ## The conversation so far: [code]{"role": "user"|"assistant", "content": String}[/code] turns.
 var history: Array[Dictionary] = []
-## The client to use; null means the autoload [code]/root/Loraloom[/code].
-var client: LoraloomClient
-
-var _requests: Dictionary = {}
 var _questions: Dictionary = {}
 
 
@@ -68,15 +64,8 @@ var _questions: Dictionary = {}
 ## through [signal response_updated] and ends with [signal response_finished] or
 ## [signal request_failed]; [method wait] awaits it.
 func ask(text: String) -> String:
-	var connection := _client()
-	var frame := build_request(text)
-	if connection == null:
-		var orphan := LoraloomRequest.new("gd-orphan-%d" % Time.get_ticks_usec(), frame)
-		_track(orphan, text)
-		orphan.fail.call_deferred("not_connected", "no Loraloom autoload; enable the plugin")
-		return orphan.id
-	var request := connection.send_request(frame)
-	_track(request, text)
+	var request := _send(build_request(text))
+	_questions[request.id] = text
 	return request.id
 
 
@@ -105,27 +94,6 @@ func build_request(text: String) -> Dictionary:
 	return frame
 
 
-## Stops [param request_id], or every request of this node when empty. Each stopped request
-## still ends with [signal response_finished] (finish reason [code]cancelled[/code]).
-func stop(request_id: String = "") -> void:
-	var connection := _client()
-	for key: String in _requests.keys():
-		if connection != null and (request_id.is_empty() or key == request_id):
-			connection.cancel(key)
-
-
-## Waits for [param request_id] to end (at most [param timeout_s] seconds) and returns its
-## [LoraloomRequest]: [member LoraloomRequest.ok], [member LoraloomRequest.text],
-## [member LoraloomRequest.finish_reason], or the error.
-func wait(request_id: String, timeout_s: float = 60.0) -> LoraloomRequest:
-	var request: LoraloomRequest = _requests.get(request_id)
-	if request == null:
-		request = LoraloomRequest.new(request_id, {})
-		request.fail("unknown_request", "this node has no request '%s'" % request_id)
-		return request
-	return await request.wait(timeout_s)
-
-
 ## The text received so far for [param request_id].
 func get_text(request_id: String) -> String:
 	var request: LoraloomRequest = _requests.get(request_id)
@@ -146,19 +114,6 @@ func clear_history() -> void:
 	history.clear()
 
 
-func _client() -> LoraloomClient:
-	if client != null:
-		return client
-	return get_node_or_null("/root/Loraloom") as LoraloomClient
-
-
-func _track(request: LoraloomRequest, question: String) -> void:
-	_requests[request.id] = request
-	_questions[request.id] = question
-	request.event_received.connect(_on_event)
-	request.finished.connect(_on_finished)
-
-
 func _on_event(request: LoraloomRequest, event: Dictionary) -> void:
 	if event.get("type") == "chunk":
 		response_updated.emit(request.id, str(event.get("text", "")))
@@ -168,7 +123,7 @@ func _on_finished(request: LoraloomRequest) -> void:
 	var question: String = _questions.get(request.id, "")
 	_questions.erase(request.id)
 	# Finished requests stay readable through wait() and get_text() until the next few asks.
-	_forget_old_requests()
+	_forget_finished(32)
 	if not request.ok:
 		request_failed.emit(request.id, request.error_code, request.error_message)
 		return
@@ -179,13 +134,3 @@ func _on_finished(request: LoraloomRequest) -> void:
 			history.pop_front()
 			history.pop_front()
 	response_finished.emit(request.id, request.text)
-
-
-func _forget_old_requests() -> void:
-	var finished: Array = []
-	for key: String in _requests:
-		if (_requests[key] as LoraloomRequest).done:
-			finished.append(key)
-	# Keep the newest finished ones; dictionaries iterate in insertion order, oldest first.
-	while finished.size() > 32:
-		_requests.erase(finished.pop_front())

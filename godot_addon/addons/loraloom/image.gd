@@ -1,5 +1,5 @@
 class_name LoraloomImage
-extends Node
+extends LoraloomRequester
 ## Image generation on the daemon's diffusion model, through one image adapter (optional).
 ##
 ## The built-in image model of the daemon is a placeholder that draws noise; point the daemon at
@@ -38,28 +38,13 @@ signal request_failed(request_id: String, code: String, message: String)
 ## Seed for repeatable images; -1 picks a new one each time.
 @export var random_seed: int = -1
 
-## The client to use; null means the autoload [code]/root/Loraloom[/code].
-var client: LoraloomClient
 ## The textures of the last finished request.
 var textures: Array[ImageTexture] = []
-
-var _requests: Dictionary = {}
 
 
 ## Starts an image for [param prompt] and returns the request id.
 func generate(prompt: String) -> String:
-	var frame := build_request(prompt)
-	var connection := _client()
-	var request: LoraloomRequest
-	if connection != null:
-		request = connection.send_request(frame)
-	else:
-		request = LoraloomRequest.new("gd-orphan-%d" % Time.get_ticks_usec(), frame)
-		request.fail.call_deferred("not_connected", "no Loraloom autoload; enable the plugin")
-	_requests[request.id] = request
-	request.event_received.connect(_on_event)
-	request.finished.connect(_on_finished)
-	return request.id
+	return _send(build_request(prompt)).id
 
 
 ## The [code]generate_image[/code] frame [method generate] sends (without its id).
@@ -81,23 +66,10 @@ func build_request(prompt: String) -> Dictionary:
 	return frame
 
 
-## Stops [param request_id], or every running request of this node when empty.
-func stop(request_id: String = "") -> void:
-	var connection := _client()
-	for key: String in _requests.keys():
-		if connection != null and (request_id.is_empty() or key == request_id):
-			connection.cancel(key)
-
-
 ## Waits for [param request_id] to end (at most [param timeout_s] seconds) and returns its
 ## [LoraloomRequest]; its [member LoraloomRequest.result] holds the PNG bytes.
 func wait(request_id: String, timeout_s: float = 120.0) -> LoraloomRequest:
-	var request: LoraloomRequest = _requests.get(request_id)
-	if request == null:
-		request = LoraloomRequest.new(request_id, {})
-		request.fail("unknown_request", "this node has no request '%s'" % request_id)
-		return request
-	return await request.wait(timeout_s)
+	return await super(request_id, timeout_s)
 
 
 ## Turns PNG bytes into a texture; null when they are not a PNG.
@@ -108,25 +80,13 @@ static func texture_from_png(png: PackedByteArray) -> ImageTexture:
 	return ImageTexture.create_from_image(picture)
 
 
-func _client() -> LoraloomClient:
-	if client != null:
-		return client
-	return get_node_or_null("/root/Loraloom") as LoraloomClient
-
-
 func _on_event(request: LoraloomRequest, event: Dictionary) -> void:
 	if event.get("type") == "image_progress":
 		image_progress.emit(request.id, int(event.get("step", 0)), int(event.get("total", 0)))
 
 
 func _on_finished(request: LoraloomRequest) -> void:
-	var finished: Array = []
-	for key: String in _requests:
-		if (_requests[key] as LoraloomRequest).done:
-			finished.append(key)
-	# Finished requests stay readable through wait() for a while; the oldest go first.
-	while finished.size() > 16:
-		_requests.erase(finished.pop_front())
+	_forget_finished(16)
 	if not request.ok:
 		request_failed.emit(request.id, request.error_code, request.error_message)
 		return
