@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ __all__ = [
 
 PLACEHOLDER_NAME = "loraloom-placeholder-sd"
 # Bump the suffix whenever the recipe changes, so an old cache is not mistaken for the new one.
-PLACEHOLDER_FOLDER = "placeholder-tiny-sd-v1"
+PLACEHOLDER_FOLDER = "placeholder-tiny-sd-v2"
 # A key of model_index.json; diffusers ignores keys that start with "_".
 PLACEHOLDER_MARKER = "_loraloom_placeholder"
 PLACEHOLDER_NOTE = (
@@ -108,31 +111,62 @@ def _tiny_vae_config() -> dict[str, Any]:
     }
 
 
+# CLIP's own word split (the tokenizer's pre-tokenizer uses the same pattern); the corpus is ASCII.
+_WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
+_END = "</w>"
+
+
+def _learn_merges(corpus: list[str], vocab_size: int, alphabet: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from `corpus`, the same on every run.
+
+    The `tokenizers` trainer breaks ties between equally frequent pairs differently on every run
+    (even in one process), which gave every build its own token ids and so its own images.
+    Here ties go to the alphabetically first pair.
+    """
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in corpus:
+        for word in _WORD.findall(text.lower()):
+            words[(*word[:-1], word[-1] + _END)] += 1
+    merges: list[tuple[str, str]] = []
+    budget = vocab_size - 2 * len(alphabet) - 2  # the two special tokens
+    while len(merges) < budget:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, n in words.items():
+            for pair in pairwise(symbols):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, n in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
+
+
 def _build_tokenizer() -> Any:
-    """A CLIP tokenizer with a small byte-level BPE vocabulary trained on the spot."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A CLIP tokenizer with a small byte-level BPE vocabulary learned on the spot."""
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=640,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
-    vocab = bpe.get_vocab()
-    # Every byte must also exist as a word ending, or unseen words would map to the unknown token.
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        for piece in (ch, ch + "</w>"):
-            if piece not in vocab:
-                vocab[piece] = len(vocab)
-    raw_merges = json.loads(bpe.to_str())["model"]["merges"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in raw_merges]
+    # Every byte exists alone and as a word ending, so no word maps to the unknown token.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _learn_merges(_TOKENIZER_CORPUS, 640, alphabet)
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(ch + _END for ch in alphabet)]
+    tokens += [a + b for a, b in merges]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     # transformers types `merges` as strings; the tokenizers backend takes (left, right) pairs too.
     pairs: Any = merges
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)

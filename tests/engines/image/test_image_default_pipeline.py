@@ -36,10 +36,12 @@ def test_second_call_does_not_rebuild(image_cache, image_model_dir, monkeypatch)
 
 
 def test_build_is_reproducible(tmp_path, image_model_dir):
-    """The same recipe gives the same weights, so every machine's placeholder draws alike."""
+    """The same recipe gives the same weights and token ids, so every machine's placeholder draws alike."""
     from safetensors.torch import load_file
 
     other = ensure_default_image_model(tmp_path)
+    tokenizer = "tokenizer/tokenizer.json"
+    assert (image_model_dir / tokenizer).read_bytes() == (other / tokenizer).read_bytes()
     for part in ("unet", "vae", "text_encoder"):
         ours = load_file(next((image_model_dir / part).glob("*.safetensors")))
         theirs = load_file(next((other / part).glob("*.safetensors")))
