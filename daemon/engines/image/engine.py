@@ -9,11 +9,21 @@ requests with the same mix (versions and weights), size, step count and guidance
 pipeline call; groups take turns (see `batching.FairQueue`). Adapter residency and hotswap live in
 `slots.AdapterSlots`; the shape checks behind `validate_adapter` in `lora_format`.
 
-Reproducibility: every image has its own CPU generator seeded with `seed + i`, so the same request
-gives the same PNG bytes on the same device when it is run with the same batch companions. Convolution
-kernels round differently for different batch sizes (about 1e-6), which can flip a few 8-bit pixel
-values when a request shares a call with others; `max_batch=1` makes every request's bytes
-independent of what else is queued.
+Reproducibility: the same request gives the same PNG bytes on the same device whatever it shares a
+call with. Kernels round differently for different batch shapes (convolutions and GEMMs pick other
+algorithms and blockings; about 1e-6, enough to flip a few 8-bit pixels), so every model call (text
+encoder, UNet, scheduler) runs at exactly `max_batch` images: a call with fewer real ones is padded
+with throwaway rows (empty prompt, seed 0) that are dropped, and a request for more images takes
+several calls. With classifier-free guidance the UNet sees 2 x `max_batch` rows, always. The VAE
+decodes the real images one at a time and skips the padding. Every image has its own CPU generator
+seeded with `seed + i`, so its starting noise is the same on every device. On the CPU a row's
+position in the batch was measured not to matter; `benchmarks/bench_image.py` checks it on the
+device at hand.
+
+The price: a lone request costs a full call, so its latency is that of `max_batch` images (in
+the H200 benchmark at 512x512 a call of 8 took about twice as long as a call of 1; on a CPU it is
+up to `max_batch` times). `max_batch=1` gives the lowest latency for lone requests and no batching.
+The bytes depend on `max_batch` itself (another shape): engines that should agree need the same.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -124,6 +135,7 @@ class ImageEngineStats:
     requests_cancelled: int = 0
     requests_failed: int = 0
     largest_batch: int = 0  # most images in one pipeline call
+    padding_images: int = 0  # throwaway rows computed to keep every call at `max_batch` images
     adapter_loads: int = 0
     adapter_hotswaps: int = 0
     adapter_unloads: int = 0
@@ -162,6 +174,45 @@ def _png(image: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@contextmanager
+def _decode_each_image(pipe: Any, images: int, batch: int) -> Iterator[None]:
+    """While active, the pipeline's VAE decodes the first `images` of its `batch` latents one at a
+    time and skips the rest (padding), so a decoded image never depends on its neighbours either.
+
+    Only a call that looks like the pipeline's own (`batch` latents, `return_dict=False`, as every
+    diffusers text-to-image pipeline calls it) is split; anything else goes through untouched.
+    """
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not callable(getattr(vae, "decode", None)):
+        yield
+        return
+    decode = vae.decode
+
+    def decode_each(z: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (torch.is_tensor(z) and z.shape[0] == batch and kwargs.get("return_dict") is False):
+            return decode(z, *args, **kwargs)
+        generators = kwargs.pop("generator", None)
+        decoded = []
+        for i in range(images):
+            if isinstance(generators, list):
+                kwargs["generator"] = generators[i]
+            elif generators is not None:
+                kwargs["generator"] = generators
+            decoded.append(decode(z[i : i + 1], *args, **kwargs)[0])
+        padding = decoded[0].new_zeros((batch - images, *decoded[0].shape[1:]))
+        return (torch.cat([*decoded, padding]),)
+
+    shadowed = vars(vae).get("decode")  # set on the instance by someone else (hooks), if at all
+    vae.decode = decode_each
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del vae.decode  # the class's method shows through again
+        else:
+            vae.decode = shadowed
 
 
 def _resolve_device(device: str) -> str:
@@ -548,56 +599,68 @@ class ImageEngine:
                 self._finish_error(job, ErrorCode.ADAPTER_UNAVAILABLE, f"could not load adapter {names}: {exc}")
             return
 
-        prompts: list[str] = []
-        negatives: list[str] = []
-        generators: list[torch.Generator] = []
-        for job in jobs:
-            for i in range(job.request.count):
-                prompts.append(job.request.prompt)
-                negatives.append(job.request.negative_prompt or "")
-                # CPU generators give the same starting noise on every device.
-                generators.append(torch.Generator(device="cpu").manual_seed(job.seed + i))
+        # One row per image. Every model call runs at exactly `max_batch` rows, padded with
+        # throwaway rows, so the kernels see one shape whatever else is queued (module docstring);
+        # a request for more images than that takes several calls.
+        rows = [(job, job.seed + i) for job in jobs for i in range(job.request.count)]
+        calls = [rows[k : k + self._max_batch] for k in range(0, len(rows), self._max_batch)]
         started = time.monotonic()
         for job in jobs:
             job.started = started
+        images: dict[_Job, list[Any]] = {job: [] for job in jobs}
+        for index, call in enumerate(calls):
+            if all(job.done for job, _ in call):
+                continue  # cancelled (or failed) before this call
+            try:
+                out = self._call(r, call, index, len(calls))
+            except Exception as exc:
+                log.exception("image pipeline call failed")
+                message = f"image generation failed: {type(exc).__name__}: {exc}"
+                for job in jobs:
+                    if not job.done:
+                        self._finish_error(job, ErrorCode.INTERNAL, message)
+                return
+            for (job, _), image in zip(call, out, strict=True):
+                images[job].append(image)
+        now = time.monotonic()
+        for job in jobs:
+            if not job.done:
+                self._finish(job, [_png(img) for img in images[job]], "stop", now)
+
+    def _call(self, r: ImageRequest, rows: list[tuple[_Job, int]], index: int, calls: int) -> list[Any]:
+        """One pipeline call for `rows` (job, seed), padded to `max_batch` rows; their images."""
+        pad = self._max_batch - len(rows)
+        prompts = [job.request.prompt for job, _ in rows] + [""] * pad
+        negatives = [job.request.negative_prompt or "" for job, _ in rows] + [""] * pad
+        # CPU generators give the same starting noise on every device.
+        seeds = [seed for _, seed in rows] + [0] * pad
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        jobs = list(dict.fromkeys(job for job, _ in rows))
 
         def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            self._after_step(pipe, i, jobs)
+            self._after_step(pipe, i, jobs, index, calls)
             return callback_kwargs
 
-        try:
-            with torch.inference_mode():
-                out = self._pipe(
-                    prompt=prompts,
-                    negative_prompt=None if r.negative_prompt is None else negatives,
-                    width=r.width,
-                    height=r.height,
-                    num_inference_steps=r.steps,
-                    guidance_scale=float(r.guidance),
-                    generator=generators,
-                    output_type="pil",
-                    callback_on_step_end=on_step_end,
-                )
-        except Exception as exc:
-            log.exception("image pipeline call failed")
-            for job in jobs:
-                self._finish_error(job, ErrorCode.INTERNAL, f"image generation failed: {type(exc).__name__}: {exc}")
-            return
+        with torch.inference_mode(), _decode_each_image(self._pipe, len(rows), self._max_batch):
+            out = self._pipe(
+                prompt=prompts,
+                negative_prompt=None if r.negative_prompt is None else negatives,
+                width=r.width,
+                height=r.height,
+                num_inference_steps=r.steps,
+                guidance_scale=float(r.guidance),
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=on_step_end,
+            )
         with self._cond:
             self._stats.pipeline_calls += 1
-            self._stats.images += len(prompts)
-            self._stats.largest_batch = max(self._stats.largest_batch, len(prompts))
+            self._stats.images += len(rows)
+            self._stats.padding_images += pad
+            self._stats.largest_batch = max(self._stats.largest_batch, len(rows))
+        return list(out.images[: len(rows)])
 
-        offset = 0
-        for job in jobs:
-            images = out.images[offset : offset + job.request.count]
-            offset += job.request.count
-            if job.done:
-                continue
-            pngs = [_png(img) for img in images]
-            self._finish(job, pngs, "stop", time.monotonic())
-
-    def _after_step(self, pipe: Any, i: int, jobs: list[_Job]) -> None:
+    def _after_step(self, pipe: Any, i: int, jobs: list[_Job], index: int, calls: int) -> None:
         now = time.monotonic()
         with self._cond:
             cancels = set(self._cancels)
@@ -614,11 +677,12 @@ class ImageEngine:
             # diffusers skips the remaining steps (then still decodes what it has).
             pipe._interrupt = True
         else:
-            total = int(getattr(pipe, "_num_timesteps", 0) or len(pipe.scheduler.timesteps))
+            # A request that takes several calls counts the steps of all of them.
+            per_call = int(getattr(pipe, "_num_timesteps", 0) or len(pipe.scheduler.timesteps))
             for job in live:
                 if job.first_step is None:
                     job.first_step = now
-                self._emit(job, ImageProgressEvent(job.key, i + 1, total))
+                self._emit(job, ImageProgressEvent(job.key, index * per_call + i + 1, calls * per_call))
         # Cancelled requests still waiting are answered now, not after this call.
         self._reap_cancelled()
 

@@ -224,6 +224,29 @@ def test_cancel_one_request_of_a_batch(make_engine):
     assert max(e.step for e in x.events if isinstance(e, ImageProgressEvent)) == 1
 
 
+def test_request_larger_than_a_call_counts_all_its_steps(make_engine):
+    """A request for more images than `max_batch` runs in several calls; its progress counts the
+    steps of all of them, and cancelling it skips the calls not yet started."""
+    engine = make_engine(max_batch=2)
+    collector = Collector()
+    engine.submit(request("big", steps=2, count=3), collector)
+    ev = done(collector.wait())
+    assert len(ev.images) == 3 and len(set(ev.images)) == 3
+    progress = [(e.step, e.total) for e in collector.events if isinstance(e, ImageProgressEvent)]
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert (engine.stats.pipeline_calls, engine.stats.images, engine.stats.padding_images) == (2, 3, 1)
+
+    def cancel_at_one(event: Any) -> None:
+        if isinstance(event, ImageProgressEvent) and event.step == 1:
+            engine.cancel("cut")
+
+    cut = Collector(cancel_at_one)
+    engine.submit(request("cut", steps=2, count=3), cut)
+    assert done(cut.wait()).finish_reason == "cancelled"
+    done(generate(engine, "after", steps=1))  # the worker is past the cancelled request's call
+    assert engine.stats.pipeline_calls == 4  # 2, then 1 of the cancelled request's 2, then 1
+
+
 def test_cancel_a_waiting_request(make_engine):
     """A request cancelled before it ran ends `cancelled` without any progress."""
     engine = make_engine(start=False)
