@@ -300,4 +300,4 @@ def _load_image_engine(settings: Settings) -> Any:
 
     model: str | Path = settings.image_model
     return ImageEngine(model, cache_dir=settings.cache_dir or default_cache_dir(), device=settings.device,
-                       dtype=settings.dtype)
+                       dtype=settings.dtype, max_batch=settings.image_max_batch)

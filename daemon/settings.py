@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=64, ge=1)
     prefill_chunk: int = Field(default=256, ge=1)
 
+    # -- image engine capacity
+    image_max_batch: int = Field(default=4, ge=1)  # images per call; every call runs at this size (1: lowest latency)
+
     # -- limits
     max_frame_bytes: int = Field(default=1 << 20, ge=1024)
     max_inflight_per_connection: int = Field(default=64, ge=1)
