@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to measure what they bring)")
     p.add_argument("--lora-kernel", default="auto", choices=["auto", "dense", "bgmv"])
+    p.add_argument("--no-triton", action="store_true", help="expand with PyTorch ops instead of the Triton kernel")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."), max_seqs=n,
                        max_context=args.prompt_tokens + args.new_tokens + 8, lora_slots=n_adapters,
                        max_lora_rank=max(ranks), prefill_chunk=512, max_step_tokens=max(512, n),
-                       cuda_graphs=not args.eager, lora_kernel=args.lora_kernel)
+                       cuda_graphs=not args.eager, lora_kernel=args.lora_kernel,
+                       triton_kernels=not args.no_triton)
     tmp = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
     if args.model.startswith("random:"):
         spec, tensors, tokenizer = random_llama(args.model.split(":", 1)[1], device=device, dtype=dtype)
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "cuda_graphs": engine.graphs is not None, "lora_kernel": args.lora_kernel,
+        "cuda_graphs": engine.graphs is not None, "lora_kernel": args.lora_kernel, "triton": engine.storage.triton,
         "model": name, "parameters": spec.num_parameters(), "dtype": str(dtype).removeprefix("torch."),
         "streams": n, "adapters": n_adapters, "ranks": ranks, "targets": list(targets),
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"loraloom bench text: {name} ({spec.num_parameters() / 1e6:.0f}M params, {result['dtype']}) on "
         f"{result['machine']['device']}; {n} streams on {n_adapters} adapters (ranks {args.ranks}, "
-        f"{len(targets)} targets), {args.new_tokens} new tokens, median of {args.repeats}",
+        f"{len(targets)} targets), {args.new_tokens} new tokens, median of {args.repeats}"
+        f"{'; Triton expand' if engine.storage.triton else ''}",
         f"{'configuration':44} {'tokens/s':>10} {'step ms':>9} {'ITL p50':>8} {'ITL p99':>8} {'ours is':>9}",
     ]
 

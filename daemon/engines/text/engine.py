@@ -70,6 +70,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
     cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
     lora_kernel: str = "auto"  # auto | dense | bgmv (see lora.py; auto picks per step)
+    triton_kernels: bool = True  # fused LoRA expand kernel on CUDA when Triton is installed
     max_step_tokens: int = 512  # tokens of all sequences per step
     pinned_adapters: tuple[str, ...] = ()
 
@@ -190,8 +191,13 @@ class TextEngine:
         if bad:
             raise ValueError(f"unknown LoRA targets {bad} (supported: {', '.join(LORA_TARGETS)})")
         self.storage = LoraSlotStorage(
-            num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(), targets=tuple(cfg.lora_targets),
-            num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank, device=self.device, dtype=self.dtype)
+            self.model, num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(),
+            targets=tuple(cfg.lora_targets), num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank,
+            device=self.device, dtype=self.dtype)
+        if self.device.type == "cuda" and cfg.triton_kernels:
+            from .triton_lora import available
+
+            self.storage.triton = available(self.device)
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
@@ -465,6 +471,8 @@ class TextEngine:
             return
         budget = max(cfg.max_step_tokens - len(decode), 1)
         chunks: list[PrefillChunk] = []
+        counts = [1] * len(decode)  # tokens of each sequence in this step, in order
+        step_seqs = list(decode)
         for s in self._running:
             if not s.in_prefill or budget <= 0:
                 continue
@@ -476,6 +484,8 @@ class TextEngine:
             tok_slots.extend([s.slots] * n)
             tok_scales.extend([s.scales] * n)
             chunks.append(PrefillChunk(start=start, end=start + n, row=s.row, pos0=s.done_prompt))
+            counts.append(n)
+            step_seqs.append(s)
             s.done_prompt += n
             budget -= n
             if not s.in_prefill:
@@ -494,15 +504,30 @@ class TextEngine:
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
             decode_row_range=(decode[0].row, decode[-1].row + 1)
             if decode and decode[-1].row - decode[0].row + 1 == len(decode) else None,
-            lora=LoraBatch.build(tok_slots, tok_scales, max_rank=self.storage.max_rank,
-                                 num_slots=self.storage.num_slots, device=dev, dtype=self.dtype,
-                                 prefer_dense=dev.type == "cuda",
-                                 force=None if cfg.lora_kernel == "auto" else cfg.lora_kernel),  # type: ignore[arg-type]
+            lora=self._lora_batch(step_seqs, counts, tok_slots, tok_scales),
         )
         self.last_batch_size = len(ids)
         logits = self.model.forward(step, self.cache, self.storage)
         if sample_seqs:  # else: only prompt chunks that end mid-prompt
             self._sample_and_accept(sample_seqs, logits)
+
+    def _lora_batch(self, seqs: list[_Seq], counts: list[int], tok_slots: list[list[int]],
+                    tok_scales: list[list[float]]) -> LoraBatch:
+        """The step's LoRA plan. On a GPU: dense over all slots, built from each sequence's slot
+        vector (no per-token Python, no gathers; `lora_project` fuses the shrink into the base GEMM).
+        On a CPU, where prompt tokens are compute-bound, `LoraBatch.build` picks per step."""
+        kernel = self.config.lora_kernel
+        if self.device.type == "cuda" and kernel in ("auto", "dense"):
+            per_seq = self._slot_weights(seqs)
+            if per_seq is None:
+                return LoraBatch(mode="none")
+            weights = per_seq.repeat_interleave(torch.tensor(counts), dim=0)
+            return LoraBatch(mode="dense", weights=weights.to(self.device, non_blocking=True).repeat_interleave(
+                self.storage.max_rank, dim=1))
+        return LoraBatch.build(tok_slots, tok_scales, max_rank=self.storage.max_rank,
+                               num_slots=self.storage.num_slots, device=self.device, dtype=self.dtype,
+                               prefer_dense=self.device.type == "cuda",
+                               force=None if kernel == "auto" else kernel)  # type: ignore[arg-type]
 
     def _slot_weights(self, decode: list[_Seq]) -> torch.Tensor | None:
         """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""

@@ -21,13 +21,15 @@ Two fast paths compute exactly that, and `lora_reference` is the plain loop the 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["GROUPS", "LoraBatch", "LoraSlotStorage", "PreparedLora", "lora_apply", "lora_apply_group",
-           "lora_reference"]
+__all__ = ["GROUPS", "GroupSlots", "LoraBatch", "LoraSlotStorage", "PreparedLora", "lora_apply", "lora_apply_group",
+           "lora_expand_fused", "lora_project", "lora_reference"]
 
 Mode = Literal["none", "bgmv", "dense"]
 
@@ -45,44 +47,83 @@ class PreparedLora:
                    for layer in self.layers for a, b in layer.values())
 
 
-# Projections that read the same input: their A matrices are stacked so one GEMM shrinks for all.
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# Projections that read the same input share one weight in the model (its key first) and one A stack.
+GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
+          ("down", ("down_proj",)))
+
+
+class FusableModel(Protocol):
+    def fuse_rows(self, layer: int, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass(frozen=True)
+class GroupSlots:
+    """The slot matrices of one projection group (e.g. q/k/v) of one layer.
+
+    The A rows of every member and slot are appended to the model's weight for the group:
+    `fused` is [out + n*S*R, d_in], so one GEMM gives the base output and every slot's shrink.
+    The B's of the members sit side by side in `b_cat` [S*R, sum of member widths]."""
+
+    members: tuple[str, ...]
+    out_cols: tuple[tuple[int, int], ...]  # each member's columns in the group's base output
+    base_out: int
+    fused: torch.Tensor
+    fused_bias: torch.Tensor | None
+    a: torch.Tensor  # [n, S, R, d_in]: a view of fused's extra rows
+    b_cat: torch.Tensor
+    b: tuple[torch.Tensor, ...]  # per member [S, R, width]: views of b_cat
 
 
 class LoraSlotStorage:
-    """Compute-resident adapter matrices: for every layer and target, A [S, R, d_in], B [S, R, d_out].
+    """Compute-resident adapter matrices of `num_slots` slots, zero-padded to `max_rank`.
 
-    The A's of targets that share an input (q/k/v, gate/up) are views into one [n, S, R, d_in]
-    tensor per group (`groups`), so the dense path shrinks a whole group with one GEMM.
+    For every layer and targeted group (`groups[layer][key]`) the A's live inside the model's fused
+    weight (see `GroupSlots`); `a[layer][target]` [S, R, d_in] and `b[layer][target]` [S, R, d_out]
+    are per-target views of the same memory.
     """
 
-    def __init__(self, *, num_layers: int, target_dims: dict[str, tuple[int, int]], targets: tuple[str, ...],
-                 num_slots: int, max_rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: FusableModel, *, num_layers: int, target_dims: dict[str, tuple[int, int]],
+                 targets: tuple[str, ...], num_slots: int, max_rank: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.targets = targets
+        self.triton = False  # expand with the Triton kernel (the engine turns it on where it runs)
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
-        self.groups: list[list[tuple[tuple[str, ...], torch.Tensor]]] = []
-        for _ in range(num_layers):
+        self.groups: list[dict[str, GroupSlots]] = []
+        width = num_slots * max_rank
+        for i in range(num_layers):
             layer_a: dict[str, torch.Tensor] = {}
-            layer_groups = []
-            for group in GROUPS:
+            layer_b: dict[str, torch.Tensor] = {}
+            layer_groups: dict[str, GroupSlots] = {}
+            for key, group in GROUPS:
                 members = tuple(t for t in group if t in targets)
                 if not members:
                     continue
+                starts = dict(zip(group, itertools.accumulate((target_dims[t][1] for t in group), initial=0),
+                                  strict=False))
+                out_cols = tuple((starts[t], starts[t] + target_dims[t][1]) for t in members)
                 d_in = target_dims[members[0]][0]
-                stacked = torch.zeros(len(members), num_slots, max_rank, d_in, device=device, dtype=dtype)
-                layer_groups.append((members, stacked))
+                fused, bias = model.fuse_rows(i, key, len(members) * width)
+                base_out = fused.shape[0] - len(members) * width
+                stacked = fused[base_out:].view(len(members), num_slots, max_rank, d_in)
+                b_cat = torch.zeros(width, sum(hi - lo for lo, hi in out_cols), device=device, dtype=dtype)
+                b_views, col = [], 0
+                for lo, hi in out_cols:
+                    b_views.append(b_cat[:, col:col + hi - lo].view(num_slots, max_rank, hi - lo))
+                    col += hi - lo
                 for j, t in enumerate(members):
-                    layer_a[t] = stacked[j]
+                    layer_a[t], layer_b[t] = stacked[j], b_views[j]
+                layer_groups[key] = GroupSlots(members, out_cols, base_out, fused, bias, stacked, b_cat,
+                                               tuple(b_views))
             self.a.append(layer_a)
+            self.b.append(layer_b)
             self.groups.append(layer_groups)
-            self.b.append({t: torch.zeros(num_slots, max_rank, target_dims[t][1], device=device, dtype=dtype)
-                           for t in targets})
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for layer in (*self.a, *self.b) for x in layer.values())
+        return sum(g.a.numel() * g.a.element_size() + g.b_cat.numel() * g.b_cat.element_size()
+                   for layer in self.groups for g in layer.values())
 
     def load(self, slot: int, lora: PreparedLora) -> None:
         """Copy `lora` into `slot`, zero-padding its rank; targets it lacks become zero."""
@@ -207,6 +248,40 @@ def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], a_group: torch.T
     shrunk = (x @ a_flat.t()).view(x.shape[0], n, width) * batch.weights.unsqueeze(1)
     for j, (out, b_flat) in enumerate(zip(outs, b_flats, strict=True)):
         out.addmm_(shrunk[:, j], b_flat)
+
+
+def lora_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots | None,
+                 batch: LoraBatch, *, triton: bool = False) -> torch.Tensor:
+    """x @ weight^T (+ bias) plus every row's LoRA update of the group's members: [T, out].
+
+    Dense over all slots (decode, CUDA graphs): one GEMM with the fused weight gives the base output
+    and the shrink of every slot, then `lora_expand_fused` adds the updates in place. Otherwise the
+    base GEMM and `lora_apply_group`."""
+    if group is None or batch.mode == "none":
+        return F.linear(x, weight, bias)
+    if batch.mode == "dense" and batch.active is None:
+        y = F.linear(x, group.fused, group.fused_bias)
+        assert batch.weights is not None
+        lora_expand_fused(y, group, batch.weights, triton=triton)
+        return y[:, :group.base_out]
+    y = F.linear(x, weight, bias)
+    lora_apply_group(x, [y[:, lo:hi] for lo, hi in group.out_cols], group.a, list(group.b), batch)
+    return y
+
+
+def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor, *, triton: bool = False) -> None:
+    """y[:, :base_out] += the expanded updates, where y = x @ group.fused^T holds each slot's shrink
+    after the base columns and `weights` [T, S*R] is each row's scale per slot (spread over ranks)."""
+    n = len(group.members)
+    width = weights.shape[1]
+    if triton:
+        from .triton_lora import expand_fused
+
+        if expand_fused(y, group, weights):
+            return
+    shrunk = y[:, group.base_out:].view(y.shape[0], n, width) * weights.unsqueeze(1)
+    for j, ((lo, hi), b) in enumerate(zip(group.out_cols, group.b, strict=True)):
+        y[:, lo:hi].addmm_(shrunk[:, j], b.view(width, hi - lo))
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

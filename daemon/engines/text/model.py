@@ -2,7 +2,7 @@
 
 One step runs every scheduled token of every sequence at once: decode tokens (one per sequence)
 first, then prefill chunks. Linear layers see all tokens together ([T, hidden]); each targeted
-projection adds its per-token LoRA update (`lora.lora_apply`); attention reads and writes the
+projection adds its per-token LoRA update (`lora.lora_project`); attention reads and writes the
 KV cache by (cache row, position). No per-sequence loop on the decode path.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from .config import ModelSpec, UnsupportedModel
-from .lora import LoraBatch, LoraSlotStorage, lora_apply_group
+from .lora import GroupSlots, LoraBatch, LoraSlotStorage, lora_project
 
 __all__ = ["KVCache", "PrefillChunk", "StepInput", "TextModel"]
 
@@ -63,6 +63,37 @@ class StepInput:
     logit_index: torch.Tensor  # [N] which tokens need next-token logits
     lora: LoraBatch
     decode_row_range: tuple[int, int] | None = None  # decode rows are exactly r0..r1-1, in order
+
+
+@dataclass(frozen=True)
+class _PackedPrefill:
+    """Prompt chunks of one step padded into a [C, L] block, so attention is one call per layer
+    (a Python loop over chunks costs more than the attention itself at game-sized prompts)."""
+
+    q_index: torch.Tensor  # [C, L] flat token of each chunk position (padding repeats the chunk's first)
+    rows: torch.Tensor  # [C] cache rows
+    keys: int  # context length to read (longest chunk end)
+    mask: torch.Tensor  # [C, 1, L, keys]: causal from each chunk's first position; padding sees key 0
+    tokens: torch.Tensor  # [N] flat tokens of all chunks, in chunk order
+    valid: torch.Tensor  # [N] their places in the flattened [C*L] block
+
+    @staticmethod
+    def build(chunks: list[PrefillChunk], device: torch.device) -> _PackedPrefill:
+        lens = torch.tensor([c.end - c.start for c in chunks])
+        width = int(lens.max())
+        pos = torch.arange(width)
+        starts = torch.tensor([c.start for c in chunks])
+        pos0 = torch.tensor([c.pos0 for c in chunks])
+        real = pos[None, :] < lens[:, None]  # [C, L]
+        q_index = torch.where(real, starts[:, None] + pos[None, :], starts[:, None])
+        keys = int((pos0 + lens).max())
+        qpos = pos0[:, None] + pos[None, :]  # absolute position of each query
+        mask = torch.arange(keys)[None, None, :] <= qpos[:, :, None]
+        mask &= real[:, :, None] | (torch.arange(keys) == 0)[None, None, :]
+        valid = real.flatten().nonzero().squeeze(1)
+        tokens = q_index.flatten()[valid]
+        return _PackedPrefill(q_index.to(device), torch.tensor([c.row for c in chunks], device=device), keys,
+                              mask[:, None].to(device), tokens.to(device), valid.to(device))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -151,14 +182,23 @@ class TextModel:
         rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)
 
-    @staticmethod
-    def _lora(x: torch.Tensor, spans: dict[str, torch.Tensor], group: tuple[tuple[str, ...], torch.Tensor] | None,
-              lb: dict[str, torch.Tensor], lora: LoraBatch) -> None:
-        """Add the LoRA updates of one projection group (e.g. q/k/v) onto its output spans."""
-        if group is None or lora.mode == "none":
-            return
-        members, stacked = group
-        lora_apply_group(x, [spans[t] for t in members], stacked, [lb[t] for t in members], lora)
+    def fuse_rows(self, layer: int, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append `rows` zero rows to weight `key` of a layer (LoRA A's go there: see `lora.GroupSlots`).
+
+        Returns the fused weight and bias; the layer's own weight becomes a view of its first rows,
+        so the base model costs no extra memory and base-only steps read exactly what they did."""
+        params = self.layers[layer]
+        weight = params[key]
+        assert weight is not None
+        out = weight.shape[0]
+        fused = torch.zeros(out + rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        fused[:out].copy_(weight)
+        params[key] = fused[:out]
+        bias = params.get(key + "_bias")
+        fused_bias = None
+        if bias is not None:
+            fused_bias = torch.cat([bias, torch.zeros(rows, device=bias.device, dtype=bias.dtype)])
+        return fused, fused_bias
 
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: KVCache, slots: LoraSlotStorage | None) -> torch.Tensor:
@@ -173,18 +213,15 @@ class TextModel:
         lora = step.lora if slots is not None else LoraBatch(mode="none")
         d = step.num_decode
         h = self.embed[step.input_ids]
+        triton = slots is not None and slots.triton
+        packed = _PackedPrefill.build(step.prefill, h.device) if len(step.prefill) > 1 else None
         for i, layer in enumerate(self.layers):
-            lb = slots.b[i] if slots is not None else {}
-            # each target -> (its group's targets, their stacked A)
-            groups = {t: g for g in slots.groups[i] for t in g[0]} if slots is not None else {}
+            groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
-            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])  # type: ignore[arg-type]
-            spans = {"q_proj": qkv[:, :qs], "k_proj": qkv[:, qs:qs + kvs], "v_proj": qkv[:, qs + kvs:]}
-            attn_group = groups.get("q_proj") or groups.get("k_proj") or groups.get("v_proj")
-            self._lora(x, spans, attn_group, lb, lora)
+            qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, triton=triton)  # type: ignore[arg-type]
             q = self._rope(qkv[:, :qs].view(t, nh, hd), cos, sin)
             k = self._rope(qkv[:, qs:qs + kvs].view(t, nkv, hd), cos, sin)
-            v = qkv[:, qs + kvs:].view(t, nkv, hd)
+            v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, nkv, hd)
             kc, vc = cache.k[i], cache.v[i]
             kc[step.cache_rows, :, step.positions] = k
             vc[step.cache_rows, :, step.positions] = v
@@ -200,7 +237,12 @@ class TextModel:
                 out = F.scaled_dot_product_attention(
                     q[:d].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], enable_gqa=nkv != nh)
                 attn[:d] = out.squeeze(2)
-            for c in step.prefill:
+            if packed is not None:  # several prompt chunks: one attention call for all of them
+                qc = q[packed.q_index].transpose(1, 2)  # [C, heads, L, D]
+                keys, values = kc[packed.rows, :, :packed.keys], vc[packed.rows, :, :packed.keys]
+                out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=packed.mask, enable_gqa=nkv != nh)
+                attn[packed.tokens] = out.transpose(1, 2).reshape(-1, nh, hd)[packed.valid]
+            for c in step.prefill if packed is None else ():
                 end = c.pos0 + (c.end - c.start)
                 keys = kc[c.row, :, :end].unsqueeze(0)
                 values = vc[c.row, :, :end].unsqueeze(0)
@@ -213,17 +255,13 @@ class TextModel:
                     out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
                 attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
             attn2 = attn.view(t, qs)
-            o = F.linear(attn2, layer["o"])  # type: ignore[arg-type]
-            self._lora(attn2, {"o_proj": o}, groups.get("o_proj"), lb, lora)
+            o = lora_project(attn2, layer["o"], None, groups.get("o"), lora, triton=triton)  # type: ignore[arg-type]
             h = h + o
             x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]
-            gu = F.linear(x, layer["gate_up"])  # type: ignore[arg-type]
+            gu = lora_project(x, layer["gate_up"], None, groups.get("gate_up"), lora, triton=triton)  # type: ignore[arg-type]
             inter = spec.intermediate_size
-            mlp_group = groups.get("gate_proj") or groups.get("up_proj")
-            self._lora(x, {"gate_proj": gu[:, :inter], "up_proj": gu[:, inter:]}, mlp_group, lb, lora)
-            act = F.silu(gu[:, :inter]) * gu[:, inter:]
-            down = F.linear(act, layer["down"])  # type: ignore[arg-type]
-            self._lora(act, {"down_proj": down}, groups.get("down_proj"), lb, lora)
+            act = F.silu(gu[:, :inter]) * gu[:, inter:2 * inter]
+            down = lora_project(act, layer["down"], None, groups.get("down"), lora, triton=triton)  # type: ignore[arg-type]
             h = h + down
         last = self._rms_norm(h[step.logit_index], self.norm)
         if self.device.type == "cpu" and last.shape[0] > 1:

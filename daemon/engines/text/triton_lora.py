@@ -1,0 +1,138 @@
+"""One Triton kernel for the expand half of dense multi-LoRA: every member of a projection group
+(q/k/v, gate/up) in one launch, with each row's slot scales applied on the fly.
+
+After the fused GEMM, y = x @ [W; A_all]^T holds the base output in its first `base_out` columns
+and, for each member j, the shrink of every slot in W = S*R columns after that. The kernel computes
+
+    y[t, out_cols_j] += (y[t, shrink_j] * weights[t]) @ B_j        for every member j
+
+reading each B once per row tile. The PyTorch path it replaces takes one multiply and one GEMM per
+member (four kernels for q/k/v); at decode batch sizes every kernel costs a few microseconds
+whatever its size, so this is what the launches per step come down to. `lora.lora_expand_fused` is
+the reference it is tested against (tests/engines/text/test_triton_lora.py, also under Triton's
+interpreter on a CPU).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the engine runs without Triton: the PyTorch path does the same math
+    triton = None
+
+from .lora import GroupSlots
+
+__all__ = ["available", "expand_fused"]
+
+_MAX_MEMBERS = 3
+_failed: set[tuple[torch.device, torch.dtype]] = set()
+log = logging.getLogger("loraloom.text")
+
+
+def available(device: torch.device) -> bool:
+    """True where the kernel can run: a CUDA device (or Triton's interpreter, for tests)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or _interpreting()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expand_kernel(y_ptr, stride_y, w_ptr, stride_w, b_ptr, stride_b, rows, shrink_col,
+                       b_start1, b_start2, out_start0, out_start1, out_start2,
+                       WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        col0 = pid_n * BLOCK_N  # first column of this tile in b_cat
+        # The member this tile belongs to (tiles never straddle two: BLOCK_N divides every width).
+        j = (col0 >= b_start1).to(tl.int32) + (col0 >= b_start2).to(tl.int32)
+        b_start = tl.where(j == 0, 0, tl.where(j == 1, b_start1, b_start2))
+        out_start = tl.where(j == 0, out_start0, tl.where(j == 1, out_start1, out_start2))
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = offs_m[:, None] < rows
+        shrink_ptrs = y_ptr + offs_m[:, None] * stride_y + (shrink_col + j * WIDTH) + offs_k[None, :]
+        w_ptrs = w_ptr + offs_m[:, None] * stride_w + offs_k[None, :]
+        b_ptrs = b_ptr + offs_k[:, None] * stride_b + offs_n[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, WIDTH, BLOCK_K):
+            s = tl.load(shrink_ptrs, mask=row_ok, other=0.0)
+            w = tl.load(w_ptrs, mask=row_ok, other=0.0)
+            b = tl.load(b_ptrs)
+            scaled = (s.to(tl.float32) * w.to(tl.float32)).to(b.dtype)
+            if IEEE:
+                acc += tl.dot(scaled, b, input_precision="ieee")
+            else:
+                acc += tl.dot(scaled, b)
+            shrink_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_b
+        out_cols = out_start + (offs_n - b_start)
+        out_ptrs = y_ptr + offs_m[:, None] * stride_y + out_cols[None, :]
+        out = tl.load(out_ptrs, mask=row_ok, other=0.0)
+        tl.store(out_ptrs, (out.to(tl.float32) + acc).to(out.dtype), mask=row_ok)
+
+
+def _largest_divisor(n: int, choices: tuple[int, ...]) -> int | None:
+    return next((c for c in choices if n % c == 0), None)
+
+
+def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
+                 config: dict[str, int] | None = None) -> bool:
+    """Run the kernel; False (nothing done) where its shape rules do not hold, so the caller falls
+    back to PyTorch: member widths must share a multiple of 16, S*R must be a multiple of 16."""
+    if triton is None or len(group.members) > _MAX_MEMBERS or not (y.is_cuda or _interpreting()):
+        return False
+    widths = [hi - lo for lo, hi in group.out_cols]
+    width = weights.shape[1]
+    # Tuned on an H200 with benchmarks/tune_lora_expand.py (32 slots x rank 16, 8 and 32 rows): deep
+    # pipelining of 64-deep K tiles; narrow outputs take narrow tiles so that enough CTAs stream B.
+    cfg = config or {}
+    block_n = cfg.get("BLOCK_N") or _largest_divisor(math.gcd(*widths), (64, 32, 16) if sum(widths) >= 8192
+                                                       else (32, 16))
+    block_k = cfg.get("BLOCK_K") or _largest_divisor(width, (64, 32, 16))
+    if block_n is None or block_k is None or y.stride(1) != 1 or weights.stride(1) != 1:
+        return False
+    rows = y.shape[0]
+    block_m = cfg.get("BLOCK_M") or (16 if rows <= 16 else 32 if rows <= 32 else 64)
+    b_starts = [0, *itertools.accumulate(widths[:-1])] + [1 << 30] * (_MAX_MEMBERS - len(widths))
+    out_starts = [lo for lo, _ in group.out_cols] + [0] * (_MAX_MEMBERS - len(widths))
+    b_cat = group.b_cat
+    grid = (b_cat.shape[1] // block_n, triton.cdiv(rows, block_m))
+    if (group.b_cat.device, y.dtype) in _failed:
+        return False
+    stages = cfg.get("num_stages", 4 if y.element_size() == 2 else 2)  # shared memory of consumer GPUs
+    try:
+        _launch(grid, y, weights, b_cat, rows, group.base_out, b_starts, out_starts, width, block_m, block_n,
+                block_k, cfg.get("num_warps", 2 if rows <= 16 else 4), stages)
+    except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need
+        log.warning("Triton LoRA kernel unavailable (%s); using the PyTorch path", exc)
+        _failed.add((group.b_cat.device, y.dtype))
+        return False
+    return True
+
+
+def _launch(grid: tuple[int, int], y: torch.Tensor, weights: torch.Tensor, b_cat: torch.Tensor, rows: int,
+            shrink_col: int, b_starts: list[int], out_starts: list[int], width: int, block_m: int, block_n: int,
+            block_k: int, warps: int, stages: int) -> None:
+    _expand_kernel[grid](
+        y, y.stride(0), weights, weights.stride(0), b_cat, b_cat.stride(0), rows, shrink_col,
+        b_starts[1], b_starts[2], out_starts[0], out_starts[1], out_starts[2],
+        WIDTH=width, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=y.dtype == torch.float32,
+        num_warps=warps, num_stages=stages)
+
