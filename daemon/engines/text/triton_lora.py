@@ -121,8 +121,9 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
         _launch(grid, y, weights, b_cat, rows, group.base_out, b_starts, out_starts, width, block_m, block_n,
                 block_k, cfg.get("num_warps", 2 if rows <= 16 else 4), stages)
     except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need
-        log.warning("Triton LoRA kernel unavailable (%s); using the PyTorch path", exc)
-        _failed.add((group.b_cat.device, y.dtype))
+        if config is None:
+            log.warning("Triton LoRA kernel unavailable (%s); using the PyTorch path", exc)
+            _failed.add((group.b_cat.device, y.dtype))
         return False
     return True
 
