@@ -1,24 +1,37 @@
-"""Image engine throughput and latency: images per second and time to the first progress event.
+"""Image engine throughput and latency, and whether a request's bytes depend on its companions.
 
 Scenarios run side by side in one process on one engine, so their ratios are comparable:
 
-  sequential   one request at a time, no adapter (what a naive server does)
+  sequential   one request at a time, no adapter (each call padded to --max-batch images)
   base         N requests at once, no adapter (batched up to --max-batch images per call)
   one-lora     N requests at once, all with the same LoRA
   mixed-K      N requests at once, cycling over K different LoRAs (K groups served round robin)
   idle-ttfp    single requests on an idle engine: time from submit to the first progress event
+  lone-mb1     one request at a time on a separate engine with max_batch=1 (run first): calls of one image,
+               unpadded, which is what a lone request cost before calls were padded; its ratio to
+               `sequential` is the latency price of the fixed batch shape
+
+Determinism check: one request alone, then with 1 companion, then with max_batch-1 companions at
+every row of the batch (no adapter, and at the last row with a LoRA); companions have other prompts
+and seeds, and wait behind a busy call so that they really share one call. Every PNG must equal
+the lone one. The max_batch=1 engine's bytes are reported too: another batch shape, so they may
+differ, and that is not a failure.
 
 The tiny placeholder pipeline is the default (CPU-friendly). `--unet-size real` swaps in a UNet
 with the Stable Diffusion 1.5 configuration and random weights (VAE and text encoder stay tiny), for
 GPU runs: the numbers then reflect the real denoiser's cost, not picture quality.
 
     python benchmarks/bench_image.py                          # tiny, quick, CPU
-    python benchmarks/bench_image.py --unet-size real --size 512 --steps 20 --requests 16 --device cuda
+    python benchmarks/bench_image.py --unet-size real --size 512 --steps 20 --requests 16 --max-batch 8 --rank 16
+
+(`--device` defaults to cuda when there is one; `--json FILE` keeps the numbers.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
 import statistics
 import sys
@@ -44,15 +57,26 @@ from daemon.engines.image import (  # noqa: E402
 class _Waiter:
     def __init__(self) -> None:
         self.first_progress: float | None = None
+        self.finished: float | None = None
         self.result: Any = None
+        self.started = threading.Event()
         self.done = threading.Event()
 
     def __call__(self, event: Any) -> None:
         if isinstance(event, ImageProgressEvent) and self.first_progress is None:
             self.first_progress = time.perf_counter()
+            self.started.set()
         elif isinstance(event, (ImageDoneEvent, ImageErrorEvent)):
+            self.finished = time.perf_counter()
             self.result = event
             self.done.set()
+
+    def images(self) -> list[bytes]:
+        if not self.done.wait(3600):
+            raise RuntimeError("a request did not finish within an hour")
+        if isinstance(self.result, ImageErrorEvent):
+            raise RuntimeError(f"request failed: {self.result.code}: {self.result.message}")
+        return list(self.result.images)
 
 
 def _versions(pipe: Any, count: int, rank: int, folder: Path) -> list[AdapterVersion]:
@@ -83,6 +107,7 @@ def _run_batch(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, A
             raise RuntimeError(f"request failed: {w.result.code}: {w.result.message}")
     images = sum(len(w.result.images) for w in waiters)
     ttfp = [(w.first_progress - start) * 1000 for w in waiters if w.first_progress is not None]
+    latency = [(w.finished - start) * 1000 for w in waiters if w.finished is not None]
     return {
         "requests": len(requests),
         "images": images,
@@ -90,6 +115,7 @@ def _run_batch(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, A
         "images_per_s": round(images / wall, 3),
         "ttfp_p50_ms": round(statistics.median(ttfp), 2) if ttfp else None,
         "ttfp_max_ms": round(max(ttfp), 2) if ttfp else None,
+        "latency_p50_ms": round(statistics.median(latency), 2),
         "pipeline_calls": engine.stats.pipeline_calls - calls_before,
     }
 
@@ -97,16 +123,15 @@ def _run_batch(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, A
 def _run_sequential(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, Any]:
     calls_before = engine.stats.pipeline_calls
     ttfp: list[float] = []
+    latency: list[float] = []
     images = 0
     start = time.perf_counter()
     for req in requests:
         w = _Waiter()
         t0 = time.perf_counter()
         engine.submit(req, w)
-        w.done.wait(3600)
-        if isinstance(w.result, ImageErrorEvent):
-            raise RuntimeError(f"request failed: {w.result.code}: {w.result.message}")
-        images += len(w.result.images)
+        images += len(w.images())
+        latency.append((time.perf_counter() - t0) * 1000)
         if w.first_progress is not None:
             ttfp.append((w.first_progress - t0) * 1000)
     wall = time.perf_counter() - start
@@ -117,8 +142,71 @@ def _run_sequential(engine: ImageEngine, requests: list[ImageRequest]) -> dict[s
         "images_per_s": round(images / wall, 3),
         "ttfp_p50_ms": round(statistics.median(ttfp), 2),
         "ttfp_max_ms": round(max(ttfp), 2),
+        "latency_p50_ms": round(statistics.median(latency), 2),
         "pipeline_calls": engine.stats.pipeline_calls - calls_before,
     }
+
+
+def _shared_call(engine: ImageEngine, requests: list[ImageRequest], blocker: ImageRequest) -> tuple[list[bytes], bool]:
+    """Run `requests` together: they are submitted while `blocker` (another batch key) is running,
+    so they wait side by side and share one call. Returns the first image of each request and
+    whether they really took one call."""
+    before = engine.stats.pipeline_calls
+    busy = _Waiter()
+    engine.submit(blocker, busy)
+    if not busy.started.wait(3600):
+        raise RuntimeError("the blocking request never started")
+    waiters = [_Waiter() for _ in requests]
+    for req, w in zip(requests, waiters, strict=True):
+        engine.submit(req, w)
+    firsts = [w.images()[0] for w in waiters]
+    busy.images()
+    return firsts, engine.stats.pipeline_calls - before == 2
+
+
+def _differing_pixels(a: bytes, b: bytes) -> int:
+    import numpy as np
+    from PIL import Image
+
+    pa, pb = (np.asarray(Image.open(io.BytesIO(x))) for x in (a, b))
+    return int((pa != pb).any(axis=-1).sum())
+
+
+def _determinism(
+    engine: ImageEngine, req: Any, max_batch: int, lora: AdapterVersion, steps: int
+) -> dict[str, Any]:
+    """The target request alone vs with companions, at every row; see the module docstring."""
+
+    def target(key: str, adapters: list[tuple[AdapterVersion, float]]) -> ImageRequest:
+        return dataclasses.replace(req(key, 424242, adapters), prompt="the determinism target")
+
+    def blocker(key: str) -> ImageRequest:
+        return dataclasses.replace(req(key, 7, []), steps=steps + 1)
+
+    checks: list[dict[str, Any]] = []
+    for adapters, label in (([], "no adapter"), ([(lora, 1.0)], "one LoRA")):
+        w = _Waiter()
+        engine.submit(target(f"alone-{label}", adapters), w)
+        alone = w.images()[0]
+        layouts = [(1, 0)] if max_batch > 1 and not adapters else []
+        if max_batch > 1:
+            rows = range(max_batch) if not adapters else [max_batch - 1]
+            layouts += [(max_batch - 1, p) for p in rows]
+        for companions, position in layouts:
+            others = [req(f"c{len(checks)}-{i}-{label}", 1000 + i, adapters) for i in range(companions)]
+            batch = [*others[:position], target(f"t{len(checks)}-{label}", adapters), *others[position:]]
+            firsts, shared = _shared_call(engine, batch, blocker(f"busy{len(checks)}-{label}"))
+            checks.append(
+                {
+                    "adapters": label,
+                    "companions": companions,
+                    "row": position,
+                    "shared_one_call": shared,
+                    "bytes_equal": firsts[position] == alone,
+                    "pixels_differing": _differing_pixels(firsts[position], alone),
+                }
+            )
+    return {"checks": checks, "all_equal": all(c["bytes_equal"] for c in checks)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +246,33 @@ def main(argv: list[str] | None = None) -> int:
         versions = _versions(pipe, max(1, args.loras), args.rank, Path(tmp))
     pipe = pipe.to(dtype=torch_dtype)
     name = "random-sd15-unet" if args.unet_size == "real" else "placeholder-tiny"
+    n = args.requests
+
+    def req(key: str, i: int, adapters: list[tuple[AdapterVersion, float]]) -> ImageRequest:
+        return ImageRequest(
+            key=key,
+            prompt=f"test prompt {i}",
+            width=size,
+            height=size,
+            steps=steps,
+            seed=i,
+            adapters=adapters,
+        )
+
+    rows: dict[str, dict[str, Any]] = {}
+    # First a max_batch=1 engine on the fresh pipeline (no LoRA injected yet): unpadded calls of one
+    # image, the latency a lone request had before every call was padded to max_batch.
+    single = ImageEngine.from_pipeline(pipe, name=name, placeholder=True, device=device, max_batch=1)
+    single.start()
+    try:
+        _run_batch(single, [req(f"w{i}", i, []) for i in range(2)])
+        rows["lone-mb1"] = _run_sequential(single, [req(f"u{i}", i, []) for i in range(min(n, 4))])
+        w = _Waiter()
+        single.submit(dataclasses.replace(req("mb1-target", 424242, []), prompt="the determinism target"), w)
+        single_target = w.images()[0]
+    finally:
+        single.stop()
+
     engine = ImageEngine.from_pipeline(
         pipe,
         name=name,
@@ -168,24 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine.start()
     try:
-
-        def req(key: str, i: int, adapters: list[tuple[AdapterVersion, float]]) -> ImageRequest:
-            return ImageRequest(
-                key=key,
-                prompt=f"test prompt {i}",
-                width=size,
-                height=size,
-                steps=steps,
-                seed=i,
-                adapters=adapters,
-            )
-
-        n = args.requests
         # Warm-up: first calls pay for allocator growth, kernel selection and adapter loading.
         _run_batch(engine, [req(f"w{i}", i, []) for i in range(2)])
         _run_batch(engine, [req(f"wl{i}", i, [(v, 1.0)]) for i, v in enumerate(versions)])
 
-        rows: dict[str, dict[str, Any]] = {}
         rows["sequential"] = _run_sequential(engine, [req(f"s{i}", i, []) for i in range(min(n, 4))])
         rows["base"] = _run_batch(engine, [req(f"b{i}", i, []) for i in range(n)])
         rows["one-lora"] = _run_batch(engine, [req(f"o{i}", i, [(versions[0], 1.0)]) for i in range(n)])
@@ -199,8 +300,16 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_s": round(len(idle) / sum(r["wall_s"] for r in idle), 3),
             "ttfp_p50_ms": round(statistics.median(r["ttfp_p50_ms"] for r in idle), 2),
             "ttfp_max_ms": round(max(r["ttfp_p50_ms"] for r in idle), 2),
+            "latency_p50_ms": round(statistics.median(r["latency_p50_ms"] for r in idle), 2),
             "pipeline_calls": len(idle),
         }
+        t0 = time.perf_counter()
+        determinism = _determinism(engine, req, args.max_batch, versions[0], steps)
+        determinism["seconds"] = round(time.perf_counter() - t0, 1)
+        w = _Waiter()
+        engine.submit(dataclasses.replace(req("mb-target", 424242, []), prompt="the determinism target"), w)
+        determinism["equal_to_max_batch_1"] = w.images()[0] == single_target
+        padding = engine.stats.padding_images
     finally:
         engine.stop()
 
@@ -210,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         f"steps={steps} max_batch={args.max_batch} rank={args.rank} (build {build_s:.1f}s)"
     )
     header = f"{'scenario':<12} {'req':>4} {'img':>4} {'calls':>5} {'wall s':>8} {'img/s':>8} {'vs base':>8} "
-    header += f"{'ttfp p50 ms':>12} {'ttfp max ms':>12}"
+    header += f"{'ttfp p50 ms':>12} {'ttfp max ms':>12} {'lat p50 ms':>11}"
     print(header)
     print("-" * len(header))
     for scenario, r in rows.items():
@@ -218,8 +327,28 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{scenario:<12} {r['requests']:>4} {r['images']:>4} {r['pipeline_calls']:>5} "
             f"{r['wall_s']:>8.3f} "
-            f"{r['images_per_s']:>8.2f} {ratio:>8.2f} {r['ttfp_p50_ms']:>12.1f} {r['ttfp_max_ms']:>12.1f}"
+            f"{r['images_per_s']:>8.2f} {ratio:>8.2f} {r['ttfp_p50_ms']:>12.1f} {r['ttfp_max_ms']:>12.1f} "
+            f"{r['latency_p50_ms']:>11.1f}"
         )
+    lone, unpadded = rows["sequential"], rows["lone-mb1"]
+    print(
+        f"fixed batch shape: a lone request takes {lone['latency_p50_ms']:.1f} ms padded to {args.max_batch} images "
+        f"vs {unpadded['latency_p50_ms']:.1f} ms unpadded (max_batch=1): "
+        f"{lone['latency_p50_ms'] / unpadded['latency_p50_ms']:.2f}x; {padding} padding images computed in all"
+    )
+    print(f"determinism ({determinism['seconds']}s): the same request alone vs batched with companions")
+    for c in determinism["checks"]:
+        print(
+            f"  {c['adapters']:<10} {c['companions']} companion(s), target at row {c['row']}:"
+            + (" bytes equal yes" if c["bytes_equal"] else f" bytes equal NO ({c['pixels_differing']} pixels differ)")
+            + ("" if c["shared_one_call"] else " (warning: the batch was split over several calls)")
+        )
+    if not determinism["checks"]:
+        print("  n/a: max_batch=1 never batches")
+    verdict = "yes" if determinism["all_equal"] else "NO"
+    print(f"  all equal: {verdict}")
+    other = "yes" if determinism["equal_to_max_batch_1"] else "no (another batch shape; not a failure)"
+    print(f"  equal to the max_batch=1 engine's bytes: {other}")
     result = {
         "benchmark": "image_engine",
         "unet": args.unet_size,
@@ -232,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         "rank": args.rank,
         "torch": torch.__version__,
         "scenarios": rows,
+        "padding_images": padding,
+        "determinism": determinism,
     }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

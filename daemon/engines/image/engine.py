@@ -20,10 +20,12 @@ seeded with `seed + i`, so its starting noise is the same on every device. On th
 position in the batch was measured not to matter; `benchmarks/bench_image.py` checks it on the
 device at hand.
 
-The price: a lone request costs a full call, so its latency is that of `max_batch` images (in
-the H200 benchmark at 512x512 a call of 8 took about twice as long as a call of 1; on a CPU it is
-up to `max_batch` times). `max_batch=1` gives the lowest latency for lone requests and no batching.
-The bytes depend on `max_batch` itself (another shape): engines that should agree need the same.
+The price: a call with fewer images than `max_batch` (a lone request, a small group of one adapter
+mix) costs as much as a full one. Full calls cost what they did; a lone request waits as long as
+for `max_batch` images (in the H200 benchmark at 512x512 a call of 8 took about twice as long as a
+call of 1; on a CPU up to `max_batch` times). `max_batch=1` gives the lowest latency for lone
+requests and no batching. The bytes depend on `max_batch` itself (another shape): engines that
+should agree need the same value.
 """
 
 from __future__ import annotations
