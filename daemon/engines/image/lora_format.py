@@ -5,22 +5,38 @@ Image adapters are diffusers LoRA files (`pytorch_lora_weights.safetensors`): ke
 diffusers itself converts. This module owns the pipeline's *shape index* (which module of which
 component takes what, captured once before any adapter is injected, so validation never walks a
 model another thread is changing) and `check_lora`, which turns a state dict into (rank, targets)
-or a `ValueError` that a designer can act on.
+or a `ValueError` that a designer can act on. It also folds the LoRA scale that diffusers keeps in
+a weight file's safetensors header into the matrices (`fold_header_alpha`).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["ModuleShape", "ShapeIndex", "build_shape_index", "check_lora", "normalize_lora"]
+__all__ = [
+    "LORA_METADATA_KEY",
+    "ModuleShape",
+    "ShapeIndex",
+    "build_shape_index",
+    "check_lora",
+    "fold_header_alpha",
+    "normalize_lora",
+]
 
 # The names diffusers uses for PEFT LoRA parameters once a file is converted.
 _A, _B = "lora_A.weight", "lora_B.weight"
 _EXTRA_SUFFIXES = ("lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+# Where diffusers' `save_lora_weights(..., unet_lora_adapter_metadata=...)` and `save_lora_adapter`
+# put each component's LoraConfig (JSON, keys prefixed "unet.", "text_encoder." ...).
+LORA_METADATA_KEY = "lora_adapter_metadata"
+_PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default, which diffusers gets when the header omits it
 
 
 @dataclass(frozen=True)
@@ -171,3 +187,63 @@ def check_lora(
     if modules == 0:
         raise ValueError("the file holds no complete LoRA matrix pair")
     return rank, tuple(sorted(targets))
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
+    # PEFT's rule for rank_pattern / alpha_pattern keys: an exact name, else a regex matching the
+    # end of the module path at a dot boundary; the first match wins.
+    if module in patterns:
+        return patterns[module]
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
+def fold_header_alpha(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    """Scale each `lora_B` (and its bias) by the LoRA scale a diffusers file declares in its header.
+
+    diffusers saves `r`, `lora_alpha`, `alpha_pattern` and `use_rslora` per component in the
+    safetensors header (`header` is that file's `__metadata__`) and honours them when it loads the
+    file by path, but not from a state dict, which is how adapters reach the pipeline here. Folding
+    the scale (alpha / r, or alpha / sqrt(r) with rsLoRA) into B gives the same update B @ A * scale
+    at scale 1, which is what diffusers uses for a state dict without alphas. Without that header
+    the tensors come back as they are. Raises ValueError for a header diffusers could not read.
+    """
+    raw = header.get(LORA_METADATA_KEY)
+    if not raw:
+        return tensors
+    try:
+        flat = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError as exc:
+        raise ValueError(f"the file's '{LORA_METADATA_KEY}' header is not valid JSON: {exc}") from None
+    if not isinstance(flat, dict):
+        raise ValueError(f"the file's '{LORA_METADATA_KEY}' header must hold a JSON object")
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        configs.setdefault(component, {})[field] = value
+
+    out = dict(tensors)
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        config = configs.get(component)
+        suffix = next((s for s in (".lora_B.weight", ".lora_B.bias") if rest.endswith(s)), None)
+        if config is None or suffix is None:
+            continue
+        module = rest[: -len(suffix)]
+        a = tensors.get(f"{component}.{module}.lora_A.weight")
+        if a is None or a.ndim < 1 or a.shape[0] == 0:
+            continue  # check_lora reports the broken pair
+        rank = int(a.shape[0])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
+        if alpha is None:
+            alpha = config.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"'{component}.lora_alpha' in the file's header is not a number: {alpha!r}") from None
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        if scale != 1.0:
+            out[key] = value * scale
+    return out

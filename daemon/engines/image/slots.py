@@ -21,6 +21,8 @@ from typing import Any
 
 from daemon.adapters.version import AdapterVersion
 
+from .lora_format import fold_header_alpha
+
 __all__ = ["AdapterSlots", "SlotStats"]
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,13 @@ class SlotStats:
     loads: int = 0
     hotswaps: int = 0
     unloads: int = 0
+
+
+def _weights(version: AdapterVersion) -> dict[str, Any]:
+    # diffusers keeps lora_alpha in the weight file's safetensors header and ignores it for a state
+    # dict, so the scale is folded into the matrices. The header is expected in an image version's
+    # `config` (`__metadata__` as read from the file; filling it in is the adapter loader's part).
+    return dict(fold_header_alpha(version.tensors, version.config))
 
 
 def _layout(version: AdapterVersion) -> dict[str, tuple[int, ...]]:
@@ -94,7 +103,7 @@ class AdapterSlots:
             if _layout(old) != layout:
                 continue
             try:
-                self._pipe.load_lora_weights(dict(version.tensors), adapter_name=slot, hotswap=True)
+                self._pipe.load_lora_weights(_weights(version), adapter_name=slot, hotswap=True)
             except Exception:
                 # diffusers may leave the slot half-updated; it held a stale version anyway.
                 log.warning("hotswap of %s over %s failed; loading it fresh", version.key, old_key, exc_info=True)
@@ -123,7 +132,7 @@ class AdapterSlots:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_PEFT_MULTI_ADAPTER_WARNING)
-                self._pipe.load_lora_weights(dict(version.tensors), adapter_name=slot)
+                self._pipe.load_lora_weights(_weights(version), adapter_name=slot)
         except Exception:
             self._forget_slot(slot)
             raise
