@@ -172,6 +172,12 @@ def _differing_pixels(a: bytes, b: bytes) -> int:
     return int((pa != pb).any(axis=-1).sum())
 
 
+def _colours(png: bytes) -> int:
+    from PIL import Image
+
+    return len(Image.open(io.BytesIO(png)).convert("RGB").getcolors(1 << 24) or [])
+
+
 def _determinism(
     engine: ImageEngine, req: Any, max_batch: int, lora: AdapterVersion, steps: int
 ) -> dict[str, Any]:
@@ -184,6 +190,7 @@ def _determinism(
         return dataclasses.replace(req(key, 7, []), steps=steps + 1)
 
     checks: list[dict[str, Any]] = []
+    colours = 0
     for adapters, label in (([], "no adapter"), ([(lora, 1.0)], "one LoRA")):
         w = _Waiter()
         engine.submit(target(f"alone-{label}", adapters), w)
@@ -206,7 +213,10 @@ def _determinism(
                     "pixels_differing": _differing_pixels(firsts[position], alone),
                 }
             )
-    return {"checks": checks, "all_equal": all(c["bytes_equal"] for c in checks)}
+        if not adapters:
+            colours = _colours(alone)
+    # Random weights in half precision can overflow to a flat image, which would match anything.
+    return {"checks": checks, "all_equal": all(c["bytes_equal"] for c in checks), "target_colours": colours}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if not determinism["checks"]:
         print("  n/a: max_batch=1 never batches")
     verdict = "yes" if determinism["all_equal"] else "NO"
-    print(f"  all equal: {verdict}")
+    if determinism["target_colours"] < 2:
+        verdict += " (INCONCLUSIVE: the target image is flat; the weights overflowed?)"
+    print(f"  all equal: {verdict}; the target image has {determinism['target_colours']} distinct colours")
     other = "yes" if determinism["equal_to_max_batch_1"] else "no (another batch shape; not a failure)"
     print(f"  equal to the max_batch=1 engine's bytes: {other}")
     result = {
