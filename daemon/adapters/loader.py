@@ -89,4 +89,14 @@ def read_adapter_files(folder: Path, kind: AdapterKind) -> AdapterFiles:
         reason = str(exc) or type(exc).__name__
         raise ValueError(
             f"{weights.name} is not a readable safetensors file (truncated or corrupt?): {reason}") from None
+    if kind == "image":  # diffusers keeps LoRA settings (e.g. lora_alpha) in the file's header
+        config = _safetensors_metadata(raw)
     return AdapterFiles(kind, config, tensors, digest.hexdigest()[:16], sizes)
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, Any]:
+    """The `__metadata__` strings of a safetensors file (already validated by the tensor load)."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
