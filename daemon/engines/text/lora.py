@@ -17,6 +17,11 @@ Two fast paths compute exactly that, and `lora_reference` is the plain loop the 
   and CPU decode (memory-bound: each adapter is read once per step).
 - `bgmv`: gather each token's A and B and use batched matmuls (cost per token = its own rank);
   for very many wide adapters with few tokens each.
+
+Dense over all slots (every GPU step, CPU decode with most slots busy) goes further: the A rows of
+every slot live inside the model's weight for their projection group (`GroupSlots`), so the base
+GEMM also yields every slot's shrink, and the expand of a whole group is one Triton kernel on CUDA
+(`triton_lora.py`) or one multiply plus a GEMM per member elsewhere (`lora_expand_fused`).
 """
 
 from __future__ import annotations
