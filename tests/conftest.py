@@ -33,6 +33,12 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mistral with a 6-token sliding window: the correctness prompts are longer than that."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mistral", "mistral", seed=7)
+
+
+@pytest.fixture(scope="session")
 def live_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveDaemon]:
     base = tmp_path_factory.mktemp("live")
     adapters = make_adapter_dir(base / "adapters", tiny_model_dir)

@@ -30,8 +30,8 @@ def build_tiny_model(
     seed: int = 0,
     max_positions: int = 512,
 ) -> Path:
-    """A random causal LM folder (config.json, model.safetensors, tokenizer) of `arch` llama/qwen2."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    """A random causal LM folder (config.json, model.safetensors, tokenizer) of `arch` llama/mistral/qwen2."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     tok = build_tokenizer(path)
     common = dict(
@@ -49,6 +49,8 @@ def build_tiny_model(
     )
     if arch == "llama":
         config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+    elif arch == "mistral":  # a sliding window shorter than the test prompts, so that it matters
+        config = MistralConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=6)
     elif arch == "qwen2":
         config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
     else:

@@ -42,6 +42,7 @@ class ModelSpec:
     attention_bias: bool
     rope_scaling: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # each query sees only the last `sliding_window` keys (Mistral v0.1)
 
     @property
     def q_size(self) -> int:
@@ -90,6 +91,11 @@ class ModelSpec:
         if rope_type not in ("default", "linear", "llama3"):
             raise UnsupportedModel(f"unsupported RoPE scaling '{rope_type}' (supported: default, linear, llama3)")
         scaling = {**scaling, **{k: v for k, v in rope.items() if k != "rope_theta"}, "rope_type": rope_type}
+        window = cfg.get("sliding_window")
+        if family == "qwen2":  # Qwen2 windows only some layers, and only when asked to
+            if cfg.get("use_sliding_window"):
+                raise UnsupportedModel("Qwen2 with use_sliding_window=true is not supported (per-layer windows)")
+            window = None
         eos: list[int] = []
         for source in (cfg, generation_config or {}):
             value = source.get("eos_token_id")
@@ -115,6 +121,7 @@ class ModelSpec:
             attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_scaling=scaling,
             eos_token_ids=tuple(dict.fromkeys(eos)),
+            sliding_window=int(window) if window else None,
         )
 
     @classmethod

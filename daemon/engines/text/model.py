@@ -78,7 +78,7 @@ class _PackedPrefill:
     valid: torch.Tensor  # [N] their places in the flattened [C*L] block
 
     @staticmethod
-    def build(chunks: list[PrefillChunk], device: torch.device) -> _PackedPrefill:
+    def build(chunks: list[PrefillChunk], device: torch.device, window: int | None) -> _PackedPrefill:
         lens = torch.tensor([c.end - c.start for c in chunks])
         width = int(lens.max())
         pos = torch.arange(width)
@@ -88,8 +88,12 @@ class _PackedPrefill:
         q_index = torch.where(real, starts[:, None] + pos[None, :], starts[:, None])
         keys = int((pos0 + lens).max())
         qpos = pos0[:, None] + pos[None, :]  # absolute position of each query
-        mask = torch.arange(keys)[None, None, :] <= qpos[:, :, None]
-        mask &= real[:, :, None] | (torch.arange(keys) == 0)[None, None, :]
+        key_pos = torch.arange(keys)[None, None, :]
+        mask = key_pos <= qpos[:, :, None]
+        if window is not None:  # a sliding window (Mistral): only the last `window` keys
+            mask &= key_pos > qpos[:, :, None] - window
+        mask &= real[:, :, None]
+        mask[:, :, 0] |= ~real  # padding queries see key 0 (a row with no key at all gives NaN)
         valid = real.flatten().nonzero().squeeze(1)
         tokens = q_index.flatten()[valid]
         return _PackedPrefill(q_index.to(device), torch.tensor([c.row for c in chunks], device=device), keys,
@@ -214,7 +218,8 @@ class TextModel:
         d = step.num_decode
         h = self.embed[step.input_ids]
         triton = slots is not None and slots.triton
-        packed = _PackedPrefill.build(step.prefill, h.device) if len(step.prefill) > 1 else None
+        window = spec.sliding_window
+        packed = _PackedPrefill.build(step.prefill, h.device, window) if len(step.prefill) > 1 else None
         for i, layer in enumerate(self.layers):
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
@@ -233,7 +238,10 @@ class TextModel:
                     keys, values = kc[r0:r1, :, :n], vc[r0:r1, :, :n]
                 else:
                     keys, values = kc[step.decode_rows, :, :n], vc[step.decode_rows, :, :n]
-                mask = torch.arange(n, device=h.device)[None, :] < step.decode_lens[:, None]
+                key_pos = torch.arange(n, device=h.device)[None, :]
+                mask = key_pos < step.decode_lens[:, None]
+                if window is not None:
+                    mask &= key_pos >= step.decode_lens[:, None] - window
                 out = F.scaled_dot_product_attention(
                     q[:d].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], enable_gqa=nkv != nh)
                 attn[:d] = out.squeeze(2)
@@ -247,11 +255,14 @@ class TextModel:
                 keys = kc[c.row, :, :end].unsqueeze(0)
                 values = vc[c.row, :, :end].unsqueeze(0)
                 qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
-                if c.pos0 == 0:
+                if c.pos0 == 0 and (window is None or end <= window):
                     out = F.scaled_dot_product_attention(qc, keys, values, is_causal=True, enable_gqa=nkv != nh)
                 else:
-                    qpos = torch.arange(c.pos0, end, device=h.device)
-                    mask = torch.arange(end, device=h.device)[None, :] <= qpos[:, None]
+                    qpos = torch.arange(c.pos0, end, device=h.device)[:, None]
+                    key_pos = torch.arange(end, device=h.device)[None, :]
+                    mask = key_pos <= qpos
+                    if window is not None:
+                        mask &= key_pos > qpos - window
                     out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
                 attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
             attn2 = attn.view(t, qs)
