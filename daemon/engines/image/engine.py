@@ -9,23 +9,41 @@ requests with the same mix (versions and weights), size, step count and guidance
 pipeline call; groups take turns (see `batching.FairQueue`). Adapter residency and hotswap live in
 `slots.AdapterSlots`; the shape checks behind `validate_adapter` in `lora_format`.
 
-Reproducibility: the same request gives the same PNG bytes on the same device whatever it shares a
-call with. Kernels round differently for different batch shapes (convolutions and GEMMs pick other
-algorithms and blockings; about 1e-6, enough to flip a few 8-bit pixels), so every model call (text
-encoder, UNet, scheduler) runs at exactly `max_batch` images: a call with fewer real ones is padded
-with throwaway rows (empty prompt, seed 0) that are dropped, and a request for more images takes
-several calls. With classifier-free guidance the UNet sees 2 x `max_batch` rows, always. The VAE
-decodes the real images one at a time and skips the padding. Every image has its own CPU generator
-seeded with `seed + i`, so its starting noise is the same on every device. On the CPU a row's
-position in the batch was measured not to matter; `benchmarks/bench_image.py` checks it on the
-device at hand.
+Reproducibility: the same seed and parameters give the same PNG bytes on the same device (CPU or
+CUDA) whatever the request shares a call with and in whatever order requests arrive, because each
+image is always computed at the same row of the same batch shape:
+
+- The shape. Kernels round differently for different batch shapes (convolutions and GEMMs pick
+  other algorithms and blockings; about 1e-6, enough to flip a few 8-bit pixels), so every model
+  call (text encoder, UNet, scheduler) runs at exactly `max_batch` images, rows without an image
+  holding throwaway padding (empty prompt, seed 0) that is dropped. With classifier-free guidance
+  the UNet sees 2 x `max_batch` rows, always. The VAE decodes the real images one at a time and
+  skips the padding.
+- The row. Within one shape the row matters too on CUDA: measured on an H200 (fp16, SD1.5-sized
+  UNet), a cuDNN convolution (1280 channels at 16x16) reduces different batch rows in different
+  orders, so the same image came out differently at rows 2..7 than at rows 0 and 1, whatever the
+  other rows held; `cudnn.deterministic`, `benchmark=False` and channels_last do not change that.
+  So every image has a *home row* that depends on nothing but its seed, `seed % max_batch`, and
+  every call places it there (with guidance the UNet rows r and `max_batch` + r). Images of one
+  group whose home row is taken in a call wait for the group's next call, first in line for that
+  row (`batching` has the rules and why nothing starves).
+
+Image i of a request has seed `seed + i` (and so the home row of that seed) and its own CPU
+generator seeded with it, so its starting noise is the same on every device and it equals the
+single image asked for with seed `seed + i`; a request for more images than fit in a call takes
+several calls. A request without a seed gets a random one whose home rows are free (or least
+loaded) in its group (`batching.free_seed`), so seedless bursts still fill calls; the seed is
+reported with the result and replaying it gives the same bytes. `benchmarks/bench_image.py`
+checks all this on the device at hand.
 
 The price: a call with fewer images than `max_batch` (a lone request, a small group of one adapter
 mix) costs as much as a full one. Full calls cost what they did; a lone request waits as long as
 for `max_batch` images (in the H200 benchmark at 512x512 a call of 8 took about twice as long as a
-call of 1; on a CPU up to `max_batch` times). `max_batch=1` gives the lowest latency for lone
-requests and no batching. The bytes depend on `max_batch` itself (another shape): engines that
-should agree need the same value.
+call of 1; on a CPU up to `max_batch` times). Requests with a seed whose home rows collide take
+more calls than they would fill (requests of one group all given seeds with the same remainder run
+one image per call); seedless requests never collide with waiting ones while a row is free.
+`max_batch=1` gives the lowest latency for lone requests and no batching. The bytes depend on
+`max_batch` itself (another shape, other home rows): engines that should agree need the same value.
 """
 
 from __future__ import annotations
@@ -34,7 +52,6 @@ import dataclasses
 import io
 import logging
 import math
-import secrets
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -48,7 +65,7 @@ import torch
 from bridge.errors import ErrorCode
 from daemon.adapters.version import AdapterVersion
 
-from .batching import FairQueue
+from .batching import FairQueue, free_seed, home_row
 from .default_pipeline import PLACEHOLDER_NAME, ensure_default_image_model, is_placeholder_model
 from .lora_format import build_shape_index, check_lora, normalize_lora
 from .slots import AdapterSlots
@@ -138,6 +155,8 @@ class ImageEngineStats:
     requests_failed: int = 0
     largest_batch: int = 0  # most images in one pipeline call
     padding_images: int = 0  # throwaway rows computed to keep every call at `max_batch` images
+    collision_padding: int = 0  # of those, rows left empty while images of the call's group waited
+    # for their home row, taken in that call (the price of home rows over packing in arrival order)
     adapter_loads: int = 0
     adapter_hotswaps: int = 0
     adapter_unloads: int = 0
@@ -155,17 +174,29 @@ class _Job:
     request: ImageRequest
     on_event: Callable[[object], None]
     arrived: float
-    seed: int = 0
+    seed: int | None = None  # the request's, or picked when it is queued
     mix: tuple[tuple[str, float], ...] = ()  # (version key, weight), sorted, zero weights left out
     versions: dict[str, AdapterVersion] = field(default_factory=dict)
     batch_key: Hashable = None
     started: float | None = None
     first_step: float | None = None
     done: bool = False
+    results: dict[int, Any] = field(default_factory=dict)  # image index -> PIL image, as calls finish
+    calls_done: int = 0  # pipeline calls that held images of this request
+    calls_total: int = 1  # calls_done + the current call + the calls its queued images wait for
 
     @property
     def key(self) -> Hashable:
         return self.request.key
+
+
+@dataclass(eq=False)
+class _Image:
+    """One image of a request: image `index` has seed `job.seed + index`."""
+
+    job: _Job
+    index: int
+    seed: int
 
 
 def _ms(since: float, now: float) -> float:
@@ -179,8 +210,8 @@ def _png(image: Any) -> bytes:
 
 
 @contextmanager
-def _decode_each_image(pipe: Any, images: int, batch: int) -> Iterator[None]:
-    """While active, the pipeline's VAE decodes the first `images` of its `batch` latents one at a
+def _decode_each_image(pipe: Any, rows: list[int], batch: int) -> Iterator[None]:
+    """While active, the pipeline's VAE decodes the latents at `rows` (of its `batch`) one at a
     time and skips the rest (padding), so a decoded image never depends on its neighbours either.
 
     Only a call that looks like the pipeline's own (`batch` latents, `return_dict=False`, as every
@@ -196,15 +227,16 @@ def _decode_each_image(pipe: Any, images: int, batch: int) -> Iterator[None]:
         if not (torch.is_tensor(z) and z.shape[0] == batch and kwargs.get("return_dict") is False):
             return decode(z, *args, **kwargs)
         generators = kwargs.pop("generator", None)
-        decoded = []
-        for i in range(images):
+        decoded = {}
+        for i in rows:
             if isinstance(generators, list):
                 kwargs["generator"] = generators[i]
             elif generators is not None:
                 kwargs["generator"] = generators
-            decoded.append(decode(z[i : i + 1], *args, **kwargs)[0])
-        padding = decoded[0].new_zeros((batch - images, *decoded[0].shape[1:]))
-        return (torch.cat([*decoded, padding]),)
+            decoded[i] = decode(z[i : i + 1], *args, **kwargs)[0]
+        first = decoded[rows[0]]
+        padding = first.new_zeros((1, *first.shape[1:]))
+        return (torch.cat([decoded.get(i, padding) for i in range(batch)]),)
 
     shadowed = vars(vae).get("decode")  # set on the instance by someone else (hooks), if at all
     vae.decode = decode_each
@@ -367,7 +399,7 @@ class ImageEngine:
         self._cancels: set[Hashable] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._queue: FairQueue[_Job] = FairQueue()  # worker thread only
+        self._queue: FairQueue[_Image] = FairQueue(max_batch)  # worker thread only
         if placeholder:
             log.warning("image model %s is a PLACEHOLDER with random weights: it draws noise", name)
         log.info("image model %s loaded on %s (%s)", name, device, dtype)
@@ -493,9 +525,9 @@ class ImageEngine:
                 for job in inbox:
                     self._admit(job)
                 self._reap_cancelled()
-                picked = self._queue.pop_batch(lambda j: j.request.count, self._max_batch)
+                picked = self._queue.pop_call()
                 if picked is not None:
-                    self._run_batch(picked[1])
+                    self._run_call(*picked)
         except BaseException:
             log.exception("image worker crashed")
             with self._cond:
@@ -505,22 +537,30 @@ class ImageEngine:
 
     def _fail_waiting(self) -> None:
         with self._cond:
-            waiting = [*self._inbox, *self._queue]
+            waiting = list(dict.fromkeys([*self._inbox, *(image.job for image in self._queue)]))
             self._inbox = []
-            self._queue = FairQueue()
+            self._queue = FairQueue(self._max_batch)
         for job in waiting:
-            self._finish_error(job, ErrorCode.SHUTTING_DOWN, "the image engine stopped before this request ran")
+            if not job.done:
+                self._finish_error(job, ErrorCode.SHUTTING_DOWN, "the image engine stopped before this request ran")
 
     def _admit(self, job: _Job) -> None:
+        """Queue a request's images, each for its home row (see `batching`)."""
         try:
             self._check(job)
         except _Refused as refused:
             self._finish_error(job, refused.code, refused.message)
             return
-        self._queue.push(job.batch_key, job)
+        count = job.request.count
+        if job.seed is None:
+            # A seed whose images' home rows are free (or least loaded) in their group's calls.
+            job.seed = free_seed(self._queue.loads(job.batch_key), count)
+        for i in range(count):
+            seed = job.seed + i
+            self._queue.push(job.batch_key, _Image(job, i, seed), home_row(seed, self._max_batch))
 
     def _check(self, job: _Job) -> None:
-        """Validate a request and fill in its seed, normalized mix and batch key."""
+        """Validate a request and fill in its seed (if it has one), normalized mix and batch key."""
         r = job.request
         bad = ErrorCode.INVALID_PARAMETER
         if not isinstance(r.prompt, str):
@@ -546,11 +586,9 @@ class ImageEngine:
             raise _Refused(bad, f"count must be between 1 and {self._max_count}, got {r.count!r}")
         if not isinstance(r.guidance, (int, float)) or not math.isfinite(r.guidance) or r.guidance < 0:
             raise _Refused(bad, f"guidance must be a finite number >= 0, got {r.guidance!r}")
-        if r.seed is None:
-            job.seed = secrets.randbelow(2**32)
-        elif not isinstance(r.seed, int) or not 0 <= r.seed <= MAX_SEED:
-            raise _Refused(bad, f"seed must be an integer between 0 and {MAX_SEED}, got {r.seed!r}")
-        else:
+        if r.seed is not None:
+            if not isinstance(r.seed, int) or not 0 <= r.seed <= MAX_SEED:
+                raise _Refused(bad, f"seed must be an integer between 0 and {MAX_SEED}, got {r.seed!r}")
             job.seed = r.seed
 
         weights: dict[str, float] = {}
@@ -583,14 +621,22 @@ class ImageEngine:
                 return
             cancels = set(self._cancels)
         now = time.monotonic()
-        for job in self._queue.remove(lambda j: j.key in cancels):
-            self._finish_cancelled(job, now)
+        for job in dict.fromkeys(image.job for image in self._queue.remove(lambda i: i.job.key in cancels)):
+            if not job.done:
+                self._finish_cancelled(job, now)
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
+    def _run_call(self, group: Hashable, call: list[_Image | None]) -> None:
+        """One pipeline call: each image at its home row (its index in `call`), None rows padded."""
+        call = [image if image is not None and not image.job.done else None for image in call]
+        placed = [image for image in call if image is not None]
+        if not placed:
+            return
+        # Rows padded although images of this group wait: their home rows are taken in this call.
+        waiting = any(self._queue.loads(group))
+        jobs = list(dict.fromkeys(image.job for image in placed))
         lead = jobs[0]
-        r = lead.request
         mix = [(lead.versions[k], w) for k, w in lead.mix]
-        referenced = {k for j in self._queue for k, _ in j.mix}
+        referenced = {k for image in self._queue for k, _ in image.job.mix}
         try:
             self._slots.ensure([v for v, _ in mix], referenced)
             self._slots.activate(mix)
@@ -601,49 +647,48 @@ class ImageEngine:
                 self._finish_error(job, ErrorCode.ADAPTER_UNAVAILABLE, f"could not load adapter {names}: {exc}")
             return
 
-        # One row per image. Every model call runs at exactly `max_batch` rows, padded with
-        # throwaway rows, so the kernels see one shape whatever else is queued (module docstring);
-        # a request for more images than that takes several calls.
-        rows = [(job, job.seed + i) for job in jobs for i in range(job.request.count)]
-        calls = [rows[k : k + self._max_batch] for k in range(0, len(rows), self._max_batch)]
         started = time.monotonic()
         for job in jobs:
-            job.started = started
-        images: dict[_Job, list[Any]] = {job: [] for job in jobs}
-        for index, call in enumerate(calls):
-            if all(job.done for job, _ in call):
-                continue  # cancelled (or failed) before this call
-            try:
-                out = self._call(r, call, index, len(calls))
-            except Exception as exc:
-                log.exception("image pipeline call failed")
-                message = f"image generation failed: {type(exc).__name__}: {exc}"
-                for job in jobs:
-                    if not job.done:
-                        self._finish_error(job, ErrorCode.INTERNAL, message)
-                return
-            for (job, _), image in zip(call, out, strict=True):
-                images[job].append(image)
+            if job.started is None:
+                job.started = started
+            # Progress counts the steps of every call that holds images of the request: this one,
+            # those before and those its queued images wait for.
+            waits = self._queue.waits(lambda image, job=job: image.job is job)
+            job.calls_total = job.calls_done + 1 + len(set(waits))
+        try:
+            out = self._call(lead.request, call, jobs, waiting)
+        except Exception as exc:
+            log.exception("image pipeline call failed")
+            message = f"image generation failed: {type(exc).__name__}: {exc}"
+            for job in jobs:
+                if not job.done:
+                    self._finish_error(job, ErrorCode.INTERNAL, message)
+            return
         now = time.monotonic()
         for job in jobs:
-            if not job.done:
-                self._finish(job, [_png(img) for img in images[job]], "stop", now)
+            job.calls_done += 1
+        for image, picture in zip(placed, out, strict=True):
+            if not image.job.done:
+                image.job.results[image.index] = picture
+        for job in jobs:
+            if not job.done and len(job.results) == job.request.count:
+                self._finish(job, [_png(job.results[i]) for i in range(job.request.count)], "stop", now)
 
-    def _call(self, r: ImageRequest, rows: list[tuple[_Job, int]], index: int, calls: int) -> list[Any]:
-        """One pipeline call for `rows` (job, seed), padded to `max_batch` rows; their images."""
-        pad = self._max_batch - len(rows)
-        prompts = [job.request.prompt for job, _ in rows] + [""] * pad
-        negatives = [job.request.negative_prompt or "" for job, _ in rows] + [""] * pad
+    def _call(self, r: ImageRequest, call: list[_Image | None], jobs: list[_Job], waiting: bool) -> list[Any]:
+        """One pipeline call of exactly `max_batch` rows: the images of `call` at their rows, the
+        None rows padded with throwaway ones (empty prompt, seed 0). Returns the pictures of
+        `call`'s images, in row order."""
+        rows = [row for row, image in enumerate(call) if image is not None]
+        prompts = [image.job.request.prompt if image else "" for image in call]
+        negatives = [(image.job.request.negative_prompt or "") if image else "" for image in call]
         # CPU generators give the same starting noise on every device.
-        seeds = [seed for _, seed in rows] + [0] * pad
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        jobs = list(dict.fromkeys(job for job, _ in rows))
+        generators = [torch.Generator(device="cpu").manual_seed(image.seed if image else 0) for image in call]
 
         def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            self._after_step(pipe, i, jobs, index, calls)
+            self._after_step(pipe, i, jobs)
             return callback_kwargs
 
-        with torch.inference_mode(), _decode_each_image(self._pipe, len(rows), self._max_batch):
+        with torch.inference_mode(), _decode_each_image(self._pipe, rows, self._max_batch):
             out = self._pipe(
                 prompt=prompts,
                 negative_prompt=None if r.negative_prompt is None else negatives,
@@ -658,11 +703,13 @@ class ImageEngine:
         with self._cond:
             self._stats.pipeline_calls += 1
             self._stats.images += len(rows)
-            self._stats.padding_images += pad
+            self._stats.padding_images += self._max_batch - len(rows)
+            if waiting:
+                self._stats.collision_padding += self._max_batch - len(rows)
             self._stats.largest_batch = max(self._stats.largest_batch, len(rows))
-        return list(out.images[: len(rows)])
+        return [out.images[row] for row in rows]
 
-    def _after_step(self, pipe: Any, i: int, jobs: list[_Job], index: int, calls: int) -> None:
+    def _after_step(self, pipe: Any, i: int, jobs: list[_Job]) -> None:
         now = time.monotonic()
         with self._cond:
             cancels = set(self._cancels)
@@ -679,12 +726,13 @@ class ImageEngine:
             # diffusers skips the remaining steps (then still decodes what it has).
             pipe._interrupt = True
         else:
-            # A request that takes several calls counts the steps of all of them.
+            # A request that takes several calls counts the steps of all of them (`_run_call`).
             per_call = int(getattr(pipe, "_num_timesteps", 0) or len(pipe.scheduler.timesteps))
             for job in live:
                 if job.first_step is None:
                     job.first_step = now
-                self._emit(job, ImageProgressEvent(job.key, index * per_call + i + 1, calls * per_call))
+                step = job.calls_done * per_call + i + 1
+                self._emit(job, ImageProgressEvent(job.key, step, max(step, job.calls_total * per_call)))
         # Cancelled requests still waiting are answered now, not after this call.
         self._reap_cancelled()
 
@@ -697,7 +745,7 @@ class ImageEngine:
         return ImageDoneEvent(
             key=job.key,
             images=images,
-            seed=job.seed,
+            seed=job.seed if job.seed is not None else 0,
             width=job.request.width,
             height=job.request.height,
             finish_reason=reason,
@@ -711,6 +759,8 @@ class ImageEngine:
 
     def _retire(self, job: _Job) -> None:
         job.done = True
+        job.results.clear()
+        self._queue.remove(lambda image: image.job is job)  # its images still waiting, if any
         with self._cond:
             if self._live.get(job.key) is job:
                 del self._live[job.key]

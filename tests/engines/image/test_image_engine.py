@@ -358,7 +358,8 @@ def test_same_adapter_set_is_batched(make_engine, version):
     engine.submit(request("a", seed=1, adapters=[(ink, 1.0)]), collectors["a"])
     engine.submit(request("b", seed=2, adapters=[(ink, 1.0)], prompt="a dragon"), collectors["b"])
     engine.submit(request("c", seed=3, adapters=[(ink, 0.5)]), collectors["c"])
-    engine.submit(request("d", seed=4, adapters=[(ink, 1.0)], count=2), collectors["d"])
+    # Seeds 7 and 8 of d: home rows 3 and 0, free of a's and b's (rows 1, 2), so one call.
+    engine.submit(request("d", seed=7, adapters=[(ink, 1.0)], count=2), collectors["d"])
     engine.start()
     for c in collectors.values():
         assert done(c.wait()).finish_reason == "stop"
