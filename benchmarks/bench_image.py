@@ -3,19 +3,24 @@
 Scenarios run side by side in one process on one engine, so their ratios are comparable:
 
   sequential   one request at a time, no adapter (each call padded to --max-batch images)
-  base         N requests at once, no adapter (batched up to --max-batch images per call)
+  base         N requests at once, no adapter (seeds 0..N-1: home rows in turn, full calls)
+  base-noseed  N requests at once, no adapter and no seed (the engine picks seeds on free home rows)
   one-lora     N requests at once, all with the same LoRA
-  mixed-K      N requests at once, cycling over K different LoRAs (K groups served round robin)
+  mixed-K      N requests at once, cycling over K different LoRAs (K groups served round robin, one
+               call per turn; seeds 0, 1, ... inside each group)
   idle-ttfp    single requests on an idle engine: time from submit to the first progress event
   lone-mb1     one request at a time on a separate engine with max_batch=1 (run first): calls of one image,
                unpadded, which is what a lone request cost before calls were padded; its ratio to
                `sequential` is the latency price of the fixed batch shape
 
-Determinism check: one request alone, then with 1 companion, then with max_batch-1 companions at
-every row of the batch (no adapter, and at the last row with a LoRA); companions have other prompts
-and seeds, and wait behind a busy call so that they really share one call. Every PNG must equal
-the lone one. The max_batch=1 engine's bytes are reported too: another batch shape, so they may
-differ, and that is not a failure.
+Determinism check: one request alone, then with 1 companion, then with max_batch-1 companions,
+arriving at every position among them (no adapter, and last with a LoRA), then behind a companion
+that wants the same home row (seed % max_batch) and so takes it: the target waits for the next
+call, there with other companions. Every image sits at its home row, so the target's row never
+changes; what changes is its arrival order, its companions and its call. Companions have other
+prompts and seeds, and wait behind a busy call so that they really are admitted together; the
+number of calls they took is checked. Every PNG must equal the lone one. The max_batch=1 engine's
+bytes are reported too: another batch shape, so they may differ, and that is not a failure.
 
 The tiny placeholder pipeline is the default (CPU-friendly). `--unet-size real` swaps in a UNet
 with the Stable Diffusion 1.5 configuration and random weights (VAE and text encoder stay tiny), for
@@ -147,10 +152,10 @@ def _run_sequential(engine: ImageEngine, requests: list[ImageRequest]) -> dict[s
     }
 
 
-def _shared_call(engine: ImageEngine, requests: list[ImageRequest], blocker: ImageRequest) -> tuple[list[bytes], bool]:
+def _shared_calls(engine: ImageEngine, requests: list[ImageRequest], blocker: ImageRequest) -> tuple[list[bytes], int]:
     """Run `requests` together: they are submitted while `blocker` (another batch key) is running,
-    so they wait side by side and share one call. Returns the first image of each request and
-    whether they really took one call."""
+    so they are admitted side by side. Returns the first image of each request and how many
+    pipeline calls they took."""
     before = engine.stats.pipeline_calls
     busy = _Waiter()
     engine.submit(blocker, busy)
@@ -161,7 +166,7 @@ def _shared_call(engine: ImageEngine, requests: list[ImageRequest], blocker: Ima
         engine.submit(req, w)
     firsts = [w.images()[0] for w in waiters]
     busy.images()
-    return firsts, engine.stats.pipeline_calls - before == 2
+    return firsts, engine.stats.pipeline_calls - before - 1
 
 
 def _differing_pixels(a: bytes, b: bytes) -> int:
@@ -178,13 +183,18 @@ def _colours(png: bytes) -> int:
     return len(Image.open(io.BytesIO(png)).convert("RGB").getcolors(1 << 24) or [])
 
 
-def _determinism(
-    engine: ImageEngine, req: Any, max_batch: int, lora: AdapterVersion, steps: int
-) -> dict[str, Any]:
-    """The target request alone vs with companions, at every row; see the module docstring."""
+def _determinism(engine: ImageEngine, req: Any, max_batch: int, lora: AdapterVersion, steps: int) -> dict[str, Any]:
+    """The target request alone vs with companions, arriving at every position; see the module
+    docstring."""
+    seed = 424242
+    home = seed % max_batch
+    others = [row for row in range(max_batch) if row != home]
 
     def target(key: str, adapters: list[tuple[AdapterVersion, float]]) -> ImageRequest:
-        return dataclasses.replace(req(key, 424242, adapters), prompt="the determinism target")
+        return dataclasses.replace(req(key, seed, adapters), prompt="the determinism target")
+
+    def companion(key: str, row: int, adapters: list[tuple[AdapterVersion, float]], lap: int = 0) -> ImageRequest:
+        return req(key, (1000 + lap) * max_batch + row, adapters)  # its home row is `row`
 
     def blocker(key: str) -> ImageRequest:
         return dataclasses.replace(req(key, 7, []), steps=steps + 1)
@@ -195,20 +205,31 @@ def _determinism(
         w = _Waiter()
         engine.submit(target(f"alone-{label}", adapters), w)
         alone = w.images()[0]
-        layouts = [(1, 0)] if max_batch > 1 and not adapters else []
-        if max_batch > 1:
-            rows = range(max_batch) if not adapters else [max_batch - 1]
-            layouts += [(max_batch - 1, p) for p in rows]
-        for companions, position in layouts:
-            others = [req(f"c{len(checks)}-{i}-{label}", 1000 + i, adapters) for i in range(companions)]
-            batch = [*others[:position], target(f"t{len(checks)}-{label}", adapters), *others[position:]]
-            firsts, shared = _shared_call(engine, batch, blocker(f"busy{len(checks)}-{label}"))
+        # (companions before the target, companions after it, rival first, calls expected)
+        layouts: list[tuple[list[int], list[int], bool, int]] = []
+        if max_batch > 1 and not adapters:
+            layouts.append(([], others[:1], False, 1))
+            layouts += [(others[:p], others[p:], False, 1) for p in range(max_batch)]
+            layouts.append((others, others, True, 2))
+        elif max_batch > 1:
+            layouts.append((others, [], False, 1))
+        for before, after, rival, expected_calls in layouts:
+            n = len(checks)
+            first = [companion(f"c{n}-a{i}-{label}", row, adapters) for i, row in enumerate(before)]
+            if rival:
+                first.insert(0, companion(f"c{n}-rival-{label}", home, adapters, lap=1))
+            then = [companion(f"c{n}-b{i}-{label}", row, adapters, lap=2) for i, row in enumerate(after)]
+            batch = [*first, target(f"t{n}-{label}", adapters), *then]
+            position = len(first)
+            firsts, calls = _shared_calls(engine, batch, blocker(f"busy{n}-{label}"))
             checks.append(
                 {
                     "adapters": label,
-                    "companions": companions,
-                    "row": position,
-                    "shared_one_call": shared,
+                    "companions": len(batch) - 1,
+                    "arrived": position + 1,
+                    "rival_first": rival,
+                    "calls": calls,
+                    "calls_expected": expected_calls,
                     "bytes_equal": firsts[position] == alone,
                     "pixels_differing": _differing_pixels(firsts[position], alone),
                 }
@@ -216,7 +237,12 @@ def _determinism(
         if not adapters:
             colours = _colours(alone)
     # Random weights in half precision can overflow to a flat image, which would match anything.
-    return {"checks": checks, "all_equal": all(c["bytes_equal"] for c in checks), "target_colours": colours}
+    return {
+        "target_home_row": home,
+        "checks": checks,
+        "all_equal": all(c["bytes_equal"] for c in checks),
+        "target_colours": colours,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
 
         rows["sequential"] = _run_sequential(engine, [req(f"s{i}", i, []) for i in range(min(n, 4))])
         rows["base"] = _run_batch(engine, [req(f"b{i}", i, []) for i in range(n)])
+        noseed = [dataclasses.replace(req(f"n{i}", i, []), seed=None) for i in range(n)]
+        rows["base-noseed"] = _run_batch(engine, noseed)
         rows["one-lora"] = _run_batch(engine, [req(f"o{i}", i, [(versions[0], 1.0)]) for i in range(n)])
         k = len(versions)
-        rows[f"mixed-{k}"] = _run_batch(engine, [req(f"m{i}", i, [(versions[i % k], 1.0)]) for i in range(n)])
+        # Seeds count up inside each LoRA's group (home rows in turn): seed i for request i would put a
+        # whole group on one home row whenever k divides max_batch (one image per call).
+        mixed = [dataclasses.replace(req(f"m{i}", i, [(versions[i % k], 1.0)]), seed=i // k) for i in range(n)]
+        rows[f"mixed-{k}"] = _run_batch(engine, mixed)
         idle = [_run_batch(engine, [req(f"t{i}", i, [])]) for i in range(args.ttfp_samples)]
         rows["idle-ttfp"] = {
             "requests": len(idle),
@@ -320,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.submit(dataclasses.replace(req("mb-target", 424242, []), prompt="the determinism target"), w)
         determinism["equal_to_max_batch_1"] = w.images()[0] == single_target
         padding = engine.stats.padding_images
+        collision_padding = engine.stats.collision_padding
     finally:
         engine.stop()
 
@@ -344,14 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"fixed batch shape: a lone request takes {lone['latency_p50_ms']:.1f} ms padded to {args.max_batch} images "
         f"vs {unpadded['latency_p50_ms']:.1f} ms unpadded (max_batch=1): "
-        f"{lone['latency_p50_ms'] / unpadded['latency_p50_ms']:.2f}x; {padding} padding images computed in all"
+        f"{lone['latency_p50_ms'] / unpadded['latency_p50_ms']:.2f}x; {padding} padding images computed in all, "
+        f"{collision_padding} of them while images of the call's group waited for a taken home row"
     )
-    print(f"determinism ({determinism['seconds']}s): the same request alone vs batched with companions")
+    print(
+        f"determinism ({determinism['seconds']}s): the same request alone vs batched with companions "
+        f"(its home row: {determinism['target_home_row']})"
+    )
     for c in determinism["checks"]:
+        rival = ", after one on its home row" if c["rival_first"] else ""
+        calls = f" (warning: {c['calls']} calls, {c['calls_expected']} expected)"
+        calls = "" if c["calls"] == c["calls_expected"] else calls
         print(
-            f"  {c['adapters']:<10} {c['companions']} companion(s), target at row {c['row']}:"
+            f"  {c['adapters']:<10} {c['companions']} companion(s){rival}, target arrived {c['arrived']}:"
             + (" bytes equal yes" if c["bytes_equal"] else f" bytes equal NO ({c['pixels_differing']} pixels differ)")
-            + ("" if c["shared_one_call"] else " (warning: the batch was split over several calls)")
+            + calls
         )
     if not determinism["checks"]:
         print("  n/a: max_batch=1 never batches")
@@ -374,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "scenarios": rows,
         "padding_images": padding,
+        "collision_padding": collision_padding,
         "determinism": determinism,
     }
     if args.json is not None:
