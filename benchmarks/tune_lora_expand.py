@@ -63,11 +63,13 @@ def main() -> int:
     args = p.parse_args()
     storage = LoraSlotStorage(_Weights(), num_layers=1, target_dims=DIMS, targets=tuple(DIMS), num_slots=args.slots,
                               max_rank=args.rank, device=torch.device("cuda"), dtype=torch.bfloat16)
-    for b in storage.b[0].values():
-        b.normal_()
-    weights = torch.zeros(args.rows, args.slots, device="cuda", dtype=torch.bfloat16)
-    weights[torch.arange(args.rows), torch.arange(args.rows) % args.slots] = 1
-    weights = weights.repeat_interleave(args.rank, 1)
+    for group in storage.groups[0].values():  # every pool row in use: each row its own slot's rows
+        group.b_cat.normal_()
+    width = storage.pool_rows
+    weights = torch.zeros(args.rows, width, device="cuda", dtype=torch.bfloat16)
+    for t in range(args.rows):
+        slot = t % args.slots
+        weights[t, slot * args.rank:(slot + 1) * args.rank] = 1
     for key, group in storage.groups[0].items():
         _tune(key, group, weights, args.rows)
     return 0

@@ -120,13 +120,13 @@ class _Seq:
     """A running request."""
 
     def __init__(self, req: TextRequest, row: int, slots: list[int], tokenizer: Any, table: list[bytes] | None,
-                 num_slots: int, dtype: torch.dtype) -> None:
+                 num_slots: int) -> None:
         self.req = req
         self.row = row
         self.slots = slots
         self.scales = [s for _, s in req.adapters]
         self.versions = [v for v, _ in req.adapters]
-        self.slot_weights = torch.zeros(num_slots, dtype=dtype)  # this row's scale per slot (dense LoRA)
+        self.slot_weights = torch.zeros(num_slots)  # this row's scale per slot (float32, host)
         for slot, scale in zip(slots, self.scales, strict=True):
             self.slot_weights[slot] += scale
         self.done_prompt = 0
@@ -426,7 +426,7 @@ class TextEngine:
                 continue
             self._queue.remove(req)
             self._running.append(_Seq(req, self._free_rows.pop(), slots, self.tokenizer, self.byte_table,
-                                      self.storage.num_slots, self.dtype))
+                                      self.storage.num_slots))
 
     def step(self) -> bool:
         """One scheduling round and forward pass. Returns False when there was nothing to do."""
@@ -450,8 +450,6 @@ class TextEngine:
         ids: list[int] = []
         pos: list[int] = []
         rows: list[int] = []
-        tok_slots: list[list[int]] = []
-        tok_scales: list[list[float]] = []
         sample_seqs: list[_Seq] = []
         logit_index: list[int] = []
         decode = sorted((s for s in self._running if not s.in_prefill), key=lambda s: s.row)
@@ -460,8 +458,6 @@ class TextEngine:
             ids.append(s.generated[-1])
             pos.append(ctx - 1)
             rows.append(s.row)
-            tok_slots.append(s.slots)
-            tok_scales.append(s.scales)
             logit_index.append(len(ids) - 1)
             sample_seqs.append(s)
         if self.graphs is not None and decode and len(decode) == len(self._running):  # decode only
@@ -481,8 +477,6 @@ class TextEngine:
             ids.extend(s.req.prompt_ids[s.done_prompt:s.done_prompt + n])
             pos.extend(range(s.done_prompt, s.done_prompt + n))
             rows.extend([s.row] * n)
-            tok_slots.extend([s.slots] * n)
-            tok_scales.extend([s.scales] * n)
             chunks.append(PrefillChunk(start=start, end=start + n, row=s.row, pos0=s.done_prompt))
             counts.append(n)
             step_seqs.append(s)
@@ -504,30 +498,25 @@ class TextEngine:
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
             decode_row_range=(decode[0].row, decode[-1].row + 1)
             if decode and decode[-1].row - decode[0].row + 1 == len(decode) else None,
-            lora=self._lora_batch(step_seqs, counts, tok_slots, tok_scales),
+            lora=self._lora_batch(step_seqs, counts),
         )
         self.last_batch_size = len(ids)
         logits = self.model.forward(step, self.cache, self.storage)
         if sample_seqs:  # else: only prompt chunks that end mid-prompt
             self._sample_and_accept(sample_seqs, logits)
 
-    def _lora_batch(self, seqs: list[_Seq], counts: list[int], tok_slots: list[list[int]],
-                    tok_scales: list[list[float]]) -> LoraBatch:
-        """The step's LoRA plan. On a GPU: dense over all slots, built from each sequence's slot
-        vector (no per-token Python, no gathers; `lora_project` fuses the shrink into the base GEMM).
-        On a CPU, where prompt tokens are compute-bound, `LoraBatch.build` picks per step."""
+    def _lora_batch(self, seqs: list[_Seq], counts: list[int]) -> LoraBatch:
+        """The step's LoRA plan from each sequence's slot vector (no per-token Python). On a GPU:
+        dense over the pool rows in use (`lora_project` fuses the shrink into the base GEMM). On a
+        CPU, where prompt tokens are compute-bound, `LoraBatch.plan` picks per step."""
+        per_seq = self._slot_weights(seqs)
+        if per_seq is None:
+            return LoraBatch(mode="none")
+        per_token = per_seq.repeat_interleave(torch.tensor(counts), dim=0)
         kernel = self.config.lora_kernel
-        if self.device.type == "cuda" and kernel in ("auto", "dense"):
-            per_seq = self._slot_weights(seqs)
-            if per_seq is None:
-                return LoraBatch(mode="none")
-            weights = per_seq.repeat_interleave(torch.tensor(counts), dim=0)
-            return LoraBatch(mode="dense", weights=weights.to(self.device, non_blocking=True).repeat_interleave(
-                self.storage.max_rank, dim=1))
-        return LoraBatch.build(tok_slots, tok_scales, max_rank=self.storage.max_rank,
-                               num_slots=self.storage.num_slots, device=self.device, dtype=self.dtype,
-                               prefer_dense=self.device.type == "cuda",
-                               force=None if kernel == "auto" else kernel)  # type: ignore[arg-type]
+        return LoraBatch.plan(per_token, self.storage, dtype=self.dtype,
+                              prefer_prefix=self.device.type == "cuda" and kernel in ("auto", "dense"),
+                              force=None if kernel == "auto" else kernel)  # type: ignore[arg-type]
 
     def _slot_weights(self, decode: list[_Seq]) -> torch.Tensor | None:
         """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""

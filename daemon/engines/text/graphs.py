@@ -5,8 +5,10 @@ bytes, bounds the step time. Recording the step once and replaying it removes th
 needs fixed shapes and addresses, so the runner keeps static input buffers and pads:
 - rows up to the next batch bucket (padding rows write into a scratch KV-cache row),
 - attention up to the next context bucket (the mask hides the rest),
-- LoRA in the dense form over all slots ([B, slots*rank] weights; zero for base rows), or no LoRA
-  at all when every row is on the base model (a graph of its own, as fast as the base model).
+- LoRA in the dense form over the pool rows in use, rounded up to a power of two (one graph per
+  width; [B, slots] scales are spread over the rows inside the graph through the storage's
+  row->slot map), or no LoRA at all when every row is on the base model (a graph of its own, as
+  fast as the base model).
 Prefill steps and CPU runs use the eager path.
 """
 
@@ -52,10 +54,12 @@ class DecodeGraphs:
         self.scratch_row = scratch_row
         self.batch_sizes = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, max_rows + 1))
                                   | {max_rows})
-        self._graphs: dict[tuple[int, int, bool], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self.replays = 0
 
-    def _capture(self, batch: int, context: int, lora: bool) -> _Graph:
+    def _capture(self, batch: int, context: int, width: int) -> _Graph:
+        """A graph for `batch` rows, `context` keys and `width` LoRA pool rows (0: no LoRA)."""
+        lora = width > 0
         dev = self.model.device
         ints = torch.zeros(4, batch, dtype=torch.long, device=dev)
         ints[2] = self.scratch_row
@@ -66,9 +70,8 @@ class DecodeGraphs:
                          logit_index=torch.arange(batch, device=dev), lora=LoraBatch(mode="none"))
 
         def forward() -> torch.Tensor:
-            if slot_weights is not None:  # spread over the rank inside the graph: the host copies [B, S] only
-                step.lora = LoraBatch(mode="dense",
-                                      weights=slot_weights.repeat_interleave(self.storage.max_rank, dim=1))
+            if slot_weights is not None:  # spread over the rows inside the graph: the host copies [B, S] only
+                step.lora = LoraBatch(mode="dense", weights=self.storage.row_weights(slot_weights, width))
             return self.model.forward(step, self.cache, self.storage)
 
         stream = torch.cuda.Stream(dev)
@@ -82,7 +85,7 @@ class DecodeGraphs:
         # would let a replay overwrite another graph's intermediates.
         with torch.cuda.graph(graph):
             logits = forward()
-        log.debug("captured a decode graph: batch %d, context %d, lora %s", batch, context, lora)
+        log.debug("captured a decode graph: batch %d, context %d, LoRA rows %d", batch, context, width)
         return _Graph(graph, ints, slot_weights, logits, step)
 
     def run(self, ids: list[int], positions: list[int], rows: list[int],
@@ -92,10 +95,10 @@ class DecodeGraphs:
         batch = _bucket(n, self.batch_sizes)
         longest = max(positions) + 1
         context = min(-(-longest // _CONTEXT_BUCKET) * _CONTEXT_BUCKET, self.cache.max_len)
-        key = (batch, context, slot_weights is not None)
+        key = (batch, context, 0 if slot_weights is None else self.storage.width(graph=True))
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._capture(batch, context, slot_weights is not None)
+            g = self._graphs[key] = self._capture(*key)
         pad = batch - n
         host = torch.tensor([ids + [0] * pad, positions + [0] * pad, rows + [self.scratch_row] * pad,
                              [p + 1 for p in positions] + [1] * pad])

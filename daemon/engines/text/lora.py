@@ -6,27 +6,30 @@ Each targeted projection y = x W^T gets, per token t,
 
     y[t] += sum_m  scale[t, m] * (x[t] @ A[slot[t, m]]^T) @ B[slot[t, m]]
 
-where A[s] is [R, d_in] and B[s] is [R, d_out] (PEFT's lora_B transposed, with alpha/r folded in),
-zero-padded to the slot rank R. A weighted mix of adapters is M > 1 entries per token, which is the
-same as one adapter of rank M*R (A's concatenated, B's scaled): one code path serves base rows
-(scale 0), single adapters and mixes.
+where A[s] is [r_s, d_in] and B[s] is [r_s, d_out] (PEFT's lora_B transposed, with alpha/r folded
+in). A weighted mix of adapters is M > 1 entries per token, which is the same as one adapter of
+rank sum(r) (A's concatenated, B's scaled): one code path serves base rows (scale 0), single
+adapters and mixes.
 
-Two fast paths compute exactly that, and `lora_reference` is the plain loop the tests compare with:
-- `dense`: multiply by the A's of the step's active slots at once and mask with a weight matrix
-  [T, K]; the default: prefill chunks (few adapters, many tokens), GPUs (no gathers, big GEMMs)
-  and CPU decode (memory-bound: each adapter is read once per step).
-- `bgmv`: gather each token's A and B and use batched matmuls (cost per token = its own rank);
+Storage is a pool of rank rows, not fixed-size slots: an adapter of rank r takes r consecutive pool
+rows, so a rank-8 adapter costs 8 rows however large `max_rank` is, and the rows in use are always
+a prefix of the pool (`LoraSlotStorage.width`); nothing reads padding. The A rows of every pool row
+live inside the model's weight for their projection group (`GroupSlots`), interleaved by member
+(q/k/v), so one GEMM over the base rows plus the prefix gives the base output and every adapter's
+shrink at once.
+
+Three paths compute the update; `lora_reference` is the plain loop the tests compare them with:
+- dense over the prefix (`LoraBatch.rows is None`): that fused GEMM, then a [T, rows] scale
+  matrix and the expand of a whole group: one Triton kernel on CUDA (`triton_lora.py`), a
+  multiply plus a GEMM per member elsewhere. Every GPU step; CPU steps with most adapters busy.
+- dense over some rows (`rows` given): gather the active adapters' rows (prompt chunks on a CPU:
+  few adapters, many tokens).
+- `bgmv`: gather each token's own rows and use batched matmuls (cost per token = its own rank);
   for very many wide adapters with few tokens each.
-
-Dense over all slots (every GPU step, CPU decode with most slots busy) goes further: the A rows of
-every slot live inside the model's weight for their projection group (`GroupSlots`), so the base
-GEMM also yields every slot's shrink, and the expand of a whole group is one Triton kernel on CUDA
-(`triton_lora.py`) or one multiply plus a GEMM per member elsewhere (`lora_expand_fused`).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -63,28 +66,37 @@ class FusableModel(Protocol):
 
 @dataclass(frozen=True)
 class GroupSlots:
-    """The slot matrices of one projection group (e.g. q/k/v) of one layer.
+    """The pool rows of one projection group (e.g. q/k/v) of one layer.
 
-    The A rows of every member and slot are appended to the model's weight for the group:
-    `fused` is [out + n*S*R, d_in], so one GEMM gives the base output and every slot's shrink.
-    The B's of the members sit side by side in `b_cat` [S*R, sum of member widths]."""
+    `fused` is the model's weight for the group followed by the A rows: pool row p of member j is
+    fused row `base_out + p * n + j` (n members), so a prefix of pool rows is a prefix of `fused`.
+    The B's of the members sit side by side in `b_cat` [pool rows, sum of member widths]."""
 
     members: tuple[str, ...]
     out_cols: tuple[tuple[int, int], ...]  # each member's columns in the group's base output
+    b_cols: tuple[tuple[int, int], ...]  # each member's columns in b_cat
     base_out: int
     fused: torch.Tensor
     fused_bias: torch.Tensor | None
-    a: torch.Tensor  # [n, S, R, d_in]: a view of fused's extra rows
     b_cat: torch.Tensor
-    b: tuple[torch.Tensor, ...]  # per member [S, R, width]: views of b_cat
+
+    def a(self, j: int) -> torch.Tensor:
+        """Member j's A rows, one per pool row: [pool rows, d_in] (a strided view of `fused`)."""
+        return self.fused[self.base_out + j::len(self.members)]
+
+    def b(self, j: int) -> torch.Tensor:
+        """Member j's B rows: [pool rows, d_out] (a view of `b_cat`)."""
+        lo, hi = self.b_cols[j]
+        return self.b_cat[:, lo:hi]
 
 
 class LoraSlotStorage:
-    """Compute-resident adapter matrices of `num_slots` slots, zero-padded to `max_rank`.
+    """Compute-resident adapter matrices for `num_slots` adapters of rank <= `max_rank`.
 
-    For every layer and targeted group (`groups[layer][key]`) the A's live inside the model's fused
-    weight (see `GroupSlots`); `a[layer][target]` [S, R, d_in] and `b[layer][target]` [S, R, d_out]
-    are per-target views of the same memory.
+    A slot is an adapter's place in the slot table; its matrices take `rank` consecutive rows of a
+    pool of num_slots * max_rank rows (plus one row that stays zero, the padding of per-token
+    gathers). `row_slot` maps each pool row to its slot (num_slots = free) for building per-row
+    scales; it lives on the device and is updated in place, so CUDA graphs can read it.
     """
 
     def __init__(self, model: FusableModel, *, num_layers: int, target_dims: dict[str, tuple[int, int]],
@@ -93,190 +105,254 @@ class LoraSlotStorage:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.targets = targets
+        self.device = device
         self.triton = False  # expand with the Triton kernel (the engine turns it on where it runs)
-        self.a: list[dict[str, torch.Tensor]] = []
-        self.b: list[dict[str, torch.Tensor]] = []
+        self.pool_rows = num_slots * max_rank
+        self.zero_row = self.pool_rows
+        rows = self.pool_rows + 1
+        self.row_slot = torch.full((rows,), num_slots, dtype=torch.long, device=device)
+        self._spans: dict[int, tuple[int, int]] = {}  # slot -> (first pool row, rank)
+        self.used = 0  # pool rows [0, used) hold every resident adapter
+        self.compactions = 0
         self.groups: list[dict[str, GroupSlots]] = []
-        width = num_slots * max_rank
         for i in range(num_layers):
-            layer_a: dict[str, torch.Tensor] = {}
-            layer_b: dict[str, torch.Tensor] = {}
             layer_groups: dict[str, GroupSlots] = {}
             for key, group in GROUPS:
                 members = tuple(t for t in group if t in targets)
                 if not members:
                     continue
-                starts = dict(zip(group, itertools.accumulate((target_dims[t][1] for t in group), initial=0),
-                                  strict=False))
+                starts, col = {}, 0
+                for t in group:
+                    starts[t] = col
+                    col += target_dims[t][1]
                 out_cols = tuple((starts[t], starts[t] + target_dims[t][1]) for t in members)
-                d_in = target_dims[members[0]][0]
-                fused, bias = model.fuse_rows(i, key, len(members) * width)
-                base_out = fused.shape[0] - len(members) * width
-                stacked = fused[base_out:].view(len(members), num_slots, max_rank, d_in)
-                b_cat = torch.zeros(width, sum(hi - lo for lo, hi in out_cols), device=device, dtype=dtype)
-                b_views, col = [], 0
+                b_cols, col = [], 0
                 for lo, hi in out_cols:
-                    b_views.append(b_cat[:, col:col + hi - lo].view(num_slots, max_rank, hi - lo))
+                    b_cols.append((col, col + hi - lo))
                     col += hi - lo
-                for j, t in enumerate(members):
-                    layer_a[t], layer_b[t] = stacked[j], b_views[j]
-                layer_groups[key] = GroupSlots(members, out_cols, base_out, fused, bias, stacked, b_cat,
-                                               tuple(b_views))
-            self.a.append(layer_a)
-            self.b.append(layer_b)
+                fused, bias = model.fuse_rows(i, key, len(members) * rows)
+                base_out = fused.shape[0] - len(members) * rows
+                b_cat = torch.zeros(rows, col, device=device, dtype=dtype)
+                layer_groups[key] = GroupSlots(members, out_cols, tuple(b_cols), base_out, fused, bias, b_cat)
             self.groups.append(layer_groups)
 
+    # -- which rows are in use ------------------------------------------------------------------
+
+    def span(self, slot: int) -> tuple[int, int]:
+        """(first pool row, rank) of a loaded slot."""
+        return self._spans[slot]
+
+    def width(self, *, graph: bool = False) -> int:
+        """Pool rows a dense step reads: `used` rounded up to a multiple of 16 (kernel tiles), or to a
+        power of two for CUDA graphs (one graph per width); never past the pool."""
+        if graph:
+            w = 16
+            while w < self.used:
+                w *= 2
+        else:
+            w = max(16, -(-self.used // 16) * 16)
+        return min(w, self.pool_rows)
+
+    def row_weights(self, slot_weights: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """[T, slots] scale of each token per slot -> [T, width] scale per pool row (0 on free rows)."""
+        width = self.width() if width is None else width
+        padded = torch.cat([slot_weights, slot_weights.new_zeros(slot_weights.shape[0], 1)], dim=1)
+        return padded.index_select(1, self.row_slot[:width])
+
     def nbytes(self) -> int:
-        return sum(g.a.numel() * g.a.element_size() + g.b_cat.numel() * g.b_cat.element_size()
+        """Bytes of adapter matrices a dense step reads now (the rows in use)."""
+        w = self.width()
+        return sum(g.fused[g.base_out:g.base_out + w * len(g.members)].numel() * g.fused.element_size()
+                   + g.b_cat[:w].numel() * g.b_cat.element_size()
                    for layer in self.groups for g in layer.values())
 
+    # -- loading --------------------------------------------------------------------------------
+
     def load(self, slot: int, lora: PreparedLora) -> None:
-        """Copy `lora` into `slot`, zero-padding its rank; targets it lacks become zero."""
-        for i, (layer_a, layer_b) in enumerate(zip(self.a, self.b, strict=True)):
+        """Copy `lora` into `slot` (freeing what the slot held); targets it lacks stay zero."""
+        if slot in self._spans:
+            self.clear(slot)
+        rank = max(1, lora.rank)
+        first = self._allocate(rank)
+        for i, layer in enumerate(self.groups):
             parts = lora.layers[i]
-            for t in self.targets:
-                a_slot, b_slot = layer_a[t][slot], layer_b[t][slot]
-                a_slot.zero_()
-                b_slot.zero_()
-                if t in parts:
+            for g in layer.values():
+                for j, t in enumerate(g.members):
+                    if t not in parts:
+                        continue
                     a, b = parts[t]
                     r = a.shape[0]
-                    a_slot[:r].copy_(a, non_blocking=True)
-                    b_slot[:r].copy_(b, non_blocking=True)
+                    g.a(j)[first:first + r].copy_(a, non_blocking=True)
+                    g.b(j)[first:first + r].copy_(b, non_blocking=True)
+        self._spans[slot] = (first, rank)
+        self.row_slot[first:first + rank] = slot
+        self.used = max(self.used, first + rank)
 
     def clear(self, slot: int) -> None:
-        for layer in (*self.a, *self.b):
-            for x in layer.values():
-                x[slot].zero_()
+        span = self._spans.pop(slot, None)
+        if span is None:
+            return
+        first, rank = span
+        self._zero(first, first + rank)
+        self.row_slot[first:first + rank] = self.num_slots
+        self.used = max((f + r for f, r in self._spans.values()), default=0)
+
+    def _zero(self, lo: int, hi: int) -> None:
+        for layer in self.groups:
+            for g in layer.values():
+                n = len(g.members)
+                g.fused[g.base_out + lo * n:g.base_out + hi * n].zero_()
+                g.b_cat[lo:hi].zero_()
+
+    def _allocate(self, rank: int) -> int:
+        """First pool row of a free run of `rank` rows; packs the resident adapters to the front
+        when the free rows are there but scattered (between steps, so no step sees it half done)."""
+        cursor = 0
+        for first, r in sorted(self._spans.values()):
+            if first - cursor >= rank:
+                return cursor
+            cursor = first + r
+        if self.pool_rows - cursor >= rank:
+            return cursor
+        self._compact()
+        return self.used
+
+    def _compact(self) -> None:
+        self.compactions += 1
+        cursor = 0
+        for slot, (first, rank) in sorted(self._spans.items(), key=lambda kv: kv[1][0]):
+            if first != cursor:
+                for layer in self.groups:
+                    for g in layer.values():
+                        n = len(g.members)
+                        src = g.fused[g.base_out + first * n:g.base_out + (first + rank) * n].clone()
+                        g.fused[g.base_out + cursor * n:g.base_out + (cursor + rank) * n].copy_(src)
+                        g.b_cat[cursor:cursor + rank].copy_(g.b_cat[first:first + rank].clone())
+                self._spans[slot] = (cursor, rank)
+            cursor += rank
+        self._zero(cursor, self.pool_rows)
+        self.row_slot.fill_(self.num_slots)
+        for slot, (first, rank) in self._spans.items():
+            self.row_slot[first:first + rank] = slot
+        self.used = cursor
 
 
 @dataclass
 class LoraBatch:
-    """Which slots and scales each token of a step uses: the seam between scheduler and kernels.
+    """Which adapters and scales each token of a step uses: the seam between scheduler and kernels.
 
-    slots/scales are [T, M]; a row on the base model has scale 0. For the dense path, `active`
-    lists the K slots in use (None = all slots) and `weights` is [T, K*R] (scales spread over ranks).
+    dense: `weights` [T, K] is each token's scale for K pool rows: `rows` (gathered), or the prefix
+    [0, K) when `rows` is None. bgmv: `index` [T, M*R] are each token's own pool rows (the zero row
+    pads) and `scales` [T, M*R] their scales.
     """
 
     mode: Mode
-    slots: torch.Tensor | None = None
-    scales: torch.Tensor | None = None  # [T, M*R] for bgmv (repeated over the rank)
-    active: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
 
     @staticmethod
-    def build(token_slots: list[list[int]], token_scales: list[list[float]], *, max_rank: int,
-              num_slots: int, device: torch.device, dtype: torch.dtype, prefer_dense: bool,
-              force: Mode | None = None) -> LoraBatch:
-        """Plan a step. token_slots[t] / token_scales[t] list the adapters of token t (may be empty).
+    def plan(slot_weights: torch.Tensor, storage: LoraSlotStorage, *, dtype: torch.dtype,
+             prefer_prefix: bool, force: Mode | None = None) -> LoraBatch:
+        """Plan a step from [T, slots] scales (host, float32; 0 = slot unused by that token).
 
         `force` picks the path regardless of the cost rule (tests and benchmarks use it)."""
-        if not any(any(s != 0.0 for s in row) for row in token_scales):
+        active = (slot_weights != 0).any(dim=0).nonzero().flatten().tolist()
+        if not active:
             return LoraBatch(mode="none")
-        m = max(1, max(len(row) for row in token_slots))
-        t = len(token_slots)
-        slots = [row + [0] * (m - len(row)) for row in token_slots]
-        scales = [row + [0.0] * (m - len(row)) for row in token_scales]
-        used = sorted({s for row, sc in zip(token_slots, token_scales, strict=True)
-                       for s, x in zip(row, sc, strict=True) if x != 0.0})
-        k = len(used)
+        device = storage.device
+        t = slot_weights.shape[0]
+        spans = [storage.span(s) for s in active]
+        active_rows = sum(r for _, r in spans)
         # Decode on a CPU is bound by reading weights: dense reads each active adapter once per
-        # step, bgmv copies one per token (then reads the copy). Dense only loses when K*R grows
-        # so wide that its extra multiply-adds dominate, with few tokens per adapter.
-        dense = prefer_dense or k * max_rank <= 1024 or t >= 2 * k
+        # step, bgmv copies one per token (then reads the copy). Dense only loses when the active
+        # rows grow so wide that its extra multiply-adds dominate, with few tokens per adapter.
+        dense = prefer_prefix or active_rows <= 1024 or t >= 2 * len(active)
         if force is not None:
             dense = force == "dense"
         if dense:
-            # Gathering the active slots costs a copy per target; with most slots active it is
-            # cheaper to multiply by all of them (unused ones get weight 0).
-            use_all = k * 2 > num_slots
-            cols = list(range(num_slots)) if use_all else used
-            index = {s: j for j, s in enumerate(cols)}
-            w = torch.zeros(t, len(cols), dtype=torch.float32)
-            for i, (row, sc) in enumerate(zip(slots, scales, strict=True)):
-                for s, x in zip(row, sc, strict=True):
-                    if x != 0.0:
-                        w[i, index[s]] += x
-            weights = w.repeat_interleave(max_rank, dim=1).to(device=device, dtype=dtype)
-            active = None if use_all else torch.tensor(cols, dtype=torch.long, device=device)
-            return LoraBatch(mode="dense", active=active, weights=weights)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        scale_t = torch.tensor(scales, dtype=torch.float32).repeat_interleave(max_rank, dim=1)
-        return LoraBatch(mode="bgmv", slots=slot_t, scales=scale_t.to(device=device, dtype=dtype))
+            # Gathering rows costs a copy per target; with most of the prefix active it is cheaper
+            # to multiply by all of it (free rows and idle adapters get weight 0).
+            if prefer_prefix or active_rows * 2 > storage.width():
+                return LoraBatch(mode="dense", weights=storage.row_weights(slot_weights.to(device, dtype)))
+            rows = torch.cat([torch.arange(f, f + r) for f, r in spans])
+            weights = slot_weights.index_select(1, storage.row_slot[rows].cpu())
+            return LoraBatch(mode="dense", weights=weights.to(device, dtype), rows=rows.to(device))
+        rank = max(r for _, r in spans)
+        per_token = [(row != 0).nonzero().flatten().tolist() for row in slot_weights]
+        m = max(1, max(len(p) for p in per_token))
+        index = torch.full((t, m * rank), storage.zero_row, dtype=torch.long)
+        scales = torch.zeros(t, m * rank)
+        for i, slots in enumerate(per_token):
+            for k, s in enumerate(slots):
+                first, r = storage.span(s)
+                index[i, k * rank:k * rank + r] = torch.arange(first, first + r)
+                scales[i, k * rank:k * rank + r] = slot_weights[i, s]
+        return LoraBatch(mode="bgmv", index=index.to(device), scales=scales.to(device, dtype))
 
 
 def lora_apply(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoraBatch) -> None:
-    """out[T, d_out] += the LoRA update of x[T, d_in] with slot stacks a [S, R, d_in], b [S, R, d_out]."""
+    """out[T, d_out] += the LoRA update of x[T, d_in] for one target whose pool rows are a [P, d_in]
+    and b [P, d_out]."""
     if batch.mode == "none":
         return
-    s, r, d_in = a.shape
-    d_out = b.shape[2]
     if batch.mode == "dense":
-        if batch.active is None:
-            a_act, b_act = a.view(s * r, d_in), b.view(s * r, d_out)
-        else:
-            a_act = a.index_select(0, batch.active).view(-1, d_in)
-            b_act = b.index_select(0, batch.active).view(-1, d_out)
         assert batch.weights is not None
-        shrunk = (x @ a_act.t()) * batch.weights
-        out.addmm_(shrunk, b_act)
+        if batch.rows is None:
+            a_act, b_act = a[:batch.weights.shape[1]], b[:batch.weights.shape[1]]
+        else:
+            a_act, b_act = a.index_select(0, batch.rows), b.index_select(0, batch.rows)
+        out.addmm_((x @ a_act.t()) * batch.weights, b_act)
         return
-    assert batch.slots is not None and batch.scales is not None
-    t, m = batch.slots.shape
-    a_g = a[batch.slots].view(t, m * r, d_in)  # gather: [T, M*R, d_in]
-    shrunk = torch.bmm(a_g, x.unsqueeze(-1)).squeeze(-1) * batch.scales  # [T, M*R]
-    b_g = b[batch.slots].view(t, m * r, d_out)
-    out.add_(torch.bmm(shrunk.unsqueeze(1), b_g).squeeze(1))
+    assert batch.index is not None and batch.scales is not None
+    shrunk = torch.bmm(a[batch.index], x.unsqueeze(-1)).squeeze(-1) * batch.scales  # [T, M*R]
+    out.add_(torch.bmm(shrunk.unsqueeze(1), b[batch.index]).squeeze(1))
 
 
-def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], a_group: torch.Tensor, bs: list[torch.Tensor],
-                     batch: LoraBatch) -> None:
-    """outs[j] += the LoRA update of target j, for targets sharing input x; a_group is [n, S, R, d_in].
+def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], group: GroupSlots, batch: LoraBatch) -> None:
+    """outs[j] += the LoRA update of member j of `group` (targets that share the input x).
 
-    Dense: one GEMM shrinks x for every target and slot, one multiply applies the per-row scales,
-    one GEMM per target expands. Other modes go target by target."""
+    Dense over gathered rows: one GEMM shrinks x for every member, one multiply applies the
+    per-row scales, one GEMM per member expands. bgmv goes member by member."""
     if batch.mode == "none":
         return
-    if batch.mode != "dense" or len(outs) == 1:
-        for j, (out, b) in enumerate(zip(outs, bs, strict=True)):
-            lora_apply(x, out, a_group[j], b, batch)
+    n = len(group.members)
+    if batch.mode != "dense" or batch.rows is None or n == 1:
+        for j, out in enumerate(outs):
+            lora_apply(x, out, group.a(j), group.b(j), batch)
         return
-    n, s, r, d_in = a_group.shape
     assert batch.weights is not None
-    if batch.active is None:
-        a_flat = a_group.view(n * s * r, d_in)
-        b_flats = [b.view(s * r, -1) for b in bs]
-    else:
-        a_flat = a_group.index_select(1, batch.active).view(-1, d_in)
-        b_flats = [b.index_select(0, batch.active).view(-1, b.shape[2]) for b in bs]
-    width = b_flats[0].shape[0]
-    shrunk = (x @ a_flat.t()).view(x.shape[0], n, width) * batch.weights.unsqueeze(1)
-    for j, (out, b_flat) in enumerate(zip(outs, b_flats, strict=True)):
-        out.addmm_(shrunk[:, j], b_flat)
+    index = group.base_out + batch.rows[None, :] * n + torch.arange(n, device=batch.rows.device)[:, None]
+    shrunk = (x @ group.fused[index.flatten()].t()).view(x.shape[0], n, -1) * batch.weights.unsqueeze(1)
+    for j, out in enumerate(outs):
+        out.addmm_(shrunk[:, j], group.b(j).index_select(0, batch.rows))
 
 
 def lora_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots | None,
                  batch: LoraBatch, *, triton: bool = False) -> torch.Tensor:
     """x @ weight^T (+ bias) plus every row's LoRA update of the group's members: [T, out].
 
-    Dense over all slots (decode, CUDA graphs): one GEMM with the fused weight gives the base output
-    and the shrink of every slot, then `lora_expand_fused` adds the updates in place. Otherwise the
-    base GEMM and `lora_apply_group`."""
+    Dense over the prefix: one GEMM with the fused weight's first rows gives the base output and
+    the shrink of every pool row in use, then `lora_expand_fused` adds the updates in place.
+    Otherwise the base GEMM and `lora_apply_group`."""
     if group is None or batch.mode == "none":
         return F.linear(x, weight, bias)
-    if batch.mode == "dense" and batch.active is None:
-        y = F.linear(x, group.fused, group.fused_bias)
+    if batch.mode == "dense" and batch.rows is None:
         assert batch.weights is not None
+        end = group.base_out + batch.weights.shape[1] * len(group.members)
+        y = F.linear(x, group.fused[:end], None if group.fused_bias is None else group.fused_bias[:end])
         lora_expand_fused(y, group, batch.weights, triton=triton)
         return y[:, :group.base_out]
     y = F.linear(x, weight, bias)
-    lora_apply_group(x, [y[:, lo:hi] for lo, hi in group.out_cols], group.a, list(group.b), batch)
+    lora_apply_group(x, [y[:, lo:hi] for lo, hi in group.out_cols], group, batch)
     return y
 
 
 def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor, *, triton: bool = False) -> None:
-    """y[:, :base_out] += the expanded updates, where y = x @ group.fused^T holds each slot's shrink
-    after the base columns and `weights` [T, S*R] is each row's scale per slot (spread over ranks)."""
+    """y[:, :base_out] += the expanded updates, where y = x @ fused[:base_out + K*n]^T holds the
+    shrink of pool rows [0, K) after the base columns (interleaved by member) and `weights`
+    [T, K] is each token's scale per pool row."""
     n = len(group.members)
     width = weights.shape[1]
     if triton:
@@ -284,16 +360,21 @@ def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
 
         if expand_fused(y, group, weights):
             return
-    shrunk = y[:, group.base_out:].view(y.shape[0], n, width) * weights.unsqueeze(1)
-    for j, ((lo, hi), b) in enumerate(zip(group.out_cols, group.b, strict=True)):
-        y[:, lo:hi].addmm_(shrunk[:, j], b.view(width, hi - lo))
+    shrunk = y[:, group.base_out:group.base_out + width * n].view(y.shape[0], width, n) * weights.unsqueeze(2)
+    shrunk = shrunk.transpose(1, 2).contiguous()  # [T, n, K]: each member's shrink is a plain matrix
+    for j, (lo, hi) in enumerate(group.out_cols):
+        y[:, lo:hi].addmm_(shrunk[:, j], group.b(j)[:width])
 
 
-def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def lora_reference(x: torch.Tensor, matrices: list[tuple[torch.Tensor, torch.Tensor] | None],
                    token_slots: list[list[int]], token_scales: list[list[float]]) -> torch.Tensor:
-    """The update as a plain loop over tokens and adapters, for tests."""
-    out = torch.zeros(x.shape[0], b.shape[2], dtype=x.dtype, device=x.device)
+    """The update of one target as a plain loop over tokens and adapters, for tests;
+    matrices[s] = (A [r, d_in], B [r, d_out]) of slot s, or None where its adapter lacks the target."""
+    d_out = next(m[1].shape[1] for m in matrices if m is not None)
+    out = torch.zeros(x.shape[0], d_out, dtype=x.dtype, device=x.device)
     for t, (row, sc) in enumerate(zip(token_slots, token_scales, strict=True)):
         for s, scale in zip(row, sc, strict=True):
-            out[t] += scale * ((x[t] @ a[s].t()) @ b[s])
+            m = matrices[s]
+            if m is not None:
+                out[t] += scale * ((x[t] @ m[0].t()) @ m[1])
     return out

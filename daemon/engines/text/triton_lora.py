@@ -1,16 +1,16 @@
 """One Triton kernel for the expand half of dense multi-LoRA: every member of a projection group
-(q/k/v, gate/up) in one launch, with each row's slot scales applied on the fly.
+(q/k/v, gate/up) in one launch, with each row's scales applied on the fly.
 
-After the fused GEMM, y = x @ [W; A_all]^T holds the base output in its first `base_out` columns
-and, for each member j, the shrink of every slot in W = S*R columns after that. The kernel computes
+After the fused GEMM, y = x @ fused[:base_out + K*n]^T holds the base output in its first
+`base_out` columns and then the shrink of pool rows 0..K-1, interleaved by member (column
+base_out + p*n + j is pool row p of member j). The kernel computes
 
-    y[t, out_cols_j] += (y[t, shrink_j] * weights[t]) @ B_j        for every member j
+    y[t, out_cols_j] += sum_p (y[t, base_out + p*n + j] * weights[t, p]) * B_j[p]     for every member j
 
-reading each B once per row tile. The PyTorch path it replaces takes one multiply and one GEMM per
-member (four kernels for q/k/v); at decode batch sizes every kernel costs a few microseconds
-whatever its size, so this is what the launches per step come down to. `lora.lora_expand_fused` is
-the reference it is tested against (tests/engines/text/test_triton_lora.py, also under Triton's
-interpreter on a CPU).
+reading each B once per row tile. The PyTorch path it replaces takes a multiply, a copy and one
+GEMM per member; at decode batch sizes every kernel costs a few microseconds whatever its size, so
+this is what the launches per step come down to. `lora.lora_expand_fused` is the reference it is
+tested against (tests/engines/text/test_triton_lora.py, also under Triton's interpreter on a CPU).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ if triton is not None:
     @triton.jit
     def _expand_kernel(y_ptr, stride_y, w_ptr, stride_w, b_ptr, stride_b, rows, shrink_col,
                        b_start1, b_start2, out_start0, out_start1, out_start2,
-                       WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       WIDTH: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -66,7 +66,7 @@ if triton is not None:
         offs_n = col0 + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         row_ok = offs_m[:, None] < rows
-        shrink_ptrs = y_ptr + offs_m[:, None] * stride_y + (shrink_col + j * WIDTH) + offs_k[None, :]
+        shrink_ptrs = y_ptr + offs_m[:, None] * stride_y + (shrink_col + j) + offs_k[None, :] * MEMBERS
         w_ptrs = w_ptr + offs_m[:, None] * stride_w + offs_k[None, :]
         b_ptrs = b_ptr + offs_k[:, None] * stride_b + offs_n[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -79,7 +79,7 @@ if triton is not None:
                 acc += tl.dot(scaled, b, input_precision="ieee")
             else:
                 acc += tl.dot(scaled, b)
-            shrink_ptrs += BLOCK_K
+            shrink_ptrs += BLOCK_K * MEMBERS
             w_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_b
         out_cols = out_start + (offs_n - b_start)
@@ -95,7 +95,7 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int | None:
 def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
                  config: dict[str, int] | None = None) -> bool:
     """Run the kernel; False (nothing done) where its shape rules do not hold, so the caller falls
-    back to PyTorch: member widths must share a multiple of 16, S*R must be a multiple of 16."""
+    back to PyTorch: member widths must share a multiple of 16, and so must the pool rows read."""
     if triton is None or len(group.members) > _MAX_MEMBERS or not (y.is_cuda or _interpreting()):
         return False
     widths = [hi - lo for lo, hi in group.out_cols]
@@ -118,8 +118,8 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
         return False
     stages = cfg.get("num_stages", 4 if y.element_size() == 2 else 2)  # shared memory of consumer GPUs
     try:
-        _launch(grid, y, weights, b_cat, rows, group.base_out, b_starts, out_starts, width, block_m, block_n,
-                block_k, cfg.get("num_warps", 2 if rows <= 16 else 4), stages)
+        _launch(grid, y, weights, b_cat, rows, group.base_out, len(widths), b_starts, out_starts, width,
+                (block_m, block_n, block_k), cfg.get("num_warps", 2 if rows <= 16 else 4), stages)
     except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need
         if config is None:
             log.warning("Triton LoRA kernel unavailable (%s); using the PyTorch path", exc)
@@ -129,11 +129,12 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
 
 
 def _launch(grid: tuple[int, int], y: torch.Tensor, weights: torch.Tensor, b_cat: torch.Tensor, rows: int,
-            shrink_col: int, b_starts: list[int], out_starts: list[int], width: int, block_m: int, block_n: int,
-            block_k: int, warps: int, stages: int) -> None:
+            shrink_col: int, members: int, b_starts: list[int], out_starts: list[int], width: int,
+            blocks: tuple[int, int, int], warps: int, stages: int) -> None:
+    block_m, block_n, block_k = blocks
     _expand_kernel[grid](
         y, y.stride(0), weights, weights.stride(0), b_cat, b_cat.stride(0), rows, shrink_col,
         b_starts[1], b_starts[2], out_starts[0], out_starts[1], out_starts[2],
-        WIDTH=width, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=y.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        WIDTH=width, MEMBERS=members, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=y.dtype == torch.float32, num_warps=warps, num_stages=stages)
 

@@ -1,6 +1,6 @@
 """A LoRA slot storage fused into a small fake model's weights, and its plain-loop reference.
 
-Shared by test_lora_ops.py (PyTorch path) and test_triton_lora.py (the Triton kernel, on CUDA or
+Shared by test_lora_ops.py (PyTorch paths) and test_triton_lora.py (the Triton kernel, on CUDA or
 under Triton's interpreter in a subprocess: run this file with TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from daemon.engines.text.lora import GROUPS, LoraBatch, LoraSlotStorage, Prepare
 # Odd-sized on purpose: q/k/v of 48/16/16 columns, MLP of 80 (not a multiple of 32).
 DIMS = {"q_proj": (32, 48), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (48, 32),
         "gate_proj": (32, 80), "up_proj": (32, 80), "down_proj": (80, 32)}
-SLOTS, RANK = 4, 8
+SLOTS, MAX_RANK = 4, 8
+RANKS = (4, 8, 2, 8)  # one adapter per slot: the pool packs them in 22 rows, not 32
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SOME = ("q_proj", "v_proj", "up_proj")
 
 
 class FakeModel:
@@ -35,35 +38,71 @@ class FakeModel:
         return fused, bias
 
 
+def make_lora(rank: int, targets: tuple[str, ...], seed: int) -> PreparedLora:
+    g = torch.Generator().manual_seed(seed)
+    parts = {t: (torch.randn(rank, DIMS[t][0], generator=g) / 4, torch.randn(rank, DIMS[t][1], generator=g) / 4)
+             for t in targets}
+    return PreparedLora(rank=rank, targets=targets, layers=(parts,))
+
+
 def build(targets: tuple[str, ...], dtype: torch.dtype = torch.float32, device: str = "cpu",
-          seed: int = 0) -> tuple[FakeModel, LoraSlotStorage]:
+          seed: int = 0) -> tuple[FakeModel, LoraSlotStorage, list[PreparedLora]]:
     model = FakeModel(dtype, device, seed)
     storage = LoraSlotStorage(model, num_layers=1, target_dims=DIMS, targets=targets, num_slots=SLOTS,
-                              max_rank=RANK, device=torch.device(device), dtype=dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    for slot in range(SLOTS):
-        rank = (4, 8, 2, 8)[slot]
-        parts = {t: (torch.randn(rank, DIMS[t][0], generator=g) / 4, torch.randn(rank, DIMS[t][1], generator=g) / 4)
-                 for t in targets}
-        storage.load(slot, PreparedLora(rank=rank, targets=targets, layers=(parts,)))
-    return model, storage
+                              max_rank=MAX_RANK, device=torch.device(device), dtype=dtype)
+    loras = [make_lora(rank, targets, seed + 1 + slot) for slot, rank in enumerate(RANKS)]
+    for slot, lora in enumerate(loras):
+        storage.load(slot, lora)
+    return model, storage, loras
 
 
 def rows_case(t: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Base rows, single adapters and mixes; every slot used (the dense path over all slots)."""
+    """Base rows, single adapters and mixes; every slot used within the first three rows."""
     pattern = ([1, 2, 3], [0], [], [2], [3], [0, 3], [1], [2])
     scales = ([1.0, -0.5, 0.25], [1.0], [], [-1.0], [2.0], [0.3, 0.7], [0.5], [0.0])
     return [list(pattern[i % 8]) for i in range(t)], [list(scales[i % 8]) for i in range(t)]
 
 
+def slot_matrix(slots: list[list[int]], scales: list[list[float]]) -> torch.Tensor:
+    w = torch.zeros(len(slots), SLOTS)
+    for i, (row, sc) in enumerate(zip(slots, scales, strict=True)):
+        for s, x in zip(row, sc, strict=True):
+            w[i, s] += x
+    return w
+
+
+def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora], batch: LoraBatch,
+            slots: list[list[int]], scales: list[list[float]], *, triton: bool = False) -> float:
+    """Largest error of lora_project over every group against base GEMM + the plain loop over the
+    adapters' own matrices, relative to the largest reference value."""
+    device, dtype = storage.device, model.bias.dtype
+    worst = 0.0
+    g = torch.Generator().manual_seed(7)
+    for key, members in GROUPS:
+        group = storage.groups[0].get(key)
+        x = torch.randn(len(slots), DIMS[members[0]][0], generator=g).to(device, dtype)
+        bias = model.bias if key == "qkv" else None
+        got = lora_project(x, model.weights[key], bias, group, batch, triton=triton).double()
+        want = torch.nn.functional.linear(x.double(), model.weights[key].double(),
+                                          None if bias is None else bias.double())
+        col = 0
+        for target in members:
+            width = DIMS[target][1]
+            if target in storage.targets:
+                mats = [(lora.layers[0][target][0].double().to(device), lora.layers[0][target][1].double().to(device))
+                        for lora in loras]
+                want[:, col:col + width] += lora_reference(x.double(), list(mats), slots, scales)
+            col += width
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    return worst
+
+
 def check(dtype: torch.dtype, device: str, t: int, *, triton: bool, targets: tuple[str, ...]) -> float:
-    """Largest error of lora_project over every group against base GEMM + reference loop,
-    relative to the largest reference value."""
-    model, storage = build(targets, dtype, device)
+    """The dense-over-the-prefix path (the Triton kernel's) on every group: the relative error."""
+    model, storage, loras = build(targets, dtype, device)
     slots, scales = rows_case(t)
-    batch = LoraBatch.build(slots, scales, max_rank=RANK, num_slots=SLOTS, device=torch.device(device),
-                            dtype=dtype, prefer_dense=True, force="dense")
-    assert batch.active is None  # fused path
+    batch = LoraBatch.plan(slot_matrix(slots, scales), storage, dtype=dtype, prefer_prefix=True)
+    assert batch.mode == "dense" and batch.rows is None  # the fused path
     launches: list[bool] = []
     if triton:  # record that the kernel really ran (it declines shapes it cannot do)
         from daemon.engines.text import triton_lora
@@ -71,37 +110,12 @@ def check(dtype: torch.dtype, device: str, t: int, *, triton: bool, targets: tup
         run = triton_lora.expand_fused
         triton_lora.expand_fused = lambda *args: launches.append(run(*args)) or launches[-1]  # type: ignore[assignment]
     try:
-        return _compare(model, storage, batch, slots, scales, dtype, device, t, triton)
+        return compare(model, storage, loras, batch, slots, scales, triton=triton)
     finally:
         if triton:
             triton_lora.expand_fused = run
             assert launches and all(launches), launches
 
-
-def _compare(model: FakeModel, storage: LoraSlotStorage, batch: LoraBatch, slots: list[list[int]],
-             scales: list[list[float]], dtype: torch.dtype, device: str, t: int, triton: bool) -> float:
-    worst = 0.0
-    g = torch.Generator().manual_seed(7)
-    for key, members in GROUPS:
-        group = storage.groups[0].get(key)
-        x = torch.randn(t, DIMS[members[0]][0], generator=g).to(device, dtype)
-        bias = model.bias if key == "qkv" else None
-        got = lora_project(x, model.weights[key], bias, group, batch, triton=triton).float()
-        want = torch.nn.functional.linear(x.double(), model.weights[key].double(),
-                                          None if bias is None else bias.double())
-        col = 0
-        for target in members:
-            width = DIMS[target][1]
-            if target in storage.targets:
-                a, b = storage.a[0][target].double(), storage.b[0][target].double()
-                want[:, col:col + width] += lora_reference(x.double(), a, b, slots, scales)
-            col += width
-        worst = max(worst, ((got.double() - want).abs().max() / want.abs().max()).item())
-    return worst
-
-
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SOME = ("q_proj", "v_proj", "up_proj")
 
 if __name__ == "__main__":  # under TRITON_INTERPRET=1: the kernel on the CPU
     for targets in (ALL, SOME):

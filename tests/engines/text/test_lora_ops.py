@@ -1,104 +1,106 @@
-"""The fast LoRA paths (bgmv, dense) equal the plain reference loop, for base rows, single adapters and mixes."""
+"""The LoRA paths (dense over the pool prefix, dense over gathered rows, bgmv) equal the plain
+reference loop, for base rows, single adapters and mixes; the pool packs adapters by their rank."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from daemon.engines.text.lora import LoraBatch, lora_apply, lora_reference
+sys.path.insert(0, str(Path(__file__).parent))
+
+import itertools
+
+from fused_case import ALL, SOME, build, check, compare, make_lora, rows_case, slot_matrix
+
+from daemon.engines.text.lora import LoraBatch, LoraSlotStorage
+
+CPU = torch.device("cpu")
 
 
-def _case(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    s, r, d_in, d_out, t = 6, 8, 32, 24, 9
-    a = torch.randn(s, r, d_in, generator=g)
-    b = torch.randn(s, r, d_out, generator=g)
-    x = torch.randn(t, d_in, generator=g)
-    slots = [[], [0], [1], [2], [3], [0, 4], [5, 1, 2], [3], [4]]
-    scales = [[], [1.0], [0.5], [-1.0], [2.0], [0.3, 0.7], [1.0, -0.5, 0.25], [0.0], [1.0]]
-    return a, b, x, slots, scales
+@pytest.mark.parametrize("path", ["prefix", "rows", "bgmv"])
+def test_paths_equal_reference(path: str) -> None:
+    """Each path gives the reference result on every projection group, mixes and zero-scale rows
+    included; the planner really took the path asked for."""
+    model, storage, loras = build(ALL)
+    if path == "rows":  # two small adapters of a wide pool: gathering their rows is cheaper
+        slots, scales = [[0], [2], [0, 2], [], [2]], [[1.0], [-0.5], [0.3, 0.7], [], [0.0]]
+    else:
+        slots, scales = rows_case(9)
+    batch = LoraBatch.plan(slot_matrix(slots, scales), storage, dtype=torch.float32, prefer_prefix=path == "prefix",
+                           force="bgmv" if path == "bgmv" else None)
+    assert batch.mode == ("bgmv" if path == "bgmv" else "dense")
+    if path != "bgmv":
+        assert (batch.rows is None) == (path == "prefix")
+    if path == "rows":
+        assert batch.rows is not None and sorted(batch.rows.tolist()) == list(range(0, 4)) + list(range(12, 14))
+    assert compare(model, storage, loras, batch, slots, scales) < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["bgmv", "dense"])
-@pytest.mark.parametrize("prefer_dense", [False, True])
-def test_fast_paths_equal_reference(mode: str, prefer_dense: bool) -> None:
-    """Both paths give the reference result, with mixes and zero-scale rows in one batch."""
-    a, b, x, slots, scales = _case()
-    batch = LoraBatch.build(slots, scales, max_rank=a.shape[1], num_slots=a.shape[0], device=torch.device("cpu"),
-                            dtype=torch.float32, prefer_dense=prefer_dense, force=mode)  # type: ignore[arg-type]
-    assert batch.mode == mode
-    out = torch.zeros(x.shape[0], b.shape[2])
-    lora_apply(x, out, a, b, batch)
-    ref = lora_reference(x, a, b, slots, scales)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert out[0].abs().max() == 0 and out[7].abs().max() == 0  # base row, zero scale
-
-
-def test_dense_with_few_adapters_and_many_tokens() -> None:
-    """A prefill-like step (many tokens, one adapter) plans the dense path over the active slot only."""
-    a, b, x, _, _ = _case(1)
-    slots = [[2]] * x.shape[0]
-    scales = [[0.8]] * x.shape[0]
-    batch = LoraBatch.build(slots, scales, max_rank=8, num_slots=6, device=torch.device("cpu"),
-                            dtype=torch.float32, prefer_dense=False)
-    assert batch.mode == "dense" and batch.active is not None and batch.active.tolist() == [2]
-    out = torch.zeros(x.shape[0], b.shape[2])
-    lora_apply(x, out, a, b, batch)
-    torch.testing.assert_close(out, lora_reference(x, a, b, slots, scales), rtol=1e-5, atol=1e-5)
-
-
-def test_all_base_rows_skip_lora() -> None:
-    """A batch with no adapter anywhere does no LoRA work at all (the base-model fast path)."""
-    batch = LoraBatch.build([[], [0]], [[], [0.0]], max_rank=4, num_slots=2, device=torch.device("cpu"),
-                            dtype=torch.float32, prefer_dense=False)
+def test_base_rows_only_skip_lora() -> None:
+    _, storage, _ = build(SOME)
+    batch = LoraBatch.plan(slot_matrix([[], [1]], [[], [0.0]]), storage, dtype=torch.float32, prefer_prefix=False)
     assert batch.mode == "none"
 
 
-def test_planner_picks_bgmv_only_for_many_wide_adapters() -> None:
-    """Eight decode tokens on eight rank-8 adapters: dense over all slots (no gathers at all);
-    64 tokens on 64 rank-64 adapters: per-token gathers (dense would multiply by 4096 columns)."""
-    slots = [[i] for i in range(8)]
-    batch = LoraBatch.build(slots, [[1.0]] * 8, max_rank=8, num_slots=8, device=torch.device("cpu"),
-                            dtype=torch.float32, prefer_dense=False)
-    assert batch.mode == "dense" and batch.active is None
-    slots = [[i] for i in range(64)]
-    batch = LoraBatch.build(slots, [[1.0]] * 64, max_rank=64, num_slots=64, device=torch.device("cpu"),
-                            dtype=torch.float32, prefer_dense=False)
-    assert batch.mode == "bgmv"
+def test_planner_picks_the_prefix_for_busy_steps_and_bgmv_for_many_wide_adapters() -> None:
+    """Decode with every adapter busy: the fused prefix. 64 tokens on 64 rank-64 adapters:
+    per-token gathers (dense would multiply every token by 4096 rows)."""
+    _, storage, _ = build(ALL)
+    slots = [[i % 4] for i in range(8)]
+    batch = LoraBatch.plan(slot_matrix(slots, [[1.0]] * 8), storage, dtype=torch.float32, prefer_prefix=False)
+    assert batch.mode == "dense" and batch.rows is None
+
+    from fused_case import DIMS, FakeModel
+
+    wide = LoraSlotStorage(FakeModel(torch.float32, "cpu", 0), num_layers=1, target_dims=DIMS, targets=("q_proj",),
+                           num_slots=64, max_rank=64, device=CPU, dtype=torch.float32)
+    lora = make_lora(64, ("q_proj",), 1)
+    for s in range(64):
+        wide.load(s, lora)
+    weights = torch.eye(64)
+    assert LoraBatch.plan(weights, wide, dtype=torch.float32, prefer_prefix=False).mode == "bgmv"
 
 
-@pytest.mark.parametrize("use_all", [True, False])
-def test_grouped_dense_equals_per_target(use_all: bool) -> None:
-    """Stacked A's of a projection group (q/k/v) give the same updates as one target at a time."""
-    from daemon.engines.text.lora import lora_apply_group
+def test_pool_packs_by_rank_reuses_holes_and_compacts() -> None:
+    """Ranks 4, 8, 2, 8 take 22 rows (not 4 x 8); a freed hole is reused by an adapter that fits
+    it; one that fits no hole packs the others to the front; results stay exact throughout."""
+    model, storage, loras = build(ALL)
+    assert storage.used == 22 and storage.width() == 32
+    assert [storage.span(s) for s in range(4)] == [(0, 4), (4, 8), (12, 2), (14, 8)]
+    assert storage.row_slot[:22].tolist() == [0] * 4 + [1] * 8 + [2] * 2 + [3] * 8
 
-    g = torch.Generator().manual_seed(5)
-    n, s, r, d_in = 3, 8, 8, 32
-    a_group = torch.randn(n, s, r, d_in, generator=g)
-    bs = [torch.randn(s, r, d, generator=g) for d in (24, 8, 8)]
-    x = torch.randn(5, d_in, generator=g)
-    slots = [[0], [1], [3], [1, 3], []] if not use_all else [[0], [1], [3], [4, 5], [6, 7]]
-    scales = [[1.0], [0.5], [-1.0], [0.3, 0.7], []] if not use_all else [[1.0], [0.5], [-1.0], [0.3, 0.7], [2, 1]]
-    batch = LoraBatch.build(slots, scales, max_rank=r, num_slots=s, device=torch.device("cpu"),
-                            dtype=torch.float32, prefer_dense=True, force="dense")
-    assert (batch.active is None) == use_all
-    fused = torch.zeros(5, 40)
-    outs = [fused[:, :24], fused[:, 24:32], fused[:, 32:]]
-    lora_apply_group(x, outs, a_group, bs, batch)
-    for j, (lo, hi) in enumerate(((0, 24), (24, 32), (32, 40))):
-        torch.testing.assert_close(fused[:, lo:hi], lora_reference(x, a_group[j], bs[j], slots, scales),
-                                   rtol=1e-5, atol=1e-5)
+    storage.clear(1)  # a hole of 8 rows at 4..11
+    assert storage.row_slot[4:12].tolist() == [4] * 8  # free rows map to no slot
+    small = make_lora(3, ALL, 50)
+    storage.load(1, small)
+    assert storage.span(1) == (4, 3) and storage.compactions == 0
+    loras[1] = small
+
+    storage.clear(2)  # holes: 7..13 (7 rows) and 22..31 (10 rows)
+    big = make_lora(8, ALL, 51)
+    storage.load(2, big)  # fits the tail
+    assert storage.span(2) == (22, 8) and storage.compactions == 0
+    loras[2] = big
+    storage.clear(0)  # holes: 0..3 (4 rows), 7..13 (7); tail 30..31 (2)
+    wide = make_lora(8, ALL, 52)
+    storage.load(0, wide)  # 13 rows free, no run of 8: compaction
+    loras[0] = wide
+    assert storage.compactions == 1
+    spans = sorted(storage.span(s) for s in range(4))
+    assert spans[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert storage.used == 3 + 8 + 8 + 8
+    slots, scales = rows_case(9)
+    for prefer_prefix in (True, False):
+        batch = LoraBatch.plan(slot_matrix(slots, scales), storage, dtype=torch.float32, prefer_prefix=prefer_prefix)
+        assert compare(model, storage, loras, batch, slots, scales) < 1e-6
 
 
 @pytest.mark.parametrize("rows", [3, 40])
 @pytest.mark.parametrize("targets", ["all", "some"])
 def test_fused_projection_equals_base_plus_reference(rows: int, targets: str) -> None:
-    """One GEMM over the weight with every slot's A appended, then the expand: equal to the base
-    projection plus the plain loop, for every group, also when only some members are targeted."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fused_case import ALL, SOME, check
-
+    """One GEMM over the weight with every pool row's A appended, then the expand: equal to the
+    base projection plus the plain loop, for every group, also when only some members are targeted."""
     assert check(torch.float32, "cpu", rows, triton=False, targets=ALL if targets == "all" else SOME) < 1e-6
