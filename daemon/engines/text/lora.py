@@ -15,8 +15,8 @@ Storage is a pool of rank rows, not fixed-size slots: an adapter of rank r takes
 rows, so a rank-8 adapter costs 8 rows however large `max_rank` is, and the rows in use are always
 a prefix of the pool (`LoraSlotStorage.width`); nothing reads padding. The A rows of every pool row
 live inside the model's weight for their projection group (`GroupSlots`), interleaved by member
-(q/k/v), so one GEMM over the base rows plus the prefix gives the base output and every adapter's
-shrink at once.
+(q/k/v) in blocks of 16 rows, so one GEMM over the base rows plus the prefix gives the base output
+and every adapter's shrink at once.
 
 Three paths compute the update; `lora_reference` is the plain loop the tests compare them with:
 - dense over the prefix (`LoraBatch.rows is None`): that fused GEMM, then a [T, rows] scale
@@ -58,6 +58,7 @@ class PreparedLora:
 # Projections that read the same input share one weight in the model (its key first) and one A stack.
 GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
           ("down", ("down_proj",)))
+ROW_BLOCK = 16  # pool rows of one member kept together in the fused weights (widths are multiples of it)
 
 
 class FusableModel(Protocol):
@@ -68,9 +69,10 @@ class FusableModel(Protocol):
 class GroupSlots:
     """The pool rows of one projection group (e.g. q/k/v) of one layer.
 
-    `fused` is the model's weight for the group followed by the A rows: pool row p of member j is
-    fused row `base_out + p * n + j` (n members), so a prefix of pool rows is a prefix of `fused`.
-    The B's of the members sit side by side in `b_cat` [pool rows, sum of member widths]."""
+    `fused` is the model's weight for the group followed by the A rows in blocks of ROW_BLOCK pool
+    rows per member: pool row p of member j is fused row `row_index(j, p)`, so a prefix of pool rows
+    (a multiple of ROW_BLOCK) is a prefix of `fused`, and the shrink of one member comes in
+    contiguous runs. The B's of the members sit side by side in `b_cat` [pool rows, their widths]."""
 
     members: tuple[str, ...]
     out_cols: tuple[tuple[int, int], ...]  # each member's columns in the group's base output
@@ -80,9 +82,10 @@ class GroupSlots:
     fused_bias: torch.Tensor | None
     b_cat: torch.Tensor
 
-    def a(self, j: int) -> torch.Tensor:
-        """Member j's A rows, one per pool row: [pool rows, d_in] (a strided view of `fused`)."""
-        return self.fused[self.base_out + j::len(self.members)]
+    def row_index(self, j: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of `fused` that hold member j's A for the given pool rows (any shape)."""
+        g, n = ROW_BLOCK, len(self.members)
+        return self.base_out + (rows // g) * (g * n) + j * g + rows % g
 
     def b(self, j: int) -> torch.Tensor:
         """Member j's B rows: [pool rows, d_out] (a view of `b_cat`)."""
@@ -109,7 +112,8 @@ class LoraSlotStorage:
         self.triton = False  # expand with the Triton kernel (the engine turns it on where it runs)
         self.pool_rows = num_slots * max_rank
         self.zero_row = self.pool_rows
-        rows = self.pool_rows + 1
+        rows = -(-(self.pool_rows + 1) // ROW_BLOCK) * ROW_BLOCK  # whole blocks, the zero row included
+        self.rows = rows
         self.row_slot = torch.full((rows,), num_slots, dtype=torch.long, device=device)
         self._spans: dict[int, tuple[int, int]] = {}  # slot -> (first pool row, rank)
         self.used = 0  # pool rows [0, used) hold every resident adapter
@@ -151,7 +155,7 @@ class LoraSlotStorage:
                 w *= 2
         else:
             w = max(16, -(-self.used // 16) * 16)
-        return min(w, self.pool_rows)
+        return min(w, self.rows)
 
     def row_weights(self, slot_weights: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """[T, slots] scale of each token per slot -> [T, width] scale per pool row (0 on free rows)."""
@@ -162,7 +166,7 @@ class LoraSlotStorage:
     def nbytes(self) -> int:
         """Bytes of adapter matrices a dense step reads now (the rows in use)."""
         w = self.width()
-        return sum(g.fused[g.base_out:g.base_out + w * len(g.members)].numel() * g.fused.element_size()
+        return sum(w * len(g.members) * g.fused.shape[1] * g.fused.element_size()
                    + g.b_cat[:w].numel() * g.b_cat.element_size()
                    for layer in self.groups for g in layer.values())
 
@@ -182,7 +186,8 @@ class LoraSlotStorage:
                         continue
                     a, b = parts[t]
                     r = a.shape[0]
-                    g.a(j)[first:first + r].copy_(a, non_blocking=True)
+                    index = g.row_index(j, torch.arange(first, first + r, device=self.device))
+                    g.fused.index_copy_(0, index, a.to(self.device, g.fused.dtype))
                     g.b(j)[first:first + r].copy_(b, non_blocking=True)
         self._spans[slot] = (first, rank)
         self.row_slot[first:first + rank] = slot
@@ -197,11 +202,14 @@ class LoraSlotStorage:
         self.row_slot[first:first + rank] = self.num_slots
         self.used = max((f + r for f, r in self._spans.values()), default=0)
 
+    def _fused_rows(self, g: GroupSlots, lo: int, hi: int) -> torch.Tensor:
+        rows = torch.arange(lo, hi, device=self.device)
+        return torch.cat([g.row_index(j, rows) for j in range(len(g.members))])
+
     def _zero(self, lo: int, hi: int) -> None:
         for layer in self.groups:
             for g in layer.values():
-                n = len(g.members)
-                g.fused[g.base_out + lo * n:g.base_out + hi * n].zero_()
+                g.fused.index_fill_(0, self._fused_rows(g, lo, hi), 0)
                 g.b_cat[lo:hi].zero_()
 
     def _allocate(self, rank: int) -> int:
@@ -224,13 +232,12 @@ class LoraSlotStorage:
             if first != cursor:
                 for layer in self.groups:
                     for g in layer.values():
-                        n = len(g.members)
-                        src = g.fused[g.base_out + first * n:g.base_out + (first + rank) * n].clone()
-                        g.fused[g.base_out + cursor * n:g.base_out + (cursor + rank) * n].copy_(src)
+                        moved = g.fused[self._fused_rows(g, first, first + rank)]
+                        g.fused.index_copy_(0, self._fused_rows(g, cursor, cursor + rank), moved)
                         g.b_cat[cursor:cursor + rank].copy_(g.b_cat[first:first + rank].clone())
                 self._spans[slot] = (cursor, rank)
             cursor += rank
-        self._zero(cursor, self.pool_rows)
+        self._zero(cursor, self.rows)
         self.row_slot.fill_(self.num_slots)
         for slot, (first, rank) in self._spans.items():
             self.row_slot[first:first + rank] = slot
@@ -292,21 +299,20 @@ class LoraBatch:
         return LoraBatch(mode="bgmv", index=index.to(device), scales=scales.to(device, dtype))
 
 
-def lora_apply(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoraBatch) -> None:
-    """out[T, d_out] += the LoRA update of x[T, d_in] for one target whose pool rows are a [P, d_in]
-    and b [P, d_out]."""
+def lora_apply(x: torch.Tensor, out: torch.Tensor, group: GroupSlots, j: int, batch: LoraBatch) -> None:
+    """out[T, d_out] += the LoRA update of x[T, d_in] for member j of `group` (gathered rows or bgmv)."""
     if batch.mode == "none":
         return
+    b = group.b(j)
     if batch.mode == "dense":
         assert batch.weights is not None
-        if batch.rows is None:
-            a_act, b_act = a[:batch.weights.shape[1]], b[:batch.weights.shape[1]]
-        else:
-            a_act, b_act = a.index_select(0, batch.rows), b.index_select(0, batch.rows)
-        out.addmm_((x @ a_act.t()) * batch.weights, b_act)
+        rows = batch.rows if batch.rows is not None else torch.arange(batch.weights.shape[1], device=x.device)
+        a_act = group.fused.index_select(0, group.row_index(j, rows))
+        out.addmm_((x @ a_act.t()) * batch.weights, b.index_select(0, rows))
         return
     assert batch.index is not None and batch.scales is not None
-    shrunk = torch.bmm(a[batch.index], x.unsqueeze(-1)).squeeze(-1) * batch.scales  # [T, M*R]
+    a_g = group.fused[group.row_index(j, batch.index)]  # [T, M*R, d_in]
+    shrunk = torch.bmm(a_g, x.unsqueeze(-1)).squeeze(-1) * batch.scales  # [T, M*R]
     out.add_(torch.bmm(shrunk.unsqueeze(1), b[batch.index]).squeeze(1))
 
 
@@ -320,11 +326,11 @@ def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], group: GroupSlot
     n = len(group.members)
     if batch.mode != "dense" or batch.rows is None or n == 1:
         for j, out in enumerate(outs):
-            lora_apply(x, out, group.a(j), group.b(j), batch)
+            lora_apply(x, out, group, j, batch)
         return
     assert batch.weights is not None
-    index = group.base_out + batch.rows[None, :] * n + torch.arange(n, device=batch.rows.device)[:, None]
-    shrunk = (x @ group.fused[index.flatten()].t()).view(x.shape[0], n, -1) * batch.weights.unsqueeze(1)
+    index = torch.cat([group.row_index(j, batch.rows) for j in range(n)])
+    shrunk = (x @ group.fused[index].t()).view(x.shape[0], n, -1) * batch.weights.unsqueeze(1)
     for j, out in enumerate(outs):
         out.addmm_(shrunk[:, j], group.b(j).index_select(0, batch.rows))
 
@@ -351,8 +357,8 @@ def lora_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor, *, triton: bool = False) -> None:
     """y[:, :base_out] += the expanded updates, where y = x @ fused[:base_out + K*n]^T holds the
-    shrink of pool rows [0, K) after the base columns (interleaved by member) and `weights`
-    [T, K] is each token's scale per pool row."""
+    shrink of pool rows [0, K) after the base columns (in blocks of ROW_BLOCK per member) and
+    `weights` [T, K] is each token's scale per pool row."""
     n = len(group.members)
     width = weights.shape[1]
     if triton:
@@ -360,8 +366,9 @@ def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
 
         if expand_fused(y, group, weights):
             return
-    shrunk = y[:, group.base_out:group.base_out + width * n].view(y.shape[0], width, n) * weights.unsqueeze(2)
-    shrunk = shrunk.transpose(1, 2).contiguous()  # [T, n, K]: each member's shrink is a plain matrix
+    t, g = y.shape[0], ROW_BLOCK
+    shrunk = y[:, group.base_out:group.base_out + width * n].view(t, width // g, n, g) * weights.view(t, -1, 1, g)
+    shrunk = shrunk.transpose(1, 2).reshape(t, n, width)  # [T, n, K]: each member's shrink is a plain matrix
     for j, (lo, hi) in enumerate(group.out_cols):
         y[:, lo:hi].addmm_(shrunk[:, j], group.b(j)[:width])
 

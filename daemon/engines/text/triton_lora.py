@@ -28,7 +28,7 @@ try:
 except ImportError:  # the engine runs without Triton: the PyTorch path does the same math
     triton = None
 
-from .lora import GroupSlots
+from .lora import ROW_BLOCK, GroupSlots
 
 __all__ = ["available", "expand_fused"]
 
@@ -53,8 +53,8 @@ if triton is not None:
     @triton.jit
     def _expand_kernel(y_ptr, stride_y, w_ptr, stride_w, b_ptr, stride_b, rows, shrink_col,
                        b_start1, b_start2, out_start0, out_start1, out_start2,
-                       WIDTH: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                       WIDTH: tl.constexpr, MEMBERS: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         col0 = pid_n * BLOCK_N  # first column of this tile in b_cat
@@ -66,22 +66,18 @@ if triton is not None:
         offs_n = col0 + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         row_ok = offs_m[:, None] < rows
-        shrink_ptrs = y_ptr + offs_m[:, None] * stride_y + (shrink_col + j) + offs_k[None, :] * MEMBERS
-        w_ptrs = w_ptr + offs_m[:, None] * stride_w + offs_k[None, :]
-        b_ptrs = b_ptr + offs_k[:, None] * stride_b + offs_n[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, WIDTH, BLOCK_K):
-            s = tl.load(shrink_ptrs, mask=row_ok, other=0.0)
-            w = tl.load(w_ptrs, mask=row_ok, other=0.0)
-            b = tl.load(b_ptrs)
+        for k0 in range(0, WIDTH, BLOCK_K):
+            p = k0 + offs_k  # pool rows; member j's shrink of row p sits in blocks of ROW_BLOCK columns
+            cols = shrink_col + (p // ROW_BLOCK) * (ROW_BLOCK * MEMBERS) + j * ROW_BLOCK + p % ROW_BLOCK
+            s = tl.load(y_ptr + offs_m[:, None] * stride_y + cols[None, :], mask=row_ok, other=0.0)
+            w = tl.load(w_ptr + offs_m[:, None] * stride_w + p[None, :], mask=row_ok, other=0.0)
+            b = tl.load(b_ptr + p[:, None] * stride_b + offs_n[None, :])
             scaled = (s.to(tl.float32) * w.to(tl.float32)).to(b.dtype)
             if IEEE:
                 acc += tl.dot(scaled, b, input_precision="ieee")
             else:
                 acc += tl.dot(scaled, b)
-            shrink_ptrs += BLOCK_K * MEMBERS
-            w_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K * stride_b
         out_cols = out_start + (offs_n - b_start)
         out_ptrs = y_ptr + offs_m[:, None] * stride_y + out_cols[None, :]
         out = tl.load(out_ptrs, mask=row_ok, other=0.0)
@@ -135,6 +131,6 @@ def _launch(grid: tuple[int, int], y: torch.Tensor, weights: torch.Tensor, b_cat
     _expand_kernel[grid](
         y, y.stride(0), weights, weights.stride(0), b_cat, b_cat.stride(0), rows, shrink_col,
         b_starts[1], b_starts[2], out_starts[0], out_starts[1], out_starts[2],
-        WIDTH=width, MEMBERS=members, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        WIDTH=width, MEMBERS=members, ROW_BLOCK=ROW_BLOCK, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         IEEE=y.dtype == torch.float32, num_warps=warps, num_stages=stages)
 
