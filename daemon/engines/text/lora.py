@@ -74,6 +74,7 @@ class GroupSlots:
     (a multiple of ROW_BLOCK) is a prefix of `fused`, and the shrink of one member comes in
     contiguous runs. The B's of the members sit side by side in `b_cat` [pool rows, their widths]."""
 
+    key: str  # the model weight it extends: qkv, o, gate_up or down (the same layout in every layer)
     members: tuple[str, ...]
     out_cols: tuple[tuple[int, int], ...]  # each member's columns in the group's base output
     b_cols: tuple[tuple[int, int], ...]  # each member's columns in b_cat
@@ -137,7 +138,8 @@ class LoraSlotStorage:
                 fused, bias = model.fuse_rows(i, key, len(members) * rows)
                 base_out = fused.shape[0] - len(members) * rows
                 b_cat = torch.zeros(rows, col, device=device, dtype=dtype)
-                layer_groups[key] = GroupSlots(members, out_cols, tuple(b_cols), base_out, fused, bias, b_cat)
+                layer_groups[key] = GroupSlots(key, members, out_cols, tuple(b_cols), base_out, fused, bias,
+                                               b_cat)
             self.groups.append(layer_groups)
 
     # -- which rows are in use ------------------------------------------------------------------
@@ -256,8 +258,16 @@ class LoraBatch:
     mode: Mode
     weights: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    gather: dict[str, torch.Tensor] | None = None  # per group key: the fused rows of `rows`, member by member
     index: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+
+    def fused_rows(self, group: GroupSlots) -> torch.Tensor:
+        """[n * K] rows of group.fused holding `rows` for each member in turn."""
+        assert self.rows is not None
+        if self.gather is not None and group.key in self.gather:
+            return self.gather[group.key]
+        return torch.cat([group.row_index(j, self.rows) for j in range(len(group.members))])
 
     @staticmethod
     def plan(slot_weights: torch.Tensor, storage: LoraSlotStorage, *, dtype: torch.dtype,
@@ -285,7 +295,11 @@ class LoraBatch:
                 return LoraBatch(mode="dense", weights=storage.row_weights(slot_weights.to(device, dtype)))
             rows = torch.cat([torch.arange(f, f + r) for f, r in spans])
             weights = slot_weights.index_select(1, storage.row_slot[rows].cpu())
-            return LoraBatch(mode="dense", weights=weights.to(device, dtype), rows=rows.to(device))
+            rows = rows.to(device)
+            # Rows of the fused weights to gather, per group (the same in every layer): once a step.
+            gather = {g.key: torch.cat([g.row_index(j, rows) for j in range(len(g.members))])
+                      for g in (storage.groups[0].values() if storage.groups else ())}
+            return LoraBatch(mode="dense", weights=weights.to(device, dtype), rows=rows, gather=gather)
         rank = max(r for _, r in spans)
         per_token = [(row != 0).nonzero().flatten().tolist() for row in slot_weights]
         m = max(1, max(len(p) for p in per_token))
@@ -306,9 +320,10 @@ def lora_apply(x: torch.Tensor, out: torch.Tensor, group: GroupSlots, j: int, ba
     b = group.b(j)
     if batch.mode == "dense":
         assert batch.weights is not None
-        rows = batch.rows if batch.rows is not None else torch.arange(batch.weights.shape[1], device=x.device)
-        a_act = group.fused.index_select(0, group.row_index(j, rows))
-        out.addmm_((x @ a_act.t()) * batch.weights, b.index_select(0, rows))
+        assert batch.rows is not None, "the prefix goes through lora_project"
+        k = batch.rows.shape[0]
+        a_act = group.fused.index_select(0, batch.fused_rows(group)[j * k:(j + 1) * k])
+        out.addmm_((x @ a_act.t()) * batch.weights, b.index_select(0, batch.rows))
         return
     assert batch.index is not None and batch.scales is not None
     a_g = group.fused[group.row_index(j, batch.index)]  # [T, M*R, d_in]
@@ -324,13 +339,13 @@ def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], group: GroupSlot
     if batch.mode == "none":
         return
     n = len(group.members)
-    if batch.mode != "dense" or batch.rows is None or n == 1:
+    if batch.mode != "dense" or n == 1:
         for j, out in enumerate(outs):
             lora_apply(x, out, group, j, batch)
         return
     assert batch.weights is not None
-    index = torch.cat([group.row_index(j, batch.rows) for j in range(n)])
-    shrunk = (x @ group.fused[index].t()).view(x.shape[0], n, -1) * batch.weights.unsqueeze(1)
+    shrunk = (x @ group.fused.index_select(0, batch.fused_rows(group)).t()).view(x.shape[0], n, -1)
+    shrunk = shrunk * batch.weights.unsqueeze(1)
     for j, out in enumerate(outs):
         out.addmm_(shrunk[:, j], group.b(j).index_select(0, batch.rows))
 
