@@ -149,14 +149,14 @@ class LoraSlotStorage:
         return self._spans[slot]
 
     def width(self, *, graph: bool = False) -> int:
-        """Pool rows a dense step reads: `used` rounded up to a multiple of 16 (kernel tiles), or to a
-        power of two for CUDA graphs (one graph per width); never past the pool."""
+        """Pool rows a dense step reads: `used` rounded up to whole row blocks, or to a power of two
+        for CUDA graphs (one graph per width); never past the pool."""
         if graph:
-            w = 16
+            w = ROW_BLOCK
             while w < self.used:
                 w *= 2
         else:
-            w = max(16, -(-self.used // 16) * 16)
+            w = max(ROW_BLOCK, -(-self.used // ROW_BLOCK) * ROW_BLOCK)
         return min(w, self.rows)
 
     def row_weights(self, slot_weights: torch.Tensor, width: int | None = None) -> torch.Tensor:
