@@ -2,10 +2,10 @@
 (q/k/v, gate/up) in one launch, with each row's scales applied on the fly.
 
 After the fused GEMM, y = x @ fused[:base_out + K*n]^T holds the base output in its first
-`base_out` columns and then the shrink of pool rows 0..K-1, interleaved by member (column
-base_out + p*n + j is pool row p of member j). The kernel computes
+`base_out` columns and then the shrink of pool rows 0..K-1 of each member, in blocks of ROW_BLOCK
+rows per member (`GroupSlots.row_index`). The kernel computes
 
-    y[t, out_cols_j] += sum_p (y[t, base_out + p*n + j] * weights[t, p]) * B_j[p]     for every member j
+    y[t, out_cols_j] += sum_p (shrink_j[t, p] * weights[t, p]) * B_j[p]     for every member j
 
 reading each B once per row tile. The PyTorch path it replaces takes a multiply, a copy and one
 GEMM per member; at decode batch sizes every kernel costs a few microseconds whatever its size, so
