@@ -322,7 +322,10 @@ class TextEngine:
         """Counters for /healthz and benchmarks (read without locking: approximate while running)."""
         return {"running": len(self._running), "queued": len(self._queue), "steps": self.steps,
                 "free_rows": len(self._free_rows), "slot_loads": self.slots.stats.loads,
-                "slot_evictions": self.slots.stats.evictions, "resident_adapters": len(self.slots.resident())}
+                "slot_evictions": self.slots.stats.evictions, "resident_adapters": len(self.slots.resident()),
+                # pool rows a dense LoRA step reads (resident adapters from the front, holes included), pool size
+                "lora_rows_in_use": self.storage.used, "lora_pool_rows": self.storage.pool_rows,
+                "lora_pool_compactions": self.storage.compactions}
 
     def has_work(self) -> bool:
         return bool(self._running or self._queue or self._commands)

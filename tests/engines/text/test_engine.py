@@ -181,6 +181,8 @@ def test_slots_lru_eviction_pinning_and_waiting(tiny_model_dir: Path, tmp_path: 
     assert events["wait"][-1].finish_reason == "length"
     assert events["wait"][-1].queued_ms >= events["base"][-1].queued_ms
     assert set(eng.slots.resident()) == {"p@1", "a@1"}
+    stats = eng.stats()  # two rank-4 adapters take 8 pool rows, not 2 x max_lora_rank
+    assert stats["lora_rows_in_use"] == 8 and stats["lora_pool_rows"] == 16
 
 
 def test_retired_version_frees_its_slot_when_unused(engine: TextEngine, tiny_model_dir: Path, tmp_path: Path) -> None:
