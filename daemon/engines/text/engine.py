@@ -17,6 +17,7 @@ the others' streams.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -116,6 +117,9 @@ class TextErrorEvent:
     message: str
 
 
+_SERIALS = itertools.count()
+
+
 class _Seq:
     """A running request."""
 
@@ -124,7 +128,9 @@ class _Seq:
         self.req = req
         self.row = row
         self.slots = slots
+        self.serial = next(_SERIALS)  # identifies this sequence for caches keyed by the batch's members
         self.scales = [s for _, s in req.adapters]
+        self.uses_lora = any(x != 0.0 for x in self.scales)
         self.versions = [v for v, _ in req.adapters]
         self.slot_weights = torch.zeros(num_slots)  # this row's scale per slot (float32, host)
         for slot, scale in zip(slots, self.scales, strict=True):
@@ -465,7 +471,11 @@ class TextEngine:
             sample_seqs.append(s)
         if self.graphs is not None and decode and len(decode) == len(self._running):  # decode only
             self.last_batch_size = len(ids)
-            logits = self.graphs.run(ids, pos, rows, self._slot_weights(decode))
+            # A sequence's slot scales never change while it runs, so the graph's copy of them is
+            # reused for as long as the same sequences decode together.
+            uses_lora = any(s.uses_lora for s in decode)
+            logits = self.graphs.run(ids, pos, rows, (lambda: self._slot_weights(decode)) if uses_lora else None,
+                                     weights_key=tuple(s.serial for s in decode))
             self._sample_and_accept(sample_seqs, logits)
             return
         budget = max(cfg.max_step_tokens - len(decode), 1)
@@ -523,7 +533,7 @@ class TextEngine:
 
     def _slot_weights(self, decode: list[_Seq]) -> torch.Tensor | None:
         """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""
-        if not any(x != 0.0 for s in decode for x in s.scales):
+        if not any(s.uses_lora for s in decode):
             return None
         return torch.stack([s.slot_weights for s in decode])
 

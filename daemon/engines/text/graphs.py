@@ -15,6 +15,7 @@ Prefill steps and CPU runs use the eager path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ class _Graph:
     slot_weights: torch.Tensor | None  # [batch, slots]: each row's scale per slot
     logits: torch.Tensor
     step: StepInput  # keeps every tensor the graph reads alive (e.g. logit_index)
+    weights_key: Hashable = None  # whose scales `slot_weights` holds now
 
 
 class DecodeGraphs:
@@ -89,8 +91,10 @@ class DecodeGraphs:
         return _Graph(graph, ints, slot_weights, logits, step)
 
     def run(self, ids: list[int], positions: list[int], rows: list[int],
-            slot_weights: torch.Tensor | None) -> torch.Tensor:
-        """Logits [len(ids), vocab] for a decode-only step; `slot_weights` [n, slots] on the host, or None."""
+            slot_weights: Callable[[], torch.Tensor] | None, weights_key: Hashable = None) -> torch.Tensor:
+        """Logits [len(ids), vocab] for a decode-only step. `slot_weights` gives the [n, slots] scales on
+        the host (None: every row on the base model); it is only called, and its result copied, when
+        `weights_key` differs from the key of the scales this graph last ran with (None: always)."""
         n = len(ids)
         batch = _bucket(n, self.batch_sizes)
         longest = max(positions) + 1
@@ -103,10 +107,11 @@ class DecodeGraphs:
         host = torch.tensor([ids + [0] * pad, positions + [0] * pad, rows + [self.scratch_row] * pad,
                              [p + 1 for p in positions] + [1] * pad])
         g.ints.copy_(host, non_blocking=True)
-        if g.slot_weights is not None:
+        if g.slot_weights is not None and (weights_key is None or weights_key != g.weights_key):
             assert slot_weights is not None
-            g.slot_weights[:n].copy_(slot_weights, non_blocking=True)
+            g.slot_weights[:n].copy_(slot_weights(), non_blocking=True)
             g.slot_weights[n:].zero_()
+            g.weights_key = weights_key
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]
