@@ -51,7 +51,7 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _expand_kernel(y_ptr, stride_y, w_ptr, stride_w, b_ptr, stride_b, rows, shrink_col,
+    def _expand_kernel(y_ptr, stride_y, stride_yc, w_ptr, stride_w, b_ptr, stride_b, rows, shrink_col,
                        b_start1, b_start2, out_start0, out_start1, out_start2,
                        WIDTH: tl.constexpr, MEMBERS: tl.constexpr, ROW_BLOCK: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
@@ -70,7 +70,7 @@ if triton is not None:
         for k0 in range(0, WIDTH, BLOCK_K):
             p = k0 + offs_k  # pool rows; member j's shrink of row p sits in blocks of ROW_BLOCK columns
             cols = shrink_col + (p // ROW_BLOCK) * (ROW_BLOCK * MEMBERS) + j * ROW_BLOCK + p % ROW_BLOCK
-            s = tl.load(y_ptr + offs_m[:, None] * stride_y + cols[None, :], mask=row_ok, other=0.0)
+            s = tl.load(y_ptr + offs_m[:, None] * stride_y + cols[None, :] * stride_yc, mask=row_ok, other=0.0)
             w = tl.load(w_ptr + offs_m[:, None] * stride_w + p[None, :], mask=row_ok, other=0.0)
             b = tl.load(b_ptr + p[:, None] * stride_b + offs_n[None, :])
             scaled = (s.to(tl.float32) * w.to(tl.float32)).to(b.dtype)
@@ -79,7 +79,7 @@ if triton is not None:
             else:
                 acc += tl.dot(scaled, b)
         out_cols = out_start + (offs_n - b_start)
-        out_ptrs = y_ptr + offs_m[:, None] * stride_y + out_cols[None, :]
+        out_ptrs = y_ptr + offs_m[:, None] * stride_y + out_cols[None, :] * stride_yc
         out = tl.load(out_ptrs, mask=row_ok, other=0.0)
         tl.store(out_ptrs, (out.to(tl.float32) + acc).to(out.dtype), mask=row_ok)
 
@@ -96,23 +96,28 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
         return False
     widths = [hi - lo for lo, hi in group.out_cols]
     width = weights.shape[1]
-    # Tuned on an H200 with benchmarks/tune_lora_expand.py (32 slots x rank 16, 8 and 32 rows): deep
-    # pipelining of 64-deep K tiles; narrow outputs take narrow tiles so that enough CTAs stream B.
-    cfg = config or {}
-    block_n = cfg.get("BLOCK_N") or _largest_divisor(math.gcd(*widths), (64, 32, 16) if sum(widths) >= 8192
-                                                       else (32, 16))
-    block_k = cfg.get("BLOCK_K") or _largest_divisor(width, (64, 32, 16))
-    if block_n is None or block_k is None or y.stride(1) != 1 or weights.stride(1) != 1:
-        return False
     rows = y.shape[0]
-    block_m = cfg.get("BLOCK_M") or (16 if rows <= 16 else 32 if rows <= 32 else 64)
+    # Tuned on an H200 with benchmarks/tune_lora_expand.py (32 slots x rank 16, 32 rows, B read from
+    # HBM). Wide outputs (gate/up) take wide tiles; narrow ones (q/k/v, o, down) take narrow tiles,
+    # 128-deep in K, and half-height row tiles when that is what gives enough CTAs to stream B.
+    cfg = config or {}
+    wide = sum(widths) >= 8192
+    block_n = cfg.get("BLOCK_N") or _largest_divisor(math.gcd(*widths), (128, 64, 32, 16) if wide else (32, 16))
+    block_k = cfg.get("BLOCK_K") or _largest_divisor(width, (64, 32, 16) if wide else (128, 64, 32, 16))
+    if block_n is None or block_k is None or weights.stride(1) != 1:
+        return False
+    tiles_n = sum(widths) // block_n
+    block_m = cfg.get("BLOCK_M") or (16 if rows <= 16 or tiles_n < 80 else 32 if rows <= 32 else 64)
     b_starts = [0, *itertools.accumulate(widths[:-1])] + [1 << 30] * (_MAX_MEMBERS - len(widths))
     out_starts = [lo for lo, _ in group.out_cols] + [0] * (_MAX_MEMBERS - len(widths))
     b_cat = group.b_cat
     grid = (b_cat.shape[1] // block_n, triton.cdiv(rows, block_m))
     if (group.b_cat.device, y.dtype) in _failed:
         return False
-    stages = cfg.get("num_stages", 4 if y.element_size() == 2 else 2)  # shared memory of consumer GPUs
+    # Pipeline stages: no more than the GPU's shared memory holds (consumer GPUs have about 100 KB
+    # per block, an H200 228 KB), keeping one stage's worth spare.
+    stage_bytes = (2 * block_m * block_k + block_k * block_n) * y.element_size()
+    stages = cfg.get("num_stages") or max(1, min(5 if wide else 6, _shared_memory(y.device) // stage_bytes - 1))
     try:
         _launch(grid, y, weights, b_cat, rows, group.base_out, len(widths), b_starts, out_starts, width,
                 (block_m, block_n, block_k), cfg.get("num_warps", 2 if rows <= 16 else 4), stages)
@@ -124,12 +129,20 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
     return True
 
 
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory one CTA may use on `device` (bytes)."""
+    if device.type != "cuda":
+        return 1 << 20  # the interpreter: no limit worth modelling
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+
+
 def _launch(grid: tuple[int, int], y: torch.Tensor, weights: torch.Tensor, b_cat: torch.Tensor, rows: int,
             shrink_col: int, members: int, b_starts: list[int], out_starts: list[int], width: int,
             blocks: tuple[int, int, int], warps: int, stages: int) -> None:
     block_m, block_n, block_k = blocks
     _expand_kernel[grid](
-        y, y.stride(0), weights, weights.stride(0), b_cat, b_cat.stride(0), rows, shrink_col,
+        y, y.stride(0), y.stride(1), weights, weights.stride(0), b_cat, b_cat.stride(0), rows, shrink_col,
         b_starts[1], b_starts[2], out_starts[0], out_starts[1], out_starts[2],
         WIDTH=width, MEMBERS=members, ROW_BLOCK=ROW_BLOCK, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         IEEE=y.dtype == torch.float32, num_warps=warps, num_stages=stages)
