@@ -351,10 +351,11 @@ def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], group: GroupSlot
 
 
 def _left_operand(x: torch.Tensor) -> bool:
-    """Whether x @ W^T is faster as (W @ x^T)^T: on a CPU with a few rows (decode steps), where MKL
-    streams the weight faster as the left operand. Measured on 2 EPYC cores, SmolLM2 with 8 rows:
-    a pass over the projections 64 -> 55 ms, and with 64 rows 175 -> 125 ms; from a few hundred
-    rows on (prompts) the two forms are even."""
+    """Whether x @ W^T runs as (W @ x^T)^T: on a CPU with a few rows (decode steps). Measured on 2
+    EPYC cores, SmolLM2's decode step with 8 rows, one process, interleaved rounds: 110 -> 94 ms on
+    the base model, 156 -> 121 ms with 8 adapters (docs/BENCHMARKS.md). The projections alone, timed
+    in isolation, are about even with 8 rows and 1.4x faster with 64; from a few hundred rows on
+    (prompts) the two forms are even."""
     return x.device.type == "cpu" and x.dim() == 2 and 1 < x.shape[0] <= 64
 
 
