@@ -15,6 +15,7 @@ tested against (tests/engines/text/test_triton_lora.py, also under Triton's inte
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -129,6 +130,7 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
     return True
 
 
+@functools.cache
 def _shared_memory(device: torch.device) -> int:
     """Shared memory one CTA may use on `device` (bytes)."""
     if device.type != "cuda":
