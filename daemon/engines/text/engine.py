@@ -540,8 +540,11 @@ class TextEngine:
     def _sample_and_accept(self, sample_seqs: list[_Seq], logits: torch.Tensor) -> None:
         if self.on_logits is not None:
             self.on_logits([s.req.key for s in sample_seqs], logits)
-        tokens = sample(logits, [s.req.sampling for s in sample_seqs], [len(s.generated) for s in sample_seqs],
-                        [s.req.prompt_ids + s.generated for s in sample_seqs])
+        params = [s.req.sampling for s in sample_seqs]
+        # Token histories only for the rows with a repetition penalty (the others never read them).
+        histories = [s.req.prompt_ids + s.generated if p.repetition_penalty != 1.0 else []
+                     for s, p in zip(sample_seqs, params, strict=True)]
+        tokens = sample(logits, params, [len(s.generated) for s in sample_seqs], histories)
         now = time.perf_counter()
         for s, tok in zip(sample_seqs, tokens, strict=True):
             self._accept(s, tok, now)

@@ -225,6 +225,24 @@ def test_sampler_top_k_1_is_greedy_and_repetition_penalty_changes_choice() -> No
     assert {sample(logits, [nucleus], [c], [[]])[0] for c in range(20)} == {1}
 
 
+def test_repetition_penalty_applies_per_row_in_a_batch(engine: TextEngine) -> None:
+    """A penalised row next to an unpenalised one gets the tokens it gets alone, and the penalty
+    really changes them (it reaches the engine's sampler through the row's own history)."""
+    def tokens(events: dict, key: str) -> list[int]:
+        return list(events[key][-1].token_ids)
+
+    plain = tokens(run(engine, req(engine, "p", temperature=0.0, max_tokens=16, ignore_eos=True)), "p")
+    assert len(set(plain)) < len(plain)  # the tiny model repeats itself: something to penalise
+    alone = tokens(run(engine, req(engine, "a", temperature=0.0, repetition_penalty=3.0, max_tokens=16,
+                                   ignore_eos=True)), "a")
+    both = run(engine, req(engine, "a", temperature=0.0, repetition_penalty=3.0, max_tokens=16, ignore_eos=True),
+               req(engine, "b", "Gold coins", temperature=0.0, max_tokens=16, ignore_eos=True))
+    assert tokens(both, "a") == alone
+    assert alone != plain
+    assert tokens(both, "b") == tokens(run(engine, req(engine, "b", "Gold coins", temperature=0.0, max_tokens=16,
+                                                       ignore_eos=True)), "b")
+
+
 def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     from daemon.engines.text.config import ModelSpec, UnsupportedModel
 
