@@ -375,14 +375,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def lora_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots | None,
-                 batch: LoraBatch, *, triton: bool = False) -> torch.Tensor:
-    """x @ weight^T (+ bias) plus every row's LoRA update of the group's members: [T, out].
+                 batch: LoraBatch, *, triton: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) plus every row's LoRA update of the group's members (plus `residual`,
+    the caller's residual stream, where given): [T, out].
 
     Dense over the prefix: one GEMM with the fused weight's first rows gives the base output and
-    the shrink of every pool row in use, then `lora_expand_fused` adds the updates in place.
-    Otherwise the base GEMM and `lora_apply_group`."""
+    the shrink of every pool row in use, then `lora_expand_fused` adds the updates (and the
+    residual) in place. Otherwise the base GEMM and `lora_apply_group`."""
     if group is None or batch.mode == "none":
-        return linear(x, weight, bias)
+        y = linear(x, weight, bias)
+        return y if residual is None else residual + y
     if batch.mode == "dense" and batch.rows is None:
         assert batch.weights is not None
         end = group.base_out + batch.weights.shape[1] * len(group.members)
@@ -390,27 +392,29 @@ def lora_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if not triton and _left_operand(x):  # only the base columns get the transposing copy
             y_t = _left_product(x, fused, fused_bias)
             y = y_t[:group.base_out].t().contiguous()
-            lora_expand_fused(y, group, batch.weights, shrink=y_t[group.base_out:].t())
+            lora_expand_fused(y, group, batch.weights, shrink=y_t[group.base_out:].t(), residual=residual)
             return y
         y = F.linear(x, fused, fused_bias)
-        lora_expand_fused(y, group, batch.weights, triton=triton)
+        lora_expand_fused(y, group, batch.weights, triton=triton, residual=residual)
         return y[:, :group.base_out]
     y = linear(x, weight, bias)
     lora_apply_group(x, [y[:, lo:hi] for lo, hi in group.out_cols], group, batch)
-    return y
+    return y if residual is None else residual + y
 
 
 def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor, *,
-                      shrink: torch.Tensor | None = None, triton: bool = False) -> None:
-    """y[:, :base_out] += the expanded updates, where the shrink of pool rows [0, K) (in blocks of
-    ROW_BLOCK per member, as x @ fused[base_out:base_out + K*n]^T gives it) is `shrink` [T, K*n],
-    or else sits in y after the base columns; `weights` [T, K] is each token's scale per pool row."""
+                      shrink: torch.Tensor | None = None, triton: bool = False,
+                      residual: torch.Tensor | None = None) -> None:
+    """y[:, :base_out] += the expanded updates (+ `residual` [T, base_out]), where the shrink of
+    pool rows [0, K) (in blocks of ROW_BLOCK per member, as x @ fused[base_out:base_out + K*n]^T
+    gives it) is `shrink` [T, K*n], or else sits in y after the base columns; `weights` [T, K] is
+    each token's scale per pool row. The Triton kernel adds the residual in the same launch."""
     n = len(group.members)
     width = weights.shape[1]
     if triton and shrink is None:
         from .triton_lora import expand_fused
 
-        if expand_fused(y, group, weights):
+        if expand_fused(y, group, weights, residual=residual):
             return
     t, g = y.shape[0], ROW_BLOCK
     src = y[:, group.base_out:group.base_out + width * n] if shrink is None else shrink
@@ -419,6 +423,8 @@ def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
               out=shrunk.view(t, n, width // g, g).transpose(1, 2))
     for j, (lo, hi) in enumerate(group.out_cols):
         y[:, lo:hi].addmm_(shrunk[:, j], group.b(j)[:width])
+    if residual is not None:
+        y[:, :group.base_out].add_(residual)
 
 
 def lora_reference(x: torch.Tensor, matrices: list[tuple[torch.Tensor, torch.Tensor] | None],

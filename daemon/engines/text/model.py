@@ -266,13 +266,11 @@ class TextModel:
                     out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
                 attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
             attn2 = attn.view(t, qs)
-            o = lora_project(attn2, layer["o"], None, groups.get("o"), lora, triton=triton)  # type: ignore[arg-type]
-            h = h + o
+            h = lora_project(attn2, layer["o"], None, groups.get("o"), lora, triton=triton, residual=h)  # type: ignore[arg-type]
             x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]
             gu = lora_project(x, layer["gate_up"], None, groups.get("gate_up"), lora, triton=triton)  # type: ignore[arg-type]
             inter = spec.intermediate_size
             act = F.silu(gu[:, :inter]) * gu[:, inter:2 * inter]
-            down = lora_project(act, layer["down"], None, groups.get("down"), lora, triton=triton)  # type: ignore[arg-type]
-            h = h + down
+            h = lora_project(act, layer["down"], None, groups.get("down"), lora, triton=triton, residual=h)  # type: ignore[arg-type]
         last = self._rms_norm(h[step.logit_index], self.norm)
         return linear(last, self.lm_head).float()  # the vocab projection: 9 vs 20 ms for 8 rows on 2 cores

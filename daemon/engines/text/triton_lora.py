@@ -52,10 +52,11 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _expand_kernel(y_ptr, stride_y, stride_yc, w_ptr, stride_w, b_ptr, stride_b, rows, shrink_col,
-                       b_start1, b_start2, out_start0, out_start1, out_start2,
+    def _expand_kernel(y_ptr, stride_y, stride_yc, w_ptr, stride_w, b_ptr, stride_b, r_ptr, stride_r, stride_rc,
+                       rows, shrink_col, b_start1, b_start2, out_start0, out_start1, out_start2,
                        WIDTH: tl.constexpr, MEMBERS: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                       RESIDUAL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         col0 = pid_n * BLOCK_N  # first column of this tile in b_cat
@@ -82,6 +83,9 @@ if triton is not None:
         out_cols = out_start + (offs_n - b_start)
         out_ptrs = y_ptr + offs_m[:, None] * stride_y + out_cols[None, :] * stride_yc
         out = tl.load(out_ptrs, mask=row_ok, other=0.0)
+        if RESIDUAL:  # the caller's residual stream, added in the same pass (one launch less per use)
+            acc += tl.load(r_ptr + offs_m[:, None] * stride_r + out_cols[None, :] * stride_rc, mask=row_ok,
+                           other=0.0).to(tl.float32)
         tl.store(out_ptrs, (out.to(tl.float32) + acc).to(out.dtype), mask=row_ok)
 
 
@@ -90,9 +94,10 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int | None:
 
 
 def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
-                 config: dict[str, int] | None = None) -> bool:
-    """Run the kernel; False (nothing done) where its shape rules do not hold, so the caller falls
-    back to PyTorch: member widths must share a multiple of 16, and so must the pool rows read."""
+                 config: dict[str, int] | None = None, *, residual: torch.Tensor | None = None) -> bool:
+    """Run the kernel (adding `residual` [T, base_out] too, where given); False (nothing done) where
+    its shape rules do not hold, so the caller falls back to PyTorch: member widths must share a
+    multiple of 16, and so must the pool rows read."""
     if triton is None or len(group.members) > _MAX_MEMBERS or not (y.is_cuda or _interpreting()):
         return False
     widths = [hi - lo for lo, hi in group.out_cols]
@@ -120,7 +125,7 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
     stage_bytes = (2 * block_m * block_k + block_k * block_n) * y.element_size()
     stages = cfg.get("num_stages") or max(1, min(5 if wide else 6, _shared_memory(y.device) // stage_bytes - 1))
     try:
-        _launch(grid, y, weights, b_cat, rows, group.base_out, len(widths), b_starts, out_starts, width,
+        _launch(grid, y, weights, b_cat, residual, rows, group.base_out, len(widths), b_starts, out_starts, width,
                 (block_m, block_n, block_k), cfg.get("num_warps", 2 if rows <= 16 else 4), stages)
     except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need
         if config is None:
@@ -139,13 +144,14 @@ def _shared_memory(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
 
 
-def _launch(grid: tuple[int, int], y: torch.Tensor, weights: torch.Tensor, b_cat: torch.Tensor, rows: int,
-            shrink_col: int, members: int, b_starts: list[int], out_starts: list[int], width: int,
-            blocks: tuple[int, int, int], warps: int, stages: int) -> None:
+def _launch(grid: tuple[int, int], y: torch.Tensor, weights: torch.Tensor, b_cat: torch.Tensor,
+            residual: torch.Tensor | None, rows: int, shrink_col: int, members: int, b_starts: list[int],
+            out_starts: list[int], width: int, blocks: tuple[int, int, int], warps: int, stages: int) -> None:
     block_m, block_n, block_k = blocks
+    r = y if residual is None else residual  # the residual's columns are the group's output columns
     _expand_kernel[grid](
-        y, y.stride(0), y.stride(1), weights, weights.stride(0), b_cat, b_cat.stride(0), rows, shrink_col,
-        b_starts[1], b_starts[2], out_starts[0], out_starts[1], out_starts[2],
+        y, y.stride(0), y.stride(1), weights, weights.stride(0), b_cat, b_cat.stride(0), r, r.stride(0), r.stride(1),
+        rows, shrink_col, b_starts[1], b_starts[2], out_starts[0], out_starts[1], out_starts[2],
         WIDTH=width, MEMBERS=members, ROW_BLOCK=ROW_BLOCK, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=y.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        IEEE=y.dtype == torch.float32, RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
 

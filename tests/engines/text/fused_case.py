@@ -74,7 +74,8 @@ def slot_matrix(slots: list[list[int]], scales: list[list[float]]) -> torch.Tens
 def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora], batch: LoraBatch,
             slots: list[list[int]], scales: list[list[float]], *, triton: bool = False) -> float:
     """Largest error of lora_project over every group against base GEMM + the plain loop over the
-    adapters' own matrices, relative to the largest reference value."""
+    adapters' own matrices, relative to the largest reference value. The o and down groups also
+    add a residual stream (as the model calls them)."""
     device, dtype = storage.device, model.bias.dtype
     worst = 0.0
     g = torch.Generator().manual_seed(7)
@@ -82,9 +83,14 @@ def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora
         group = storage.groups[0].get(key)
         x = torch.randn(len(slots), DIMS[members[0]][0], generator=g).to(device, dtype)
         bias = model.bias if key == "qkv" else None
-        got = lora_project(x, model.weights[key], bias, group, batch, triton=triton).double()
+        residual = None
+        if key in ("o", "down"):
+            residual = torch.randn(len(slots), model.weights[key].shape[0], generator=g).to(device, dtype)
+        got = lora_project(x, model.weights[key], bias, group, batch, triton=triton, residual=residual).double()
         want = torch.nn.functional.linear(x.double(), model.weights[key].double(),
                                           None if bias is None else bias.double())
+        if residual is not None:
+            want += residual.double()
         col = 0
         for target in members:
             width = DIMS[target][1]
@@ -108,7 +114,7 @@ def check(dtype: torch.dtype, device: str, t: int, *, triton: bool, targets: tup
         from daemon.engines.text import triton_lora
 
         run = triton_lora.expand_fused
-        triton_lora.expand_fused = lambda *args: launches.append(run(*args)) or launches[-1]  # type: ignore[assignment]
+        triton_lora.expand_fused = lambda *args, **kw: launches.append(run(*args, **kw)) or launches[-1]  # type: ignore[assignment]
     try:
         return compare(model, storage, loras, batch, slots, scales, triton=triton)
     finally:
