@@ -8,6 +8,8 @@ Rows (medians of --rounds interleaved rounds, ms per pass over every projection 
 - `W @ x^T`: the engine's `lora.linear` (the weight as the left operand, then a transposing copy);
 - `+ LoRA`: the engine's `lora.lora_project` on the dense path (A rows fused into the base
   weights, the shrink scaled and expanded) with the given adapters resident, one per row;
+- `+ LoRA, numba loop`: the same through `cpu_lora.py` (what CPU decode steps run when numba is
+  installed): the base GEMM, then per group one compiled loop over each row's own pool rows;
 - `+ LoRA, B in bf16`: the expands with B stored in bfloat16 and converted per layer and group, to
   see whether halving the adapters' bytes pays on a CPU without bf16 arithmetic (timing only: its
   shrink is not scaled, which only flatters it).
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.engines.text import cpu_lora
 from daemon.engines.text.lora import GROUPS, LoraBatch, LoraSlotStorage, linear, lora_project
 
 HIDDEN, MLP, KV, LAYERS = 576, 1536, 192, 30
@@ -84,6 +87,11 @@ def main() -> int:
             for g, w in layer:
                 lora_project(x[w.shape[1]], w, None, g, batch)
 
+    def lora_numba() -> None:
+        for layer in groups:
+            for g, w in layer:
+                lora_project(x[w.shape[1]], w, None, g, batch, kernel="numba")
+
     def lora_bf16_b() -> None:
         for layer, bs in zip(groups, b16, strict=True):
             for (g, w), b in zip(layer, bs, strict=True):
@@ -93,7 +101,10 @@ def main() -> int:
                     blo, bhi = g.b_cols[j]
                     y[:, lo:hi].addmm_(y[:, g.base_out:g.base_out + width], b32[:, blo:bhi])
 
-    cases = {"x @ W^T": plain, "W @ x^T": left, "+ LoRA": lora, "+ LoRA, B in bf16": lora_bf16_b}
+    cases = {"x @ W^T": plain, "W @ x^T": left, "+ LoRA": lora, "+ LoRA, numba loop": lora_numba,
+             "+ LoRA, B in bf16": lora_bf16_b}
+    if not cpu_lora.available():
+        del cases["+ LoRA, numba loop"]
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.rounds):
         for name, fn in cases.items():

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to measure what they bring)")
     p.add_argument("--lora-kernel", default="auto", choices=["auto", "dense", "bgmv"])
-    p.add_argument("--no-triton", action="store_true", help="expand with PyTorch ops instead of the Triton kernel")
+    p.add_argument("--no-kernels", "--no-triton", dest="no_kernels", action="store_true",
+                   help="LoRA updates with PyTorch ops only (no Triton kernel on CUDA, no numba loop on the CPU)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_context=args.prompt_tokens + args.new_tokens + 8, lora_slots=n_adapters,
                        max_lora_rank=max(ranks), prefill_chunk=512, max_step_tokens=max(512, n),
                        cuda_graphs=not args.eager, lora_kernel=args.lora_kernel,
-                       triton_kernels=not args.no_triton)
+                       lora_kernels=not args.no_kernels)
     tmp = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
     if args.model.startswith("random:"):
         spec, tensors, tokenizer = random_llama(args.model.split(":", 1)[1], device=device, dtype=dtype)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "cuda_graphs": engine.graphs is not None, "lora_kernel": args.lora_kernel, "triton": engine.storage.triton,
+        "cuda_graphs": engine.graphs is not None, "lora_kernel": args.lora_kernel, "kernel": engine.storage.kernel,
         "model": name, "parameters": spec.num_parameters(), "dtype": str(dtype).removeprefix("torch."),
         "streams": n, "adapters": n_adapters, "ranks": ranks, "targets": list(targets),
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         f"loraloom bench text: {name} ({spec.num_parameters() / 1e6:.0f}M params, {result['dtype']}) on "
         f"{result['machine']['device']}; {n} streams on {n_adapters} adapters (ranks {args.ranks}, "
         f"{len(targets)} targets), {args.new_tokens} new tokens, median of {args.repeats}"
-        f"{'; Triton expand' if engine.storage.triton else ''}",
+        f"{'' if engine.storage.kernel == 'torch' else f'; {engine.storage.kernel} LoRA kernel'}",
         f"{'configuration':44} {'tokens/s':>10} {'step ms':>9} {'ITL p50':>8} {'ITL p99':>8} {'ours is':>9}",
     ]
 

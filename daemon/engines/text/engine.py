@@ -34,6 +34,7 @@ import torch
 from bridge.errors import ErrorCode
 
 from ...adapters.version import AdapterVersion
+from . import cpu_lora
 from .config import LORA_TARGETS, ModelSpec
 from .detok import IncrementalDecoder, byte_table
 from .graphs import DecodeGraphs
@@ -71,7 +72,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
     cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
     lora_kernel: str = "auto"  # auto | dense | bgmv (see lora.py; auto picks per step)
-    triton_kernels: bool = True  # fused LoRA expand kernel on CUDA when Triton is installed
+    lora_kernels: bool = True  # compiled LoRA kernels where installed: Triton on CUDA, numba on the CPU (float32)
     max_step_tokens: int = 512  # tokens of all sequences per step
     pinned_adapters: tuple[str, ...] = ()
 
@@ -200,10 +201,13 @@ class TextEngine:
             self.model, num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(),
             targets=tuple(cfg.lora_targets), num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank,
             device=self.device, dtype=self.dtype)
-        if self.device.type == "cuda" and cfg.triton_kernels:
+        if cfg.lora_kernels and self.device.type == "cuda":
             from .triton_lora import available
 
-            self.storage.triton = available(self.device)
+            if available(self.device):
+                self.storage.kernel = "triton"
+        elif cfg.lora_kernels and self.dtype == torch.float32 and cpu_lora.available():
+            self.storage.kernel = "numba"
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
@@ -520,15 +524,18 @@ class TextEngine:
 
     def _lora_batch(self, seqs: list[_Seq], counts: list[int]) -> LoraBatch:
         """The step's LoRA plan from each sequence's slot vector (no per-token Python). On a GPU:
-        dense over the pool rows in use (`lora_project` fuses the shrink into the base GEMM). On a
-        CPU, where prompt tokens are compute-bound, `LoraBatch.plan` picks per step."""
+        dense over the pool rows in use (`lora_project` fuses the shrink into the base GEMM); so
+        are CPU decode steps with the numba kernel. Otherwise on a CPU, where prompt tokens are
+        compute-bound, `LoraBatch.plan` picks per step."""
         per_seq = self._slot_weights(seqs)
         if per_seq is None:
             return LoraBatch(mode="none")
         per_token = per_seq.repeat_interleave(torch.tensor(counts), dim=0)
         kernel = self.config.lora_kernel
+        # The numba loop reads only the rows each token uses, so the prefix costs nothing extra.
+        prefix = self.device.type == "cuda" or (self.storage.kernel == "numba" and len(per_token) <= cpu_lora.MAX_ROWS)
         return LoraBatch.plan(per_token, self.storage, dtype=self.dtype,
-                              prefer_prefix=self.device.type == "cuda" and kernel in ("auto", "dense"),
+                              prefer_prefix=prefix and kernel in ("auto", "dense"),
                               force=None if kernel == "auto" else kernel)  # type: ignore[arg-type]
 
     def _slot_weights(self, decode: list[_Seq]) -> torch.Tensor | None:

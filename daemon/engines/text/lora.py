@@ -22,6 +22,8 @@ Three paths compute the update; `lora_reference` is the plain loop the tests com
 - dense over the prefix (`LoraBatch.rows is None`): that fused GEMM, then a [T, rows] scale
   matrix and the expand of a whole group: one Triton kernel on CUDA (`triton_lora.py`), a
   multiply plus a GEMM per member elsewhere. Every GPU step; CPU steps with most adapters busy.
+  CPU decode steps with numba skip the fused GEMM: the base GEMM, then one compiled loop per
+  group that reads only the pool rows each row uses (`cpu_lora.py`).
 - dense over some rows (`rows` given): gather the active adapters' rows (prompt chunks on a CPU:
   few adapters, many tokens).
 - `bgmv`: gather each token's own rows and use batched matmuls (cost per token = its own rank);
@@ -36,10 +38,13 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GROUPS", "GroupSlots", "LoraBatch", "LoraSlotStorage", "PreparedLora", "linear", "lora_apply",
+from . import cpu_lora
+
+__all__ = ["GROUPS", "GroupSlots", "Kernel", "LoraBatch", "LoraSlotStorage", "PreparedLora", "linear", "lora_apply",
            "lora_apply_group", "lora_expand_fused", "lora_project", "lora_reference"]
 
 Mode = Literal["none", "bgmv", "dense"]
+Kernel = Literal["torch", "triton", "numba"]  # what computes the dense update (see LoraSlotStorage.kernel)
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,9 @@ class LoraSlotStorage:
         self.max_rank = max_rank
         self.targets = targets
         self.device = device
-        self.triton = False  # expand with the Triton kernel (the engine turns it on where it runs)
+        # The dense update's kernel: "triton" (CUDA) or "numba" (CPU, float32) where the engine
+        # finds them, else PyTorch ops.
+        self.kernel: Kernel = "torch"
         self.pool_rows = num_slots * max_rank
         self.zero_row = self.pool_rows
         rows = -(-(self.pool_rows + 1) // ROW_BLOCK) * ROW_BLOCK  # whole blocks, the zero row included
@@ -375,18 +382,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def lora_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots | None,
-                 batch: LoraBatch, *, triton: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+                 batch: LoraBatch, *, kernel: Kernel = "torch", residual: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) plus every row's LoRA update of the group's members (plus `residual`,
     the caller's residual stream, where given): [T, out].
 
     Dense over the prefix: one GEMM with the fused weight's first rows gives the base output and
     the shrink of every pool row in use, then `lora_expand_fused` adds the updates (and the
-    residual) in place. Otherwise the base GEMM and `lora_apply_group`."""
+    residual) in place; with `kernel="numba"` and a decode-sized float32 step, the base GEMM and
+    `cpu_lora.apply_group`. Otherwise the base GEMM and `lora_apply_group`."""
     if group is None or batch.mode == "none":
         y = linear(x, weight, bias)
         return y if residual is None else residual + y
     if batch.mode == "dense" and batch.rows is None:
         assert batch.weights is not None
+        if kernel == "numba" and cpu_lora.usable(x):
+            y = linear(x, weight, bias)
+            cpu_lora.apply_group(y, x, group, batch.weights, ROW_BLOCK)
+            return y if residual is None else y.add_(residual)
+        triton = kernel == "triton"
         end = group.base_out + batch.weights.shape[1] * len(group.members)
         fused, fused_bias = group.fused[:end], None if group.fused_bias is None else group.fused_bias[:end]
         if not triton and _left_operand(x):  # only the base columns get the transposing copy

@@ -217,13 +217,13 @@ class TextModel:
         lora = step.lora if slots is not None else LoraBatch(mode="none")
         d = step.num_decode
         h = self.embed[step.input_ids]
-        triton = slots is not None and slots.triton
+        kernel = slots.kernel if slots is not None else "torch"
         window = spec.sliding_window
         packed = _PackedPrefill.build(step.prefill, h.device, window) if len(step.prefill) > 1 else None
         for i, layer in enumerate(self.layers):
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
-            qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, triton=triton)  # type: ignore[arg-type]
+            qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernel=kernel)  # type: ignore[arg-type]
             q = self._rope(qkv[:, :qs].view(t, nh, hd), cos, sin)
             k = self._rope(qkv[:, qs:qs + kvs].view(t, nkv, hd), cos, sin)
             v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, nkv, hd)
@@ -266,11 +266,11 @@ class TextModel:
                     out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
                 attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
             attn2 = attn.view(t, qs)
-            h = lora_project(attn2, layer["o"], None, groups.get("o"), lora, triton=triton, residual=h)  # type: ignore[arg-type]
+            h = lora_project(attn2, layer["o"], None, groups.get("o"), lora, kernel=kernel, residual=h)  # type: ignore[arg-type]
             x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]
-            gu = lora_project(x, layer["gate_up"], None, groups.get("gate_up"), lora, triton=triton)  # type: ignore[arg-type]
+            gu = lora_project(x, layer["gate_up"], None, groups.get("gate_up"), lora, kernel=kernel)  # type: ignore[arg-type]
             inter = spec.intermediate_size
             act = F.silu(gu[:, :inter]) * gu[:, inter:2 * inter]
-            h = lora_project(act, layer["down"], None, groups.get("down"), lora, triton=triton, residual=h)  # type: ignore[arg-type]
+            h = lora_project(act, layer["down"], None, groups.get("down"), lora, kernel=kernel, residual=h)  # type: ignore[arg-type]
         last = self._rms_norm(h[step.logit_index], self.norm)
         return linear(last, self.lm_head).float()  # the vocab projection: 9 vs 20 ms for 8 rows on 2 cores

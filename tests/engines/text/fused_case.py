@@ -1,15 +1,24 @@
 """A LoRA slot storage fused into a small fake model's weights, and its plain-loop reference.
 
-Shared by test_lora_ops.py (PyTorch paths) and test_triton_lora.py (the Triton kernel, on CUDA or
+Shared by test_lora_ops.py (PyTorch paths and the numba loop) and test_triton_lora.py (the Triton kernel, on CUDA or
 under Triton's interpreter in a subprocess: run this file with TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
 
-from daemon.engines.text.lora import GROUPS, LoraBatch, LoraSlotStorage, PreparedLora, lora_project, lora_reference
+from daemon.engines.text.lora import (
+    GROUPS,
+    Kernel,
+    LoraBatch,
+    LoraSlotStorage,
+    PreparedLora,
+    lora_project,
+    lora_reference,
+)
 
 # Odd-sized on purpose: q/k/v of 48/16/16 columns, MLP of 80 (not a multiple of 32).
 DIMS = {"q_proj": (32, 48), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (48, 32),
@@ -72,7 +81,7 @@ def slot_matrix(slots: list[list[int]], scales: list[list[float]]) -> torch.Tens
 
 
 def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora], batch: LoraBatch,
-            slots: list[list[int]], scales: list[list[float]], *, triton: bool = False) -> float:
+            slots: list[list[int]], scales: list[list[float]], *, kernel: Kernel = "torch") -> float:
     """Largest error of lora_project over every group against base GEMM + the plain loop over the
     adapters' own matrices, relative to the largest reference value. The o and down groups also
     add a residual stream (as the model calls them)."""
@@ -86,7 +95,7 @@ def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora
         residual = None
         if key in ("o", "down"):
             residual = torch.randn(len(slots), model.weights[key].shape[0], generator=g).to(device, dtype)
-        got = lora_project(x, model.weights[key], bias, group, batch, triton=triton, residual=residual).double()
+        got = lora_project(x, model.weights[key], bias, group, batch, kernel=kernel, residual=residual).double()
         want = torch.nn.functional.linear(x.double(), model.weights[key].double(),
                                           None if bias is None else bias.double())
         if residual is not None:
@@ -103,30 +112,37 @@ def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora
     return worst
 
 
-def check(dtype: torch.dtype, device: str, t: int, *, triton: bool, targets: tuple[str, ...]) -> float:
-    """The dense-over-the-prefix path (the Triton kernel's) on every group: the relative error."""
+def check(dtype: torch.dtype, device: str, t: int, *, kernel: Kernel, targets: tuple[str, ...]) -> float:
+    """The dense-over-the-prefix path (the one the kernels take) on every group: the relative error."""
     model, storage, loras = build(targets, dtype, device)
     slots, scales = rows_case(t)
     batch = LoraBatch.plan(slot_matrix(slots, scales), storage, dtype=dtype, prefer_prefix=True)
     assert batch.mode == "dense" and batch.rows is None  # the fused path
+    # Record that the kernel really ran (the Triton one declines shapes it cannot do).
+    hooks = {"triton": ("triton_lora", "expand_fused"), "numba": ("cpu_lora", "apply_group")}
+    module, name = hooks.get(kernel, ("", ""))
     launches: list[bool] = []
-    if triton:  # record that the kernel really ran (it declines shapes it cannot do)
-        from daemon.engines.text import triton_lora
+    if module:
+        mod = importlib.import_module(f"daemon.engines.text.{module}")
+        run = getattr(mod, name)
 
-        run = triton_lora.expand_fused
-        triton_lora.expand_fused = lambda *args, **kw: launches.append(run(*args, **kw)) or launches[-1]  # type: ignore[assignment]
+        def counted(*args: object, **kw: object) -> bool:
+            launches.append(run(*args, **kw) is not False)
+            return launches[-1]
+
+        setattr(mod, name, counted)
     try:
-        return compare(model, storage, loras, batch, slots, scales, triton=triton)
+        return compare(model, storage, loras, batch, slots, scales, kernel=kernel)
     finally:
-        if triton:
-            triton_lora.expand_fused = run
+        if module:
+            setattr(mod, name, run)
             assert launches and all(launches), launches
 
 
 if __name__ == "__main__":  # under TRITON_INTERPRET=1: the kernel on the CPU
     for targets in (ALL, SOME):
         for t in (3, 40):
-            err = check(torch.float32, "cpu", t, triton=True, targets=targets)
+            err = check(torch.float32, "cpu", t, kernel="triton", targets=targets)
             print(f"targets={len(targets)} rows={t} err={err:.2e}")
             if err > 1e-5:
                 sys.exit(1)

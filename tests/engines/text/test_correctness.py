@@ -74,8 +74,9 @@ def reference_logits(peft, ids: list[int], adapters: list[tuple[str, float]]) ->
             w.data.copy_(old)
 
 
-# CUDA runs (eager prefill + graph-replayed decode) exist only where a GPU does; CI has none.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+# "cpu": decode steps through the numba LoRA loop; "cpu-torch": PyTorch ops only. CUDA runs (eager
+# prefill + graph-replayed decode) exist only where a GPU does; CI has none.
+DEVICES = ["cpu", "cpu-torch", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,8 +87,10 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
     different prompt lengths, chunked prefill and rows joining mid-decode: logits within 1e-4."""
     model_dir: Path = request.getfixturevalue(arch_fixture)
     dirs = {n: write_text_adapter(tmp_path / n, model_dir, **spec) for n, spec in ADAPTERS.items()}
-    engine = TextEngine.from_folder(model_dir, EngineConfig(device=device, dtype="float32", max_seqs=8, max_context=128,
-                                                lora_slots=6, max_lora_rank=8, prefill_chunk=5, max_step_tokens=24))
+    engine = TextEngine.from_folder(model_dir, EngineConfig(
+        device=device.removesuffix("-torch"), dtype="float32", max_seqs=8, max_context=128, lora_slots=6,
+        max_lora_rank=8, prefill_chunk=5, max_step_tokens=24, lora_kernels=not device.endswith("-torch")))
+    assert engine.storage.kernel == {"cpu": "numba", "cpu-torch": "torch", "cuda": "triton"}[device]
     versions = {n: load_version(engine, d) for n, d in dirs.items()}
     peft = reference_models(model_dir, dirs)
     prompts = ["Ahoy matey", "The elven archivist keeps the old scrolls", "Hammer",

@@ -15,6 +15,7 @@ import itertools
 
 from fused_case import ALL, SOME, build, check, compare, make_lora, rows_case, slot_matrix
 
+from daemon.engines.text import cpu_lora
 from daemon.engines.text.lora import LoraBatch, LoraSlotStorage
 
 CPU = torch.device("cpu")
@@ -103,4 +104,20 @@ def test_pool_packs_by_rank_reuses_holes_and_compacts() -> None:
 def test_fused_projection_equals_base_plus_reference(rows: int, targets: str) -> None:
     """One GEMM over the weight with every pool row's A appended, then the expand: equal to the
     base projection plus the plain loop, for every group, also when only some members are targeted."""
-    assert check(torch.float32, "cpu", rows, triton=False, targets=ALL if targets == "all" else SOME) < 1e-6
+    assert check(torch.float32, "cpu", rows, kernel="torch", targets=ALL if targets == "all" else SOME) < 1e-6
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("targets", ["all", "some"])
+def test_numba_loop_equals_base_plus_reference(rows: int, targets: str) -> None:
+    """The CPU decode kernel (cpu_lora.py: only each row's own pool rows, no fused GEMM) gives the
+    base projection plus the plain loop on every group, residuals, mixes and zero-scale rows included."""
+    assert cpu_lora.available(), "numba is part of the engine extra"
+    assert check(torch.float32, "cpu", rows, kernel="numba", targets=ALL if targets == "all" else SOME) < 1e-6
+
+
+def test_numba_loop_leaves_prompt_sized_steps_to_gemms() -> None:
+    """Steps above cpu_lora.MAX_ROWS rows (prompt chunks) and non-float32 steps take the GEMM path."""
+    assert cpu_lora.usable(torch.zeros(cpu_lora.MAX_ROWS, 8))
+    assert not cpu_lora.usable(torch.zeros(cpu_lora.MAX_ROWS + 1, 8))
+    assert not cpu_lora.usable(torch.zeros(4, 8, dtype=torch.bfloat16))

@@ -34,5 +34,5 @@ if torch.cuda.is_available():  # collected only where it can run (like the CUDA 
     @pytest.mark.parametrize("rows", [1, 17, 64])
     @pytest.mark.parametrize("targets", [ALL, SOME], ids=["all", "some"])
     def test_kernel_on_cuda_equals_reference(dtype: torch.dtype, rows: int, targets: tuple[str, ...]) -> None:
-        err = check(dtype, "cuda", rows, triton=True, targets=targets)
+        err = check(dtype, "cuda", rows, kernel="triton", targets=targets)
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
