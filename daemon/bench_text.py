@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     _run_engine(engine, prompts, multi, 8)  # warm up (and load the slots)
     rows: dict[str, list[dict]] = {"multi": [], "base": [], "sequential": []}
     seq_n = min(args.sequential_streams or n, n)
-    for _ in range(args.repeats):
-        rows["multi"].append(_run_engine(engine, prompts, multi, args.new_tokens))
-        rows["base"].append(_run_engine(engine, prompts, base, args.new_tokens))
+    for rep in range(args.repeats):
+        # Alternate which goes first, so neither always runs on a machine just warmed (or slowed) by the other.
+        for kind, adapters in (("multi", multi), ("base", base))[::1 if rep % 2 == 0 else -1]:
+            rows[kind].append(_run_engine(engine, prompts, adapters, args.new_tokens))
         seq = [_run_engine(engine, prompts[i:i + 1], multi[i:i + 1], args.new_tokens) for i in range(seq_n)]
         tokens = sum(r["tokens"] for r in seq)
         seconds = sum(r["seconds"] for r in seq)
@@ -209,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     def med(kind: str, key: str) -> float | None:
         vals = [r[key] for r in rows[kind] if r.get(key) is not None]
         return statistics.median(vals) if vals else None
+
+    def paired(kind: str) -> list[float]:
+        """ours / `kind` in tokens/s within each repeat (measured minutes apart at most, so a drifting
+        machine moves both): on a noisy machine the median of these is steadier than a ratio of medians."""
+        return [m["tokens_per_s"] / r["tokens_per_s"] for m, r in zip(rows["multi"], rows[kind], strict=True)]
 
     peft = None
     if not args.no_peft:
@@ -230,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "a_base_only": {k: med("base", k) for k in ("tokens_per_s", "step_ms_median", "itl_ms_p50", "itl_ms_p99")},
         "b_peft_mixed_batch": peft,
         "c_one_at_a_time": {k: med("sequential", k) for k in ("tokens_per_s", "step_ms_median")},
+        "paired_ratio_a": paired("base"),
+        "paired_ratio_c": paired("sequential"),
         "copy_bandwidth_bytes_per_s": bw,
         # Reading the weights once per step at the copy bandwidth (bytes moved per second).
         "floor_ms_base": None if bw is None else 1000 * weight_bytes / bw,
@@ -259,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     line("(b) transformers+PEFT mixed-adapter batch", peft)
     line(f"(c) ours, one request at a time ({seq_n} runs)", result["c_one_at_a_time"])
     lines.append(f"multi-LoRA / base-only = {ours / base_rate:.2f}")
+    for label, key in (("(a) base only", "paired_ratio_a"), ("(c) one at a time", "paired_ratio_c")):
+        vals = result[key]
+        lines.append(f"paired within each repeat, ours / {label}: median {statistics.median(vals):.2f}x "
+                     f"(range {min(vals):.2f}-{max(vals):.2f} over {len(vals)})")
     if bw is not None:
         lines.append(f"copy bandwidth {bw / 1e12:.2f} TB/s; floor per step: {result['floor_ms_base']:.3f} ms base, "
                      f"{result['floor_ms_with_adapters']:.3f} ms with adapters; ours "
