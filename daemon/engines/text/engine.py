@@ -72,7 +72,8 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
     cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
     lora_kernel: str = "auto"  # auto | dense | bgmv (see lora.py; auto picks per step)
-    lora_kernels: bool = True  # compiled LoRA kernels where installed: Triton on CUDA, numba on the CPU (float32)
+    # Compiled kernels where installed: Triton on CUDA (LoRA expand, RMSNorm, RoPE), numba on the CPU (LoRA, float32).
+    kernels: bool = True
     max_step_tokens: int = 512  # tokens of all sequences per step
     pinned_adapters: tuple[str, ...] = ()
 
@@ -201,12 +202,13 @@ class TextEngine:
             self.model, num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(),
             targets=tuple(cfg.lora_targets), num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank,
             device=self.device, dtype=self.dtype)
-        if cfg.lora_kernels and self.device.type == "cuda":
+        if cfg.kernels and self.device.type == "cuda":
             from .triton_lora import available
 
             if available(self.device):
                 self.storage.kernel = "triton"
-        elif cfg.lora_kernels and self.dtype == torch.float32 and cpu_lora.available():
+                self.model.triton_ops = True
+        elif cfg.kernels and self.dtype == torch.float32 and cpu_lora.available():
             self.storage.kernel = "numba"
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
         self.graphs: DecodeGraphs | None = None

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from . import triton_ops
 from .config import ModelSpec, UnsupportedModel
 from .lora import GroupSlots, LoraBatch, LoraSlotStorage, linear, lora_project
 
@@ -116,6 +117,20 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by cos/sin [T, 1, D] (float32); rotate-half convention of the HF checkpoints."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
 class TextModel:
     """Weights of one base model, fused for speed (qkv, gate_up), and its forward step."""
 
@@ -124,6 +139,7 @@ class TextModel:
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.triton_ops = False  # RMSNorm and RoPE as one Triton launch each (the engine turns it on on CUDA)
 
         def take(name: str) -> torch.Tensor:
             if name not in tensors:
@@ -175,16 +191,9 @@ class TextModel:
         self._rope_len = length
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
-        return weight * xf.to(x.dtype)
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [T, heads, D]; rotate-half convention of the HF checkpoints.
-        half = x.shape[-1] // 2
-        xf = x.float()
-        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        if self.triton_ops:
+            return triton_ops.rms_norm(x, weight, self.spec.rms_norm_eps)
+        return rms_norm_reference(x, weight, self.spec.rms_norm_eps)
 
     def fuse_rows(self, layer: int, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append `rows` zero rows to weight `key` of a layer (LoRA A's go there: see `lora.GroupSlots`).
@@ -212,8 +221,7 @@ class TextModel:
         t = step.input_ids.shape[0]
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         qs, kvs = spec.q_size, spec.kv_size
-        cos = self._cos[step.positions].unsqueeze(1)
-        sin = self._sin[step.positions].unsqueeze(1)
+        cos, sin = self._cos[step.positions], self._sin[step.positions]  # [T, D]
         lora = step.lora if slots is not None else LoraBatch(mode="none")
         d = step.num_decode
         h = self.embed[step.input_ids]
@@ -224,8 +232,12 @@ class TextModel:
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
             qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernel=kernel)  # type: ignore[arg-type]
-            q = self._rope(qkv[:, :qs].view(t, nh, hd), cos, sin)
-            k = self._rope(qkv[:, qs:qs + kvs].view(t, nkv, hd), cos, sin)
+            if self.triton_ops:  # q and k rotated in place in qkv, one launch
+                triton_ops.rope_qk_(qkv, cos, sin, nh + nkv, hd)
+                q, k = qkv[:, :qs].view(t, nh, hd), qkv[:, qs:qs + kvs].view(t, nkv, hd)
+            else:
+                q = rope_reference(qkv[:, :qs].view(t, nh, hd), cos.unsqueeze(1), sin.unsqueeze(1))
+                k = rope_reference(qkv[:, qs:qs + kvs].view(t, nkv, hd), cos.unsqueeze(1), sin.unsqueeze(1))
             v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, nkv, hd)
             kc, vc = cache.k[i], cache.v[i]
             kc[step.cache_rows, :, step.positions] = k

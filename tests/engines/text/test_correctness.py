@@ -89,7 +89,7 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
     dirs = {n: write_text_adapter(tmp_path / n, model_dir, **spec) for n, spec in ADAPTERS.items()}
     engine = TextEngine.from_folder(model_dir, EngineConfig(
         device=device.removesuffix("-torch"), dtype="float32", max_seqs=8, max_context=128, lora_slots=6,
-        max_lora_rank=8, prefill_chunk=5, max_step_tokens=24, lora_kernels=not device.endswith("-torch")))
+        max_lora_rank=8, prefill_chunk=5, max_step_tokens=24, kernels=not device.endswith("-torch")))
     assert engine.storage.kernel == {"cpu": "numba", "cpu-torch": "torch", "cuda": "triton"}[device]
     versions = {n: load_version(engine, d) for n, d in dirs.items()}
     peft = reference_models(model_dir, dirs)

@@ -1,0 +1,75 @@
+"""Triton kernels for the per-layer glue of a CUDA decode step: RMSNorm and rotary embeddings.
+
+A decode step of a 1B model on an H200 is bound by kernel count, not bytes: each layer's norms
+and RoPE took ~20 small PyTorch kernels (casts, powers, means, a cat for rotate-half, ...), at a
+few microseconds each even inside a CUDA graph. Each function here is one launch and computes what
+`model.rms_norm_reference` / `model.rope_reference` compute (float32 math, one rounding to the
+model's dtype at the same points); tests/engines/text/test_triton_ops.py compares them, on CUDA and
+under Triton's interpreter on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the model uses its PyTorch reference instead
+    triton = None
+
+__all__ = ["rms_norm", "rope_qk_"]
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, stride_x, w_ptr, y_ptr, stride_y, n, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+        normed = (x * r).to(y_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        y = (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
+
+    @triton.jit
+    def _rope_kernel(qkv_ptr, stride_t, cos_ptr, sin_ptr, stride_c, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        head = tl.program_id(1)  # q heads, then k heads: both sit at head * HEAD_DIM in qkv
+        i = tl.arange(0, BLOCK)
+        mask = i < HALF
+        base = qkv_ptr + t * stride_t + head * HEAD_DIM
+        x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + i, mask=mask, other=0.0).to(tl.float32)
+        c = cos_ptr + t * stride_c
+        s = sin_ptr + t * stride_c
+        c1 = tl.load(c + i, mask=mask, other=0.0)
+        c2 = tl.load(c + HALF + i, mask=mask, other=0.0)
+        s1 = tl.load(s + i, mask=mask, other=0.0)
+        s2 = tl.load(s + HALF + i, mask=mask, other=0.0)
+        tl.store(base + i, (x1 * c1 - x2 * s1).to(qkv_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + HALF + i, (x2 * c2 + x1 * s2).to(qkv_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x [T, n] (rows may be strided, columns contiguous)."""
+    assert x.dim() == 2 and x.stride(1) == 1
+    t, n = x.shape
+    y = torch.empty(t, n, device=x.device, dtype=x.dtype)
+    if t:
+        _rms_norm_kernel[(t,)](x, x.stride(0), weight, y, y.stride(0), n, eps, BLOCK=triton.next_power_of_2(n))
+    return y
+
+
+def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> None:
+    """Rotate, in place, the first `heads` heads of each row of qkv [T, >= heads * head_dim] (the q
+    heads followed by the k heads) by cos/sin [T, head_dim] (float32, rotate-half convention)."""
+    t = qkv.shape[0]
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and head_dim % 2 == 0
+    half = head_dim // 2
+    if t:
+        _rope_kernel[(t, heads)](qkv, qkv.stride(0), cos, sin, cos.stride(0), HEAD_DIM=head_dim, HALF=half,
+                                 BLOCK=triton.next_power_of_2(half))

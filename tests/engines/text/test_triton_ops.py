@@ -1,0 +1,65 @@
+"""The Triton RMSNorm and RoPE kernels equal the model's PyTorch references: on CUDA where there is
+one, and always under Triton's interpreter on the CPU (a subprocess: the interpreter is chosen when
+kernels are defined). Odd sizes on purpose: a hidden size that is not a power of two, a head
+dimension whose half is not one either, rows with a stride (as the fused projections return them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from support import ROOT
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (CI installs it with the dev extra)")
+
+
+def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float]:
+    """Largest relative errors of (rms_norm, rope_qk_) against the references."""
+    from daemon.engines.text import triton_ops
+    from daemon.engines.text.model import rms_norm_reference, rope_reference
+
+    g = torch.Generator().manual_seed(0)
+    t, hidden, heads, kv_heads, head_dim = 7, 200, 3, 1, 40
+    wide = torch.randn(t, hidden + 24, generator=g).to(device, dtype)
+    x = wide[:, :hidden]  # strided rows
+    w = (torch.rand(hidden, generator=g) + 0.5).to(device, dtype)
+    want = rms_norm_reference(x, w, 1e-5).float()
+    norm_err = ((triton_ops.rms_norm(x, w, 1e-5).float() - want).abs().max() / want.abs().max()).item()
+
+    qs, kvs = heads * head_dim, kv_heads * head_dim
+    qkv = torch.randn(t, qs + 2 * kvs + 8, generator=g).to(device, dtype)[:, :qs + 2 * kvs]
+    pos = torch.tensor([0, 1, 5, 17, 300, 301, 2047]).double()
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).double() / head_dim))
+    emb = torch.cat([torch.outer(pos, inv)] * 2, dim=-1)
+    cos, sin = emb.cos().float().to(device), emb.sin().float().to(device)
+    want_q = rope_reference(qkv[:, :qs].view(t, heads, head_dim), cos.unsqueeze(1), sin.unsqueeze(1)).float()
+    want_k = rope_reference(qkv[:, qs:qs + kvs].view(t, kv_heads, head_dim), cos.unsqueeze(1), sin.unsqueeze(1)).float()
+    v_before = qkv[:, qs + kvs:].clone()
+    triton_ops.rope_qk_(qkv, cos, sin, heads + kv_heads, head_dim)
+    got_q, got_k = qkv[:, :qs].view(t, heads, head_dim).float(), qkv[:, qs:qs + kvs].view(t, kv_heads, head_dim).float()
+    assert torch.equal(qkv[:, qs + kvs:], v_before), "v must not move"
+    rope_err = max(((got_q - want_q).abs().max() / want_q.abs().max()).item(),
+                   ((got_k - want_k).abs().max() / want_k.abs().max()).item())
+    return norm_err, rope_err
+
+
+def test_kernels_under_the_interpreter_equal_references() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    code = ("import sys, torch; sys.path[:0] = ['tests', 'tests/engines/text']; "
+            "from test_triton_ops import max_errors; print('errors', *max_errors('cpu', torch.float32))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    norm_err, rope_err = (float(v) for v in run.stdout.split("errors", 1)[1].split())
+    assert norm_err < 1e-6 and rope_err < 1e-6, run.stdout
+
+
+if torch.cuda.is_available():  # collected only where it can run (like the CUDA cases of test_correctness)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_kernels_on_cuda_equal_references(dtype: torch.dtype) -> None:
+        norm_err, rope_err = max_errors("cuda", dtype)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert norm_err < tol and rope_err < tol, (norm_err, rope_err)
