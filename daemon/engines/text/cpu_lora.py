@@ -88,8 +88,12 @@ def apply_group(y: torch.Tensor, x: torch.Tensor, group: GroupSlots, weights: to
     """y[T, base_out] += the LoRA update of every member of `group` for inputs x[T, d_in], where
     `weights` [T, K] is each row's scale per pool row of the prefix [0, K) (0: not read) and
     `block` is the A rows' block size (lora.ROW_BLOCK)."""
-    n = len(group.members)
-    cols = np.array([(lo, blo, hi - lo) for (lo, hi), (blo, _) in zip(group.out_cols, group.b_cols, strict=True)],
-                    dtype=np.int64)
     _kernel()(y.numpy(), x.contiguous().numpy(), group.fused[group.base_out:].numpy(),
-              weights.contiguous().numpy(), group.b_cat.numpy(), cols, n, block)
+              weights.contiguous().numpy(), group.b_cat.numpy(), _columns(group.out_cols, group.b_cols),
+              len(group.members), block)
+
+
+@functools.cache
+def _columns(out_cols: tuple[tuple[int, int], ...], b_cols: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """[members, 3]: each member's first column in y, first column in B, width (the same in every layer)."""
+    return np.array([(lo, blo, hi - lo) for (lo, hi), (blo, _) in zip(out_cols, b_cols, strict=True)], dtype=np.int64)
