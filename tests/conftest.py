@@ -33,6 +33,12 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_swa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2 with use_sliding_window: a 5-token window on its second layer only."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2-swa", "qwen2-swa", seed=9)
+
+
+@pytest.fixture(scope="session")
 def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Mistral with a 6-token sliding window: the correctness prompts are longer than that."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mistral", "mistral", seed=7)

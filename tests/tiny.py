@@ -1,6 +1,6 @@
 """Tiny random models and adapters built on the spot, for tests and benchmarks (no downloads).
 
-- `build_tiny_model(dir, arch)`: a random Llama or Qwen2 causal LM (float32 safetensors + tokenizer).
+- `build_tiny_model(dir, arch)`: a random Llama, Mistral or Qwen2 causal LM (float32 safetensors + tokenizer).
 - `write_text_adapter(dir, base_dir, ...)`: a PEFT LoRA adapter with non-zero B for that base model.
 """
 
@@ -30,7 +30,7 @@ def build_tiny_model(
     seed: int = 0,
     max_positions: int = 512,
 ) -> Path:
-    """A random causal LM folder (config.json, model.safetensors, tokenizer) of `arch` llama/mistral/qwen2."""
+    """A random causal LM folder (config.json, model.safetensors, tokenizer) of `arch` llama/mistral/qwen2/qwen2-swa."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     tok = build_tokenizer(path)
@@ -53,6 +53,9 @@ def build_tiny_model(
         config = MistralConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=6)
     elif arch == "qwen2":
         config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
+    elif arch == "qwen2-swa":  # the window on the second layer only (max_window_layers), shorter than the prompts
+        config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=True,
+                             sliding_window=5, max_window_layers=1)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -43,6 +43,13 @@ class ModelSpec:
     rope_scaling: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # each query sees only the last `sliding_window` keys (Mistral v0.1)
+    window_layers: tuple[bool, ...] = ()  # which layers the window applies to (empty: all; Qwen2 windows some)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of one layer, or None where it attends to every earlier key."""
+        if self.sliding_window is None or (self.window_layers and not self.window_layers[layer]):
+            return None
+        return self.sliding_window
 
     @property
     def q_size(self) -> int:
@@ -92,10 +99,24 @@ class ModelSpec:
             raise UnsupportedModel(f"unsupported RoPE scaling '{rope_type}' (supported: default, linear, llama3)")
         scaling = {**scaling, **{k: v for k, v in rope.items() if k != "rope_theta"}, "rope_type": rope_type}
         window = cfg.get("sliding_window")
-        if family == "qwen2":  # Qwen2 windows only some layers, and only when asked to
-            if cfg.get("use_sliding_window"):
-                raise UnsupportedModel("Qwen2 with use_sliding_window=true is not supported (per-layer windows)")
-            window = None
+        layers = int(cfg["num_hidden_layers"])
+        windowed: tuple[bool, ...] = ()
+        if family == "qwen2" and not cfg.get("use_sliding_window"):
+            window = None  # Qwen2 configs name a window they do not use unless asked to
+        layer_types = cfg.get("layer_types")
+        if layer_types:  # transformers v5 writes each layer's attention kind
+            unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+            if unknown:
+                raise UnsupportedModel(f"unsupported attention layer types {unknown} "
+                                       "(supported: full_attention, sliding_attention)")
+            if len(layer_types) != layers:
+                raise UnsupportedModel(f"layer_types names {len(layer_types)} layers, the model has {layers}")
+            windowed = tuple(t == "sliding_attention" for t in layer_types)
+        elif window and family == "qwen2":  # layers from max_window_layers on use the window
+            first = int(cfg.get("max_window_layers", layers))
+            windowed = tuple(i >= first for i in range(layers))
+        if window and windowed and not any(windowed):
+            window, windowed = None, ()
         eos: list[int] = []
         for source in (cfg, generation_config or {}):
             value = source.get("eos_token_id")
@@ -108,7 +129,7 @@ class ModelSpec:
             family=family,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -122,6 +143,7 @@ class ModelSpec:
             rope_scaling=scaling,
             eos_token_ids=tuple(dict.fromkeys(eos)),
             sliding_window=int(window) if window else None,
+            window_layers=windowed if window else (),
         )
 
     @classmethod

@@ -226,9 +226,12 @@ class TextModel:
         d = step.num_decode
         h = self.embed[step.input_ids]
         kernel = slots.kernel if slots is not None else "torch"
-        window = spec.sliding_window
-        packed = _PackedPrefill.build(step.prefill, h.device, window) if len(step.prefill) > 1 else None
+        packs: dict[int | None, _PackedPrefill] = {}  # one per window size the layers use
         for i, layer in enumerate(self.layers):
+            window = spec.window(i)
+            if len(step.prefill) > 1 and window not in packs:
+                packs[window] = _PackedPrefill.build(step.prefill, h.device, window)
+            packed = packs.get(window)
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
             qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernel=kernel)  # type: ignore[arg-type]

@@ -80,7 +80,7 @@ DEVICES = ["cpu", "cpu-torch", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch_fixture", ["tiny_model_dir", "tiny_qwen_dir", "tiny_mistral_dir"])
+@pytest.mark.parametrize("arch_fixture", ["tiny_model_dir", "tiny_qwen_dir", "tiny_qwen_swa_dir", "tiny_mistral_dir"])
 def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, request: pytest.FixtureRequest,
                                            tmp_path: Path) -> None:
     """One batch: a base row, rows on four adapters of different ranks/targets, a weighted mix,

@@ -251,6 +251,25 @@ def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
         ModelSpec.from_folder(tmp_path)
 
 
+def test_sliding_windows_per_layer_from_the_config() -> None:
+    """Qwen2 windows the layers from max_window_layers on, only with use_sliding_window; a v5
+    layer_types list names them directly; attention kinds we do not implement are refused."""
+    from daemon.engines.text.config import ModelSpec, UnsupportedModel
+
+    base = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "num_attention_heads": 2, "intermediate_size": 16, "num_hidden_layers": 4, "sliding_window": 32,
+            "max_window_layers": 2}
+    assert [ModelSpec.from_dict(base).window(i) for i in range(4)] == [None] * 4  # named but unused
+    on = {**base, "use_sliding_window": True}
+    assert [ModelSpec.from_dict(on).window(i) for i in range(4)] == [None, None, 32, 32]
+    typed = {**on, "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}
+    assert [ModelSpec.from_dict(typed).window(i) for i in range(4)] == [32, None, 32, None]
+    with pytest.raises(UnsupportedModel, match="chunked_attention"):
+        ModelSpec.from_dict({**typed, "layer_types": ["chunked_attention"] * 4})
+    mistral = {**base, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}
+    assert [ModelSpec.from_dict(mistral).window(i) for i in range(4)] == [32] * 4
+
+
 def test_safetensors_roundtrip_helper_is_sane(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The fixture adapters really have non-zero B (PEFT's default init would make them no-ops)."""
     folder = write_text_adapter(tmp_path / "nz", tiny_model_dir)
