@@ -225,9 +225,10 @@ class TextEngine:
         self.last_batch_size = 0
         # Test and debugging hook: called with (request keys, float32 logits) after every forward.
         self.on_logits: Callable[[list[Any], torch.Tensor], None] | None = None
-        log.info("text model %s: %s layers, %.0fM parameters, %s %s, %d sequences x %d tokens, %d LoRA slots",
-                 self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6, self.device,
-                 str(self.dtype).removeprefix("torch."), rows, self.max_context, cfg.lora_slots)
+        log.info("text model %s: %s layers, %.0fM parameters, %s %s, %d sequences x %d tokens, %d LoRA slots, "
+                 "%s LoRA kernel", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
+                 self.device, str(self.dtype).removeprefix("torch."), rows, self.max_context, cfg.lora_slots,
+                 self.storage.kernel)
 
     @classmethod
     def from_folder(cls, model: str | Path, config: EngineConfig | None = None,
