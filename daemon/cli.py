@@ -55,6 +55,8 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-context", type=int, help="tokens per sequence, prompt included")
     g.add_argument("--lora-slots", type=int, help="adapters resident in compute memory")
     g.add_argument("--max-lora-rank", type=int)
+    g.add_argument("--no-kernels", dest="kernels", action="store_const", const=False,
+                   help="PyTorch ops only: no Triton kernels on CUDA, no numba LoRA loop on the CPU")
     g.add_argument("--image-max-batch", type=int,
                    help="images per image call (4); every call runs at this size so a request's bytes do not "
                         "depend on its companions; 1: lowest latency for a lone request")
@@ -68,7 +70,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
 _SERVE_KEYS = (
     "host", "port", "token", "allowed_origins", "runtime_file", "text_model", "image_model", "cache_dir", "device",
     "dtype", "text_adapters", "image_adapters", "pinned_adapters", "adapter_capacity", "watch", "reload_debounce_ms",
-    "max_seqs", "max_context", "lora_slots", "max_lora_rank", "image_max_batch", "max_frame_bytes",
+    "max_seqs", "max_context", "lora_slots", "max_lora_rank", "kernels", "image_max_batch", "max_frame_bytes",
     "max_inflight_per_connection", "max_new_tokens", "log_level",
 )
 

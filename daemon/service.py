@@ -73,7 +73,8 @@ class Service:
                 device=settings.device, dtype=settings.dtype, max_seqs=settings.max_seqs,
                 max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb, lora_slots=settings.lora_slots,
                 max_lora_rank=settings.max_lora_rank, max_adapters_per_request=settings.max_adapters_per_request,
-                prefill_chunk=settings.prefill_chunk, pinned_adapters=tuple(settings.pinned_adapters))
+                prefill_chunk=settings.prefill_chunk, pinned_adapters=tuple(settings.pinned_adapters),
+                kernels=settings.kernels)
             text = TextEngine.from_folder(settings.text_model, cfg, cache_dir=cache)
         if settings.image_model != "none":
             if settings.image_model == "default" and importlib.util.find_spec("diffusers") is None:

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     lora_slots: int = Field(default=16, ge=1)
     max_lora_rank: int = Field(default=64, ge=1)
     prefill_chunk: int = Field(default=256, ge=1)
+    kernels: bool = True  # compiled kernels where installed (Triton on CUDA, numba on the CPU); false: PyTorch ops
 
     # -- image engine capacity
     image_max_batch: int = Field(default=4, ge=1)  # images per call; every call runs at this size (1: lowest latency)

@@ -39,3 +39,13 @@ def test_bad_settings_are_refused_with_the_field_named(tmp_path: Path, monkeypat
     config.write_text("colour = 'red'\n")
     with pytest.raises(SystemExit, match="colour"):
         parse("--config", str(config))
+
+
+def test_kernels_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled kernels are on unless --no-kernels or LORALOOM_KERNELS=false turns them off."""
+    monkeypatch.delenv("LORALOOM_CONFIG", raising=False)
+    monkeypatch.delenv("LORALOOM_KERNELS", raising=False)
+    assert parse().kernels is True
+    assert parse("--no-kernels").kernels is False
+    monkeypatch.setenv("LORALOOM_KERNELS", "false")
+    assert parse().kernels is False
