@@ -100,39 +100,60 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
     multiple of 16, and so must the pool rows read."""
     if triton is None or len(group.members) > _MAX_MEMBERS or not (y.is_cuda or _interpreting()):
         return False
-    widths = [hi - lo for lo, hi in group.out_cols]
-    width = weights.shape[1]
-    rows = y.shape[0]
-    # Tuned on an H200 with benchmarks/tune_lora_expand.py (32 slots x rank 16, 32 rows, B read from
-    # HBM). Wide outputs (gate/up) take wide tiles; narrow ones (q/k/v, o, down) take narrow tiles,
-    # 128-deep in K, and half-height row tiles when that is what gives enough CTAs to stream B.
-    cfg = config or {}
-    wide = sum(widths) >= 8192
-    block_n = cfg.get("BLOCK_N") or _largest_divisor(math.gcd(*widths), (128, 64, 32, 16) if wide else (32, 16))
-    block_k = cfg.get("BLOCK_K") or _largest_divisor(width, (64, 32, 16) if wide else (128, 64, 32, 16))
-    if block_n is None or block_k is None or weights.stride(1) != 1:
+    if weights.stride(1) != 1 or (group.b_cat.device, y.dtype) in _failed:
         return False
-    tiles_n = sum(widths) // block_n
-    block_m = cfg.get("BLOCK_M") or (16 if rows <= 16 or tiles_n < 80 else 32 if rows <= 32 else 64)
-    b_starts = [0, *itertools.accumulate(widths[:-1])] + [1 << 30] * (_MAX_MEMBERS - len(widths))
-    out_starts = [lo for lo, _ in group.out_cols] + [0] * (_MAX_MEMBERS - len(widths))
+    rows, width = y.shape[0], weights.shape[1]
+    # The same in every layer: planned once per group layout, pool width, row class and dtype
+    # (prompt steps launch this 4 times a layer, and the host time adds up).
+    plan = _plan(group.out_cols, width, _row_class(rows), y.element_size(), _shared_memory(y.device),
+                 tuple(sorted((config or {}).items())))
+    if plan is None:
+        return False
+    block_m, block_n, block_k, b_starts, out_starts, warps, stages = plan
     b_cat = group.b_cat
     grid = (b_cat.shape[1] // block_n, triton.cdiv(rows, block_m))
-    if (group.b_cat.device, y.dtype) in _failed:
-        return False
-    # Pipeline stages: no more than the GPU's shared memory holds (consumer GPUs have about 100 KB
-    # per block, an H200 228 KB), keeping one stage's worth spare.
-    stage_bytes = (2 * block_m * block_k + block_k * block_n) * y.element_size()
-    stages = cfg.get("num_stages") or max(1, min(5 if wide else 6, _shared_memory(y.device) // stage_bytes - 1))
     try:
-        _launch(grid, y, weights, b_cat, residual, rows, group.base_out, len(widths), b_starts, out_starts, width,
-                (block_m, block_n, block_k), cfg.get("num_warps", 2 if rows <= 16 else 4), stages)
+        _launch(grid, y, weights, b_cat, residual, rows, group.base_out, len(group.members), b_starts, out_starts,
+                width, (block_m, block_n, block_k), warps, stages)
     except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need
         if config is None:
             log.warning("Triton LoRA kernel unavailable (%s); using the PyTorch path", exc)
             _failed.add((group.b_cat.device, y.dtype))
         return False
     return True
+
+
+def _row_class(rows: int) -> int:
+    """The row counts the tile choice tells apart: <= 16, <= 32, more."""
+    return 0 if rows <= 16 else 1 if rows <= 32 else 2
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(out_cols: tuple[tuple[int, int], ...], width: int, row_class: int, element_size: int, shared_memory: int,
+          config: tuple[tuple[str, int], ...]) -> tuple | None:
+    """Tiles, member offsets, warps and stages for one launch shape; None where the kernel's shape
+    rules do not hold (member widths must share a multiple of 16, and so must the pool rows read).
+    `config` overrides the tuned choices (benchmarks/tune_lora_expand.py)."""
+    widths = [hi - lo for lo, hi in out_cols]
+    # Tuned on an H200 with benchmarks/tune_lora_expand.py (32 slots x rank 16, 32 rows, B read from
+    # HBM). Wide outputs (gate/up) take wide tiles; narrow ones (q/k/v, o, down) take narrow tiles,
+    # 128-deep in K, and half-height row tiles when that is what gives enough CTAs to stream B.
+    cfg = dict(config)
+    wide = sum(widths) >= 8192
+    block_n = cfg.get("BLOCK_N") or _largest_divisor(math.gcd(*widths), (128, 64, 32, 16) if wide else (32, 16))
+    block_k = cfg.get("BLOCK_K") or _largest_divisor(width, (64, 32, 16) if wide else (128, 64, 32, 16))
+    if block_n is None or block_k is None:
+        return None
+    tiles_n = sum(widths) // block_n
+    block_m = cfg.get("BLOCK_M") or (16 if row_class == 0 or tiles_n < 80 else 32 if row_class == 1 else 64)
+    b_starts = tuple([0, *itertools.accumulate(widths[:-1])] + [1 << 30] * (_MAX_MEMBERS - len(widths)))
+    out_starts = tuple([lo for lo, _ in out_cols] + [0] * (_MAX_MEMBERS - len(widths)))
+    # Pipeline stages: no more than the GPU's shared memory holds (consumer GPUs have about 100 KB
+    # per block, an H200 228 KB), keeping one stage's worth spare.
+    stage_bytes = (2 * block_m * block_k + block_k * block_n) * element_size
+    stages = cfg.get("num_stages") or max(1, min(5 if wide else 6, shared_memory // stage_bytes - 1))
+    warps = cfg.get("num_warps", 2 if row_class == 0 else 4)
+    return block_m, block_n, block_k, b_starts, out_starts, warps, stages
 
 
 @functools.cache
