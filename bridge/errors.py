@@ -10,6 +10,8 @@ from enum import StrEnum
 
 __all__ = [
     "AdapterError",
+    "CLIENT_ONLY",
+    "MEANINGS",
     "AuthError",
     "ConnectionClosed",
     "DaemonNotFound",
@@ -22,10 +24,10 @@ __all__ = [
 
 
 class ErrorCode(StrEnum):
-    """Stable machine-readable error codes (the `code` of an `error` event)."""
+    """Stable machine-readable error codes (the `code` of an `error` event); `MEANINGS` says what each means."""
 
-    BAD_FRAME = "bad_frame"  # not one msgpack map, or a text frame
-    BAD_MESSAGE = "bad_message"  # a map that is not a valid message (type, fields, values)
+    BAD_FRAME = "bad_frame"
+    BAD_MESSAGE = "bad_message"
     FRAME_TOO_LARGE = "frame_too_large"
     UNSUPPORTED_VERSION = "unsupported_version"
     UNAUTHORIZED = "unauthorized"
@@ -34,12 +36,40 @@ class ErrorCode(StrEnum):
     UNKNOWN_REQUEST = "unknown_request"
     TOO_MANY_REQUESTS = "too_many_requests"
     UNKNOWN_ADAPTER = "unknown_adapter"
-    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # known but failed or wrong kind
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"
     PROMPT_TOO_LONG = "prompt_too_long"
     INVALID_PARAMETER = "invalid_parameter"
     MODEL_UNAVAILABLE = "model_unavailable"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    # Raised by clients, never sent by the daemon.
+    DAEMON_NOT_FOUND = "daemon_not_found"
+    CONNECTION_CLOSED = "connection_closed"
+
+
+# The one table of what each code means: PROTOCOL.md and the C# and GDScript files are generated from it.
+MEANINGS: dict[ErrorCode, str] = {
+    ErrorCode.BAD_FRAME: "not one msgpack map (or a text frame)",
+    ErrorCode.BAD_MESSAGE: "a map that is not a valid message: type, fields or values out of their bounds",
+    ErrorCode.FRAME_TOO_LARGE: "the frame exceeds `max_frame_bytes`",
+    ErrorCode.UNSUPPORTED_VERSION: "`hello.protocol` is not spoken by this daemon",
+    ErrorCode.UNAUTHORIZED: "missing or wrong token",
+    ErrorCode.HANDSHAKE_REQUIRED: "the first frame was not `hello`",
+    ErrorCode.DUPLICATE_ID: "a request with this id is already in flight on this connection",
+    ErrorCode.UNKNOWN_REQUEST: "`cancel` named an id that is not in flight",
+    ErrorCode.TOO_MANY_REQUESTS: "more than `max_inflight_per_connection` requests in flight",
+    ErrorCode.UNKNOWN_ADAPTER: "no adapter of that name (or of that kind) exists",
+    ErrorCode.ADAPTER_UNAVAILABLE: "the adapter exists but has no valid version to serve",
+    ErrorCode.PROMPT_TOO_LONG: "the prompt does not fit the context or `max_prompt_tokens`",
+    ErrorCode.INVALID_PARAMETER: "a valid message asks for something this daemon's settings or models cannot do",
+    ErrorCode.MODEL_UNAVAILABLE: "the model for this request is not loaded",
+    ErrorCode.SHUTTING_DOWN: "the daemon is stopping; the request did not finish (reconnect to a new daemon)",
+    ErrorCode.INTERNAL: "a failure inside the daemon; the message says what, the daemon's log has the details",
+    ErrorCode.DAEMON_NOT_FOUND: "client side: no daemon runs (no runtime file, or nobody listens at its address)",
+    ErrorCode.CONNECTION_CLOSED: "client side: the connection closed while the request was in flight",
+}
+
+CLIENT_ONLY = frozenset({ErrorCode.DAEMON_NOT_FOUND, ErrorCode.CONNECTION_CLOSED})
 
 
 class LoraloomError(Exception):
@@ -85,9 +115,13 @@ class ShuttingDown(RequestError):
 class ConnectionClosed(LoraloomError):
     """The connection to the daemon closed while a request was in flight."""
 
+    code = ErrorCode.CONNECTION_CLOSED
+
 
 class DaemonNotFound(LoraloomError):
     """No running daemon could be found (no runtime file, or nobody listening)."""
+
+    code = ErrorCode.DAEMON_NOT_FOUND
 
 
 _BY_CODE: dict[ErrorCode, type[LoraloomError]] = {

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from . import messages as m
 from .codec import encode
-from .errors import ErrorCode
+from .errors import CLIENT_ONLY, MEANINGS, ErrorCode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_MD = ROOT / "bridge" / "PROTOCOL.md"
@@ -130,11 +130,12 @@ def _constraints(field: Any) -> str:
 
 def _table(model: type[BaseModel]) -> list[str]:
     doc = " ".join((model.__doc__ or "").split())
-    lines = [f"### {model.__name__}", "", doc, "", "| field | type | default | constraints |",
-             "| --- | --- | --- | --- |"]
+    lines = [f"### {model.__name__}", "", doc, "", "| field | type | default | constraints | meaning |",
+             "| --- | --- | --- | --- | --- |"]
     for name, field in model.model_fields.items():
         default = "required" if field.is_required() else f"`{json.dumps(_to_json(field.default))}`"
-        lines.append(f"| `{name}` | {_type_name(field.annotation)} | {default} | {_constraints(field)} |")
+        lines.append(f"| `{name}` | {_type_name(field.annotation)} | {default} | {_constraints(field)} "
+                     f"| {field.description or ''} |")
     lines.append("")
     return lines
 
@@ -154,7 +155,9 @@ def render_protocol_md() -> str:
         "  every event about a request carries the same `id`. Ids must be unique among a connection's",
         "  requests in flight.",
         "- Field order in a map is free; absent optional fields mean their default (null where nullable).",
-        "  Unknown fields and unknown types are refused with `bad_message`.",
+        "  Unknown fields and unknown types are refused with `bad_message`, and so are values outside a",
+        "  field's bounds (the tables below): integers fit a signed 32-bit int (seeds: 63 bits), floats",
+        "  are finite. A value within bounds that this daemon's settings refuse is `invalid_parameter`.",
         "- Canonical encoding (what the golden frames hold, byte for byte): maps in field order, absent",
         "  values left out, integers in their smallest msgpack form, floats as float64, strings as str",
         "  (UTF-8), bytes as bin.",
@@ -185,26 +188,9 @@ def render_protocol_md() -> str:
         "| code | meaning |",
         "| --- | --- |",
     ]
-    meanings = {
-        "bad_frame": "not one msgpack map (or a text frame)",
-        "bad_message": "a map that is not a valid message: type, fields or values",
-        "frame_too_large": "the frame exceeds `max_frame_bytes`",
-        "unsupported_version": "`hello.protocol` is not spoken by this daemon",
-        "unauthorized": "missing or wrong token",
-        "handshake_required": "the first frame was not `hello`",
-        "duplicate_id": "a request with this id is already in flight on this connection",
-        "unknown_request": "`cancel` named an id that is not in flight",
-        "too_many_requests": "more than `max_inflight_per_connection` requests in flight",
-        "unknown_adapter": "no adapter of that name (or of that kind) exists",
-        "adapter_unavailable": "the adapter exists but has no valid version to serve",
-        "prompt_too_long": "the prompt does not fit the context or `max_prompt_tokens`",
-        "invalid_parameter": "a valid message asks for something this daemon cannot do",
-        "model_unavailable": "the model for this request is not loaded",
-        "shutting_down": "the daemon is stopping; the request did not finish",
-        "internal": "a bug in the daemon; the message says what, the log has the traceback",
-    }
     for code in ErrorCode:
-        out.append(f"| `{code.value}` | {meanings[code.value]} |")
+        if code not in CLIENT_ONLY:
+            out.append(f"| `{code.value}` | {MEANINGS[code]} |")
     out += ["", "## Client -> daemon", ""]
     for model in CLIENT_TYPES:
         out += _table(model)

@@ -1,12 +1,17 @@
 """The wire protocol of loraloom: every message as a pydantic model, and nothing else.
 
-These models are the single definition of the protocol. `bridge/PROTOCOL.md` and the golden frames
-under `tests/fixtures/frames/` are generated from them (`python -m bridge.gen`); the C# and GDScript
-codecs are tested against those frames.
+These models are the single definition of the protocol. `bridge/PROTOCOL.md`, the golden frames
+under `tests/fixtures/frames/` and the C# and GDScript protocol files are generated from them
+(`python -m bridge.gen`); each field's `description` is what those files say about it.
 
 A frame is one binary WebSocket message holding one msgpack map. Its `type` names the message.
 Requests carry a client-chosen `id`; every event about that request carries the same `id`.
 Optional fields that are absent mean their default (null for nullable ones).
+
+Every number a client sends has bounds, and they are the ones the daemon can honour: integers fit
+a signed 32-bit int (seeds: 63 bits), floats are finite. A value outside them is `bad_message`;
+a value inside them that this daemon's settings refuse (say `max_tokens` above its limit) is
+`invalid_parameter`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 __all__ = [
     "ADAPTER_NAME_PATTERN",
+    "MAX_ADAPTERS",
+    "MAX_INT32",
+    "MAX_SEED",
     "PROTOCOL_VERSION",
     "AdapterEvent",
     "AdapterInfo",
@@ -48,14 +56,21 @@ PROTOCOL_VERSION = 1
 
 # Adapter names are identifiers, never paths: no slash, no leading dot, at most 64 characters.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+MAX_INT32 = 2**31 - 1  # the integer range every client language has (C# int, GDScript int)
+MAX_SEED = 2**63 - 1
+MAX_ADAPTERS = 16  # adapters in one request's mix, at most (a daemon may allow fewer)
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 AdapterName = Annotated[str, StringConstraints(pattern=ADAPTER_NAME_PATTERN)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _id(what: str = "the request's id") -> str:
+    return f"{what} (client-chosen, 1-64 characters, unique among the connection's requests in flight)"
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- shared parts
@@ -64,8 +79,8 @@ class _Message(BaseModel):
 class AdapterRef(_Message):
     """One adapter of a request and the scale its update is multiplied by (0 = no effect)."""
 
-    name: AdapterName
-    scale: float = Field(default=1.0, ge=-8.0, le=8.0)
+    name: AdapterName = Field(description="the adapter's name: its folder's name")
+    scale: float = Field(default=1.0, ge=-8.0, le=8.0, description="multiplies the adapter's update")
 
 
 class ChatMessage(_Message):
@@ -80,12 +95,14 @@ class AdapterInfo(_Message):
 
     name: str
     kind: Literal["text", "image"]
-    status: Literal["ready", "loading", "failed", "removed"]
-    version: int | None = None  # the live version's number, counting from 1
-    hash: str | None = None  # sha256 of the live version's files, hex, first 16 digits
+    status: Literal["ready", "loading", "failed", "removed"] = Field(
+        description="loading: its files are being read (first time, or again after it left host memory)")
+    version: int | None = Field(default=None, description="the live version's number, counting from 1")
+    hash: str | None = Field(default=None, description="sha256 of the live version's files, hex, first 16 digits")
     rank: int | None = None
-    targets: list[str] = []
-    error: str | None = None  # why the newest version was rejected (the previous may still serve)
+    targets: list[str] = Field(default=[], description="the projections it changes (q_proj, v_proj, ...)")
+    error: str | None = Field(
+        default=None, description="why the newest version was rejected (the previous one may still serve)")
 
 
 class ModelInfo(_Message):
@@ -93,29 +110,33 @@ class ModelInfo(_Message):
 
     name: str
     kind: Literal["text", "image"]
-    device: str
-    dtype: str
-    context_length: int | None = None
-    placeholder: bool = False  # true for the built-in noise-drawing image model
+    device: str = Field(description="cpu, cuda, cuda:1, ...")
+    dtype: str = Field(description="float32, bfloat16 or float16")
+    context_length: int | None = Field(default=None, description="text: tokens per sequence, prompt included")
+    placeholder: bool = Field(default=False, description="true for the built-in image model that draws noise")
 
 
 class Limits(_Message):
     """The limits this daemon enforces, so clients can check before sending."""
 
-    max_frame_bytes: int
-    max_inflight_per_connection: int
-    max_prompt_tokens: int
-    max_new_tokens: int
-    max_adapters_per_request: int
+    max_frame_bytes: int = Field(description="larger frames are refused with frame_too_large")
+    max_inflight_per_connection: int = Field(description="requests in flight at once on one connection")
+    max_prompt_tokens: int = Field(description="tokens of a text prompt after the chat template")
+    max_new_tokens: int = Field(description="the largest max_tokens a generate may ask for")
+    max_adapters_per_request: int = Field(description="adapters in one request's mix")
+    max_image_pixels: int | None = Field(default=None, description="width x height of one image (null: no image model)")
+    max_image_steps: int | None = Field(default=None, description="denoising steps of one image request")
+    max_image_count: int | None = Field(default=None, description="images of one image request")
 
 
 class Timings(_Message):
     """Where the time of one request went, in milliseconds."""
 
-    queued_ms: float  # from arrival to the first engine step that worked on it
-    first_token_ms: float | None = None  # from arrival to the first generated token (or image step)
+    queued_ms: float = Field(description="from arrival to the first engine step that worked on it")
+    first_token_ms: float | None = Field(
+        default=None, description="from arrival to the first generated token (or image step)")
     total_ms: float
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = Field(default=None, description="generated tokens per second after the first")
 
 
 # ---------------------------------------------------------------- client -> daemon
@@ -125,9 +146,9 @@ class Hello(_Message):
     """The first frame of every connection: protocol version, token and a name for logs."""
 
     type: Literal["hello"] = "hello"
-    protocol: int
-    token: str = Field(max_length=256)
-    client: str = Field(default="unknown", max_length=64)
+    protocol: int = Field(ge=0, le=MAX_INT32, description="the protocol version the client speaks")
+    token: str = Field(max_length=256, description="the token from the daemon's runtime file")
+    client: str = Field(default="unknown", max_length=64, description="a name for the daemon's logs")
 
 
 class Generate(_Message):
@@ -139,20 +160,21 @@ class Generate(_Message):
     """
 
     type: Literal["generate"] = "generate"
-    id: RequestId
-    adapters: list[AdapterRef] = []
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.7, ge=0.0, le=5.0)  # 0 = greedy
-    top_k: int = Field(default=0, ge=0)  # 0 = off
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
-    seed: Seed | None = None
+    id: RequestId = Field(description=_id())
+    adapters: list[AdapterRef] = Field(default=[], max_length=MAX_ADAPTERS,
+                                       description="empty: the base model; several: a mix")
+    prompt: str | None = Field(default=None, description="raw text, continued as is")
+    messages: list[ChatMessage] | None = Field(default=None, max_length=4096,
+                                               description="a conversation, rendered with the chat template")
+    max_tokens: int = Field(default=256, ge=1, le=MAX_INT32, description="tokens to generate at most")
+    temperature: float = Field(default=0.7, ge=0.0, le=5.0, description="0 = greedy")
+    top_k: int = Field(default=0, ge=0, le=MAX_INT32, description="keep the k likeliest tokens; 0 = off")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="keep the likeliest tokens up to this mass; 1 = off")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0, description="1 = off")
+    seed: Seed | None = Field(default=None, description="the same seed gives the same text; null: random")
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
-        default=[], max_length=16
-    )
-    stream: bool = True  # false: only the final `result`, no `chunk` events
+        default=[], max_length=16, description="the text ends before the first of these strings")
+    stream: bool = Field(default=True, description="false: only the final `result`, no `chunk` events")
 
     @model_validator(mode="after")
     def _one_input(self) -> Generate:
@@ -167,45 +189,46 @@ class GenerateImage(_Message):
     """Generate images on the image model plus a per-request mix of image adapters."""
 
     type: Literal["generate_image"] = "generate_image"
-    id: RequestId
+    id: RequestId = Field(description=_id())
     prompt: str
     negative_prompt: str | None = None
-    adapters: list[AdapterRef] = []
-    width: int = Field(default=512, ge=8)
-    height: int = Field(default=512, ge=8)
-    steps: int = Field(default=20, ge=1)
-    guidance: float = Field(default=7.5, ge=0.0, le=50.0)
-    seed: Seed | None = None
-    count: int = Field(default=1, ge=1, le=8)
+    adapters: list[AdapterRef] = Field(default=[], max_length=MAX_ADAPTERS,
+                                       description="empty: the base model; several: a mix")
+    width: int = Field(default=512, ge=8, le=16384, description="a multiple of 8 (of the model's VAE factor)")
+    height: int = Field(default=512, ge=8, le=16384, description="a multiple of 8 (of the model's VAE factor)")
+    steps: int = Field(default=20, ge=1, le=1000, description="denoising steps")
+    guidance: float = Field(default=7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    seed: Seed | None = Field(default=None, description="image i uses seed + i; null: the daemon picks one")
+    count: int = Field(default=1, ge=1, le=64, description="images to generate")
 
 
 class Cancel(_Message):
     """Stop a request; it ends with a `result` whose finish_reason is `cancelled`."""
 
     type: Literal["cancel"] = "cancel"
-    id: RequestId
+    id: RequestId = Field(description="the id of the request to stop")
 
 
 class ListAdapters(_Message):
     """Ask for the current adapter list; answered by `adapters`."""
 
     type: Literal["list_adapters"] = "list_adapters"
-    id: RequestId
+    id: RequestId = Field(description=_id())
 
 
 class Subscribe(_Message):
     """Receive `adapter_event`s from now on; answered by `adapters` with the current list."""
 
     type: Literal["subscribe"] = "subscribe"
-    id: RequestId
-    topics: list[Literal["adapters"]] = ["adapters"]
+    id: RequestId = Field(description=_id())
+    topics: list[Literal["adapters"]] = Field(default=["adapters"], max_length=4)
 
 
 class Ping(_Message):
     """Answered by `pong` with the same id."""
 
     type: Literal["ping"] = "ping"
-    id: RequestId
+    id: RequestId = Field(description=_id())
 
 
 # ---------------------------------------------------------------- daemon -> client
@@ -216,7 +239,7 @@ class Welcome(_Message):
 
     type: Literal["welcome"] = "welcome"
     protocol: int
-    server: str  # the daemon's version
+    server: str = Field(description="the daemon's version")
     text_model: ModelInfo | None = None
     image_model: ModelInfo | None = None
     adapters: list[AdapterInfo] = []
@@ -224,13 +247,13 @@ class Welcome(_Message):
 
 
 class Chunk(_Message):
-    """New text of a streaming request. `index` counts chunks from 0; `tokens` is the total so far."""
+    """New text of a streaming request."""
 
     type: Literal["chunk"] = "chunk"
     id: RequestId
-    text: str
-    index: int
-    tokens: int
+    text: str = Field(description="the new text; the chunks of a request join to its result's text")
+    index: int = Field(description="counts the request's chunks from 0")
+    tokens: int = Field(description="tokens generated so far")
 
 
 class Result(_Message):
@@ -239,20 +262,21 @@ class Result(_Message):
     type: Literal["result"] = "result"
     id: RequestId
     text: str
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "cancelled"] = Field(
+        description="stop: end of text or a stop string; length: max_tokens or the context was reached")
     prompt_tokens: int
     completion_tokens: int
-    adapter_versions: dict[str, int] = {}  # which version of each adapter served this request
+    adapter_versions: dict[str, int] = Field(default={}, description="which version of each adapter served it")
     timings: Timings
 
 
 class Error(_Message):
-    """A refused frame or a failed request. `id` is absent when the frame had no readable id."""
+    """A refused frame or a failed request."""
 
     type: Literal["error"] = "error"
-    id: str | None = None
-    code: str  # one of bridge.errors.ErrorCode
-    message: str
+    id: str | None = Field(default=None, description="absent when the frame had no readable id")
+    code: str = Field(description="one of the error codes above")
+    message: str = Field(description="what went wrong, for people")
 
 
 class Adapters(_Message):
@@ -270,23 +294,23 @@ class AdapterEvent(_Message):
     event: Literal["added", "updated", "removed", "rejected"]
     adapter: AdapterInfo
     previous_version: int | None = None
-    reason: str | None = None  # for `rejected`: what was wrong with the new files
+    reason: str | None = Field(default=None, description="for `rejected`: what was wrong with the new files")
 
 
 class Pong(_Message):
-    """The answer to `ping`; `server_time` is the daemon's wall clock in seconds."""
+    """The answer to `ping`."""
 
     type: Literal["pong"] = "pong"
     id: RequestId
-    server_time: float
+    server_time: float = Field(description="the daemon's wall clock, seconds since 1970")
 
 
 class ImageProgress(_Message):
-    """One denoising step of an image request finished (`step` counts from 1 to `total`)."""
+    """One denoising step of an image request finished."""
 
     type: Literal["image_progress"] = "image_progress"
     id: RequestId
-    step: int
+    step: int = Field(description="counts from 1 to `total`")
     total: int
 
 
@@ -295,12 +319,12 @@ class ImageResult(_Message):
 
     type: Literal["image_result"] = "image_result"
     id: RequestId
-    images: list[bytes]
-    seed: int
+    images: list[bytes] = Field(description="PNG files, one per image")
+    seed: int = Field(description="the seed of the first image (image i used seed + i)")
     width: int
     height: int
     finish_reason: Literal["stop", "cancelled"] = "stop"
-    adapter_versions: dict[str, int] = {}
+    adapter_versions: dict[str, int] = Field(default={}, description="which version of each adapter served it")
     timings: Timings
 
 
