@@ -59,18 +59,21 @@ F = TypeVar("F", Result, ImageResult)
 
 
 def parse_adapter(spec: AdapterSpec) -> AdapterRef:
-    """`"name"`, `"name:0.5"`, `("name", 0.5)` or an AdapterRef -> AdapterRef."""
+    """`"name"`, `"name:0.5"`, `("name", 0.5)` or an AdapterRef -> AdapterRef.
+
+    Adapter names never hold a colon, so what follows one must be the scale (ValueError if not)."""
     if isinstance(spec, AdapterRef):
         return spec
     if isinstance(spec, tuple):
         return AdapterRef(name=spec[0], scale=spec[1])
     name, sep, scale = spec.rpartition(":")
-    if sep and name:
-        try:
-            return AdapterRef(name=name, scale=float(scale))
-        except ValueError:
-            pass
-    return AdapterRef(name=spec)
+    if not sep:
+        return AdapterRef(name=spec)
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"adapter '{spec}': the scale '{scale}' is not a number (write NAME or NAME:SCALE)") from None
+    return AdapterRef(name=name, scale=value)
 
 
 class _Request:

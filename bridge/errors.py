@@ -9,9 +9,9 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
-    "AdapterError",
     "CLIENT_ONLY",
     "MEANINGS",
+    "AdapterError",
     "AuthError",
     "ConnectionClosed",
     "DaemonNotFound",

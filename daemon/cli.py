@@ -1,7 +1,7 @@
 """The `loraloom` command: serve, ask, adapters, demo (and more subcommands as they land).
 
 Exit codes: 0 success; 1 the daemon refused or failed the request; 2 bad usage; 3 no daemon
-reachable (or it went away).
+reachable (or it went away); 4 the model's answer was empty.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from . import __version__
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_REQUEST, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+EXIT_OK, EXIT_REQUEST, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_EMPTY = 0, 1, 2, 3, 4
 
 
 # ---------------------------------------------------------------------------- serve
@@ -99,6 +100,7 @@ async def serve_async(settings: Any, *, ready: asyncio.Event | None = None) -> N
     from .service import Service
 
     log = logging.getLogger("loraloom")
+    started = time.monotonic()
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s, not loopback: anyone who can reach this machine and has the token "
                     "can use the daemon", settings.host)
@@ -115,6 +117,7 @@ async def serve_async(settings: Any, *, ready: asyncio.Event | None = None) -> N
         log.warning("image model: %s — a PLACEHOLDER with random weights that draws noise; "
                     "pass --image-model PATH for a real diffusers model", image.name)
     log.info("runtime file %s", runtime_file)
+    log.info("ready in %.1f s", time.monotonic() - started)
     log.info("listening on %s", server.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,6 +142,13 @@ def _setup_logging(level: str) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("websockets", "watchdog", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Libraries' warnings (deprecations, dtype notes) are about their code, not about anything a
+    # daemon user can change: into the log at debug level only.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if level == "debug" else logging.ERROR)
+    if level != "debug":  # read when those libraries are first imported (they set their own levels then)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -186,10 +196,16 @@ def _run_client(coro: Any) -> int:
 
 
 async def _ask(args: argparse.Namespace) -> int:
+    if args.raw and args.system is not None:
+        print("loraloom: --system needs the chat template; leave out --raw", file=sys.stderr)
+        return EXIT_USAGE
+    # A chat model answers a chat turn; a raw prompt is continued as text (often with nothing at all).
+    chat = None if args.raw else [{"role": "user", "content": args.prompt}]
     async with _connect(args) as client:
         stream = client.generate(
-            args.prompt, system=args.system, adapters=args.adapter or [], max_tokens=args.max_tokens,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+            args.prompt if args.raw else None, messages=chat, system=args.system, adapters=args.adapter or [],
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=args.seed, stop=args.stop or [])
         try:
             async for piece in stream:
                 sys.stdout.write(piece)
@@ -197,11 +213,15 @@ async def _ask(args: argparse.Namespace) -> int:
         finally:
             await stream.aclose()
         sys.stdout.write("\n")
-        if args.verbose and stream.result is not None:
-            r = stream.result
+        r = stream.result
+        if args.verbose and r is not None:
             print(f"[{r.finish_reason}; {r.prompt_tokens} prompt + {r.completion_tokens} tokens; "
                   f"first token {r.timings.first_token_ms} ms; {r.timings.tokens_per_s} tokens/s; "
                   f"adapters {r.adapter_versions}]", file=sys.stderr)
+    if r is not None and not r.text.strip():
+        print(f"loraloom: the model's answer was empty ({r.completion_tokens} tokens, finish_reason "
+              f"{r.finish_reason}); try another --seed or a higher --temperature", file=sys.stderr)
+        return EXIT_EMPTY
     return EXIT_OK
 
 
@@ -215,6 +235,9 @@ def _run_request(coro: Any) -> int:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "request"
         print(f"loraloom: invalid request: {where}: {err['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # e.g. an adapter spec whose scale is not a number
+        print(f"loraloom: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -277,15 +300,27 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        print("loraloom: `loraloom train` needs PEFT: pip install -e '.[train]' (or pip install peft)",
+              file=sys.stderr)
+        return EXIT_USAGE
     from .engines.text.default_model import ensure_default_text_model
     from .train import TrainConfig, train_adapter
 
     _setup_logging("info")
     try:
         base = ensure_default_text_model(args.cache_dir) if args.base == "default" else Path(args.base)
+        batch = args.batch_size
+        if batch is None:
+            import torch
+
+            on_gpu = args.device != "cpu" and (args.device.startswith("cuda") or torch.cuda.is_available())
+            batch = 8 if on_gpu else 4
         cfg = TrainConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
                           targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), steps=args.steps,
-                          lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                          lr=args.lr, batch_size=batch, max_length=args.max_length, seed=args.seed,
                           device=args.device)
         folder = train_adapter(base, args.data, args.out, args.name, cfg)
     except (ValueError, FileNotFoundError) as exc:
@@ -312,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraloom", description="A local multi-LoRA runtime for games.")
     parser.add_argument("--version", action="version", version=f"loraloom {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     _add_serve_options(p)
@@ -321,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="stream one answer from the running daemon")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--adapter", "-a", action="append", metavar="NAME[:SCALE]", help="adapter (repeat for a mix)")
-    p.add_argument("--system", help="system prompt (the prompt then uses the chat template)")
+    p.add_argument("--system", help="system prompt (a persona) before the question")
+    p.add_argument("--raw", action="store_true",
+                   help="send PROMPT as raw text to continue, without the model's chat template")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -360,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="examples per step (default 8 on a GPU, 4 on a CPU)")
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -384,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `loraloom`: say what it can do
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     if args.command == "ask" and args.prompt is not None and not args.prompt.strip():
         parser.error("the prompt is empty")
     return int(args.func(args))

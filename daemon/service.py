@@ -43,10 +43,14 @@ class RequestKey:
 
 
 class Service:
-    def __init__(self, settings: Settings, *, text_engine: Any | None = None, image_engine: Any | None = None) -> None:
+    def __init__(self, settings: Settings, *, text_engine: Any | None = None, image_engine: Any | None = None,
+                 image_off: str | None = None) -> None:
         self.settings = settings
         self.text = text_engine
         self.image = image_engine
+        # Why images are off, for the error a client gets when it asks for one anyway.
+        self.image_off = image_off or ("this daemon was started with --image-model none; start it with "
+                                       "--image-model default (a placeholder that draws noise) or a diffusers folder")
         self.started = time.time()
         self._subscribers: dict[int, Send] = {}
         self._lock = threading.Lock()
@@ -65,6 +69,7 @@ class Service:
     def from_settings(cls, settings: Settings) -> Service:
         """Load the models the settings name (this takes a while for real models)."""
         text = image = None
+        image_off = None
         cache = settings.cache_dir
         if settings.text_model != "none":
             from .engines.text.engine import EngineConfig, TextEngine
@@ -79,11 +84,13 @@ class Service:
         if settings.image_model != "none":
             if settings.image_model == "default" and importlib.util.find_spec("diffusers") is None:
                 # The placeholder is a convenience, not a reason to refuse to serve text.
+                image_off = ("the image extra is not installed in the daemon's environment: "
+                             "pip install -e '.[image]' (diffusers), then restart the daemon")
                 log.warning("image generation is off: diffusers is not installed "
-                            "(pip install 'loraloom[image]', or pass --image-model none to silence this)")
+                            "(pip install -e '.[image]', or pass --image-model none to silence this)")
             else:
                 image = _load_image_engine(settings)
-        return cls(settings, text_engine=text, image_engine=image)
+        return cls(settings, text_engine=text, image_engine=image, image_off=image_off)
 
     def start(self) -> None:
         self.registry.scan()
@@ -251,8 +258,7 @@ class Service:
         if self.shutting_down:
             raise LoraloomError("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN)
         if self.image is None:
-            raise LoraloomError("no image model is loaded (start the daemon with --image-model default or PATH)",
-                                code=ErrorCode.MODEL_UNAVAILABLE)
+            raise LoraloomError(f"no image model is loaded: {self.image_off}", code=ErrorCode.MODEL_UNAVAILABLE)
         adapters = self.resolve(msg.adapters, "image")
         from .engines.image.engine import ImageDoneEvent, ImageProgressEvent, ImageRequest
 

@@ -37,7 +37,7 @@ class TrainConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     steps: int = 60
     lr: float = 2e-3
-    batch_size: int = 8
+    batch_size: int = 8  # `loraloom train` uses 4 on a CPU, where a step of 8 takes seconds
     max_length: int = 96
     seed: int = 0
     device: str = "auto"
@@ -94,15 +94,24 @@ def _encode(tokenizer: Any, example: dict[str, Any], rng: random.Random, cfg: Tr
     return f_ids, p_len
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def train_adapter(base_dir: Path, data: Path, out_dir: Path, name: str, cfg: TrainConfig,
                   *, progress: bool = True) -> Path:
     """Train a LoRA and write it to out_dir/name atomically. Returns the adapter folder."""
     import re
 
     import torch
+    import transformers
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # transformers' own loading bars and deprecation notes would break the training bar below.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     if not re.match(ADAPTER_NAME_PATTERN, name):
         raise ValueError(f"'{name}' is not a valid adapter name (letters, digits, _ - . ; no slash)")
@@ -126,7 +135,11 @@ def train_adapter(base_dir: Path, data: Path, out_dir: Path, name: str, cfg: Tra
     bar = tqdm(range(cfg.steps), desc=f"training {name}", disable=not progress, unit="step")
     start = time.perf_counter()
     loss_value = float("nan")
-    for _ in bar:
+    for step in bar:
+        if step == 1 and progress:  # one step measured: say how long the whole run will take
+            per_step = time.perf_counter() - start
+            bar.write(f"training {name} on {device}: {cfg.steps} steps of {cfg.batch_size} examples, "
+                      f"about {_duration(per_step * cfg.steps)} in all")
         batch = [_encode(tokenizer, rng.choice(examples), rng, cfg) for _ in range(cfg.batch_size)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -142,7 +155,7 @@ def train_adapter(base_dir: Path, data: Path, out_dir: Path, name: str, cfg: Tra
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = float(out.loss)
+        loss_value = float(out.loss.detach())
         bar.set_postfix(loss=f"{loss_value:.3f}")
     log.info("trained %s: %d steps in %.1fs, final loss %.3f", name, cfg.steps, time.perf_counter() - start,
              loss_value)

@@ -104,7 +104,7 @@ class AdapterRegistry:
             if entry is None:
                 known = sorted(n for (k, n) in self._entries if k == kind)
                 other = [k for (k, n) in self._entries if n == name]
-                hint = f" (it is an {other[0]} adapter)" if other else ""
+                hint = f" (it is {'an' if other and other[0] == 'image' else 'a'} {other[0]} adapter)" if other else ""
                 raise AdapterError(
                     f"unknown {kind} adapter '{name}'{hint}; known: {', '.join(known) or 'none'}",
                     code=ErrorCode.UNKNOWN_ADAPTER)

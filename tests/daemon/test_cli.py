@@ -18,12 +18,55 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=100)
 
 
-def test_ask_streams_and_exits_0(live_daemon: LiveDaemon) -> None:
-    r = cli("ask", "--runtime-file", str(live_daemon.runtime_file), "-a", "alpha", "-a", "beta:0.5",
+def test_ask_raw_streams_and_exits_0(live_daemon: LiveDaemon) -> None:
+    """--raw continues the prompt as text; -v reports the tokens and the adapter versions."""
+    r = cli("ask", "--runtime-file", str(live_daemon.runtime_file), "-a", "alpha", "-a", "beta:0.5", "--raw",
             "--max-tokens", "12", "--seed", "3", "-v", "Ahoy")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "12 tokens" in r.stderr and "'alpha': 1" in r.stderr and "'beta': 1" in r.stderr
+
+
+def test_ask_uses_the_chat_template_by_default(live_daemon: LiveDaemon) -> None:
+    """Without --raw the prompt is a chat turn: the template's tokens come with it."""
+    chat = cli("ask", "--runtime-file", str(live_daemon.runtime_file), "--max-tokens", "2", "-v", "Ahoy")
+    raw = cli("ask", "--runtime-file", str(live_daemon.runtime_file), "--max-tokens", "2", "-v", "--raw", "Ahoy")
+    assert raw.returncode in (0, 4) and chat.returncode in (0, 4), chat.stderr + raw.stderr
+
+    def prompt_tokens(r: subprocess.CompletedProcess[str]) -> int:
+        return int(r.stderr.split("; ")[1].split(" prompt")[0])
+
+    assert prompt_tokens(chat) > prompt_tokens(raw) + 3
+    r = cli("ask", "--runtime-file", str(live_daemon.runtime_file), "--raw", "--system", "x", "Ahoy")
+    assert r.returncode == 2 and "--system" in r.stderr
+
+
+def test_ask_says_so_when_the_answer_is_empty(live_daemon: LiveDaemon) -> None:
+    """An empty answer is never a silent exit 0: exit 4 and a note on stderr."""
+    args = ("ask", "--runtime-file", str(live_daemon.runtime_file), "--raw", "--temperature", "0",
+            "--max-tokens", "1", "Gold coins")
+    first = cli(*args)
+    if first.returncode == 0:  # cut the answer before its only token: nothing is left
+        first = cli(*args, "--stop", first.stdout.rstrip("\n"))
+    assert first.returncode == 4, first.stdout + first.stderr
+    assert "answer was empty" in first.stderr
+
+
+def test_bad_adapter_scale_blames_the_scale(live_daemon: LiveDaemon) -> None:
+    r = cli("ask", "--runtime-file", str(live_daemon.runtime_file), "-a", "alpha:abc", "Hello")
+    assert r.returncode == 2 and "scale 'abc' is not a number" in r.stderr, r.stderr
+
+
+def test_bare_loraloom_lists_its_commands() -> None:
+    r = cli()
+    assert r.returncode == 2
+    for command in ("serve", "ask", "adapters", "image", "train", "demo"):
+        assert command in r.stderr
+
+
+def test_image_on_a_text_only_daemon_says_how_to_get_images(live_daemon: LiveDaemon, tmp_path: Path) -> None:
+    r = cli("image", "--runtime-file", str(live_daemon.runtime_file), "a map", "-o", str(tmp_path / "x.png"))
+    assert r.returncode == 1 and "--image-model none" in r.stderr and "--image-model default" in r.stderr
 
 
 def test_ask_with_explicit_url_and_token(live_daemon: LiveDaemon) -> None:

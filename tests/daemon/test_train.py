@@ -66,3 +66,22 @@ def test_train_refuses_a_path_as_name(tmp_path: Path, tiny_model_dir: Path) -> N
                         "--out", str(tmp_path), "--steps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "not a valid adapter name" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_without_peft_says_which_extra(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """PEFT missing: the command names the extra to install instead of a ModuleNotFoundError."""
+    code = ("import sys; sys.modules['peft'] = None; from daemon.cli import main; "
+            f"sys.exit(main(['train', '--base', {str(tiny_model_dir)!r}, '--data', 'x.jsonl', '--name', 'a', "
+            f"'--out', {str(tmp_path)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and ".[train]" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_train_prints_how_long_it_will_take(tmp_path: Path, tiny_model_dir: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "daemon", "train", "--base", str(tiny_model_dir), "--data",
+                        str(ROOT / "samples" / "personas" / "elven_archivist.jsonl"), "--name", "elowen",
+                        "--out", str(tmp_path), "--steps", "3", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=200)
+    assert r.returncode == 0, r.stderr
+    assert "3 steps of 4 examples, about" in r.stderr + r.stdout
+    assert "Warning" not in r.stderr, r.stderr
