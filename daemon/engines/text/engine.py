@@ -18,6 +18,7 @@ the others' streams.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -155,6 +156,21 @@ class _Seq:
         return self.done_prompt < self.prompt_len
 
 
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer. A plain tokenizer.json loads without AutoTokenizer, which first
+    imports the model's whole transformers config module (about 2 s of a 5 s start on a CPU)."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    if (folder / "tokenizer.json").exists() and config.get("tokenizer_class") in (
+            None, "PreTrainedTokenizerFast", "TokenizersBackend"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -229,13 +245,16 @@ class TextEngine:
                  "%s LoRA kernel", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
                  self.device, str(self.dtype).removeprefix("torch."), rows, self.max_context, cfg.lora_slots,
                  self.storage.kernel)
+        mb = 2**20
+        log.info("text engine memory: weights %d MB, KV cache %d MB (max_seqs %d x max_context %d tokens), "
+                 "LoRA pool %d MB (lora_slots %d x max_lora_rank %d); lower those settings to use less",
+                 self.model.nbytes() // mb, self.cache.nbytes() // mb, rows, self.max_context,
+                 self.storage.pool_nbytes() // mb, cfg.lora_slots, cfg.max_lora_rank)
 
     @classmethod
     def from_folder(cls, model: str | Path, config: EngineConfig | None = None,
                     cache_dir: Path | None = None) -> TextEngine:
         """`model` is a Hugging Face folder, or "default" for the embedded SmolLM2-135M-Instruct."""
-        from transformers import AutoTokenizer
-
         if str(model) == "default":
             from .default_model import ensure_default_text_model
 
@@ -244,8 +263,7 @@ class TextEngine:
         device = _resolve_device(cfg.device)
         folder = Path(model)
         text_model = TextModel.from_folder(folder, device=device, dtype=_resolve_dtype(cfg.dtype, device))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(text_model, tokenizer, cfg, model_dir=folder)
+        return cls(text_model, load_tokenizer(folder), cfg, model_dir=folder)
 
     # ------------------------------------------------------------------ inputs
 

@@ -172,6 +172,11 @@ class LoraSlotStorage:
         padded = torch.cat([slot_weights, slot_weights.new_zeros(slot_weights.shape[0], 1)], dim=1)
         return padded.index_select(1, self.row_slot[:width])
 
+    def pool_nbytes(self) -> int:
+        """Bytes the pool takes whether used or not: every slot's A rows and B rows at max_rank."""
+        return sum((g.fused.shape[0] - g.base_out) * g.fused.shape[1] * g.fused.element_size()
+                   + g.b_cat.numel() * g.b_cat.element_size() for layer in self.groups for g in layer.values())
+
     def nbytes(self) -> int:
         """Bytes of adapter matrices a dense step reads now (the rows in use)."""
         w = self.width()

@@ -33,6 +33,9 @@ class KVCache:
         self.rows = rows
         self.max_len = max_len
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
     @staticmethod
     def bytes_per_row(spec: ModelSpec, max_len: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -179,6 +182,13 @@ class TextModel:
     def from_folder(cls, path: Path, *, device: torch.device, dtype: torch.dtype) -> TextModel:
         spec = ModelSpec.from_folder(path)
         return cls(spec, _load_tensors(path), device=device, dtype=dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the base weights (the fused LoRA rows, views past them, are the pool's)."""
+        tensors = [self.embed, self.norm, *(t for layer in self.layers for t in layer.values() if t is not None)]
+        if self.lm_head is not self.embed:
+            tensors.append(self.lm_head)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _ensure_rope(self, length: int) -> None:
         if length <= self._rope_len:
