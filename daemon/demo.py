@@ -116,6 +116,8 @@ async def _converse(console: Console, runtime: Path, max_tokens: int) -> int:
         with Live(_layout(npcs, console.width), console=console, refresh_per_second=12,
                   vertical_overflow="ellipsis") as live:
             await asyncio.gather(*(ask(n) for n in npcs))
+        if not console.is_terminal:
+            console.line()  # Live ends its last frame with a newline only on a terminal
         elapsed = time.perf_counter() - start
         tokens = sum(n.tokens for n in npcs)
         console.print(f"{len(npcs)} NPCs answered at once, in one batch: {tokens} tokens in {elapsed:.1f} s "

@@ -7,7 +7,9 @@ interrupted conversion never leaves a half-written model; later starts load the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 import shutil
@@ -75,9 +77,12 @@ def ensure_default_text_model(cache_dir: Path | None = None,
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         say(f"converting {DEFAULT_MODEL_NAME} (first run only): reading the tokenizer from {gguf.name}")
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        say(f"converting {DEFAULT_MODEL_NAME} (first run only): dequantizing the weights to bfloat16")
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        # Its GGUF reader draws a tqdm bar of its own on stderr, which no setting turns off.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            say(f"converting {DEFAULT_MODEL_NAME} (first run only): dequantizing the weights to bfloat16")
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.bfloat16)
         # The loaded model still carries the GGUF quantizer; without this it would save GGUF metadata.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
