@@ -1,7 +1,18 @@
-"""Generate `bridge/PROTOCOL.md` and the golden frames from the message models.
+"""Generate every file derived from the protocol's models, and check that none is stale.
 
-    python -m bridge.gen           # rewrite both
-    python -m bridge.gen --check   # exit 1 when either is stale (the test suite does this too)
+    python -m bridge.gen           # rewrite them all
+    python -m bridge.gen --check   # exit 1 when any is stale (the test suite does this too)
+
+What it writes, all from bridge/messages.py and bridge/errors.py as `gen_schema` describes them:
+
+- `bridge/PROTOCOL.md`, the reference of every message and error code (here);
+- the golden frames `tests/fixtures/frames/` (here);
+- the C# protocol files `unity_package/Runtime/Core/Protocol/*.g.cs` and their Unity .meta
+  files (`gen_csharp`);
+- the GDScript schema `godot_addon/addons/loraloom/protocol.gd` (`gen_gdscript`).
+
+A file that carries the generated header (a `*.g.cs` or `.gd`), a `*.g.cs.meta` or a golden
+frame that is no longer generated counts as stale too, and writing deletes it.
 
 Golden frames: `tests/fixtures/frames/NAME.msgpack` is the canonical encoding of one example
 message and `NAME.json` the same value as JSON (msgpack bin as {"$bin": base64}). The C# and
@@ -21,13 +32,23 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from . import gen_csharp, gen_gdscript, gen_schema
 from . import messages as m
 from .codec import encode
 from .errors import CLIENT_ONLY, MEANINGS, ErrorCode
 
+__all__ = ["CLIENT_TYPES", "EXAMPLES", "SERVER_TYPES", "generated_files", "main", "render", "stale", "write"]
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_MD = ROOT / "bridge" / "PROTOCOL.md"
 FRAMES_DIR = ROOT / "tests" / "fixtures" / "frames"
+# Where the generated files go, relative to the repository root.
+PROTOCOL_MD_PATH = "bridge/PROTOCOL.md"
+FRAMES_PATH = "tests/fixtures/frames"
+UNITY_PACKAGE = "unity_package"
+CSHARP_DIR = "Runtime/Core/Protocol"  # inside the Unity package
+GODOT_ADDON = "godot_addon"
+GDSCRIPT_DIR = "addons/loraloom"  # inside the Godot project
 
 _ADAPTER = m.AdapterInfo(name="pirate", kind="text", status="ready", version=3,
                          hash="9f2c4e1a7b3d5c60", rank=8, targets=["q_proj", "v_proj"])
@@ -80,11 +101,8 @@ EXAMPLES: dict[str, BaseModel] = {
                                                     total_ms=480.0)),
 }
 
-CLIENT_TYPES: list[type[BaseModel]] = [m.Hello, m.Generate, m.GenerateImage, m.Cancel, m.ListAdapters,
-                                       m.Subscribe, m.Ping]
-SERVER_TYPES: list[type[BaseModel]] = [m.Welcome, m.Chunk, m.Result, m.Error, m.Adapters, m.AdapterEvent, m.Pong,
-                m.ImageProgress, m.ImageResult]
-PARTS: list[type[BaseModel]] = [m.AdapterRef, m.ChatMessage, m.AdapterInfo, m.ModelInfo, m.Limits, m.Timings]
+CLIENT_TYPES: list[type[BaseModel]] = gen_schema.union_members(m.ClientMessage)
+SERVER_TYPES: list[type[BaseModel]] = gen_schema.union_members(m.ServerMessage)
 
 
 def _to_json(value: Any) -> Any:
@@ -117,24 +135,28 @@ def _type_name(tp: Any) -> str:
     return {str: "str", int: "int", float: "float", bool: "bool", bytes: "bin"}.get(tp, str(tp))
 
 
-def _constraints(field: Any) -> str:
-    notes = []
-    for meta in field.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"),
-                          ("max_length", "max len"), ("min_length", "min len"), ("pattern", "matches")):
-            value = getattr(meta, attr, None)
-            if value is not None:
-                notes.append(f"{sym} `{value}`")
+_SYMBOLS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("max_length", "max len"),
+            ("min_length", "min len"), ("pattern", "matches"))
+
+
+def _constraints(shape: gen_schema.Shape) -> str:
+    notes = [f"{sym} `{getattr(shape.bounds, attr)}`" for attr, sym in _SYMBOLS
+             if getattr(shape.bounds, attr) is not None]
+    if shape.item is not None:
+        inner = _constraints(shape.item)
+        if inner:
+            notes.append(("items: " if shape.kind == "list" else "values: ") + inner)
     return ", ".join(notes)
 
 
 def _table(model: type[BaseModel]) -> list[str]:
     doc = " ".join((model.__doc__ or "").split())
+    spec = next(s for s in gen_schema.protocol().models if s.cls is model)
     lines = [f"### {model.__name__}", "", doc, "", "| field | type | default | constraints | meaning |",
              "| --- | --- | --- | --- | --- |"]
-    for name, field in model.model_fields.items():
+    for (name, field), f in zip(model.model_fields.items(), spec.fields, strict=True):
         default = "required" if field.is_required() else f"`{json.dumps(_to_json(field.default))}`"
-        lines.append(f"| `{name}` | {_type_name(field.annotation)} | {default} | {_constraints(field)} "
+        lines.append(f"| `{name}` | {_type_name(field.annotation)} | {default} | {_constraints(f.shape)} "
                      f"| {field.description or ''} |")
     lines.append("")
     return lines
@@ -198,8 +220,8 @@ def render_protocol_md() -> str:
     for model in SERVER_TYPES:
         out += _table(model)
     out += ["## Parts", ""]
-    for model in PARTS:
-        out += _table(model)
+    # The models that messages nest, as they first appear.
+    out += [line for part in gen_schema.protocol().parts if part.cls is not None for line in _table(part.cls)]
     out += ["## Golden frames", "",
             "`tests/fixtures/frames/` holds one example of every message: NAME.msgpack (canonical",
             "bytes) and NAME.json (the same value; bin as `{\"$bin\": base64}`):", ""]
@@ -217,43 +239,92 @@ def render_frames() -> dict[str, bytes]:
     return files
 
 
-def stale() -> list[str]:
-    """The generated files that differ from what the models produce now."""
-    problems = []
-    if not PROTOCOL_MD.exists() or PROTOCOL_MD.read_text(encoding="utf-8") != render_protocol_md():
-        problems.append(str(PROTOCOL_MD.relative_to(ROOT)))
-    expected = render_frames()
-    present = {p.name for p in FRAMES_DIR.glob("*")} if FRAMES_DIR.exists() else set()
-    for name, data in expected.items():
-        path = FRAMES_DIR / name
-        if not path.exists() or path.read_bytes() != data:
-            problems.append(str(path.relative_to(ROOT)))
-    problems += [f"tests/fixtures/frames/{n} (no longer generated)" for n in sorted(present - set(expected))]
+def render(spec: gen_schema.ProtocolSpec | None = None) -> dict[str, bytes]:
+    """Every generated file: its path relative to the repository root -> its bytes."""
+    spec = spec or gen_schema.protocol()
+    files = {PROTOCOL_MD_PATH: render_protocol_md().encode()}
+    files |= {f"{FRAMES_PATH}/{name}": data for name, data in render_frames().items()}
+    for name, text in gen_csharp.render(spec).items():
+        package_path = f"{CSHARP_DIR}/{name}"
+        files[f"{UNITY_PACKAGE}/{package_path}"] = text.encode()
+        files[f"{UNITY_PACKAGE}/{package_path}.meta"] = gen_csharp.meta_text(package_path).encode()
+    files[f"{GODOT_ADDON}/{GDSCRIPT_DIR}/{gen_gdscript.FILE}"] = gen_gdscript.render(spec).encode()
+    return files
+
+
+def _has_header(path: Path) -> bool:
+    """True when one of the first three lines is a comment with the generated-file mark."""
+    with path.open("rb") as f:
+        head = f.read(600).decode("utf-8", errors="replace").splitlines()[:3]
+    marks = (gen_csharp.HEADER_MARK, gen_gdscript.HEADER_MARK)
+    return any(line.lstrip().startswith(("//", "#")) and any(m in line for m in marks) for line in head)
+
+
+def generated_files(root: Path = ROOT) -> set[str]:
+    """The files under `root` that generation owns now: golden frames, and the C# and GDScript
+    files with the generated header (and the .meta of any *.g.cs)."""
+    owned = {p.relative_to(root).as_posix() for p in (root / FRAMES_PATH).glob("*") if p.is_file()}
+    package = root / UNITY_PACKAGE
+    for path in package.rglob("*.g.cs") if package.exists() else []:
+        if _has_header(path):
+            owned.add(path.relative_to(root).as_posix())
+    for path in package.rglob("*.g.cs.meta") if package.exists() else []:
+        owned.add(path.relative_to(root).as_posix())
+    addon = root / GODOT_ADDON
+    for path in addon.rglob("*.gd") if addon.exists() else []:
+        if _has_header(path):
+            owned.add(path.relative_to(root).as_posix())
+    return owned
+
+
+def stale(root: Path = ROOT, files: dict[str, bytes] | None = None) -> list[str]:
+    """The generated files under `root` that differ from what the models produce now, are missing,
+    or are no longer generated."""
+    expected = render() if files is None else files
+    problems = [path for path, data in expected.items()
+                if not (root / path).is_file() or (root / path).read_bytes() != data]
+    problems += [f"{path} (no longer generated)" for path in sorted(generated_files(root) - set(expected))]
     return problems
 
 
-def write() -> None:
-    PROTOCOL_MD.write_text(render_protocol_md(), encoding="utf-8")
-    FRAMES_DIR.mkdir(parents=True, exist_ok=True)
-    expected = render_frames()
-    for path in FRAMES_DIR.glob("*"):
-        if path.name not in expected:
-            path.unlink()
-    for name, data in expected.items():
-        (FRAMES_DIR / name).write_bytes(data)
+def write(root: Path = ROOT, files: dict[str, bytes] | None = None) -> list[str]:
+    """Write every generated file under `root` and delete the ones no longer generated; returns
+    the paths it changed."""
+    expected = render() if files is None else files
+    changed = []
+    for path in sorted(generated_files(root) - set(expected)):
+        (root / path).unlink()
+        changed.append(path)
+    for path, data in expected.items():
+        target = root / path
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        changed.append(path)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bridge.gen", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the generated files are stale")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any generated file is stale")
     args = parser.parse_args(argv)
+    try:
+        files = render()
+    except gen_schema.Unsupported as exc:
+        print(f"cannot generate the protocol files: {exc}", file=sys.stderr)
+        return 2
     if args.check:
-        problems = stale()
+        problems = stale(files=files)
         for p in problems:
             print(f"stale: {p}", file=sys.stderr)
+        if problems:
+            print("run `python -m bridge.gen` and commit the result", file=sys.stderr)
         return 1 if problems else 0
-    write()
-    print(f"wrote {PROTOCOL_MD.relative_to(ROOT)} and {len(EXAMPLES)} golden frames")
+    changed = write(files=files)
+    for path in changed:
+        print(f"wrote {path}" if path in files else f"deleted {path}")
+    print(f"{len(files)} generated files, {len(changed)} changed")
     return 0
 
 

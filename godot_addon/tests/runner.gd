@@ -11,6 +11,7 @@ extends Node
 
 const SUITES := [
 	"res://tests/suite_codec.gd",
+	"res://tests/suite_protocol.gd",
 	"res://tests/suite_discovery.gd",
 	"res://tests/suite_daemon.gd",
 ]

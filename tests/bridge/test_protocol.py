@@ -16,8 +16,9 @@ from bridge.discovery import RuntimeInfo, read_runtime_file, remove_runtime_file
 from bridge.errors import DaemonNotFound
 
 
-def test_protocol_md_and_golden_frames_are_fresh() -> None:
-    """`python -m bridge.gen` has been run since the models last changed."""
+def test_generated_files_are_fresh() -> None:
+    """`python -m bridge.gen` has been run since the models last changed: PROTOCOL.md, the golden
+    frames, the C# classes and the GDScript schema all match them, and none is left over."""
     assert gen.stale() == [], "run `python -m bridge.gen` and commit the result"
 
 

@@ -31,6 +31,7 @@ from godot_suite import (
     discovery_cases,
     golden_frame_names,
     parse_lines,
+    protocol_config,
     python_welcome,
     runtime_scripts,
     start_suite_daemon,
@@ -97,6 +98,7 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         "codec_cases": list(cases),
         "malformed_cases": golden_frame_names(),
         "discovery_cases": discovery,
+        "protocol": protocol_config(),
         "daemon": None,
     }
     if daemon is not None:

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import importlib.util
 import json
+import math
 import os
 import re
 import struct
@@ -134,6 +135,92 @@ def codec_cases() -> dict[str, tuple[bytes, Any]]:
     value = boundary_value()
     cases["boundaries"] = (msgpack.packb(value, use_bin_type=True), value)
     return cases
+
+
+# ---------------------------------------------------------------- protocol fixtures
+
+_ASK = {"type": "generate", "id": "c-1", "prompt": "hi"}
+_CHAT = {"type": "generate", "id": "c-1", "messages": [{"role": "user", "content": "hi"}]}
+_TIMINGS = {"queued_ms": 1.0, "total_ms": 2.0}
+# name -> (frame, whether the models accept it): LoraloomFrames.check must agree with them.
+CHECK_CASES: dict[str, tuple[dict[str, Any], bool]] = {
+    "generate": (_ASK, True),
+    "generate_chat_and_null_prompt": ({**_CHAT, "prompt": None}, True),
+    "int_for_float": ({**_ASK, "temperature": 1}, True),
+    "id_of_64": ({**_ASK, "id": "x" * 64}, True),
+    "seed_of_63_bits": ({**_ASK, "seed": 2**63 - 1}, True),
+    "scale_at_bound": ({**_ASK, "adapters": [{"name": "pirate", "scale": -8.0}]}, True),
+    "error_with_null_id": ({"type": "error", "id": None, "code": "internal", "message": "m"}, True),
+    "unknown_type": ({"type": "teleport", "id": "t"}, False),
+    "no_type": ({"id": "t"}, False),
+    "unknown_field": ({**_ASK, "colour": 1}, False),
+    "missing_id": ({"type": "generate", "prompt": "hi"}, False),
+    "empty_id": ({**_ASK, "id": ""}, False),
+    "id_of_65": ({**_ASK, "id": "x" * 65}, False),
+    "temperature_above": ({**_ASK, "temperature": 5.5}, False),
+    "top_p_at_exclusive_bound": ({**_ASK, "top_p": 0.0}, False),
+    "temperature_nan": ({**_ASK, "temperature": math.nan}, False),
+    "max_tokens_below": ({**_ASK, "max_tokens": 0}, False),
+    "max_tokens_null": ({**_ASK, "max_tokens": None}, False),
+    "seed_negative": ({**_ASK, "seed": -1}, False),
+    "stream_not_bool": ({**_ASK, "stream": "maybe"}, False),
+    "adapter_path": ({**_ASK, "adapters": [{"name": "../etc"}]}, False),
+    "adapter_trailing_newline": ({**_ASK, "adapters": [{"name": "pirate\n"}]}, False),
+    "adapter_scale_below": ({**_ASK, "adapters": [{"name": "pirate", "scale": -8.5}]}, False),
+    "adapter_unknown_field": ({**_ASK, "adapters": [{"name": "pirate", "weight": 1}]}, False),
+    "adapters_not_list": ({**_ASK, "adapters": {"name": "pirate"}}, False),
+    "too_many_stops": ({**_ASK, "stop": ["a"] * 17}, False),
+    "empty_stop": ({**_ASK, "stop": [""]}, False),
+    "unknown_role": ({**_CHAT, "messages": [{"role": "narrator", "content": "x"}]}, False),
+    "hello_long_token": ({"type": "hello", "protocol": 1, "token": "t" * 257}, False),
+    "hello_negative_protocol": ({"type": "hello", "protocol": -1, "token": "t"}, False),
+    "unknown_topic": ({"type": "subscribe", "id": "s", "topics": ["weather"]}, False),
+    "image_too_narrow": ({"type": "generate_image", "id": "i", "prompt": "x", "width": 7}, False),
+    "chunk_index_not_int": ({"type": "chunk", "id": "c", "text": "x", "index": "zero", "tokens": 1}, False),
+    "welcome_without_limits": ({"type": "welcome", "protocol": 1, "server": "0"}, False),
+    "result_version_not_int": ({"type": "result", "id": "r", "text": "", "finish_reason": "stop",
+                                "prompt_tokens": 1, "completion_tokens": 1, "adapter_versions": {"a": "x"},
+                                "timings": _TIMINGS}, False),
+    "image_not_bytes": ({"type": "image_result", "id": "i", "images": [1], "seed": 1, "width": 8, "height": 8,
+                         "timings": _TIMINGS}, False),
+    "nested_part_missing_name": ({"type": "adapter_event", "event": "added",
+                                  "adapter": {"kind": "text", "status": "ready"}}, False),
+}
+
+
+def models_accept(frame: dict[str, Any]) -> bool:
+    """Whether bridge's codec (the daemon's own validation) accepts `frame`, in either direction."""
+    from bridge import codec
+
+    data = msgpack.packb(frame, use_bin_type=True)
+    for decode in (codec.decode_client, codec.decode_server):
+        try:
+            decode(data)
+            return True
+        except codec.FrameError:
+            continue
+    return False
+
+
+def protocol_config() -> dict[str, Any]:
+    """What suite_protocol.gd checks LoraloomProtocol and LoraloomFrames against."""
+    from bridge import gen, gen_schema
+
+    spec = gen_schema.protocol()
+    facts = {
+        "version": spec.version,
+        "client_types": [m.type_name for m in spec.client],
+        "server_types": [m.type_name for m in spec.server],
+        "errors": {e.code: e.meaning for e in spec.errors},
+        "client_only": [e.code for e in spec.errors if e.client_only],
+    }
+    # Each golden frame's fields that differ from their defaults: build() must restore the rest.
+    build_cases = [{"name": name, "type": type(message).model_fields["type"].default,
+                    "fields": typed(message.model_dump(mode="python", exclude_defaults=True, exclude_none=True))}
+                   for name, message in gen.EXAMPLES.items()]
+    check_cases = [{"name": name, "frame": typed(frame), "valid": models_accept(frame)}
+                   for name, (frame, _) in CHECK_CASES.items()]
+    return {"facts": facts, "build_cases": build_cases, "check_cases": check_cases}
 
 
 def discovery_cases(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:

@@ -18,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from godot_suite import (
     ADDON_PROJECT,
+    CHECK_CASES,
     UNKNOWN_ADAPTER,
     GodotRun,
     golden_frame_names,
+    models_accept,
     runtime_scripts,
 )
 
@@ -77,6 +79,13 @@ def test_addon_ships_what_the_readme_promises() -> None:
                 assert lines[i - 1].startswith("##"), f"{path.name}:{i + 1} undocumented: {line}"
 
 
+@pytest.mark.parametrize("name", sorted(CHECK_CASES))
+def test_check_cases_say_what_the_models_say(name: str) -> None:
+    """Each frame the GDScript checker is tried on is accepted or refused by the models as the case says."""
+    frame, valid = CHECK_CASES[name]
+    assert models_accept(frame) == valid
+
+
 # ---------------------------------------------------------------- the runtime
 
 
@@ -126,6 +135,35 @@ def test_discovery_rule_matches_python(godot_run: GodotRun) -> None:
 def test_discovery_reads_runtime_file(godot_run: GodotRun) -> None:
     """A runtime file is read with typed fields; malformed, non-JSON and missing ones are refused."""
     _ok(godot_run.result("discovery:read"))
+
+
+def test_generated_protocol_constants(godot_run: GodotRun) -> None:
+    """LoraloomProtocol holds the models' version, type names, error codes and meanings."""
+    result = godot_run.result("protocol:constants")
+    _ok(result)
+    assert result["data"]["errors"] > 0
+
+
+def test_frames_built_from_the_schema_are_canonical(godot_run: GodotRun) -> None:
+    """LoraloomFrames.build, given only what differs from the defaults, gives every golden frame's bytes."""
+    result = godot_run.result("protocol:build")
+    _ok(result)
+    assert result["data"]["cases"] == len(golden_frame_names())
+
+
+def test_frame_checks_agree_with_the_models(godot_run: GodotRun) -> None:
+    """LoraloomFrames.check accepts and refuses the same frames as the daemon's models."""
+    result = godot_run.result("protocol:check")
+    _ok(result)
+    assert result["data"]["cases"] == len(CHECK_CASES)
+
+
+def test_nodes_use_the_protocol_defaults(godot_run: GodotRun) -> None:
+    """Chat and image nodes start from the protocol's defaults and build valid frames; the client
+    fails a frame the daemon would refuse with bad_message before sending it."""
+    result = godot_run.result("protocol:nodes")
+    _ok(result)
+    assert "temperature" in result["data"]["refused"]
 
 
 # ---------------------------------------------------------------- against the daemon

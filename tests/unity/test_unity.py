@@ -35,10 +35,16 @@ PER_FRAME = {
     ],
 }
 SINGLE = {
-    "GoldenFrameTests": ["EveryMessageTypeHasAGoldenFrame", "TypedFieldsCarryTheGoldenValues"],
+    "GoldenFrameTests": [
+        "EveryMessageTypeHasAGoldenFrame",
+        "TypedFieldsCarryTheGoldenValues",
+        "EveryErrorCodeHasItsMeaning",
+        "CreateMakesEveryTypeName",
+    ],
     "CodecTests": [
         "IntegersUseTheirSmallestForm",
         "StringsBinariesAndContainersUseTheirSmallestHeader",
+        "MapsWrittenBeforeTheirCountIsKnownUseTheSmallestHeader",
         "FloatsAreAlwaysFloat64AndIntsReadAsDoubles",
         "SkipStepsOverNestedValues",
         "BadFramesAreRefusedWithProtocolCodes",

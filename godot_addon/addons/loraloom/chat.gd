@@ -27,11 +27,15 @@ signal response_finished(request_id: String, text: String)
 ## [code]connection_closed[/code], [code]timeout[/code]).
 signal request_failed(request_id: String, code: String, message: String)
 
+# The protocol's defaults, as constants so that the inspector shows them.
+const _DEFAULTS := LoraloomProtocol.GENERATE_DEFAULTS
+const _ADAPTER_DEFAULTS := LoraloomProtocol.ADAPTER_REF_DEFAULTS
+
 ## The adapter that gives this node its voice (a folder name in the daemon's adapter folder);
 ## empty uses the base model.
 @export var adapter: String = ""
 ## How strongly the adapter applies: 1 as trained, 0 none, negative values push away from it.
-@export_range(-8.0, 8.0, 0.05) var adapter_scale: float = 1.0
+@export_range(-8.0, 8.0, 0.05) var adapter_scale: float = _ADAPTER_DEFAULTS["scale"]
 ## The system prompt sent before the conversation; empty sends none.
 @export_multiline var system_prompt: String = ""
 ## Remember the exchanges and send them with each new question.
@@ -40,22 +44,23 @@ signal request_failed(request_id: String, code: String, message: String)
 @export_range(0, 256) var max_history_turns: int = 16
 
 @export_group("Sampling")
-## The most tokens one answer may have.
+## The most tokens one answer may have (an NPC's line: fewer than the protocol's default).
 @export_range(1, 8192) var max_tokens: int = 128
 ## Randomness: 0 always picks the likeliest token.
-@export_range(0.0, 5.0, 0.01) var temperature: float = 0.7
+@export_range(0.0, 5.0, 0.01) var temperature: float = _DEFAULTS["temperature"]
 ## Sample only among the k likeliest tokens; 0 turns it off.
-@export_range(0, 1000) var top_k: int = 0
+@export_range(0, 1000) var top_k: int = _DEFAULTS["top_k"]
 ## Sample only among the likeliest tokens whose probabilities add up to p; 1 turns it off.
-@export_range(0.01, 1.0, 0.01) var top_p: float = 1.0
+@export_range(0.01, 1.0, 0.01) var top_p: float = _DEFAULTS["top_p"]
 ## Above 1 makes repeating earlier tokens less likely.
-@export_range(0.05, 5.0, 0.01) var repetition_penalty: float = 1.0
+@export_range(0.05, 5.0, 0.01) var repetition_penalty: float = _DEFAULTS["repetition_penalty"]
 ## Seed for repeatable answers; -1 picks a new one each time.
 @export var random_seed: int = -1
 ## Texts that end an answer when generated (not included in it).
 @export var stop_sequences: PackedStringArray = PackedStringArray()
 
-## The conversation so far: [code]{"role": "user"|"assistant", "content": String}[/code] turns.
+## The conversation so far: [code]{"role": "user"|"assistant", "content": String}[/code] turns
+## (roles: [code]LoraloomProtocol.CHAT_ROLE_*[/code]).
 var history: Array[Dictionary] = []
 var _questions: Dictionary = {}
 
@@ -73,12 +78,11 @@ func ask(text: String) -> String:
 func build_request(text: String) -> Dictionary:
 	var messages: Array[Dictionary] = []
 	if not system_prompt.is_empty():
-		messages.append({"role": "system", "content": system_prompt})
+		messages.append({"role": LoraloomProtocol.CHAT_ROLE_SYSTEM, "content": system_prompt})
 	if keep_history:
 		messages.append_array(history)
-	messages.append({"role": "user", "content": text})
-	var frame := {
-		"type": "generate",
+	messages.append({"role": LoraloomProtocol.CHAT_ROLE_USER, "content": text})
+	return LoraloomFrames.build(LoraloomProtocol.GENERATE, {
 		"adapters": [] if adapter.is_empty() else [{"name": adapter, "scale": adapter_scale}],
 		"messages": messages,
 		"max_tokens": max_tokens,
@@ -86,12 +90,10 @@ func build_request(text: String) -> Dictionary:
 		"top_k": top_k,
 		"top_p": top_p,
 		"repetition_penalty": repetition_penalty,
+		"seed": random_seed if random_seed >= 0 else null,
 		"stop": Array(stop_sequences),
 		"stream": true,
-	}
-	if random_seed >= 0:
-		frame["seed"] = random_seed
-	return frame
+	})
 
 
 ## The text received so far for [param request_id].
@@ -115,7 +117,7 @@ func clear_history() -> void:
 
 
 func _on_event(request: LoraloomRequest, event: Dictionary) -> void:
-	if event.get("type") == "chunk":
+	if event.get("type") == LoraloomProtocol.CHUNK:
 		response_updated.emit(request.id, str(event.get("text", "")))
 
 
@@ -128,8 +130,8 @@ func _on_finished(request: LoraloomRequest) -> void:
 		request_failed.emit(request.id, request.error_code, request.error_message)
 		return
 	if keep_history:
-		history.append({"role": "user", "content": question})
-		history.append({"role": "assistant", "content": request.text})
+		history.append({"role": LoraloomProtocol.CHAT_ROLE_USER, "content": question})
+		history.append({"role": LoraloomProtocol.CHAT_ROLE_ASSISTANT, "content": request.text})
 		while history.size() > max_history_turns * 2:
 			history.pop_front()
 			history.pop_front()

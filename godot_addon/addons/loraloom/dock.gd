@@ -52,18 +52,18 @@ func session_stopped() -> void:
 func show_event(kind: String, state: int, frame: Dictionary) -> void:
 	_status.text = "Daemon: %s" % STATE_NAMES[clampi(state, 0, STATE_NAMES.size() - 1)]
 	match kind:
-		"welcome":
+		LoraloomProtocol.WELCOME:
 			_show_welcome(frame)
-		"adapters":
+		LoraloomProtocol.ADAPTERS:
 			_adapter_infos.clear()
 			for info: Variant in frame.get("adapters", []):
 				if info is Dictionary:
 					_adapter_infos[str(info.get("name", ""))] = info
 			_refresh_adapters()
-		"adapter_event":
+		LoraloomProtocol.ADAPTER_EVENT:
 			var info: Dictionary = frame.get("adapter", {})
 			var adapter_name := str(info.get("name", ""))
-			if frame.get("event") == "removed":
+			if frame.get("event") == LoraloomProtocol.ADAPTER_EVENT_KIND_REMOVED:
 				_adapter_infos.erase(adapter_name)
 			else:
 				_adapter_infos[adapter_name] = info
@@ -72,10 +72,10 @@ func show_event(kind: String, state: int, frame: Dictionary) -> void:
 			if frame.get("reason") != null:
 				line += ": %s" % frame.get("reason")
 			_append(line)
-		"result":
+		LoraloomProtocol.RESULT:
 			_append("%s finished (%s, %s tokens)" % [
 				frame.get("id"), frame.get("finish_reason"), frame.get("completion_tokens")])
-		"error":
+		LoraloomProtocol.ERROR:
 			_append("%s failed: %s %s" % [frame.get("id"), frame.get("code"), frame.get("message")])
 		"connection_failed", "disconnected":
 			_append("%s: %s" % [kind, frame.get("reason", "")])

@@ -19,22 +19,28 @@ signal image_ready(request_id: String, texture: ImageTexture)
 ## ([code]not_connected[/code], [code]connection_closed[/code], [code]timeout[/code]).
 signal request_failed(request_id: String, code: String, message: String)
 
+## The daemon sent image bytes that are not a PNG.
+const ERROR_BAD_IMAGE := "bad_image"
+# The protocol's defaults, as constants so that the inspector shows them.
+const _DEFAULTS := LoraloomProtocol.GENERATE_IMAGE_DEFAULTS
+const _ADAPTER_DEFAULTS := LoraloomProtocol.ADAPTER_REF_DEFAULTS
+
 ## The image adapter (a folder in the daemon's image adapter folder); empty uses the base model.
 @export var adapter: String = ""
 ## How strongly the adapter applies.
-@export_range(-8.0, 8.0, 0.05) var adapter_scale: float = 1.0
+@export_range(-8.0, 8.0, 0.05) var adapter_scale: float = _ADAPTER_DEFAULTS["scale"]
 ## What the image should not show.
 @export_multiline var negative_prompt: String = ""
 ## Image width in pixels (multiples of 8).
-@export_range(8, 2048, 8) var width: int = 512
+@export_range(8, 2048, 8) var width: int = _DEFAULTS["width"]
 ## Image height in pixels (multiples of 8).
-@export_range(8, 2048, 8) var height: int = 512
+@export_range(8, 2048, 8) var height: int = _DEFAULTS["height"]
 ## Denoising steps: more is slower and usually better.
-@export_range(1, 200) var steps: int = 20
+@export_range(1, 200) var steps: int = _DEFAULTS["steps"]
 ## How closely to follow the prompt (classifier-free guidance).
-@export_range(0.0, 50.0, 0.1) var guidance: float = 7.5
+@export_range(0.0, 50.0, 0.1) var guidance: float = _DEFAULTS["guidance"]
 ## How many images one request makes.
-@export_range(1, 8) var count: int = 1
+@export_range(1, 8) var count: int = _DEFAULTS["count"]
 ## Seed for repeatable images; -1 picks a new one each time.
 @export var random_seed: int = -1
 
@@ -49,21 +55,17 @@ func generate(prompt: String) -> String:
 
 ## The [code]generate_image[/code] frame [method generate] sends (without its id).
 func build_request(prompt: String) -> Dictionary:
-	var frame := {
-		"type": "generate_image",
+	return LoraloomFrames.build(LoraloomProtocol.GENERATE_IMAGE, {
 		"prompt": prompt,
+		"negative_prompt": null if negative_prompt.is_empty() else negative_prompt,
 		"adapters": [] if adapter.is_empty() else [{"name": adapter, "scale": adapter_scale}],
 		"width": width,
 		"height": height,
 		"steps": steps,
 		"guidance": guidance,
+		"seed": random_seed if random_seed >= 0 else null,
 		"count": count,
-	}
-	if not negative_prompt.is_empty():
-		frame["negative_prompt"] = negative_prompt
-	if random_seed >= 0:
-		frame["seed"] = random_seed
-	return frame
+	})
 
 
 ## Waits for [param request_id] to end (at most [param timeout_s] seconds) and returns its
@@ -81,7 +83,7 @@ static func texture_from_png(png: PackedByteArray) -> ImageTexture:
 
 
 func _on_event(request: LoraloomRequest, event: Dictionary) -> void:
-	if event.get("type") == "image_progress":
+	if event.get("type") == LoraloomProtocol.IMAGE_PROGRESS:
 		image_progress.emit(request.id, int(event.get("step", 0)), int(event.get("total", 0)))
 
 
@@ -96,7 +98,7 @@ func _on_finished(request: LoraloomRequest) -> void:
 		if typeof(png) == TYPE_PACKED_BYTE_ARRAY:
 			texture = texture_from_png(png)
 		if texture == null:
-			request_failed.emit(request.id, "bad_image", "the daemon sent an image that is not a PNG")
+			request_failed.emit(request.id, ERROR_BAD_IMAGE, "the daemon sent an image that is not a PNG")
 			return
 		textures.append(texture)
 	for texture: ImageTexture in textures:

@@ -31,7 +31,7 @@ signal message_received(message: Dictionary)
 enum State { DISCONNECTED, CONNECTING, HANDSHAKING, READY }
 
 ## The protocol version this addon speaks.
-const PROTOCOL_VERSION := 1
+const PROTOCOL_VERSION := LoraloomProtocol.VERSION
 const SETTING_PREFIX := "loraloom/"
 ## Project settings and their defaults; the editor plugin registers them.
 const SETTINGS := {
@@ -151,7 +151,7 @@ func connect_to_daemon(daemon_url: String = "", daemon_token: String = "") -> vo
 		# Requests sent on the old connection would never hear back on the new one.
 		var was_ready := state == State.READY
 		_close_peer()
-		_fail_all("connection_closed", "reconnecting to the daemon")
+		_fail_all(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "reconnecting to the daemon")
 		if was_ready:
 			disconnected.emit(1000, "reconnecting")
 	_retry_delay = 0.5
@@ -165,7 +165,7 @@ func disconnect_from_daemon() -> void:
 	_retry_at = -1.0
 	var was_ready := state == State.READY
 	_close_peer()
-	_fail_all("connection_closed", "disconnected by the game")
+	_fail_all(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "disconnected by the game")
 	if was_ready:
 		disconnected.emit(1000, "disconnected by the game")
 
@@ -181,7 +181,8 @@ func get_adapter_names(kind: String = "") -> PackedStringArray:
 	var names := PackedStringArray()
 	for adapter_name: String in adapters:
 		var info: Dictionary = adapters[adapter_name]
-		if info.get("status") == "ready" and (kind.is_empty() or info.get("kind") == kind):
+		var usable: bool = info.get("status") == LoraloomProtocol.ADAPTER_STATUS_READY
+		if usable and (kind.is_empty() or info.get("kind") == kind):
 			names.append(adapter_name)
 	names.sort()
 	return names
@@ -206,15 +207,23 @@ func new_id() -> String:
 
 
 ## Sends a request frame ([param message] must have a [code]type[/code]; an [code]id[/code] is
-## added when missing) and returns its [LoraloomRequest]. Failures, even immediate ones, arrive
-## on the request after this returns, so its signals can be connected first.
+## added when missing) and returns its [LoraloomRequest]. The frame is built and checked with
+## [LoraloomFrames]: defaults are filled in, and a frame the daemon would refuse fails with
+## [code]bad_message[/code] without being sent. Failures, even immediate ones, arrive on the
+## request after this returns, so its signals can be connected first.
 func send_request(message: Dictionary) -> LoraloomRequest:
-	var frame := message.duplicate()
-	if str(frame.get("id", "")).is_empty():
-		frame["id"] = new_id()
-	var request := LoraloomRequest.new(frame["id"], frame, cancel)
+	var fields := message.duplicate()
+	if str(fields.get("id", "")).is_empty():
+		fields["id"] = new_id()
+	var frame := LoraloomFrames.build(str(fields.get("type", "")), fields)
+	var request := LoraloomRequest.new(str(frame["id"]), frame, cancel)
 	if _requests.has(request.id):
-		request.fail.call_deferred("duplicate_id", "a request with this id is in flight")
+		request.fail.call_deferred(LoraloomProtocol.ERROR_DUPLICATE_ID,
+				"a request with this id is in flight")
+		return request
+	var problem := LoraloomFrames.check(frame)
+	if not problem.is_empty():
+		request.fail.call_deferred(LoraloomProtocol.ERROR_BAD_MESSAGE, problem)
 		return request
 	_requests[request.id] = request
 	request.finished.connect(_on_request_finished)
@@ -224,7 +233,7 @@ func send_request(message: Dictionary) -> LoraloomRequest:
 		_queued.append(request)
 		_queued_since[request.id] = _now()
 	else:
-		request.fail.call_deferred("not_connected", "not connected to the daemon")
+		request.fail.call_deferred(LoraloomRequest.ERROR_NOT_CONNECTED, "not connected to the daemon")
 	return request
 
 
@@ -236,20 +245,20 @@ func cancel(request_id: String) -> void:
 		return
 	if request in _queued:
 		_queued.erase(request)
-		request.fail("cancelled", "cancelled before it was sent")
+		request.fail(LoraloomRequest.ERROR_CANCELLED, "cancelled before it was sent")
 		return
 	if state == State.READY:
-		_send_frame({"type": "cancel", "id": request_id})
+		_send_frame(LoraloomFrames.build(LoraloomProtocol.CANCEL, {"id": request_id}))
 
 
 ## Asks for the adapter list again; [signal adapters_updated] follows.
 func refresh_adapters() -> LoraloomRequest:
-	return send_request({"type": "list_adapters"})
+	return send_request({"type": LoraloomProtocol.LIST_ADAPTERS})
 
 
 ## Sends a [code]ping[/code]; the request's result is the [code]pong[/code].
 func ping() -> LoraloomRequest:
-	return send_request({"type": "ping"})
+	return send_request({"type": LoraloomProtocol.PING})
 
 
 # ---------------------------------------------------------------- plumbing
@@ -296,12 +305,11 @@ func _poll(now: float) -> void:
 	var ready_state := _peer.get_ready_state()
 	if ready_state == WebSocketPeer.STATE_OPEN and state == State.CONNECTING:
 		state = State.HANDSHAKING
-		var hello := {
-			"type": "hello",
+		var hello := LoraloomFrames.build(LoraloomProtocol.HELLO, {
 			"protocol": PROTOCOL_VERSION,
 			"token": _pending_token,
 			"client": client_name,
-		}
+		})
 		_pending_token = ""
 		_send_frame(hello)
 	while _peer != null and _peer.get_available_packet_count() > 0:
@@ -326,30 +334,30 @@ func _handle(frame: Dictionary) -> void:
 	var kind: String = str(frame.get("type", ""))
 	if state == State.HANDSHAKING:
 		_handle_handshake(kind, frame)
-	elif kind == "adapter_event":
+	elif kind == LoraloomProtocol.ADAPTER_EVENT:
 		_handle_adapter_event(frame)
 	else:
 		var request_id := str(frame.get("id", "")) if frame.get("id") != null else ""
 		var request: LoraloomRequest = _requests.get(request_id)
-		if kind == "adapters":
+		if kind == LoraloomProtocol.ADAPTERS:
 			_set_adapters(frame.get("adapters", []))
 		if request != null:
 			request.handle_event(frame)
-		elif kind == "error":
+		elif kind == LoraloomProtocol.ERROR:
 			push_warning("loraloom: %s: %s" % [frame.get("code"), frame.get("message")])
 	message_received.emit(frame)
 	_report_to_editor(kind, frame)
 
 
 func _handle_handshake(kind: String, frame: Dictionary) -> void:
-	if kind == "welcome":
+	if kind == LoraloomProtocol.WELCOME:
 		state = State.READY
 		welcome = frame
 		last_error = ""
 		_retry_delay = 0.5
 		_set_adapters(frame.get("adapters", []))
 		_subscribe_id = new_id()
-		_send_frame({"type": "subscribe", "id": _subscribe_id, "topics": ["adapters"]})
+		_send_frame(LoraloomFrames.build(LoraloomProtocol.SUBSCRIBE, {"id": _subscribe_id}))
 		var waiting := _queued.duplicate()
 		_queued.clear()
 		_queued_since.clear()
@@ -357,7 +365,7 @@ func _handle_handshake(kind: String, frame: Dictionary) -> void:
 			if not request.done:
 				_send_frame(request.message)
 		connected.emit(welcome)
-	elif kind == "error":
+	elif kind == LoraloomProtocol.ERROR:
 		# The daemon closes after a refused hello; a retry with the same token would fail again
 		# until the runtime file (and so the token) changes, so it waits the longest delay.
 		_handshake_refused = true
@@ -366,14 +374,14 @@ func _handle_handshake(kind: String, frame: Dictionary) -> void:
 		_retry_delay = _MAX_RECONNECT_DELAY
 		_attempt_failed(last_error, false)
 	else:
-		push_warning("loraloom: expected 'welcome', got '%s'" % kind)
+		push_warning("loraloom: expected '%s', got '%s'" % [LoraloomProtocol.WELCOME, kind])
 
 
 func _handle_adapter_event(frame: Dictionary) -> void:
 	var info: Dictionary = frame.get("adapter", {})
 	var adapter_name := str(info.get("name", ""))
 	var event := str(frame.get("event", ""))
-	if event == "removed":
+	if event == LoraloomProtocol.ADAPTER_EVENT_KIND_REMOVED:
 		adapters.erase(adapter_name)
 	elif not adapter_name.is_empty():
 		adapters[adapter_name] = info
@@ -393,12 +401,13 @@ func _send_frame(frame: Dictionary) -> void:
 	if bytes.is_empty():
 		var request: LoraloomRequest = _requests.get(str(frame.get("id", "")))
 		if request != null:
-			request.fail("bad_message", "cannot encode the request: %s" % _codec.error)
+			request.fail(LoraloomProtocol.ERROR_BAD_MESSAGE,
+					"cannot encode the request: %s" % _codec.error)
 		return
 	if _peer == null or _peer.send(bytes) != OK:
 		var request: LoraloomRequest = _requests.get(str(frame.get("id", "")))
 		if request != null:
-			request.fail("connection_closed", "cannot send to the daemon")
+			request.fail(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "cannot send to the daemon")
 
 
 func _on_closed(code: int, reason: String) -> void:
@@ -406,7 +415,8 @@ func _on_closed(code: int, reason: String) -> void:
 	_peer = null
 	state = State.DISCONNECTED
 	welcome = {}
-	_fail_all("connection_closed", "the connection to the daemon closed (%d %s)" % [code, reason])
+	_fail_all(LoraloomProtocol.ERROR_CONNECTION_CLOSED,
+			"the connection to the daemon closed (%d %s)" % [code, reason])
 	if was_ready:
 		disconnected.emit(code, reason)
 		_report_to_editor("disconnected", {"code": code, "reason": reason})
@@ -429,7 +439,7 @@ func _attempt_failed(reason: String, daemon_missing: bool) -> void:
 func _schedule_retry() -> void:
 	var waiting := not _queued.is_empty()
 	if not auto_reconnect and not waiting:
-		_fail_all("not_connected", last_error)
+		_fail_all(LoraloomRequest.ERROR_NOT_CONNECTED, last_error)
 		return
 	_retry_at = _now() + _retry_delay
 	_retry_delay = minf(_retry_delay * 2.0, _MAX_RECONNECT_DELAY)
@@ -457,7 +467,8 @@ func _expire_queued(now: float) -> void:
 		if now - float(_queued_since.get(request.id, now)) > connect_timeout:
 			_queued.erase(request)
 			_queued_since.erase(request.id)
-			request.fail("not_connected", "no connection to the daemon: %s" % last_error)
+			request.fail(LoraloomRequest.ERROR_NOT_CONNECTED,
+					"no connection to the daemon: %s" % last_error)
 
 
 func _on_request_finished(request: LoraloomRequest) -> void:
@@ -466,6 +477,8 @@ func _on_request_finished(request: LoraloomRequest) -> void:
 
 func _report_to_editor(kind: String, frame: Dictionary) -> void:
 	# The editor dock shows what the running game sees; frames with payloads stay out of it.
-	if not EngineDebugger.is_active() or kind in ["chunk", "image_progress", "image_result"]:
+	var payloads := [
+		LoraloomProtocol.CHUNK, LoraloomProtocol.IMAGE_PROGRESS, LoraloomProtocol.IMAGE_RESULT]
+	if not EngineDebugger.is_active() or kind in payloads:
 		return
 	EngineDebugger.send_message("loraloom:event", [kind, state, frame.duplicate(true)])

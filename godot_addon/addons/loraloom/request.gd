@@ -11,13 +11,20 @@ extends RefCounted
 ## if request.ok:
 ##     print(request.result)
 ## [/codeblock]
-## Besides the protocol's error codes, a request can fail with the client-side codes
-## [code]not_connected[/code], [code]connection_closed[/code] and [code]timeout[/code].
+## Besides the protocol's error codes ([code]LoraloomProtocol.ERROR_*[/code]), a request can fail
+## with the addon's own codes below.
 
 ## Emitted for every event the daemon sends about this request (chunk, result, error, ...).
 signal event_received(request: LoraloomRequest, event: Dictionary)
 ## Emitted once, when the request ends, whether it succeeded or failed.
 signal finished(request: LoraloomRequest)
+
+## The request could not reach the daemon: no connection, or none within the connect timeout.
+const ERROR_NOT_CONNECTED := "not_connected"
+## The caller's [method wait] ran out of time; the request was cancelled on the daemon.
+const ERROR_TIMEOUT := "timeout"
+## The request was stopped before it was sent.
+const ERROR_CANCELLED := "cancelled"
 
 ## The client-chosen id; every event about this request carries it.
 var id: String = ""
@@ -66,21 +73,22 @@ func handle_event(event: Dictionary) -> void:
 	if done:
 		return
 	var kind: String = event.get("type", "")
-	if kind == "chunk":
+	if kind == LoraloomProtocol.CHUNK:
 		chunk_count += 1
 		text += str(event.get("text", ""))
 	event_received.emit(self, event)
 	match kind:
-		"error":
-			fail(str(event.get("code", "internal")), str(event.get("message", "")))
-		"result":
+		LoraloomProtocol.ERROR:
+			fail(str(event.get("code", LoraloomProtocol.ERROR_INTERNAL)), str(event.get("message", "")))
+		LoraloomProtocol.RESULT:
 			text = str(event.get("text", text))
 			finish_reason = str(event.get("finish_reason", ""))
 			_succeed(event)
-		"image_result":
-			finish_reason = str(event.get("finish_reason", "stop"))
+		LoraloomProtocol.IMAGE_RESULT:
+			var default_reason: String = LoraloomProtocol.IMAGE_RESULT_DEFAULTS["finish_reason"]
+			finish_reason = str(event.get("finish_reason", default_reason))
 			_succeed(event)
-		"adapters", "pong":
+		LoraloomProtocol.ADAPTERS, LoraloomProtocol.PONG:
 			_succeed(event)
 
 
@@ -106,4 +114,4 @@ func _on_wait_timeout() -> void:
 		return
 	if _cancel.is_valid():
 		_cancel.call(id)
-	fail("timeout", "no answer within the time the caller waited")
+	fail(ERROR_TIMEOUT, "no answer within the time the caller waited")

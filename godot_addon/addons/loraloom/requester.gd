@@ -24,7 +24,8 @@ func wait(request_id: String, timeout_s: float = 60.0) -> LoraloomRequest:
 	var request: LoraloomRequest = _requests.get(request_id)
 	if request == null:
 		request = LoraloomRequest.new(request_id, {})
-		request.fail("unknown_request", "this node has no request '%s'" % request_id)
+		request.fail(LoraloomProtocol.ERROR_UNKNOWN_REQUEST,
+				"this node has no request '%s'" % request_id)
 		return request
 	return await request.wait(timeout_s)
 
@@ -38,7 +39,8 @@ func _send(frame: Dictionary) -> LoraloomRequest:
 		request = connection.send_request(frame)
 	else:
 		request = LoraloomRequest.new("gd-orphan-%d" % Time.get_ticks_usec(), frame)
-		request.fail.call_deferred("not_connected", "no Loraloom autoload; enable the plugin")
+		request.fail.call_deferred(LoraloomRequest.ERROR_NOT_CONNECTED,
+				"no Loraloom autoload; enable the plugin")
 	_requests[request.id] = request
 	request.event_received.connect(_on_event)
 	request.finished.connect(_on_finished)

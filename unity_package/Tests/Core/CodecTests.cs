@@ -56,6 +56,29 @@ namespace Loraloom.Core.Tests
         }
 
         [Test]
+        public void MapsWrittenBeforeTheirCountIsKnownUseTheSmallestHeader()
+        {
+            // A message counts its present fields while writing them: BeginMap/EndMap must still give
+            // what WriteValue gives for the same map, at 15, 16 and 65536 entries.
+            foreach (int size in new[] { 0, 15, 16, 65536 })
+            {
+                var map = new Dictionary<string, object>();
+                for (int i = 0; i < size; i++) map["k" + i] = (long)i;
+                var w = new MsgPackWriter(1);
+                w.WriteString("before");
+                int at = w.BeginMap();
+                foreach (var pair in map) { w.WriteString(pair.Key); w.WriteValue(pair.Value); }
+                w.EndMap(at, map.Count);
+                w.WriteString("after");
+                var expected = new MsgPackWriter(1);
+                expected.WriteString("before");
+                expected.WriteValue(map);
+                expected.WriteString("after");
+                CollectionAssert.AreEqual(expected.ToArray(), w.ToArray(), size + " entries");
+            }
+        }
+
+        [Test]
         public void FloatsAreAlwaysFloat64AndIntsReadAsDoubles()
         {
             Assert.AreEqual("CB-3F-F0-00-00-00-00-00-00", BitConverter.ToString(Pack(1.0)));

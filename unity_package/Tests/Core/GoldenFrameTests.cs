@@ -3,6 +3,7 @@ using System.Collections;
 using System.Collections.Generic;
 using System.IO;
 using System.Linq;
+using System.Reflection;
 using NUnit.Framework;
 
 namespace Loraloom.Core.Tests
@@ -54,6 +55,28 @@ namespace Loraloom.Core.Tests
             foreach (string name in FrameNames())
                 types.Add((string)((Dictionary<string, object>)Expected(name))["type"]);
             CollectionAssert.AreEquivalent(Protocol.TypeNames, types, "message types of the C# protocol vs the golden frames");
+        }
+
+        [Test]
+        public void EveryErrorCodeHasItsMeaning()
+        {
+            // ErrorCodes.g.cs is generated from bridge/errors.py: every code constant but this client's
+            // own Timeout is in the table of meanings, and the table has nothing else.
+            var constants = typeof(ErrorCodes).GetFields(BindingFlags.Public | BindingFlags.Static)
+                .Where(f => f.IsLiteral).Select(f => (string)f.GetRawConstantValue()).ToList();
+            var protocolCodes = constants.Where(c => c != ErrorCodes.Timeout).ToList();
+            CollectionAssert.AreEquivalent(protocolCodes, ErrorCodes.Meanings.Keys);
+            foreach (string code in protocolCodes) Assert.IsNotEmpty(ErrorCodes.MeaningOf(code), code);
+            Assert.IsNull(ErrorCodes.MeaningOf("no_such_code"));
+            CollectionAssert.IsSubsetOf(ErrorCodes.ClientOnly, protocolCodes);
+        }
+
+        [Test]
+        public void CreateMakesEveryTypeName()
+        {
+            CollectionAssert.AreEqual(Protocol.ClientTypeNames.Concat(Protocol.ServerTypeNames), Protocol.TypeNames);
+            foreach (string type in Protocol.TypeNames) Assert.AreEqual(type, Protocol.Create(type).Type);
+            Assert.IsNull(Protocol.Create("teleport"));
         }
 
         [Test, TestCaseSource("FrameNames")]

@@ -108,18 +108,39 @@ namespace Loraloom.Core
             else { _buffer[_length++] = 0xdf; PutBigEndian((ulong)count, 4); }
         }
 
-        /// <summary>Reserves a fixmap header (at most 15 entries) to be filled in by EndSmallMap.</summary>
-        public int BeginSmallMap()
+        /// <summary>
+        /// Reserves the header of a map whose entries are written next; <see cref="EndMap"/> fills it
+        /// in once their number is known.
+        /// </summary>
+        public int BeginMap()
         {
             Reserve(1);
             _buffer[_length] = 0x80;
             return _length++;
         }
 
-        public void EndSmallMap(int headerPosition, int count)
+        /// <summary>
+        /// Fills in the header reserved by <see cref="BeginMap"/> with <paramref name="count"/>
+        /// entries, in the smallest form: a fixmap up to 15, else map16 or map32 (the entries move up
+        /// to make room, which only maps of more than 15 fields pay for).
+        /// </summary>
+        public void EndMap(int headerPosition, int count)
         {
-            if (count < 0 || count > 15) throw new InvalidOperationException("a small map holds 0 to 15 entries, not " + count);
-            _buffer[headerPosition] = (byte)(0x80 | count);
+            if (count < 0 || headerPosition < 0 || headerPosition >= _length)
+                throw new InvalidOperationException("EndMap without a matching BeginMap");
+            if (count <= 15)
+            {
+                _buffer[headerPosition] = (byte)(0x80 | count);
+                return;
+            }
+            int extra = count <= ushort.MaxValue ? 2 : 4;
+            Reserve(extra);
+            int body = headerPosition + 1;
+            Array.Copy(_buffer, body, _buffer, body + extra, _length - body);
+            _length += extra;
+            _buffer[headerPosition] = extra == 2 ? (byte)0xde : (byte)0xdf;
+            for (int i = 0; i < extra; i++)
+                _buffer[body + i] = (byte)((uint)count >> (8 * (extra - 1 - i)));
         }
 
         /// <summary>

@@ -2,12 +2,10 @@ using System;
 
 namespace Loraloom.Core
 {
-    /// <summary>Frames to messages and back (the C# side of bridge/codec.py).</summary>
-    public static class Protocol
+    // Encoding and decoding; the version, the type names and Create (type name -> message) are
+    // generated from bridge/messages.py into Protocol.g.cs.
+    public static partial class Protocol
     {
-        /// <summary>The protocol version this package speaks (hello.protocol).</summary>
-        public const int Version = 1;
-
         public static byte[] Encode(ProtocolMessage message)
         {
             var writer = new MsgPackWriter();
@@ -55,39 +53,6 @@ namespace Loraloom.Core
             return message;
         }
 
-        /// <summary>A new, empty message for a type name, or null when the type is unknown.</summary>
-        public static ProtocolMessage Create(string type)
-        {
-            switch (type)
-            {
-                case Hello.TypeName: return new Hello();
-                case Generate.TypeName: return new Generate();
-                case GenerateImage.TypeName: return new GenerateImage();
-                case Cancel.TypeName: return new Cancel();
-                case ListAdapters.TypeName: return new ListAdapters();
-                case Subscribe.TypeName: return new Subscribe();
-                case Ping.TypeName: return new Ping();
-                case Welcome.TypeName: return new Welcome();
-                case Chunk.TypeName: return new Chunk();
-                case Result.TypeName: return new Result();
-                case Error.TypeName: return new Error();
-                case AdapterList.TypeName: return new AdapterList();
-                case AdapterEvent.TypeName: return new AdapterEvent();
-                case Pong.TypeName: return new Pong();
-                case ImageProgress.TypeName: return new ImageProgress();
-                case ImageResult.TypeName: return new ImageResult();
-                default: return null;
-            }
-        }
-
-        /// <summary>Every message type name of this protocol version.</summary>
-        public static readonly string[] TypeNames =
-        {
-            Hello.TypeName, Generate.TypeName, GenerateImage.TypeName, Cancel.TypeName, ListAdapters.TypeName,
-            Subscribe.TypeName, Ping.TypeName, Welcome.TypeName, Chunk.TypeName, Result.TypeName, Error.TypeName,
-            AdapterList.TypeName, AdapterEvent.TypeName, Pong.TypeName, ImageProgress.TypeName, ImageResult.TypeName,
-        };
-
         // Field order is free on the wire, so "type" may come after other fields: look for it first
         // without allocating anything but its value.
         static string FindType(MsgPackReader reader)
@@ -105,31 +70,10 @@ namespace Loraloom.Core
         }
     }
 
-    /// <summary>The stable error codes of the protocol's error event, plus the client's own.</summary>
-    public static class ErrorCodes
+    // The protocol's codes and their meanings are generated from bridge/errors.py into
+    // ErrorCodes.g.cs; this client's own codes that bridge/errors.py does not have are here.
+    public static partial class ErrorCodes
     {
-        public const string BadFrame = "bad_frame";
-        public const string BadMessage = "bad_message";
-        public const string FrameTooLarge = "frame_too_large";
-        public const string UnsupportedVersion = "unsupported_version";
-        public const string Unauthorized = "unauthorized";
-        public const string HandshakeRequired = "handshake_required";
-        public const string DuplicateId = "duplicate_id";
-        public const string UnknownRequest = "unknown_request";
-        public const string TooManyRequests = "too_many_requests";
-        public const string UnknownAdapter = "unknown_adapter";
-        public const string AdapterUnavailable = "adapter_unavailable";
-        public const string PromptTooLong = "prompt_too_long";
-        public const string InvalidParameter = "invalid_parameter";
-        public const string ModelUnavailable = "model_unavailable";
-        public const string ShuttingDown = "shutting_down";
-        public const string Internal = "internal";
-
-        // Raised by this client, never sent by the daemon.
-        /// <summary>No daemon could be found or reached (runtime file missing, nobody listening).</summary>
-        public const string DaemonNotFound = "daemon_not_found";
-        /// <summary>The connection closed while the request was in flight.</summary>
-        public const string ConnectionClosed = "connection_closed";
         /// <summary>The daemon did not answer in time (handshake or a request's own timeout).</summary>
         public const string Timeout = "timeout";
     }

@@ -1,3 +1,4 @@
+using System;
 using System.Collections.Generic;
 
 namespace Loraloom.Core
@@ -9,11 +10,15 @@ namespace Loraloom.Core
     }
 
     /// <summary>
-    /// Field helpers shared by the message classes. Each returns how many map entries it wrote (0 for
-    /// a null value), so a message can count its entries while writing them: "absent values left out".
+    /// What the generated message classes (Messages.g.cs, Parts.g.cs) read and write with. The Field
+    /// helpers return how many map entries they wrote (0 for a null value), so a message counts its
+    /// entries while writing them: "absent values left out". Lists and maps are written and read
+    /// item by item through a delegate, which composes for any nesting without reflection.
     /// </summary>
     static class Wire
     {
+        // ------------------------------------------------------------ one field of a map
+
         public static int Field(MsgPackWriter w, string key, string value)
         {
             if (value == null) return 0;
@@ -53,6 +58,19 @@ namespace Loraloom.Core
             return 1;
         }
 
+        public static int Field(MsgPackWriter w, string key, bool? value)
+        {
+            return value.HasValue ? Field(w, key, value.Value) : 0;
+        }
+
+        public static int Field(MsgPackWriter w, string key, byte[] value)
+        {
+            if (value == null) return 0;
+            w.WriteString(key);
+            w.WriteBin(value);
+            return 1;
+        }
+
         public static int Field(MsgPackWriter w, string key, IMsgPackable value)
         {
             if (value == null) return 0;
@@ -61,45 +79,71 @@ namespace Loraloom.Core
             return 1;
         }
 
-        public static int Field<T>(MsgPackWriter w, string key, List<T> value) where T : IMsgPackable
+        /// <summary>A list, a map or an arbitrary value, written by <paramref name="write"/>.</summary>
+        public static int Field<T>(MsgPackWriter w, string key, T value, Action<MsgPackWriter, T> write) where T : class
         {
             if (value == null) return 0;
             w.WriteString(key);
-            w.WriteArrayHeader(value.Count);
-            foreach (var item in value) item.WriteTo(w);
+            write(w, value);
             return 1;
         }
 
-        public static int Field(MsgPackWriter w, string key, List<string> value)
+        // ------------------------------------------------------------ one value (null: nil)
+
+        public static void Write(MsgPackWriter w, string value) { w.WriteString(value); }
+
+        public static void Write(MsgPackWriter w, long value) { w.WriteInt(value); }
+
+        public static void Write(MsgPackWriter w, long? value)
         {
-            if (value == null) return 0;
-            w.WriteString(key);
-            w.WriteArrayHeader(value.Count);
-            foreach (var item in value) w.WriteString(item);
-            return 1;
+            if (value.HasValue) w.WriteInt(value.Value);
+            else w.WriteNil();
         }
 
-        public static int Field(MsgPackWriter w, string key, List<byte[]> value)
+        public static void Write(MsgPackWriter w, double value) { w.WriteDouble(value); }
+
+        public static void Write(MsgPackWriter w, double? value)
         {
-            if (value == null) return 0;
-            w.WriteString(key);
-            w.WriteArrayHeader(value.Count);
-            foreach (var item in value) w.WriteBin(item);
-            return 1;
+            if (value.HasValue) w.WriteDouble(value.Value);
+            else w.WriteNil();
         }
 
-        public static int Field(MsgPackWriter w, string key, Dictionary<string, int> value)
+        public static void Write(MsgPackWriter w, bool value) { w.WriteBool(value); }
+
+        public static void Write(MsgPackWriter w, bool? value)
         {
-            if (value == null) return 0;
-            w.WriteString(key);
-            w.WriteMapHeader(value.Count);
-            foreach (var pair in value)
+            if (value.HasValue) w.WriteBool(value.Value);
+            else w.WriteNil();
+        }
+
+        public static void Write(MsgPackWriter w, byte[] value) { w.WriteBin(value); }
+
+        public static void Write(MsgPackWriter w, IMsgPackable value)
+        {
+            if (value == null) w.WriteNil();
+            else value.WriteTo(w);
+        }
+
+        public static void WriteList<T>(MsgPackWriter w, List<T> list, Action<MsgPackWriter, T> writeItem)
+        {
+            if (list == null) { w.WriteNil(); return; }
+            w.WriteArrayHeader(list.Count);
+            foreach (var item in list) writeItem(w, item);
+        }
+
+        /// <summary>A string-keyed map, in the dictionary's enumeration (insertion) order.</summary>
+        public static void WriteDict<T>(MsgPackWriter w, Dictionary<string, T> map, Action<MsgPackWriter, T> writeValue)
+        {
+            if (map == null) { w.WriteNil(); return; }
+            w.WriteMapHeader(map.Count);
+            foreach (var pair in map)
             {
                 w.WriteString(pair.Key);
-                w.WriteInt(pair.Value);
+                writeValue(w, pair.Value);
             }
-            return 1;
         }
+
+        // ------------------------------------------------------------ reading
 
         public static int? NullableInt(MsgPackReader r) { return r.TryReadNil() ? (int?)null : r.ReadInt32(); }
 
@@ -107,49 +151,27 @@ namespace Loraloom.Core
 
         public static double? NullableDouble(MsgPackReader r) { return r.TryReadNil() ? (double?)null : r.ReadDouble(); }
 
-        public static List<string> Strings(MsgPackReader r)
+        public static bool? NullableBool(MsgPackReader r) { return r.TryReadNil() ? (bool?)null : r.ReadBool(); }
+
+        public static List<T> ReadList<T>(MsgPackReader r, Func<MsgPackReader, T> readItem)
         {
-            if (r.TryReadNil()) return null;
             int count = r.ReadArrayHeader();
-            var list = new List<string>(count);
-            for (int i = 0; i < count; i++) list.Add(r.ReadString());
+            // Every item takes at least a byte, so a hostile count cannot allocate more than the frame.
+            var list = new List<T>(Math.Min(count, 1024));
+            for (int i = 0; i < count; i++) list.Add(readItem(r));
             return list;
         }
 
-        public static List<byte[]> Binaries(MsgPackReader r)
+        public static Dictionary<string, T> ReadDict<T>(MsgPackReader r, Func<MsgPackReader, T> readValue)
         {
-            if (r.TryReadNil()) return null;
-            int count = r.ReadArrayHeader();
-            var list = new List<byte[]>(count);
-            for (int i = 0; i < count; i++) list.Add(r.ReadBinary());
-            return list;
-        }
-
-        public static Dictionary<string, int> IntMap(MsgPackReader r)
-        {
-            if (r.TryReadNil()) return null;
             int count = r.ReadMapHeader();
-            var map = new Dictionary<string, int>(count);
+            var map = new Dictionary<string, T>(Math.Min(count, 1024));
             for (int i = 0; i < count; i++)
             {
                 string key = r.ReadString();
-                map[key] = r.ReadInt32();
+                map[key] = readValue(r);
             }
             return map;
-        }
-
-        public static List<T> Maps<T>(MsgPackReader r) where T : WireMap, new()
-        {
-            if (r.TryReadNil()) return null;
-            int count = r.ReadArrayHeader();
-            var list = new List<T>(count);
-            for (int i = 0; i < count; i++) list.Add(Read(r, new T()));
-            return list;
-        }
-
-        public static T MapOrNull<T>(MsgPackReader r) where T : WireMap, new()
-        {
-            return r.TryReadNil() ? null : Read(r, new T());
         }
 
         /// <summary>
@@ -173,10 +195,10 @@ namespace Loraloom.Core
     {
         public void WriteTo(MsgPackWriter writer)
         {
-            // Every protocol map has at most 15 fields, so one header byte is reserved and patched
-            // afterwards with the real count; it is still the smallest (canonical) map form.
-            int at = writer.BeginSmallMap();
-            writer.EndSmallMap(at, WriteFields(writer));
+            // The number of present fields is known only once they are written: the header is
+            // reserved first and filled in afterwards, in its smallest (canonical) form.
+            int at = writer.BeginMap();
+            writer.EndMap(at, WriteFields(writer));
         }
 
         /// <summary>Writes the present fields in protocol order and returns how many it wrote.</summary>
