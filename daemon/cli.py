@@ -29,51 +29,51 @@ EXIT_OK, EXIT_REQUEST, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_EMPTY = 0, 1, 2, 3, 4
 # ---------------------------------------------------------------------------- serve
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("network and security")
-    g.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
-    g.add_argument("--port", type=int, help="port (default 7341; 0 picks a free one)")
-    g.add_argument("--token", help="client token (default: a new random one each start)")
-    g.add_argument("--allow-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
-                   help="a browser Origin allowed to connect (repeatable)")
-    g.add_argument("--runtime-file", type=Path, help="where to publish url, token and pid")
-    g = p.add_argument_group("models")
-    g.add_argument("--text-model", help="Hugging Face folder, 'default' (embedded SmolLM2) or 'none'")
-    g.add_argument("--image-model", help="diffusers folder, 'default' (placeholder that draws noise) or 'none'")
-    g.add_argument("--cache-dir", type=Path, help="where converted/generated models are kept")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--dtype", help="auto, float32, bfloat16, float16")
-    g = p.add_argument_group("adapters")
-    g.add_argument("--text-adapters", action="append", type=Path, metavar="DIR",
-                   help="text adapter folder (repeatable)")
-    g.add_argument("--image-adapters", action="append", type=Path, metavar="DIR",
-                   help="image adapter folder (repeatable)")
-    g.add_argument("--pin", dest="pinned_adapters", action="append", metavar="NAME", help="never evict this adapter")
-    g.add_argument("--adapter-capacity", type=int, help="adapters kept in host memory (LRU; default 64)")
-    g.add_argument("--no-watch", dest="watch", action="store_const", const=False, help="do not live-reload adapters")
-    g.add_argument("--reload-debounce-ms", type=int, help="quiet time before a changed adapter reloads (200)")
-    g = p.add_argument_group("capacity and limits")
-    g.add_argument("--max-seqs", type=int, help="sequences generated at once")
-    g.add_argument("--max-context", type=int, help="tokens per sequence, prompt included")
-    g.add_argument("--lora-slots", type=int, help="adapters resident in compute memory")
-    g.add_argument("--max-lora-rank", type=int)
-    g.add_argument("--no-kernels", dest="kernels", action="store_const", const=False,
-                   help="PyTorch ops only: no Triton kernels on CUDA, no numba LoRA loop on the CPU")
-    g.add_argument("--image-max-batch", type=int,
-                   help="images per image call (4); every call runs at this size so a request's bytes do not "
-                        "depend on its companions; 1: lowest latency for a lone request")
-    g.add_argument("--max-frame-bytes", type=int)
-    g.add_argument("--max-inflight", dest="max_inflight_per_connection", type=int)
-    g.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--config", type=Path, help="TOML file with any of these settings")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    """One option per setting, built from the fields of `Settings` (daemon/settings.py says what each means).
+
+    The flag is `--field-name` (or its spelling in FLAG_NAMES), the help is the field's description and
+    its default, the type comes from the annotation: a Literal gives choices, a bool a `--x/--no-x` pair,
+    a list a repeatable option. Every option defaults to SUPPRESS, so one that is not given is absent
+    from the namespace and never overrides the environment or the config file.
+    """
+    from .settings import flag, groups
+
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML file with any of these settings")
+    for group, names in groups():
+        g = p.add_argument_group(group)
+        for name in names:
+            g.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, **_serve_option(name))
 
 
-_SERVE_KEYS = (
-    "host", "port", "token", "allowed_origins", "runtime_file", "text_model", "image_model", "cache_dir", "device",
-    "dtype", "text_adapters", "image_adapters", "pinned_adapters", "adapter_capacity", "watch", "reload_debounce_ms",
-    "max_seqs", "max_context", "lora_slots", "max_lora_rank", "kernels", "image_max_batch", "max_frame_bytes",
-    "max_inflight_per_connection", "max_new_tokens", "log_level",
-)
+def _serve_option(name: str) -> dict[str, Any]:
+    """add_argument's keywords for one setting: its type, help and metavar."""
+    import types
+    import typing
+
+    from .settings import Settings, default_text, flag
+
+    field = Settings.model_fields[name]
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None`: the option gives an int
+        (kind,) = [a for a in typing.get_args(kind) if a is not type(None)]
+    repeatable = typing.get_origin(kind) is list
+    # In --help, Markdown's `value` reads as 'value'; argparse expands %-formats in help.
+    help_text = (f"{field.description} ({'repeatable; ' if repeatable else ''}default: {default_text(name)})"
+                 .replace("`", "'").replace("%", "%%"))
+    metavar = flag(name).rsplit("-", 1)[-1].upper()  # --runtime-file FILE, --text-model MODEL
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "help": help_text}
+    if repeatable:
+        (item,) = typing.get_args(kind)
+        metavar = "DIR" if item is Path else name.rsplit("_", 1)[-1].removesuffix("s").upper()  # --pin ADAPTER
+        return {"action": "append", "type": item, "metavar": metavar, "help": help_text}
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind), "help": help_text}
+    if kind in (int, float):
+        return {"type": kind, "metavar": "N", "help": help_text}
+    if kind in (str, Path):
+        return {"type": kind, "metavar": metavar, "help": help_text}
+    raise TypeError(f"setting {name}: no command-line option for the type {field.annotation}")
 
 
 def _settings_from_args(args: argparse.Namespace) -> Any:
@@ -85,7 +85,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
         if not args.config.exists():
             raise SystemExit(f"loraloom: config file {args.config} does not exist")
         os.environ["LORALOOM_CONFIG"] = str(args.config)
-    overrides = {k: getattr(args, k) for k in _SERVE_KEYS if getattr(args, k, None) is not None}
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -331,9 +331,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench_text import main as bench_text
+    """Run benchmarks/bench_NAME.py of the source tree (benchmarks are not installed with the package)."""
+    import runpy
 
-    return bench_text(args.rest)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.which}.py"
+    if not script.exists():
+        print(f"loraloom: {script} is not here: benchmarks live in the source repository; run `loraloom bench` "
+              "from a clone (pip install -e .)", file=sys.stderr)
+        return EXIT_USAGE
+    sys.argv = [str(script), *args.rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

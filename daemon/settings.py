@@ -1,16 +1,25 @@
-"""All daemon settings in one pydantic-settings model.
+"""All daemon settings in one pydantic-settings model: each one's name, type, default, bounds and meaning.
 
 Sources, strongest first: command-line options, environment variables (`LORALOOM_PORT=0`;
 lists comma-separated, `LORALOOM_TEXT_ADAPTERS=./a,./b`, or as JSON), a TOML file
 (`--config FILE`, or `$LORALOOM_CONFIG`), the defaults below.
+
+A field's `description` and its group (`GROUP_STARTS`) are the only place a setting is explained:
+`loraloom serve`'s options are built from them (daemon/cli.py), and so is README.md's
+Configuration table:
+
+    python -m daemon.settings --readme   # rewrite the table
+    python -m daemon.settings --check    # exit 1 when it is stale (the test suite checks it too)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -21,55 +30,89 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["Settings"]
+from bridge.messages import MAX_ADAPTERS
+
+__all__ = ["FLAG_NAMES", "GROUP_STARTS", "Settings", "default_text", "flag", "groups", "readme_table",
+           "update_readme"]
 
 
 class Settings(BaseSettings):
+    """Fields come in groups, in this order; `GROUP_STARTS` names the first field of each."""
+
     model_config = SettingsConfigDict(env_prefix="LORALOOM_", extra="forbid", validate_default=True)
 
-    # -- network and security
-    host: str = "127.0.0.1"
-    port: int = Field(default=7341, ge=0, le=65535)  # 0 picks a free port
-    token: str | None = None  # generated at start when unset
-    allowed_origins: Annotated[list[str], NoDecode] = []  # browser Origins allowed to connect ("*" = any; avoid)
-    runtime_file: Path | None = None  # default: bridge.discovery.default_runtime_file()
+    host: str = Field(default="127.0.0.1", description="interface to listen on; anything but loopback logs a warning")
+    port: int = Field(default=7341, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)")
+    token: str | None = Field(default=None, description=(
+        "the token clients must send in `hello`; they read it from the runtime file"),
+        json_schema_extra={"unset": "a new random one each start"})
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default=[], description=(
+        "browser Origins allowed to connect; a handshake with any other Origin gets HTTP 403 "
+        "(`*` allows any: avoid)"))
+    runtime_file: Path | None = Field(default=None, description=(
+        "where the url, token and pid are published, readable only by you; engine plugins find the daemon "
+        "there"), json_schema_extra={"unset": (
+            "`loraloom/daemon.json` under `$XDG_RUNTIME_DIR` or `~/.local/state` "
+            "(`%LOCALAPPDATA%` on Windows, `~/Library/Application Support` on macOS)")})
 
-    # -- models
-    text_model: str = "default"  # a Hugging Face folder, "default" (embedded SmolLM2) or "none"
-    image_model: str = "default"  # a diffusers folder, "default" (a placeholder that draws noise) or "none"
-    cache_dir: Path | None = None  # default: $LORALOOM_CACHE_DIR or ~/.cache/loraloom
-    device: str = "auto"
-    dtype: str = "auto"
+    text_model: str = Field(default="default", description=(
+        "a Hugging Face folder (Llama 2/3, Mistral, SmolLM2, TinyLlama, Qwen2/2.5), "
+        "`default` (the embedded SmolLM2-135M-Instruct) or `none`"))
+    image_model: str = Field(default="default", description=(
+        "a diffusers folder, `default` (a tiny placeholder that draws noise; off without the `image` extra) "
+        "or `none`"))
+    cache_dir: Path | None = Field(default=None, description="where converted and generated models are kept",
+                                   json_schema_extra={"unset": "`$XDG_CACHE_HOME/loraloom` or `~/.cache/loraloom`"})
+    device: str = Field(default="auto", description="`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`")
+    dtype: str = Field(default="auto", description=(
+        "`auto` (bfloat16 on CUDA, float32 on the CPU), `float32`, `bfloat16` or `float16`"))
 
-    # -- adapters
-    text_adapters: Annotated[list[Path], NoDecode] = []
-    image_adapters: Annotated[list[Path], NoDecode] = []
-    watch: bool = True  # reload adapters when their files change
-    reload_debounce_ms: int = Field(default=200, ge=0)
-    pinned_adapters: Annotated[list[str], NoDecode] = []
-    adapter_capacity: int | None = Field(default=64, ge=1)  # adapters kept in host memory (None: all)
+    text_adapters: Annotated[list[Path], NoDecode] = Field(default=[], description=(
+        "text adapter folders; each sub-folder is one adapter (PEFT format) named after it"))
+    image_adapters: Annotated[list[Path], NoDecode] = Field(default=[], description=(
+        "image adapter folders; each sub-folder is one adapter (diffusers LoRA format) named after it"))
+    watch: bool = Field(default=True, description="reload adapters when their files change")
+    reload_debounce_ms: int = Field(default=200, ge=0, description=(
+        "quiet time in milliseconds before a changed adapter folder is reloaded"))
+    pinned_adapters: Annotated[list[str], NoDecode] = Field(default=[], description=(
+        "adapters never evicted (from host memory or compute slots)"))
+    adapter_capacity: int | None = Field(default=64, ge=1, description=(  # None (from Python only): no limit
+        "adapters kept in host memory (LRU; an evicted one is read again on use)"))
 
-    # -- text engine capacity
-    max_seqs: int = Field(default=16, ge=1)
-    max_context: int = Field(default=2048, ge=16)
-    kv_cache_mb: int | None = None
-    lora_slots: int = Field(default=16, ge=1)
-    max_lora_rank: int = Field(default=64, ge=1)
-    prefill_chunk: int = Field(default=256, ge=1)
-    kernels: bool = True  # compiled kernels where installed (Triton on CUDA, numba on the CPU); false: PyTorch ops
+    max_seqs: int = Field(default=16, ge=1, description=(
+        "sequences generated at once; the KV cache is allocated for all of them at `max_context` "
+        "(1.5 GB for SmolLM2 in float32)"))
+    max_context: int = Field(default=2048, ge=16, description=(
+        "tokens per sequence, prompt included (at most the model's own context length)"))
+    kv_cache_mb: int | None = Field(default=None, description=(
+        "a cap on the KV cache in MiB: `max_seqs` is lowered to what fits"), json_schema_extra={"unset": "no cap"})
+    lora_slots: int = Field(default=16, ge=1, description="adapters resident in compute memory at once")
+    max_lora_rank: int = Field(default=64, ge=1, description=(
+        "highest adapter rank accepted; each adapter costs its own rank per step, but the pool is allocated "
+        "for all slots at this rank (1.2 GB for SmolLM2)"))
+    prefill_chunk: int = Field(default=256, ge=1, description=(
+        "prompt tokens of one sequence per engine step, so a long prompt does not stall the other streams"))
+    kernels: bool = Field(default=True, description=(
+        "compiled kernels where installed: Triton on CUDA, a numba loop for CPU decode steps "
+        "(false: PyTorch ops only; the startup log names the LoRA kernel in use)"))
 
-    # -- image engine capacity
-    image_max_batch: int = Field(default=4, ge=1)  # images per call; every call runs at this size (1: lowest latency)
+    image_max_batch: int = Field(default=4, ge=1, description=(
+        "images per image-model call; every call runs at this size, so a request's bytes do not depend on "
+        "its companions (1: lowest latency for a lone request)"))
 
-    # -- limits
-    max_frame_bytes: int = Field(default=1 << 20, ge=1024)
-    max_inflight_per_connection: int = Field(default=64, ge=1)
-    max_prompt_tokens: int | None = None  # default: the context length minus one
-    max_new_tokens: int = Field(default=4096, ge=1)
-    max_adapters_per_request: int = Field(default=4, ge=1)
+    max_frame_bytes: int = Field(default=1 << 20, ge=1024, description=(
+        "largest frame accepted, in bytes; a larger one is answered with `frame_too_large`"))
+    max_inflight_per_connection: int = Field(default=64, ge=1, description=(
+        "requests in flight at once on one connection"))
+    max_prompt_tokens: int | None = Field(default=None, description=(
+        "tokens of a text prompt after the chat template (never more than the context length minus one)"),
+        json_schema_extra={"unset": "the context length minus one"})
+    max_new_tokens: int = Field(default=4096, ge=1, description="the largest `max_tokens` a request may ask for")
+    max_adapters_per_request: int = Field(default=4, ge=1, le=MAX_ADAPTERS, description=(
+        f"adapters in one request's mix (at most {MAX_ADAPTERS}, the protocol's limit)"))
 
-    # -- logging
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description=(
+        "how much the daemon logs (to stderr)"))
 
     @field_validator("text_adapters", "image_adapters", "allowed_origins", "pinned_adapters", mode="before")
     @classmethod
@@ -95,3 +138,113 @@ class Settings(BaseSettings):
         if config:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
         return tuple(sources)
+
+
+# The first field of each group; a group runs until the next one starts (the fields' order above).
+GROUP_STARTS: dict[str, str] = {
+    "host": "network and security",
+    "text_model": "models",
+    "text_adapters": "adapters",
+    "max_seqs": "text engine capacity",
+    "image_max_batch": "image engine capacity",
+    "max_frame_bytes": "limits",
+    "log_level": "logging",
+}
+
+# Command-line spellings that are not `--field-name` (they predate the derived options).
+FLAG_NAMES: dict[str, str] = {
+    "allowed_origins": "--allow-origin",
+    "pinned_adapters": "--pin",
+    "max_inflight_per_connection": "--max-inflight",
+}
+
+
+def groups() -> list[tuple[str, list[str]]]:
+    """(group, field names) in the order of the fields."""
+    out: list[tuple[str, list[str]]] = []
+    for name in Settings.model_fields:
+        if name in GROUP_STARTS:
+            out.append((GROUP_STARTS[name], []))
+        elif not out:
+            raise ValueError(f"setting {name} comes before the first group")
+        out[-1][1].append(name)
+    return out
+
+
+def flag(name: str) -> str:
+    """The command-line option of a setting (a bool also has its `--no-` form)."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def default_text(name: str) -> str:
+    """A setting's default as the README and `--help` show it (Markdown: words in backticks are values).
+
+    A field whose default is None says what that means in `json_schema_extra={"unset": ...}`.
+    """
+    field = Settings.model_fields[name]
+    value = field.default
+    if value is None:
+        extra = field.json_schema_extra
+        return str(extra["unset"]) if isinstance(extra, dict) and "unset" in extra else "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ", ".join(f"`{v}`" for v in value) or "none"
+    if isinstance(value, int | float):
+        return str(value)
+    return f"`{value}`"
+
+
+# ---------------------------------------------------------------------------- the README's table
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TABLE_BEGIN = "<!-- settings-table:begin (generated from daemon/settings.py: python -m daemon.settings --readme) -->"
+TABLE_END = "<!-- settings-table:end -->"
+
+
+def readme_table() -> str:
+    """The Configuration table: one row per setting, a bold row where each group starts."""
+    lines = ["| setting | option | default | meaning |", "| --- | --- | --- | --- |"]
+    for group, names in groups():
+        lines.append(f"| **{group}** | | | |")
+        for name in names:
+            field = Settings.model_fields[name]
+            option = flag(name)
+            if field.annotation is bool:
+                option = option.replace("--", "--[no-]", 1)
+            option = f"`{option}`" + (" (repeatable)" if get_origin(field.annotation) is list else "")
+            meaning = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{name}` | {option} | {default_text(name)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str) -> str:
+    """`text` (the README) with the table between the markers replaced by a fresh one."""
+    head, begin, rest = text.partition(TABLE_BEGIN + "\n")
+    _, end, tail = rest.partition(TABLE_END)
+    if not begin or not end:
+        raise ValueError(f"README.md lacks the markers {TABLE_BEGIN!r} ... {TABLE_END!r}")
+    return head + begin + readme_table() + end + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.settings", description="README.md's settings table.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    action.add_argument("--check", action="store_true", help="exit 1 if the table in README.md is stale")
+    args = parser.parse_args(argv)
+    text = README.read_text(encoding="utf-8")
+    fresh = update_readme(text)
+    if args.check:
+        if fresh != text:
+            print("README.md's settings table is stale: run python -m daemon.settings --readme", file=sys.stderr)
+            return 1
+        return 0
+    if fresh != text:
+        README.write_text(fresh, encoding="utf-8")
+        print(f"wrote {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
