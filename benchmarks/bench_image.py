@@ -50,10 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon.adapters.version import AdapterVersion  # noqa: E402
+from daemon.engines.base import EngineError  # noqa: E402
 from daemon.engines.image import (  # noqa: E402
+    ImageConfig,
     ImageDoneEvent,
     ImageEngine,
-    ImageErrorEvent,
     ImageProgressEvent,
     ImageRequest,
 )
@@ -71,7 +72,7 @@ class _Waiter:
         if isinstance(event, ImageProgressEvent) and self.first_progress is None:
             self.first_progress = time.perf_counter()
             self.started.set()
-        elif isinstance(event, (ImageDoneEvent, ImageErrorEvent)):
+        elif isinstance(event, (ImageDoneEvent, EngineError)):
             self.finished = time.perf_counter()
             self.result = event
             self.done.set()
@@ -79,7 +80,7 @@ class _Waiter:
     def images(self) -> list[bytes]:
         if not self.done.wait(3600):
             raise RuntimeError("a request did not finish within an hour")
-        if isinstance(self.result, ImageErrorEvent):
+        if isinstance(self.result, EngineError):
             raise RuntimeError(f"request failed: {self.result.code}: {self.result.message}")
         return list(self.result.images)
 
@@ -88,7 +89,7 @@ def _versions(pipe: Any, count: int, rank: int, folder: Path) -> list[AdapterVer
     """Write LoRA folders and read them back the way the registry does."""
     from safetensors.torch import load_file
 
-    from daemon.engines.image.tiny_lora import write_image_lora
+    from benchmarks.fixtures.image_lora import write_image_lora
 
     out = []
     for i in range(count):
@@ -98,7 +99,7 @@ def _versions(pipe: Any, count: int, rank: int, folder: Path) -> list[AdapterVer
 
 
 def _run_batch(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, Any]:
-    calls_before = engine.stats.pipeline_calls
+    calls_before = engine.counters().pipeline_calls
     waiters = [_Waiter() for _ in requests]
     start = time.perf_counter()
     for req, w in zip(requests, waiters, strict=True):
@@ -108,7 +109,7 @@ def _run_batch(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, A
             raise RuntimeError("a request did not finish within an hour")
     wall = time.perf_counter() - start
     for w in waiters:
-        if isinstance(w.result, ImageErrorEvent):
+        if isinstance(w.result, EngineError):
             raise RuntimeError(f"request failed: {w.result.code}: {w.result.message}")
     images = sum(len(w.result.images) for w in waiters)
     ttfp = [(w.first_progress - start) * 1000 for w in waiters if w.first_progress is not None]
@@ -121,12 +122,12 @@ def _run_batch(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, A
         "ttfp_p50_ms": round(statistics.median(ttfp), 2) if ttfp else None,
         "ttfp_max_ms": round(max(ttfp), 2) if ttfp else None,
         "latency_p50_ms": round(statistics.median(latency), 2),
-        "pipeline_calls": engine.stats.pipeline_calls - calls_before,
+        "pipeline_calls": engine.counters().pipeline_calls - calls_before,
     }
 
 
 def _run_sequential(engine: ImageEngine, requests: list[ImageRequest]) -> dict[str, Any]:
-    calls_before = engine.stats.pipeline_calls
+    calls_before = engine.counters().pipeline_calls
     ttfp: list[float] = []
     latency: list[float] = []
     images = 0
@@ -148,7 +149,7 @@ def _run_sequential(engine: ImageEngine, requests: list[ImageRequest]) -> dict[s
         "ttfp_p50_ms": round(statistics.median(ttfp), 2),
         "ttfp_max_ms": round(max(ttfp), 2),
         "latency_p50_ms": round(statistics.median(latency), 2),
-        "pipeline_calls": engine.stats.pipeline_calls - calls_before,
+        "pipeline_calls": engine.counters().pipeline_calls - calls_before,
     }
 
 
@@ -156,7 +157,7 @@ def _shared_calls(engine: ImageEngine, requests: list[ImageRequest], blocker: Im
     """Run `requests` together: they are submitted while `blocker` (another batch key) is running,
     so they are admitted side by side. Returns the first image of each request and how many
     pipeline calls they took."""
-    before = engine.stats.pipeline_calls
+    before = engine.counters().pipeline_calls
     busy = _Waiter()
     engine.submit(blocker, busy)
     if not busy.started.wait(3600):
@@ -166,7 +167,7 @@ def _shared_calls(engine: ImageEngine, requests: list[ImageRequest], blocker: Im
         engine.submit(req, w)
     firsts = [w.images()[0] for w in waiters]
     busy.images()
-    return firsts, engine.stats.pipeline_calls - before - 1
+    return firsts, engine.counters().pipeline_calls - before - 1
 
 
 def _differing_pixels(a: bytes, b: bytes) -> int:
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     # First a max_batch=1 engine on the fresh pipeline (no LoRA injected yet): unpadded calls of one
     # image, the latency a lone request had before every call was padded to max_batch.
-    single = ImageEngine.from_pipeline(pipe, name=name, placeholder=True, device=device, max_batch=1)
+    single = ImageEngine(pipe, ImageConfig(device=device, max_batch=1), name=name, placeholder=True)
     single.start()
     try:
         _run_batch(single, [req(f"w{i}", i, []) for i in range(2)])
@@ -309,14 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         single.stop()
 
-    engine = ImageEngine.from_pipeline(
-        pipe,
-        name=name,
-        placeholder=True,
-        device=device,
-        max_batch=args.max_batch,
-        adapter_slots=args.loras + 1,
-    )
+    engine = ImageEngine(pipe, ImageConfig(device=device, max_batch=args.max_batch, adapter_slots=args.loras + 1),
+                         name=name, placeholder=True)
     engine.start()
     try:
         # Warm-up: first calls pay for allocator growth, kernel selection and adapter loading.
@@ -350,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         w = _Waiter()
         engine.submit(dataclasses.replace(req("mb-target", 424242, []), prompt="the determinism target"), w)
         determinism["equal_to_max_batch_1"] = w.images()[0] == single_target
-        padding = engine.stats.padding_images
-        collision_padding = engine.stats.collision_padding
+        padding = engine.counters().padding_images
+        collision_padding = engine.counters().collision_padding
     finally:
         engine.stop()
 

@@ -1,4 +1,7 @@
-"""`loraloom bench text`: multi-LoRA decode throughput, side by side in one run.
+"""Multi-LoRA decode throughput, side by side in one run (`loraloom bench text` runs this file).
+
+    python benchmarks/bench_text.py --model default --streams 8 --new-tokens 64 --json benchmarks/results/text_cpu.json
+
 
 N concurrent streams on N distinct adapters through our engine, against
   (a) the same engine serving the base model only (same N streams),
@@ -14,18 +17,21 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import torch
 
-from .adapters.loader import read_adapter_files
-from .engines.text.engine import EngineConfig, TextEngine, TextRequest
-from .engines.text.model import TextModel
-from .engines.text.random_model import SHAPES, random_adapter_tensors, random_llama
-from .engines.text.sampler import SamplingParams
+from benchmarks.fixtures.random_model import SHAPES, random_adapter_tensors, random_llama
+from daemon.adapters.loader import read_adapter_files
+from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.model import TextModel
+from daemon.engines.text.request import EngineConfig, SamplingParams, TextRequest
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -58,14 +64,15 @@ def _run_engine(engine: TextEngine, prompts: list[list[int]], adapters: list[lis
     step_times: list[float] = []
     other = 0.0  # steps with prompt tokens (and the ramp-up and -down)
     for i, (ids, ad) in enumerate(zip(prompts, adapters, strict=True)):
-        engine.submit(TextRequest(key=i, prompt_ids=ids, adapters=ad, on_event=lambda e: None,
-                                  sampling=SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)))
+        engine.submit(TextRequest(key=i, prompt_ids=ids, adapters=ad,
+                                  sampling=SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)),
+                      lambda e: None)
     start = time.perf_counter()
     while engine.has_work():
         t0 = time.perf_counter()
         engine.step()
         _sync(engine.device)
-        if engine.last_batch_size == len(prompts):  # a decode step with every stream in it
+        if engine.runner.last_batch_size == len(prompts):  # a decode step with every stream in it
             step_times.append(time.perf_counter() - t0)
         else:
             other += time.perf_counter() - t0
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."), max_seqs=n,
                        max_context=args.prompt_tokens + args.new_tokens + 8, lora_slots=n_adapters,
                        max_lora_rank=max(ranks), prefill_chunk=512, max_step_tokens=max(512, n),
-                       cuda_graphs=not args.eager, lora_kernel=args.lora_kernel,
+                       cuda_graphs=not args.eager, lora_layout=args.lora_kernel,
                        kernels=not args.no_kernels)
     tmp = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
     if args.model.startswith("random:"):
@@ -189,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     versions = []
     for i, d in enumerate(adapter_dirs):
         files = read_adapter_files(d, "text")
-        prepared = engine.prepare_adapter(files.config, files.tensors)
-        versions.append(files.to_version(d.name, i + 1, prepared, prepared.rank, prepared.targets))
+        prepared = engine.prepare_adapter(files)
+        versions.append(files.to_version(d.name, i + 1, prepared.payload, prepared.rank, prepared.targets))
     g = torch.Generator().manual_seed(0)
     vocab = min(spec.vocab_size, len(engine.tokenizer))
     prompts = [torch.randint(5, vocab, (args.prompt_tokens,), generator=g).tolist() for _ in range(n)]
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "cuda_graphs": engine.graphs is not None, "lora_kernel": args.lora_kernel, "kernel": engine.storage.kernel,
+        "cuda_graphs": engine.graphs is not None, "lora_kernel": args.lora_kernel, "kernel": engine.kernels.name,
         "model": name, "parameters": spec.num_parameters(), "dtype": str(dtype).removeprefix("torch."),
         "streams": n, "adapters": n_adapters, "ranks": ranks, "targets": list(targets),
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         f"loraloom bench text: {name} ({spec.num_parameters() / 1e6:.0f}M params, {result['dtype']}) on "
         f"{result['machine']['device']}; {n} streams on {n_adapters} adapters (ranks {args.ranks}, "
         f"{len(targets)} targets), {args.new_tokens} new tokens, median of {args.repeats}"
-        f"{'' if engine.storage.kernel == 'torch' else f'; {engine.storage.kernel} LoRA kernel'}",
+        f"{'' if engine.kernels.name == 'torch' else f'; {engine.kernels.name} kernels'}",
         f"{'configuration':44} {'tokens/s':>10} {'step ms':>9} {'ITL p50':>8} {'ITL p99':>8} {'ours is':>9}",
     ]
 

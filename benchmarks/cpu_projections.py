@@ -30,7 +30,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.engines.text import cpu_lora
-from daemon.engines.text.lora import GROUPS, LoraBatch, LoraSlotStorage, linear, lora_project
+from daemon.engines.text.kernels import NumbaKernels, TorchKernels
+from daemon.engines.text.lora import linear, lora_project
+from daemon.engines.text.lora_plan import LoraBatch
+from daemon.engines.text.lora_pool import GROUPS, LoraSlotStorage
 
 HIDDEN, MLP, KV, LAYERS = 576, 1536, 192, 30
 DIMS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
@@ -71,6 +74,7 @@ def main() -> int:
     groups = [[(g, g.fused[:g.base_out]) for g in layer.values()] for layer in storage.groups]
     b16 = [[g.b_cat[:width].bfloat16() for g in layer.values()] for layer in storage.groups]
     x = {d: torch.randn(args.rows, d) for d in (HIDDEN, MLP)}
+    torch_kernels, numba_kernels = TorchKernels(torch.device("cpu")), NumbaKernels(torch.device("cpu"))
 
     def plain() -> None:
         for layer in groups:
@@ -85,12 +89,12 @@ def main() -> int:
     def lora() -> None:
         for layer in groups:
             for g, w in layer:
-                lora_project(x[w.shape[1]], w, None, g, batch)
+                lora_project(x[w.shape[1]], w, None, g, batch, torch_kernels)
 
     def lora_numba() -> None:
         for layer in groups:
             for g, w in layer:
-                lora_project(x[w.shape[1]], w, None, g, batch, kernel="numba")
+                lora_project(x[w.shape[1]], w, None, g, batch, numba_kernels)
 
     def lora_bf16_b() -> None:
         for layer, bs in zip(groups, b16, strict=True):

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.engines.text import triton_lora
-from daemon.engines.text.lora import GROUPS, GroupSlots, LoraSlotStorage, lora_expand_fused
+from daemon.engines.text.lora import lora_expand_fused
+from daemon.engines.text.lora_pool import GROUPS, GroupSlots, LoraSlotStorage
 
 HIDDEN, MLP, KV = 2048, 8192, 512
 DIMS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),

@@ -1,8 +1,14 @@
-"""The daemon's application core: engines, adapter registry and subscribers, without any sockets.
+"""The daemon's application core: engines, adapter registry and request intake, without sockets.
 
-Sessions (one per connection) call into the service; the service turns protocol requests into
-engine requests and engine events back into protocol messages, delivered through the session's
-`send` callback (which the server makes thread-safe).
+The server hands the service each request a session started, with a `post` function that carries
+work back to the event loop (`post(make_message)`: the loop calls `make_message()` and delivers
+the wire message it returns to the request's connection). So the loop never waits here:
+
+- `submit` checks what is free to check, then passes the request to an intake thread, which
+  resolves adapter names (reading a cold adapter's files again), renders and tokenises the
+  prompt, and submits it to the engine;
+- engine events come back on the engine's thread and are posted to the loop as they are, to be
+  turned into wire messages there (`replies`).
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from bridge import messages as m
 from bridge.errors import ErrorCode, LoraloomError
@@ -25,21 +34,22 @@ from .adapters.loader import AdapterFiles
 from .adapters.registry import AdapterChange, AdapterRegistry
 from .adapters.version import AdapterKind, AdapterVersion
 from .adapters.watcher import AdapterWatcher
+from .replies import ImageReplies, TextReplies, cancelled_before_start, error_message
+from .session import RequestKey
 from .settings import Settings
 
-__all__ = ["RequestKey", "Service"]
+__all__ = ["Post", "Service"]
 
 log = logging.getLogger("loraloom")
 
-Send = Callable[[Any], None]
+Post = Callable[[Callable[[], BaseModel | None]], None]
 
 
-@dataclass(frozen=True)
-class RequestKey:
-    """Engines see requests under (connection, client id): ids are only unique per connection."""
+@dataclass
+class _Intake:
+    """A request on its way to an engine: it can still be cancelled without the engine."""
 
-    conn: int
-    id: str
+    cancelled: bool = False
 
 
 class Service:
@@ -52,27 +62,29 @@ class Service:
         self.image_off = image_off or ("this daemon was started with --image-model none; start it with "
                                        "--image-model default (a placeholder that draws noise) or a diffusers folder")
         self.started = time.time()
-        self._subscribers: dict[int, Send] = {}
-        self._lock = threading.Lock()
-        self._senders: dict[RequestKey, Callable[[Any], None]] = {}
-        validators: dict[AdapterKind, Any] = {"text": self._validate_text, "image": self._validate_image}
+        self.shutting_down = False
+        self.on_adapter_event: Callable[[m.AdapterEvent], None] | None = None  # the server broadcasts these
         self.registry = AdapterRegistry(
             folders={"text": list(settings.text_adapters), "image": list(settings.image_adapters)},
-            validators=validators, on_change=self._broadcast, on_retire=self._retire,
+            validators={"text": self._validator("text"), "image": self._validator("image")},
+            on_change=self._adapter_changed, on_retire=self._retire,
             capacity=settings.adapter_capacity, pinned=settings.pinned_adapters)
         self.watcher: AdapterWatcher | None = None
-        self.shutting_down = False
+        self._intake = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loraloom-intake")
+        self._pending: dict[RequestKey, _Intake] = {}
+        self._lock = threading.Lock()
+        self._limits: m.Limits | None = None
+        self._infos: tuple[m.ModelInfo | None, m.ModelInfo | None] | None = None
 
     # ---------------------------------------------------------------- life cycle
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
         """Load the models the settings name (this takes a while for real models)."""
-        text = image = None
-        image_off = None
-        cache = settings.cache_dir
+        text = image = image_off = None
         if settings.text_model != "none":
-            from .engines.text.engine import EngineConfig, TextEngine
+            from .engines.text.engine import TextEngine
+            from .engines.text.request import EngineConfig
 
             cfg = EngineConfig(
                 device=settings.device, dtype=settings.dtype, max_seqs=settings.max_seqs,
@@ -80,7 +92,7 @@ class Service:
                 max_lora_rank=settings.max_lora_rank, max_adapters_per_request=settings.max_adapters_per_request,
                 prefill_chunk=settings.prefill_chunk, pinned_adapters=tuple(settings.pinned_adapters),
                 kernels=settings.kernels)
-            text = TextEngine.from_folder(settings.text_model, cfg, cache_dir=cache)
+            text = TextEngine.from_folder(settings.text_model, cfg, cache_dir=settings.cache_dir)
         if settings.image_model != "none":
             if settings.image_model == "default" and importlib.util.find_spec("diffusers") is None:
                 # The placeholder is a convenience, not a reason to refuse to serve text.
@@ -94,10 +106,9 @@ class Service:
 
     def start(self) -> None:
         self.registry.scan()
-        if self.text is not None:
-            self.text.start()
-        if self.image is not None:
-            self.image.start()
+        for engine in (self.text, self.image):
+            if engine is not None:
+                engine.start()
         if self.settings.watch:
             self.watcher = AdapterWatcher(self.registry, debounce_s=self.settings.reload_debounce_ms / 1000)
             self.watcher.start()
@@ -108,81 +119,81 @@ class Service:
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
-        if self.text is not None:
-            self.text.stop()
-        if self.image is not None:
-            self.image.stop()
+        self._intake.shutdown(wait=True)  # requests on their way see `shutting_down` and answer so
+        for engine in (self.text, self.image):
+            if engine is not None:
+                engine.stop()
 
-    # ---------------------------------------------------------------- info
+    # ---------------------------------------------------------------- what sessions read
 
     def model_infos(self) -> tuple[m.ModelInfo | None, m.ModelInfo | None]:
-        text = image = None
-        if self.text is not None:
-            text = m.ModelInfo(name=self.text.spec.name, kind="text", device=str(self.text.device),
-                               dtype=str(self.text.dtype).removeprefix("torch."),
-                               context_length=self.text.max_context)
-        if self.image is not None:
-            info = self.image.info
-            image = m.ModelInfo(name=str(info["name"]), kind="image", device=str(info["device"]),
-                                dtype=str(info["dtype"]), placeholder=bool(info.get("placeholder", False)))
-        return text, image
+        if self._infos is None:
+            infos = []
+            for engine in (self.text, self.image):
+                d = engine.describe() if engine is not None else None
+                infos.append(None if d is None else m.ModelInfo(
+                    name=d.name, kind=d.kind, device=d.device, dtype=d.dtype, placeholder=d.placeholder,
+                    context_length=d.limits.get("context_length")))
+            self._infos = (infos[0], infos[1])
+        return self._infos
 
     def limits(self) -> m.Limits:
-        s = self.settings
-        context = self.text.max_context if self.text is not None else s.max_context
-        return m.Limits(max_frame_bytes=s.max_frame_bytes, max_inflight_per_connection=s.max_inflight_per_connection,
-                        max_prompt_tokens=min(s.max_prompt_tokens or context - 1, context - 1),
-                        max_new_tokens=s.max_new_tokens, max_adapters_per_request=s.max_adapters_per_request)
+        if self._limits is None:
+            s = self.settings
+            context = self.text.describe().limits["context_length"] if self.text is not None else s.max_context
+            image = self.image.describe().limits if self.image is not None else {}
+            self._limits = m.Limits(
+                max_frame_bytes=s.max_frame_bytes, max_inflight_per_connection=s.max_inflight_per_connection,
+                max_prompt_tokens=min(s.max_prompt_tokens or context - 1, context - 1),
+                max_new_tokens=s.max_new_tokens, max_adapters_per_request=s.max_adapters_per_request,
+                max_image_pixels=image.get("max_pixels"), max_image_steps=image.get("max_steps"),
+                max_image_count=image.get("max_count"))
+        return self._limits
 
     def welcome(self) -> m.Welcome:
         text, image = self.model_infos()
         return m.Welcome(protocol=m.PROTOCOL_VERSION, server=__version__, text_model=text, image_model=image,
                          adapters=self.registry.list(), limits=self.limits())
 
-    def health(self) -> dict[str, Any]:
+    def adapter_list(self) -> list[m.AdapterInfo]:
+        return self.registry.list()
+
+    def health(self, **server: Any) -> dict[str, Any]:
         text, image = self.model_infos()
+        with self._lock:
+            intake = len(self._pending)
         return {"status": "ok", "version": __version__, "protocol": m.PROTOCOL_VERSION,
-                "uptime_s": round(time.time() - self.started, 3), "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 3), "pid": os.getpid(), **server,
                 "text_model": text.model_dump() if text else None,
                 "image_model": image.model_dump() if image else None,
-                "adapters": len(self.registry.list()),
+                "adapters": len(self.registry.list()), "requests_in_intake": intake,
                 "text_engine": self.text.stats() if self.text is not None else None,
+                "image_engine": self.image.stats() if self.image is not None else None,
                 "host_cache": {"capacity": self.registry.capacity, "warm": self.registry.warm_count(),
                                **self.registry.stats}}
 
     # ---------------------------------------------------------------- adapters
 
-    def _validate_text(self, files: AdapterFiles) -> tuple[Any, int, tuple[str, ...]]:
-        if self.text is None:
-            raise ValueError("no text model is loaded")
-        prepared = self.text.prepare_adapter(files.config, files.tensors)
-        return prepared, prepared.rank, prepared.targets
+    def _validator(self, kind: AdapterKind) -> Callable[[AdapterFiles], tuple[Any, int, tuple[str, ...]]]:
+        def validate(files: AdapterFiles) -> tuple[Any, int, tuple[str, ...]]:
+            engine = self.text if kind == "text" else self.image
+            if engine is None:
+                raise ValueError(f"no {kind} model is loaded")
+            prepared = engine.prepare_adapter(files)
+            return prepared.payload, prepared.rank, prepared.targets
 
-    def _validate_image(self, files: AdapterFiles) -> tuple[Any, int, tuple[str, ...]]:
-        if self.image is None:
-            raise ValueError("no image model is loaded")
-        rank, targets = self.image.validate_adapter(files.tensors, {n: b"" for n in files.files})
-        return None, rank, tuple(targets)
+        return validate
 
     def _retire(self, version: AdapterVersion) -> None:
-        if version.kind == "text" and self.text is not None:
-            self.text.retire(version.key)
+        engine = self.text if version.kind == "text" else self.image
+        if engine is not None:
+            engine.retire(version)
 
-    def subscribe(self, conn: int, send: Send) -> None:
-        with self._lock:
-            self._subscribers[conn] = send
-
-    def unsubscribe(self, conn: int) -> None:
-        with self._lock:
-            self._subscribers.pop(conn, None)
-
-    def _broadcast(self, change: AdapterChange) -> None:
+    def _adapter_changed(self, change: AdapterChange) -> None:
         event = m.AdapterEvent(event=change.event, adapter=change.info,  # type: ignore[arg-type]
                                previous_version=change.previous_version, reason=change.reason)
-        with self._lock:
-            targets = list(self._subscribers.values())
-        for send in targets:
-            send(event)
+        if self.on_adapter_event is not None:
+            self.on_adapter_event(event)
 
     def resolve(self, refs: list[m.AdapterRef], kind: AdapterKind) -> list[tuple[AdapterVersion, float]]:
         if len(refs) > self.settings.max_adapters_per_request:
@@ -190,121 +201,115 @@ class Service:
                                 f"{self.settings.max_adapters_per_request}", code=ErrorCode.INVALID_PARAMETER)
         return [(self.registry.get(r.name, kind), r.scale) for r in refs]
 
-    # ---------------------------------------------------------------- text
+    # ---------------------------------------------------------------- requests
 
-    def submit_text(self, key: RequestKey, msg: m.Generate, send: Send, on_end: Callable[[], None]) -> None:
-        """Start a generation; raises LoraloomError for problems known before it starts."""
-        from .engines.text.engine import TextChunkEvent, TextDoneEvent, TextRequest
-        from .engines.text.sampler import SamplingParams
-
-        if self.shutting_down:
-            raise LoraloomError("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN)
-        if self.text is None:
-            raise LoraloomError("no text model is loaded (started with --text-model none)",
-                                code=ErrorCode.MODEL_UNAVAILABLE)
-        if msg.max_tokens > self.settings.max_new_tokens:
-            raise LoraloomError(f"max_tokens {msg.max_tokens} is above this daemon's limit of "
-                                f"{self.settings.max_new_tokens}", code=ErrorCode.INVALID_PARAMETER)
-        adapters = self.resolve(msg.adapters, "text")
-        messages = [c.model_dump() for c in msg.messages] if msg.messages is not None else None
+    def submit(self, key: RequestKey, msg: m.Generate | m.GenerateImage, post: Post) -> None:
+        """Start a request. Never blocks and never raises: every answer, errors included, is posted."""
+        text = isinstance(msg, m.Generate)
+        problem = self._refusal(msg)
+        if problem is not None:
+            post(lambda: error_message(key.id, *problem))
+            return
+        with self._lock:
+            self._pending[key] = _Intake()
+        prepare = self._prepare_text if text else self._prepare_image
         try:
-            ids = self.text.encode_prompt(msg.prompt, messages)
-        except Exception as exc:  # e.g. a chat template that rejects the roles given
-            raise LoraloomError(f"cannot build the prompt: {exc}", code=ErrorCode.INVALID_PARAMETER) from None
-        limit = self.limits().max_prompt_tokens
-        if len(ids) > limit:
-            raise LoraloomError(f"the prompt has {len(ids)} tokens; the limit is {limit}",
-                                code=ErrorCode.PROMPT_TOO_LONG)
-        seed = msg.seed if msg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p,
-                                repetition_penalty=msg.repetition_penalty, seed=seed,
-                                max_tokens=msg.max_tokens, stop=tuple(msg.stop))
-        index = [0]
+            self._intake.submit(self._run_intake, key, msg, post, prepare)
+        except RuntimeError:  # the intake was shut down meanwhile
+            self._pending.pop(key, None)
+            post(lambda: error_message(key.id, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down"))
 
-        def on_event(event: Any) -> None:
-            if isinstance(event, TextChunkEvent):
-                send(m.Chunk(id=key.id, text=event.text, index=index[0], tokens=event.tokens))
-                index[0] += 1
-                return
-            on_end()
-            if isinstance(event, TextDoneEvent):
-                total_s = event.total_ms / 1000
-                first = event.first_token_ms
-                rate = None
-                if event.completion_tokens > 1 and first is not None and event.total_ms > first:
-                    rate = (event.completion_tokens - 1) / ((event.total_ms - first) / 1000)
-                send(m.Result(
-                    id=key.id, text=event.text, finish_reason=event.finish_reason,  # type: ignore[arg-type]
-                    prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                    adapter_versions=event.adapter_versions,
-                    timings=m.Timings(queued_ms=round(event.queued_ms, 3),
-                                      first_token_ms=None if first is None else round(first, 3),
-                                      total_ms=round(total_s * 1000, 3),
-                                      tokens_per_s=None if rate is None else round(rate, 2))))
-            else:
-                send(m.Error(id=key.id, code=event.code, message=event.message))
-
-        self.text.submit(TextRequest(key=key, prompt_ids=ids, sampling=params, adapters=adapters,
-                                     stream=msg.stream, on_event=_guarded(key, send, on_end, on_event)))
+    def _refusal(self, msg: m.Generate | m.GenerateImage) -> tuple[ErrorCode, str] | None:
+        """What is wrong with a request before any work, or None."""
+        if self.shutting_down:
+            return ErrorCode.SHUTTING_DOWN, "the daemon is shutting down"
+        if isinstance(msg, m.Generate):
+            if self.text is None:
+                return ErrorCode.MODEL_UNAVAILABLE, "no text model is loaded (started with --text-model none)"
+            if msg.max_tokens > self.settings.max_new_tokens:
+                return (ErrorCode.INVALID_PARAMETER, f"max_tokens {msg.max_tokens} is above this daemon's limit of "
+                        f"{self.settings.max_new_tokens}")
+        elif self.image is None:
+            return ErrorCode.MODEL_UNAVAILABLE, f"no image model is loaded: {self.image_off}"
+        if len(msg.adapters) > self.settings.max_adapters_per_request:
+            return (ErrorCode.INVALID_PARAMETER, f"{len(msg.adapters)} adapters in one request; the maximum is "
+                    f"{self.settings.max_adapters_per_request}")
+        return None
 
     def cancel(self, key: RequestKey, kind: str) -> None:
+        with self._lock:
+            intake = self._pending.get(key)
+            if intake is not None:  # not at the engine yet: the intake answers `cancelled`
+                intake.cancelled = True
+                return
         engine = self.text if kind == "text" else self.image
         if engine is not None:
             engine.cancel(key)
 
-    # ---------------------------------------------------------------- images
-
-    def submit_image(self, key: RequestKey, msg: m.GenerateImage, send: Send, on_end: Callable[[], None]) -> None:
-        if self.shutting_down:
-            raise LoraloomError("the daemon is shutting down", code=ErrorCode.SHUTTING_DOWN)
-        if self.image is None:
-            raise LoraloomError(f"no image model is loaded: {self.image_off}", code=ErrorCode.MODEL_UNAVAILABLE)
-        adapters = self.resolve(msg.adapters, "image")
-        from .engines.image.engine import ImageDoneEvent, ImageProgressEvent, ImageRequest
-
-        def on_event(event: Any) -> None:
-            if isinstance(event, ImageProgressEvent):
-                send(m.ImageProgress(id=key.id, step=event.step, total=event.total))
-                return
-            on_end()
-            if isinstance(event, ImageDoneEvent):
-                send(m.ImageResult(
-                    id=key.id, images=list(event.images), seed=event.seed, width=event.width, height=event.height,
-                    finish_reason=event.finish_reason,  # type: ignore[arg-type]
-                    adapter_versions=dict(event.adapter_versions),
-                    timings=m.Timings(queued_ms=round(event.timings.queued_ms, 3),
-                                      first_token_ms=None if event.timings.first_step_ms is None
-                                      else round(event.timings.first_step_ms, 3),
-                                      total_ms=round(event.timings.total_ms, 3))))
-            else:
-                send(m.Error(id=key.id, code=str(event.code), message=event.message))
-
-        self.image.submit(ImageRequest(
-            key=key, prompt=msg.prompt, negative_prompt=msg.negative_prompt, width=msg.width, height=msg.height,
-            steps=msg.steps, guidance=msg.guidance, seed=msg.seed, count=msg.count, adapters=adapters),
-            _guarded(key, send, on_end, on_event))
-
-
-def _guarded(key: RequestKey, send: Send, on_end: Callable[[], None],
-             handler: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Turn a failure while translating an engine event into an `internal` error for that request,
-    so the client is answered instead of waiting forever."""
-
-    def on_event(event: Any) -> None:
+    def _run_intake(self, key: RequestKey, msg: Any, post: Post, prepare: Callable[..., Any]) -> None:
+        """On an intake thread: build the engine request, then hand it over (or answer why not)."""
         try:
-            handler(event)
+            request, replies, engine = prepare(key, msg)
+        except LoraloomError as exc:
+            code, text = exc.code, exc.message
+            self._drop(key)
+            post(lambda: error_message(key.id, code, text))
+            return
         except Exception as exc:
-            log.exception("request %s: turning %s into a message failed", key.id, type(event).__name__)
-            on_end()
-            send(m.Error(id=key.id, code=ErrorCode.INTERNAL.value, message=f"internal error: {exc}"))
+            log.exception("preparing request %s failed", key.id)
+            text = f"internal error: {exc}"
+            self._drop(key)
+            post(lambda: error_message(key.id, ErrorCode.INTERNAL, text))
+            return
+        with self._lock:  # a cancel arriving now either finds the request here or at the engine
+            intake = self._pending.pop(key, None)
+            if intake is None or intake.cancelled or self.shutting_down:
+                stopping = self.shutting_down
+                post(lambda: error_message(key.id, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+                     if stopping else cancelled_before_start(key.id, msg))
+                return
+            engine.submit(request, lambda event: post(lambda: replies(event)))
 
-    return on_event
+    def _drop(self, key: RequestKey) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+
+    def _prepare_text(self, key: RequestKey, msg: m.Generate) -> tuple[Any, TextReplies, Any]:
+        from .engines.text.request import SamplingParams, TextRequest
+        from .engines.text.tokens import PromptTooLong
+
+        adapters = self.resolve(msg.adapters, "text")
+        messages = [c.model_dump() for c in msg.messages] if msg.messages is not None else None
+        limit = self.limits().max_prompt_tokens
+        try:
+            ids = self.text.encode_prompt(msg.prompt, messages, limit=limit)  # type: ignore[union-attr]
+        except PromptTooLong as exc:
+            raise LoraloomError(str(exc), code=ErrorCode.PROMPT_TOO_LONG) from None
+        except Exception as exc:  # e.g. a chat template that rejects the roles given
+            raise LoraloomError(f"cannot build the prompt: {exc}", code=ErrorCode.INVALID_PARAMETER) from None
+        seed = msg.seed if msg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p,
+                                repetition_penalty=msg.repetition_penalty, seed=seed,
+                                max_tokens=msg.max_tokens, stop=tuple(msg.stop))
+        request = TextRequest(key=key, prompt_ids=ids, sampling=params, adapters=adapters, stream=msg.stream)
+        return request, TextReplies(key.id), self.text
+
+    def _prepare_image(self, key: RequestKey, msg: m.GenerateImage) -> tuple[Any, ImageReplies, Any]:
+        from .engines.image.request import ImageRequest
+
+        adapters = self.resolve(msg.adapters, "image")
+        request = ImageRequest(key=key, prompt=msg.prompt, negative_prompt=msg.negative_prompt, width=msg.width,
+                               height=msg.height, steps=msg.steps, guidance=msg.guidance, seed=msg.seed,
+                               count=msg.count, adapters=adapters)
+        return request, ImageReplies(key.id), self.image
 
 
 def _load_image_engine(settings: Settings) -> Any:
     from .engines.image.engine import ImageEngine
+    from .engines.image.request import ImageConfig
     from .engines.text.default_model import default_cache_dir
 
     model: str | Path = settings.image_model
-    return ImageEngine(model, cache_dir=settings.cache_dir or default_cache_dir(), device=settings.device,
-                       dtype=settings.dtype, max_batch=settings.image_max_batch)
+    return ImageEngine.from_folder(model, ImageConfig(device=settings.device, dtype=settings.dtype,
+                                                      max_batch=settings.image_max_batch),
+                                   cache_dir=settings.cache_dir or default_cache_dir())

@@ -1,157 +1,183 @@
-"""One client connection's protocol state, without sockets (sans-I/O).
+"""One client connection's protocol state, without sockets or threads (sans-I/O).
 
-`receive(frame)` takes what the client sent; everything the daemon answers goes out through the
-`send` callback as protocol messages, and a wish to close the connection through `close`. Tests
-drive a Session directly; the server only moves bytes.
+    actions = session.receive(frame)      # a frame the client sent
+    actions = session.deliver(message)    # a message for this client (a request's event, an adapter event)
+    actions = session.closed()            # the connection is gone
+
+Each call returns the actions it calls for: `Send` a message, `Close` the connection, `Start` or
+`Stop` a request. The server performs them (moving bytes, calling the service); the session only
+decides, from what it knows: the handshake, the requests in flight, the subscription. Nothing here
+blocks, reads a file or tokenises, and it is only ever called from the server's event loop.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import BaseModel
 
 from bridge import messages as m
 from bridge.codec import FrameError, decode_client
-from bridge.errors import ErrorCode, LoraloomError
+from bridge.errors import ErrorCode
 
-from .service import RequestKey, Service
-
-__all__ = ["Session"]
+__all__ = ["CLOSE_POLICY", "Action", "Close", "RequestKey", "Send", "Session", "SessionView", "Start", "Stop"]
 
 log = logging.getLogger("loraloom.session")
 
 CLOSE_POLICY = 1008
+Kind = Literal["text", "image"]
+
+
+@dataclass(frozen=True)
+class RequestKey:
+    """Engines see requests under (connection, client id): ids are only unique per connection."""
+
+    conn: int
+    id: str
+
+
+@dataclass(frozen=True)
+class Send:
+    message: BaseModel
+
+
+@dataclass(frozen=True)
+class Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Start:
+    key: RequestKey
+    message: m.Generate | m.GenerateImage
+
+
+@dataclass(frozen=True)
+class Stop:
+    key: RequestKey
+    kind: Kind
+
+
+Action = Send | Close | Start | Stop
+
+
+class SessionView(Protocol):
+    """What a session reads from the daemon (cheap, in memory)."""
+
+    def welcome(self) -> m.Welcome: ...
+
+    def adapter_list(self) -> list[m.AdapterInfo]: ...
+
+    def limits(self) -> m.Limits: ...
+
+
+_FINAL = (m.Result, m.ImageResult, m.Error)
 
 
 class Session:
-    def __init__(self, service: Service, conn_id: int, *, token: str, send: Callable[[Any], None],
-                 close: Callable[[int, str], None], peer: str = "?") -> None:
-        self.service = service
+    def __init__(self, view: SessionView, conn_id: int, *, token: str, peer: str = "?") -> None:
+        self.view = view
         self.conn_id = conn_id
         self._token = token
-        self._send = send
-        self._close = close
         self.peer = peer
         self.client_name = "?"
         self.authenticated = False
-        self._inflight: dict[str, str] = {}  # request id -> "text" | "image"
-        self._lock = threading.Lock()
+        self.subscribed = False
+        self.inflight: dict[str, Kind] = {}  # request id -> its kind
         self._closed = False
 
-    @property
-    def inflight(self) -> int:
-        with self._lock:
-            return len(self._inflight)
-
-    def _error(self, code: ErrorCode | str, message: str, request_id: str | None = None) -> None:
-        self._send(m.Error(id=request_id, code=str(code), message=message))
-
-    def receive(self, frame: bytes | str) -> None:
+    def receive(self, frame: bytes | str) -> list[Action]:
         """Handle one frame from the client. Never raises."""
+        if self._closed:
+            return []
         try:
-            self._receive(frame)
+            return self._receive(frame)
         except Exception as exc:
             log.exception("session %d: handling a frame failed", self.conn_id)
-            self._error(ErrorCode.INTERNAL, f"internal error: {exc}")
+            return [_error(ErrorCode.INTERNAL, f"internal error: {exc}")]
 
-    def _receive(self, frame: bytes | str) -> None:
+    def deliver(self, message: BaseModel) -> list[Action]:
+        """A message for this client from the daemon."""
         if self._closed:
-            return
+            return []
+        if isinstance(message, m.AdapterEvent):
+            return [Send(message)] if self.subscribed else []
+        if isinstance(message, _FINAL) and message.id is not None:
+            self.inflight.pop(message.id, None)
+        return [Send(message)]
+
+    def closed(self) -> list[Action]:
+        """The connection is gone: stop its requests. Idempotent."""
+        self._closed = True
+        pending, self.inflight = self.inflight, {}
+        return [Stop(RequestKey(self.conn_id, rid), kind) for rid, kind in pending.items()]
+
+    # ---------------------------------------------------------------- frames
+
+    def _receive(self, frame: bytes | str) -> list[Action]:
         if isinstance(frame, str):
-            self._error(ErrorCode.BAD_FRAME, "text frames are not accepted: send one msgpack map per binary frame")
-            return
-        limit = self.service.settings.max_frame_bytes
+            return [_error(ErrorCode.BAD_FRAME, "text frames are not accepted: send one msgpack map per binary frame")]
+        limit = self.view.limits().max_frame_bytes
         if len(frame) > limit:
-            self._error(ErrorCode.FRAME_TOO_LARGE, f"frame of {len(frame)} bytes is above the limit of {limit}")
-            return
+            return [_error(ErrorCode.FRAME_TOO_LARGE, f"frame of {len(frame)} bytes is above the limit of {limit}")]
         try:
             msg = decode_client(frame)
         except FrameError as exc:
             if not self.authenticated:
-                self._refuse(exc.code, exc.message)
-                return
-            self._error(exc.code, exc.message, exc.request_id)
-            return
+                return self._refuse(exc.code, exc.message)
+            return [_error(exc.code, exc.message, exc.request_id)]
         if not self.authenticated:
-            self._handshake(msg)
-            return
+            return self._handshake(msg)
         if isinstance(msg, m.Generate | m.GenerateImage):
-            self._start(msg)
-        elif isinstance(msg, m.Cancel):
-            with self._lock:
-                kind = self._inflight.get(msg.id)
+            return self._start(msg)
+        if isinstance(msg, m.Cancel):
+            kind = self.inflight.get(msg.id)
             if kind is None:
-                self._error(ErrorCode.UNKNOWN_REQUEST, f"no request '{msg.id}' is in flight", msg.id)
-            else:
-                self.service.cancel(RequestKey(self.conn_id, msg.id), kind)
-        elif isinstance(msg, m.ListAdapters):
-            self._send(m.Adapters(id=msg.id, adapters=self.service.registry.list()))
-        elif isinstance(msg, m.Subscribe):
-            self.service.subscribe(self.conn_id, self._send)
-            self._send(m.Adapters(id=msg.id, adapters=self.service.registry.list()))
-        elif isinstance(msg, m.Ping):
-            self._send(m.Pong(id=msg.id, server_time=time.time()))
-        elif isinstance(msg, m.Hello):
-            self._error(ErrorCode.BAD_MESSAGE, "'hello' was already received on this connection")
+                return [_error(ErrorCode.UNKNOWN_REQUEST, f"no request '{msg.id}' is in flight", msg.id)]
+            return [Stop(RequestKey(self.conn_id, msg.id), kind)]
+        if isinstance(msg, m.ListAdapters):
+            return [Send(m.Adapters(id=msg.id, adapters=self.view.adapter_list()))]
+        if isinstance(msg, m.Subscribe):
+            self.subscribed = True
+            return [Send(m.Adapters(id=msg.id, adapters=self.view.adapter_list()))]
+        if isinstance(msg, m.Ping):
+            return [Send(m.Pong(id=msg.id, server_time=time.time()))]
+        return [_error(ErrorCode.BAD_MESSAGE, "'hello' was already received on this connection")]
 
-    def _refuse(self, code: ErrorCode | str, message: str) -> None:
-        self._error(code, message)
+    def _refuse(self, code: ErrorCode | str, message: str) -> list[Action]:
         self._closed = True
-        self._close(CLOSE_POLICY, str(code))
+        return [_error(code, message), Close(CLOSE_POLICY, str(code))]
 
-    def _handshake(self, msg: Any) -> None:
+    def _handshake(self, msg: m.ClientMessage) -> list[Action]:
         if not isinstance(msg, m.Hello):
-            self._refuse(ErrorCode.HANDSHAKE_REQUIRED, f"the first frame must be 'hello', not '{msg.type}'")
-            return
+            return self._refuse(ErrorCode.HANDSHAKE_REQUIRED, f"the first frame must be 'hello', not '{msg.type}'")
         if msg.protocol != m.PROTOCOL_VERSION:
-            self._refuse(ErrorCode.UNSUPPORTED_VERSION,
-                         f"protocol {msg.protocol} is not supported; this daemon speaks {m.PROTOCOL_VERSION}")
-            return
+            return self._refuse(ErrorCode.UNSUPPORTED_VERSION,
+                                f"protocol {msg.protocol} is not supported; this daemon speaks {m.PROTOCOL_VERSION}")
         if not hmac.compare_digest(msg.token.encode(), self._token.encode()):
             log.warning("session %d from %s: wrong token", self.conn_id, self.peer)
-            self._refuse(ErrorCode.UNAUTHORIZED, "wrong or missing token (read it from the daemon's runtime file)")
-            return
+            return self._refuse(ErrorCode.UNAUTHORIZED,
+                                "wrong or missing token (read it from the daemon's runtime file)")
         self.authenticated = True
         self.client_name = msg.client
         log.info("session %d: %s connected from %s", self.conn_id, msg.client, self.peer)
-        self._send(self.service.welcome())
+        return [Send(self.view.welcome())]
 
-    def _start(self, msg: m.Generate | m.GenerateImage) -> None:
-        kind = "text" if isinstance(msg, m.Generate) else "image"
-        with self._lock:
-            if msg.id in self._inflight:
-                self._error(ErrorCode.DUPLICATE_ID, f"request '{msg.id}' is already in flight", msg.id)
-                return
-            limit = self.service.settings.max_inflight_per_connection
-            if len(self._inflight) >= limit:
-                self._error(ErrorCode.TOO_MANY_REQUESTS, f"{limit} requests are already in flight on this "
-                            "connection; wait for one to finish", msg.id)
-                return
-            self._inflight[msg.id] = kind
-        key = RequestKey(self.conn_id, msg.id)
+    def _start(self, msg: m.Generate | m.GenerateImage) -> list[Action]:
+        if msg.id in self.inflight:
+            return [_error(ErrorCode.DUPLICATE_ID, f"request '{msg.id}' is already in flight", msg.id)]
+        limit = self.view.limits().max_inflight_per_connection
+        if len(self.inflight) >= limit:
+            return [_error(ErrorCode.TOO_MANY_REQUESTS, f"{limit} requests are already in flight on this "
+                           "connection; wait for one to finish", msg.id)]
+        self.inflight[msg.id] = "text" if isinstance(msg, m.Generate) else "image"
+        return [Start(RequestKey(self.conn_id, msg.id), msg)]
 
-        def on_end() -> None:
-            with self._lock:
-                self._inflight.pop(msg.id, None)
 
-        try:
-            if isinstance(msg, m.Generate):
-                self.service.submit_text(key, msg, self._send, on_end)
-            else:
-                self.service.submit_image(key, msg, self._send, on_end)
-        except LoraloomError as exc:
-            on_end()
-            self._error(exc.code, exc.message, msg.id)
-
-    def closed(self) -> None:
-        """The connection is gone: cancel its requests and drop its subscription. Idempotent."""
-        self._closed = True
-        self.service.unsubscribe(self.conn_id)
-        with self._lock:
-            pending = list(self._inflight.items())
-        for request_id, kind in pending:
-            self.service.cancel(RequestKey(self.conn_id, request_id), kind)
+def _error(code: ErrorCode | str, message: str, request_id: str | None = None) -> Send:
+    return Send(m.Error(id=request_id, code=str(code), message=message))

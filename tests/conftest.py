@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: `benchmarks.fixtures`
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support import LiveDaemon, make_adapter_dir, serve_command, start_daemon, stop_daemon

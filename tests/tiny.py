@@ -7,13 +7,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: `benchmarks.fixtures`
+
+from benchmarks.fixtures.random_model import build_tokenizer, random_adapter_tensors
 from daemon.engines.text.config import ModelSpec
-from daemon.engines.text.random_model import build_tokenizer, random_adapter_tensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -8,9 +8,10 @@ files themselves; they receive versions. A request keeps the versions it started
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:  # versions travel through torch-free modules (the text scheduler)
+    import torch
 
 __all__ = ["AdapterKind", "AdapterVersion"]
 

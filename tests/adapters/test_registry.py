@@ -10,7 +10,8 @@ from tiny import write_text_adapter
 from bridge.errors import AdapterError
 from daemon.adapters.loader import AdapterFiles
 from daemon.adapters.registry import AdapterRegistry
-from daemon.engines.text.engine import EngineConfig, TextEngine
+from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.request import EngineConfig
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def make_registry(engine: TextEngine, folder: Path, *, capacity: int, pinned: tu
 
     def validate(files: AdapterFiles):
         validations.append(files.hash)
-        prepared = engine.prepare_adapter(files.config, files.tensors)
-        return prepared, prepared.rank, prepared.targets
+        prepared = engine.prepare_adapter(files)
+        return prepared.payload, prepared.rank, prepared.targets
 
     registry = AdapterRegistry(folders={"text": [folder]}, validators={"text": validate}, capacity=capacity,
                                pinned=pinned)

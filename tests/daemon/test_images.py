@@ -22,8 +22,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def image_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, live_daemon: LiveDaemon):
     from diffusers import StableDiffusionPipeline
 
+    from benchmarks.fixtures.image_lora import write_image_lora
     from daemon.engines.image.default_pipeline import ensure_default_image_model
-    from daemon.engines.image.tiny_lora import write_image_lora
 
     base = tmp_path_factory.mktemp("imaged")
     cache = base / "cache"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .lora import GroupSlots
+    from .lora_pool import GroupSlots
 
 __all__ = ["MAX_ROWS", "apply_group", "available", "usable"]
 

@@ -1,189 +1,50 @@
-"""The multi-LoRA text engine: continuous batching of requests on different adapters.
-
-Usable as a library:
+"""The multi-LoRA text engine: the worker thread and its command loop, wiring the parts together.
 
     engine = TextEngine.from_folder(path)              # or TextEngine.from_folder("default")
     print(engine.generate("Hello", adapters=[(version, 1.0)], max_tokens=32))
 
-and by the daemon, which calls `start()` (a worker thread runs the step loop) and `submit()` from
-any thread; events come back through each request's callback, on the worker thread.
-
-Each step: take commands (submit, cancel, retire), admit queued requests while cache rows and
-adapter slots allow (arrival order; a request whose adapters need slots that are busy lets
-requests with resident adapters pass), then run one forward pass over every running sequence:
-one decode token each, plus prompt chunks within a token budget, so a long prompt never freezes
-the others' streams.
+The daemon calls `start()` (a worker thread runs the step loop) and `submit(request, on_event)`
+from any thread; events come back through `on_event` on the worker thread. Each step: take the
+commands (submit, cancel, retire), end cancelled sequences, admit queued requests and plan the
+step (`scheduler`), run it on the device (`runner`), turn tokens into text and events (`output`).
+A step that fails is retried for halves of its sequences, so one sequence's failure ends only
+that sequence (`_run_isolated`).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import os
 import threading
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bridge.errors import ErrorCode
-
+from ...adapters.loader import AdapterFiles
 from ...adapters.version import AdapterVersion
-from . import cpu_lora
-from .config import LORA_TARGETS, ModelSpec
-from .detok import IncrementalDecoder, byte_table
+from ..base import EngineError, EngineErrorCode, EngineInfo, EventSink, PreparedAdapter
+from ..device import dtype_name, resolve_device, resolve_dtype
+from .config import LORA_TARGETS
+from .detok import byte_table
 from .graphs import DecodeGraphs
-from .lora import LoraBatch, LoraSlotStorage, PreparedLora
-from .model import KVCache, PrefillChunk, StepInput, TextModel
+from .kernels import select_kernels
+from .lora_pool import LoraSlotStorage, PreparedLora
+from .model import KVCache, TextModel
+from .output import SequenceOutput
 from .peft_format import prepare_peft_lora
-from .sampler import SamplingParams, sample
+from .request import EngineConfig, SamplingParams, TextChunkEvent, TextDoneEvent, TextRequest
+from .runner import ModelRunner
+from .scheduler import Scheduler, StepPlan
+from .scheduler import Sequence as Seq
 from .slots import SlotTable
+from .tokens import PromptEncoder, load_tokenizer
 
-__all__ = [
-    "EngineConfig",
-    "TextChunkEvent",
-    "TextDoneEvent",
-    "TextEngine",
-    "TextErrorEvent",
-    "TextRequest",
-]
+__all__ = ["TextEngine"]
 
 log = logging.getLogger("loraloom.text")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Capacity settings of the text engine."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    max_seqs: int = 16  # sequences running at once (KV-cache rows)
-    max_context: int = 2048  # tokens per sequence, prompt included
-    kv_cache_mb: int | None = None  # if set, caps max_seqs to what fits
-    lora_slots: int = 16  # adapters resident in compute memory at once
-    max_lora_rank: int = 64
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    max_adapters_per_request: int = 4
-    prefill_chunk: int = 256  # prompt tokens of one sequence per step
-    cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
-    lora_kernel: str = "auto"  # auto | dense | bgmv (see lora.py; auto picks per step)
-    # Compiled kernels where installed: Triton on CUDA (LoRA expand, RMSNorm, RoPE), numba on the CPU (LoRA, float32).
-    kernels: bool = True
-    max_step_tokens: int = 512  # tokens of all sequences per step
-    pinned_adapters: tuple[str, ...] = ()
-
-
-@dataclass
-class TextRequest:
-    """One generation. `adapters` hold validated versions (with `prepared` LoRA matrices)."""
-
-    key: Any
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    on_event: Callable[[Any], None]
-    adapters: list[tuple[AdapterVersion, float]] = field(default_factory=list)
-    stream: bool = True
-    arrival: float = field(default_factory=time.perf_counter)
-
-
-@dataclass(frozen=True)
-class TextChunkEvent:
-    key: Any
-    text: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class TextDoneEvent:
-    key: Any
-    text: str
-    finish_reason: str  # stop | length | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    adapter_versions: dict[str, int]
-    queued_ms: float
-    first_token_ms: float | None
-    total_ms: float
-    token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class TextErrorEvent:
-    key: Any
-    code: str
-    message: str
-
-
-_SERIALS = itertools.count()
-
-
-class _Seq:
-    """A running request."""
-
-    def __init__(self, req: TextRequest, row: int, slots: list[int], tokenizer: Any, table: list[bytes] | None,
-                 num_slots: int) -> None:
-        self.req = req
-        self.row = row
-        self.slots = slots
-        self.serial = next(_SERIALS)  # identifies this sequence for caches keyed by the batch's members
-        self.scales = [s for _, s in req.adapters]
-        self.uses_lora = any(x != 0.0 for x in self.scales)
-        self.versions = [v for v, _ in req.adapters]
-        self.slot_weights = torch.zeros(num_slots)  # this row's scale per slot (float32, host)
-        for slot, scale in zip(slots, self.scales, strict=True):
-            self.slot_weights[slot] += scale
-        self.done_prompt = 0
-        self.generated: list[int] = []
-        self.decoder = IncrementalDecoder(tokenizer, table)
-        self.text = ""  # all text so far
-        self.sent = 0  # characters of `text` already emitted
-        self.started = time.perf_counter()
-        self.first_token: float | None = None
-        self.cancelled = False
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.req.prompt_ids)
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.done_prompt < self.prompt_len
-
-
-def load_tokenizer(folder: Path) -> Any:
-    """The folder's tokenizer. A plain tokenizer.json loads without AutoTokenizer, which first
-    imports the model's whole transformers config module (about 2 s of a 5 s start on a CPU)."""
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
-    if (folder / "tokenizer.json").exists() and config.get("tokenizer_class") in (
-            None, "PreTrainedTokenizerFast", "TokenizersBackend"):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(folder))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype '{name}' (use auto, float32, bfloat16 or float16)")
-    return table[name]
 
 
 class TextEngine:
@@ -193,15 +54,11 @@ class TextEngine:
                  model_dir: Path | None = None) -> None:
         self.config = cfg = config or EngineConfig()
         self.model = model
-        self.device = model.device
-        self.dtype = model.dtype
+        self.device, self.dtype, self.spec = model.device, model.dtype, model.spec
         self.model_dir = model_dir
-        self.spec: ModelSpec = model.spec
+        self.prompts = PromptEncoder(tokenizer)
         self.tokenizer = tokenizer
-        eos = set(self.spec.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
-        self.eos_ids = frozenset(eos)
+        self.eos_ids = frozenset({*self.spec.eos_token_ids, *self.prompts.eos_ids})
         self.byte_table = byte_table(tokenizer)
         self.max_context = min(cfg.max_context, self.spec.max_position_embeddings)
         rows = cfg.max_seqs
@@ -209,8 +66,7 @@ class TextEngine:
             per_row = KVCache.bytes_per_row(self.spec, self.max_context, self.dtype)
             rows = max(1, min(rows, cfg.kv_cache_mb * 2**20 // per_row))
         # One extra row: CUDA-graph padding rows write their keys and values there.
-        self.cache = KVCache(self.spec, rows=rows + 1, max_len=self.max_context, device=self.device,
-                             dtype=self.dtype)
+        self.cache = KVCache(self.spec, rows=rows + 1, max_len=self.max_context, device=self.device, dtype=self.dtype)
         bad = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"unknown LoRA targets {bad} (supported: {', '.join(LORA_TARGETS)})")
@@ -218,34 +74,25 @@ class TextEngine:
             self.model, num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(),
             targets=tuple(cfg.lora_targets), num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank,
             device=self.device, dtype=self.dtype)
-        if cfg.kernels and self.device.type == "cuda":
-            from .triton_lora import available
-
-            if available(self.device):
-                self.storage.kernel = "triton"
-                self.model.triton_ops = True
-        elif cfg.kernels and self.dtype == torch.float32 and cpu_lora.available():
-            self.storage.kernel = "numba"
+        self.kernels = model.kernels = select_kernels(self.device, self.dtype, enabled=cfg.kernels)
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
-        self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and cfg.cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, self.cache, self.storage, max_rows=rows, scratch_row=rows)
-        self._free_rows = list(range(rows - 1, -1, -1))
-        self._queue: deque[TextRequest] = deque()
-        self._running: list[_Seq] = []
+        self.graphs = (DecodeGraphs(self.model, self.cache, self.storage, max_rows=rows, scratch_row=rows)
+                       if self.device.type == "cuda" and cfg.cuda_graphs else None)
+        self.scheduler = Scheduler(rows=rows, slots=self.slots, max_step_tokens=cfg.max_step_tokens,
+                                   prefill_chunk=cfg.prefill_chunk)
+        self.runner = ModelRunner(self.model, self.cache, self.storage, self.kernels, cfg, self.graphs)
+        self._outputs: dict[int, SequenceOutput] = {}  # sequence serial -> its output step
+        self._events: dict[int, EventSink] = {}  # id(request) -> its callback
         self._commands: deque[tuple[str, Any]] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
-        self.last_batch_size = 0
-        # Test and debugging hook: called with (request keys, float32 logits) after every forward.
-        self.on_logits: Callable[[list[Any], torch.Tensor], None] | None = None
-        log.info("text model %s: %s layers, %.0fM parameters, %s %s, %d sequences x %d tokens, %d LoRA slots, "
-                 "%s LoRA kernel", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
-                 self.device, str(self.dtype).removeprefix("torch."), rows, self.max_context, cfg.lora_slots,
-                 self.storage.kernel)
+        self.failed_steps = 0
         mb = 2**20
+        log.info("text model %s: %d layers, %.0fM parameters, %s %s, %d sequences x %d tokens, %d LoRA slots, "
+                 "%s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6, self.device,
+                 dtype_name(self.dtype), rows, self.max_context, cfg.lora_slots, self.kernels.name)
         log.info("text engine memory: weights %d MB, KV cache %d MB (max_seqs %d x max_context %d tokens), "
                  "LoRA pool %d MB (lora_slots %d x max_lora_rank %d); lower those settings to use less",
                  self.model.nbytes() // mb, self.cache.nbytes() // mb, rows, self.max_context,
@@ -260,29 +107,37 @@ class TextEngine:
 
             model = ensure_default_text_model(cache_dir)
         cfg = config or EngineConfig()
-        device = _resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         folder = Path(model)
-        text_model = TextModel.from_folder(folder, device=device, dtype=_resolve_dtype(cfg.dtype, device))
+        log.info("loading the text model from %s", folder)
+        text_model = TextModel.from_folder(folder, device=device,
+                                           dtype=resolve_dtype(cfg.dtype, device, half=torch.bfloat16))
         return cls(text_model, load_tokenizer(folder), cfg, model_dir=folder)
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ the contract (base.Engine)
 
     @property
     def max_rows(self) -> int:
-        return self.cache.rows - 1
+        return self.scheduler.rows
 
-    def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
-        """Token ids of a raw prompt, or of chat messages rendered with the model's chat template."""
-        if messages is not None:
-            if getattr(self.tokenizer, "chat_template", None):
-                text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-                return list(self.tokenizer.encode(text, add_special_tokens=False))
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(self.tokenizer.encode(text))
-        return list(self.tokenizer.encode(prompt or ""))
+    def describe(self) -> EngineInfo:
+        return EngineInfo(kind="text", name=self.spec.name, device=str(self.device), dtype=dtype_name(self.dtype),
+                          limits={"context_length": self.max_context, "max_seqs": self.max_rows,
+                                  "lora_slots": self.config.lora_slots, "max_lora_rank": self.config.max_lora_rank,
+                                  "max_adapters_per_request": self.config.max_adapters_per_request},
+                          capabilities=frozenset({"mixes", "streaming", "seeds", "stop_strings"}))
 
-    def prepare_adapter(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PreparedLora:
+    def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, *,
+                      limit: int | None = None) -> list[int]:
+        """Token ids of a raw prompt or of chat messages (the chat template); PromptTooLong past `limit`."""
+        return self.prompts.encode(prompt, messages, limit=limit)
+
+    def prepare_adapter(self, files: AdapterFiles) -> PreparedAdapter:
         """Validate a PEFT LoRA against this base model (raises ValueError with the reason)."""
+        lora = self.prepare_lora(files.config, files.tensors)
+        return PreparedAdapter(rank=lora.rank, targets=lora.targets, payload=lora)
+
+    def prepare_lora(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PreparedLora:
         prepared = prepare_peft_lora(config, tensors, self.spec, max_rank=self.config.max_lora_rank)
         unused = [t for t in prepared.targets if t not in self.storage.targets]
         if unused:
@@ -290,43 +145,16 @@ class TextEngine:
                              f"{', '.join(self.storage.targets)})")
         return prepared
 
-    def check_request(self, req: TextRequest) -> tuple[str, str] | None:
-        """(code, message) if the request can never run here, else None."""
-        n = len(req.prompt_ids)
-        if n == 0:
-            return ErrorCode.INVALID_PARAMETER.value, "the prompt is empty"
-        if n >= self.max_context:
-            return (ErrorCode.PROMPT_TOO_LONG.value,
-                    f"the prompt has {n} tokens; this daemon's context is {self.max_context} tokens "
-                    f"and at least one must be left to generate")
-        if len(req.adapters) > self.config.max_adapters_per_request:
-            return (ErrorCode.INVALID_PARAMETER.value,
-                    f"{len(req.adapters)} adapters in one request; the maximum is "
-                    f"{self.config.max_adapters_per_request}")
-        if len({v.key for v, _ in req.adapters}) > self.config.lora_slots:
-            return ErrorCode.INVALID_PARAMETER.value, "more distinct adapters than LoRA slots"
-        for v, _ in req.adapters:
-            if not isinstance(v.prepared, PreparedLora):
-                return ErrorCode.ADAPTER_UNAVAILABLE.value, f"adapter '{v.name}' is not a text adapter"
-        return None
+    def submit(self, request: TextRequest, on_event: EventSink) -> None:
+        """Queue a request (any thread). Problems are reported through `on_event`."""
+        self._command("submit", (request, on_event))
 
-    # ------------------------------------------------------------------ thread-safe API
-
-    def submit(self, req: TextRequest) -> None:
-        """Queue a request (any thread). Problems are reported through its callback."""
-        self._command("submit", req)
-
-    def cancel(self, key: Any) -> None:
+    def cancel(self, key: Hashable) -> None:
         self._command("cancel", key)
 
-    def retire(self, version_key: str) -> None:
+    def retire(self, version: AdapterVersion) -> None:
         """An adapter version was replaced or removed: free its slot once unused."""
-        self._command("retire", version_key)
-
-    def _command(self, kind: str, arg: Any) -> None:
-        with self._wake:
-            self._commands.append((kind, arg))
-            self._wake.notify()
+        self._command("retire", version.key)
 
     def start(self) -> None:
         if self._thread is None:
@@ -335,7 +163,7 @@ class TextEngine:
             self._thread.start()
 
     def stop(self, message: str = "the daemon is shutting down") -> None:
-        """Stop the worker; every queued and running request ends with `shutting_down`. Idempotent."""
+        """Stop the worker; every queued and running request ends with STOPPED. Idempotent."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -343,34 +171,32 @@ class TextEngine:
             self._thread.join()
             self._thread = None
         self._drain_commands()
-        for req in list(self._queue):
-            self._emit(req, TextErrorEvent(req.key, ErrorCode.SHUTTING_DOWN.value, message))
-        self._queue.clear()
-        for seq in list(self._running):
-            self._finish(seq, None, error=(ErrorCode.SHUTTING_DOWN.value, message))
+        for req in list(self.scheduler.queue):
+            self._emit(req, EngineError(req.key, EngineErrorCode.STOPPED, message))
+        self.scheduler.queue.clear()
+        for seq in list(self.scheduler.running):
+            self._end(seq, EngineError(seq.key, EngineErrorCode.STOPPED, message))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Counters for /healthz and benchmarks (read without locking: approximate while running)."""
-        return {"running": len(self._running), "queued": len(self._queue), "steps": self.steps,
-                "free_rows": len(self._free_rows), "slot_loads": self.slots.stats.loads,
-                "slot_evictions": self.slots.stats.evictions, "resident_adapters": len(self.slots.resident()),
+        return {"running": len(self.scheduler.running), "queued": len(self.scheduler.queue), "steps": self.steps,
+                "failed_steps": self.failed_steps, "free_rows": self.scheduler.free_rows,
+                "slot_loads": self.slots.stats.loads, "slot_evictions": self.slots.stats.evictions,
+                "resident_adapters": len(self.slots.resident()),
                 # pool rows a dense LoRA step reads (resident adapters from the front, holes included), pool size
                 "lora_rows_in_use": self.storage.used, "lora_pool_rows": self.storage.pool_rows,
-                "lora_pool_compactions": self.storage.compactions}
-
-    def has_work(self) -> bool:
-        return bool(self._running or self._queue or self._commands)
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and not self.has_work():
-                    self._wake.wait()
-                if self._stopping:
-                    return
-            self.step()
+                "lora_pool_compactions": self.storage.compactions, **self.kernels.stats()}
 
     # ------------------------------------------------------------------ library convenience
+
+    @property
+    def on_logits(self) -> Callable[[list[Any], torch.Tensor], None] | None:
+        """Test and debugging hook: called with (request keys, float32 logits) after every forward."""
+        return self.runner.on_logits
+
+    @on_logits.setter
+    def on_logits(self, hook: Callable[[list[Any], torch.Tensor], None] | None) -> None:
+        self.runner.on_logits = hook
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                  adapters: Sequence[tuple[AdapterVersion, float]] = (), **sampling: Any) -> str:
@@ -381,39 +207,41 @@ class TextEngine:
         """Run several requests batched together on the calling thread; their final events, in order."""
         if self._thread is not None:
             raise RuntimeError("generate_many() runs the engine itself; use submit() while it is started")
-        results: dict[int, Any] = {}
+        results: dict[Hashable, Any] = {}
         for i, r in enumerate(requests):
             r = dict(r)
             ids = r.pop("prompt_ids", None) or self.encode_prompt(r.pop("prompt", None), r.pop("messages", None))
             r.pop("prompt", None)
             r.pop("messages", None)
             adapters = list(r.pop("adapters", ()))
-            seed = r.pop("seed", None)
-            params = SamplingParams(seed=seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1,
-                                    **{k: (tuple(v) if k == "stop" else v) for k, v in r.items()})
-
-            def keep_final(event: Any) -> None:
-                if not isinstance(event, TextChunkEvent):
-                    results[event.key] = event
-
-            self.submit(TextRequest(key=i, prompt_ids=ids, sampling=params, adapters=adapters, on_event=keep_final))
+            params = SamplingParams(**{k: (tuple(v) if k == "stop" else v) for k, v in r.items()})
+            self.submit(TextRequest(key=i, prompt_ids=ids, sampling=params, adapters=adapters),
+                        lambda e: None if isinstance(e, TextChunkEvent) else results.__setitem__(e.key, e))
         while self.has_work():
             self.step()
-        out = []
-        for i in range(len(requests)):
-            e = results[i]
-            if isinstance(e, TextErrorEvent):
-                raise ValueError(f"{e.code}: {e.message}")
-            out.append(e)
-        return out
+        errors = [e for e in results.values() if isinstance(e, EngineError)]
+        if errors:
+            raise ValueError(f"{errors[0].code}: {errors[0].message}")
+        return [results[i] for i in range(len(requests))]
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ the loop
 
-    def _emit(self, req: TextRequest, event: Any) -> None:
-        try:
-            req.on_event(event)
-        except Exception:
-            log.exception("an event callback failed for request %r", req.key)
+    def has_work(self) -> bool:
+        return bool(self.scheduler.has_work() or self._commands)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _command(self, kind: str, arg: Any) -> None:
+        with self._wake:
+            self._commands.append((kind, arg))
+            self._wake.notify()
 
     def _drain_commands(self) -> None:
         while True:
@@ -422,208 +250,124 @@ class TextEngine:
                     return
                 kind, arg = self._commands.popleft()
             if kind == "submit":
-                problem = self.check_request(arg)
-                if problem:
-                    self._emit(arg, TextErrorEvent(arg.key, *problem))
+                request, on_event = arg
+                self._events[id(request)] = on_event
+                problem = self._check(request)
+                if problem is not None:
+                    self._emit(request, EngineError(request.key, *problem))
                 else:
-                    self._queue.append(arg)
+                    self.scheduler.enqueue(request)
             elif kind == "cancel":
-                self._cancel(arg)
+                req = self.scheduler.cancel(arg)
+                if req is not None:
+                    ms = (time.perf_counter() - req.arrival) * 1000
+                    self._emit(req, TextDoneEvent(arg, "", "cancelled", len(req.prompt_ids), 0,
+                                                  {v.name: v.number for v, _ in req.adapters}, ms, None, ms))
             elif kind == "retire":
                 self.slots.retire(arg)
 
-    def _cancel(self, key: Any) -> None:
-        for req in self._queue:
-            if req.key == key:
-                self._queue.remove(req)
-                now = time.perf_counter()
-                ms = (now - req.arrival) * 1000
-                self._emit(req, TextDoneEvent(key, "", "cancelled", len(req.prompt_ids), 0,
-                                              {v.name: v.number for v, _ in req.adapters}, ms, None, ms))
-                return
-        for seq in self._running:
-            if seq.req.key == key:
-                seq.cancelled = True
-
-    def _admit(self) -> None:
-        blocked_on_slots = False
-        for req in list(self._queue):
-            if not self._free_rows:
-                return
-            versions = [v for v, _ in req.adapters]
-            needs_load = any(v.key not in self.slots.resident() for v in versions)
-            if blocked_on_slots and needs_load:
-                continue  # keep arrival order among requests that wait for slots
-            slots = self.slots.acquire(versions)
-            if slots is None:
-                blocked_on_slots = True
-                continue
-            self._queue.remove(req)
-            self._running.append(_Seq(req, self._free_rows.pop(), slots, self.tokenizer, self.byte_table,
-                                      self.storage.num_slots))
+    def _check(self, req: TextRequest) -> tuple[EngineErrorCode, str] | None:
+        """Why the request can never run here, or None."""
+        n, cfg = len(req.prompt_ids), self.config
+        if n == 0:
+            return EngineErrorCode.INVALID, "the prompt is empty"
+        if n >= self.max_context:
+            return (EngineErrorCode.PROMPT_TOO_LONG, f"the prompt has {n} tokens; this daemon's context is "
+                    f"{self.max_context} tokens and at least one must be left to generate")
+        if len(req.adapters) > cfg.max_adapters_per_request:
+            return (EngineErrorCode.INVALID, f"{len(req.adapters)} adapters in one request; the maximum is "
+                    f"{cfg.max_adapters_per_request}")
+        if len({v.key for v, _ in req.adapters}) > cfg.lora_slots:
+            return EngineErrorCode.INVALID, "more distinct adapters than LoRA slots"
+        for v, _ in req.adapters:
+            if not isinstance(v.prepared, PreparedLora):
+                return EngineErrorCode.ADAPTER, f"adapter '{v.name}' is not a text adapter"
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            return EngineErrorCode.INVALID, f"a prompt token id is outside the vocabulary (0..{vocab - 1})"
+        return None
 
     def step(self) -> bool:
         """One scheduling round and forward pass. Returns False when there was nothing to do."""
         self._drain_commands()
-        for seq in [s for s in self._running if s.cancelled]:
-            self._finish(seq, "cancelled")
-        self._admit()
-        if not self._running:
+        for seq in self.scheduler.take_cancelled():
+            self._end(seq, "cancelled")
+        for seq in self.scheduler.admit():
+            self._outputs[seq.serial] = SequenceOutput(seq, self.tokenizer, self.byte_table, eos_ids=self.eos_ids,
+                                                       max_context=self.max_context)
+        plan = self.scheduler.plan()
+        if plan is None:
             return False
-        try:
-            self._forward_and_sample()
-        except Exception as exc:
-            log.error("engine step failed: %s\n%s", exc, traceback.format_exc())
-            for seq in list(self._running):
-                self._finish(seq, None, error=(ErrorCode.INTERNAL.value, f"engine step failed: {exc}"))
+        self._run_isolated(plan)
         self.steps += 1
         return True
 
-    def _forward_and_sample(self) -> None:
-        cfg = self.config
-        ids: list[int] = []
-        pos: list[int] = []
-        rows: list[int] = []
-        sample_seqs: list[_Seq] = []
-        logit_index: list[int] = []
-        decode = sorted((s for s in self._running if not s.in_prefill), key=lambda s: s.row)
-        for s in decode:
-            ctx = s.prompt_len + len(s.generated)
-            ids.append(s.generated[-1])
-            pos.append(ctx - 1)
-            rows.append(s.row)
-            logit_index.append(len(ids) - 1)
-            sample_seqs.append(s)
-        if self.graphs is not None and decode and len(decode) == len(self._running):  # decode only
-            self.last_batch_size = len(ids)
-            # A sequence's slot scales never change while it runs, so the graph's copy of them is
-            # reused for as long as the same sequences decode together.
-            uses_lora = any(s.uses_lora for s in decode)
-            logits = self.graphs.run(ids, pos, rows, (lambda: self._slot_weights(decode)) if uses_lora else None,
-                                     weights_key=tuple(s.serial for s in decode))
-            self._sample_and_accept(sample_seqs, logits)
-            return
-        budget = max(cfg.max_step_tokens - len(decode), 1)
-        chunks: list[PrefillChunk] = []
-        counts = [1] * len(decode)  # tokens of each sequence in this step, in order
-        step_seqs = list(decode)
-        for s in self._running:
-            if not s.in_prefill or budget <= 0:
-                continue
-            n = min(s.prompt_len - s.done_prompt, cfg.prefill_chunk, budget)
-            start = len(ids)
-            ids.extend(s.req.prompt_ids[s.done_prompt:s.done_prompt + n])
-            pos.extend(range(s.done_prompt, s.done_prompt + n))
-            rows.extend([s.row] * n)
-            chunks.append(PrefillChunk(start=start, end=start + n, row=s.row, pos0=s.done_prompt))
-            counts.append(n)
-            step_seqs.append(s)
-            s.done_prompt += n
-            budget -= n
-            if not s.in_prefill:
-                logit_index.append(len(ids) - 1)
-                sample_seqs.append(s)
-        dev = self.device
-        step = StepInput(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            cache_rows=torch.tensor(rows, dtype=torch.long, device=dev),
-            num_decode=len(decode),
-            decode_rows=torch.tensor([s.row for s in decode], dtype=torch.long, device=dev),
-            decode_lens=torch.tensor([p + 1 for p in pos[:len(decode)]], dtype=torch.long, device=dev),
-            max_decode_len=max((p + 1 for p in pos[:len(decode)]), default=0),
-            prefill=chunks,
-            logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
-            decode_row_range=(decode[0].row, decode[-1].row + 1)
-            if decode and decode[-1].row - decode[0].row + 1 == len(decode) else None,
-            lora=self._lora_batch(step_seqs, counts),
-        )
-        self.last_batch_size = len(ids)
-        logits = self.model.forward(step, self.cache, self.storage)
-        if sample_seqs:  # else: only prompt chunks that end mid-prompt
-            self._sample_and_accept(sample_seqs, logits)
-
-    def _lora_batch(self, seqs: list[_Seq], counts: list[int]) -> LoraBatch:
-        """The step's LoRA plan from each sequence's slot vector (no per-token Python). On a GPU:
-        dense over the pool rows in use (`lora_project` fuses the shrink into the base GEMM); so
-        are CPU decode steps with the numba kernel. Otherwise on a CPU, where prompt tokens are
-        compute-bound, `LoraBatch.plan` picks per step."""
-        per_seq = self._slot_weights(seqs)
-        if per_seq is None:
-            return LoraBatch(mode="none")
-        per_token = per_seq.repeat_interleave(torch.tensor(counts), dim=0)
-        kernel = self.config.lora_kernel
-        # The numba loop reads only the rows each token uses, so the prefix costs nothing extra.
-        prefix = self.device.type == "cuda" or (self.storage.kernel == "numba" and len(per_token) <= cpu_lora.MAX_ROWS)
-        return LoraBatch.plan(per_token, self.storage, dtype=self.dtype,
-                              prefer_prefix=prefix and kernel in ("auto", "dense"),
-                              force=None if kernel == "auto" else kernel)  # type: ignore[arg-type]
-
-    def _slot_weights(self, decode: list[_Seq]) -> torch.Tensor | None:
-        """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""
-        if not any(s.uses_lora for s in decode):
-            return None
-        return torch.stack([s.slot_weights for s in decode])
-
-    def _sample_and_accept(self, sample_seqs: list[_Seq], logits: torch.Tensor) -> None:
-        if self.on_logits is not None:
-            self.on_logits([s.req.key for s in sample_seqs], logits)
-        params = [s.req.sampling for s in sample_seqs]
-        # Token histories only for the rows with a repetition penalty (the others never read them).
-        histories = [s.req.prompt_ids + s.generated if p.repetition_penalty != 1.0 else []
-                     for s, p in zip(sample_seqs, params, strict=True)]
-        tokens = sample(logits, params, [len(s.generated) for s in sample_seqs], histories)
-        now = time.perf_counter()
-        for s, tok in zip(sample_seqs, tokens, strict=True):
-            self._accept(s, tok, now)
-
-    def _accept(self, s: _Seq, tok: int, now: float) -> None:
-        if s.first_token is None:
-            s.first_token = now
-        if tok in self.eos_ids and not s.req.sampling.ignore_eos:
-            self._finish(s, "stop")
-            return
-        s.generated.append(tok)
-        s.text += s.decoder.push(tok)
-        stops = s.req.sampling.stop
-        if stops:
-            window = s.text[max(0, s.sent - max(len(x) for x in stops)):]
-            base = max(0, s.sent - max(len(x) for x in stops))
-            hits = [base + window.find(x) for x in stops if x in window]
-            if hits:
-                s.text = s.text[:min(hits)]
-                self._finish(s, "stop")
+    def _run_isolated(self, plan: StepPlan) -> None:
+        """Run a step; if it fails, run halves of it, so a failure that one sequence brings ends that
+        sequence alone (with FAILED) and the others' step still happens."""
+        try:
+            tokens = self.runner.run(plan)
+        except Exception as exc:
+            self.failed_steps += 1
+            seqs = plan.sequences
+            if len(seqs) == 1:
+                log.error("a step failed for request %r alone; ending it", seqs[0].key, exc_info=True)
+                self._end(seqs[0], EngineError(seqs[0].key, EngineErrorCode.FAILED,
+                                               f"the engine failed on this request: {type(exc).__name__}: {exc}"))
                 return
-        if len(s.generated) >= s.req.sampling.max_tokens or s.prompt_len + len(s.generated) >= self.max_context:
-            self._finish(s, "length")
+            log.warning("a step of %d sequences failed (%s: %s); retrying them in halves", len(seqs),
+                        type(exc).__name__, exc)
+            half = len(seqs) // 2
+            for part in (seqs[:half], seqs[half:]):
+                self._run_isolated(plan.only(part))
             return
-        self._flush(s, final=False)
-
-    def _flush(self, s: _Seq, *, final: bool) -> None:
-        if not s.req.stream:
-            return
-        # Hold back a tail that could still become a stop string.
-        hold = 0 if final or not s.req.sampling.stop else max(len(x) for x in s.req.sampling.stop) - 1
-        upto = max(s.sent, len(s.text) - hold)
-        if upto > s.sent:
-            piece = s.text[s.sent:upto]
-            s.sent = upto
-            self._emit(s.req, TextChunkEvent(s.req.key, piece, len(s.generated)))
-
-    def _finish(self, s: _Seq, reason: str | None, *, error: tuple[str, str] | None = None) -> None:
-        self._running.remove(s)
-        self._free_rows.append(s.row)
-        self.slots.release(s.versions)
-        if error is not None:
-            self._emit(s.req, TextErrorEvent(s.req.key, *error))
-            return
-        assert reason is not None
-        self._flush(s, final=True)
+        self.scheduler.commit(plan)
         now = time.perf_counter()
-        req = s.req
+        for seq, token in zip(plan.sample, tokens, strict=True):
+            self._accept(seq, token, now)
+
+    def _accept(self, seq: Seq, token: int, now: float) -> None:
+        output = self._outputs[seq.serial]
+        if seq.first_token is None:
+            seq.first_token = now
+        try:
+            reason = output.push(token)
+            piece = "" if reason else output.take_chunk()
+        except Exception as exc:  # e.g. a tokenizer that cannot decode this token
+            log.exception("turning a token into text failed for request %r", seq.key)
+            self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED, f"decoding the output failed: {exc}"))
+            return
+        if reason:
+            self._end(seq, reason)
+        elif piece:
+            self._emit(seq.request, TextChunkEvent(seq.key, piece, len(seq.tokens)))
+
+    def _end(self, seq: Seq, outcome: str | EngineError) -> None:
+        """Finish a sequence with a reason (stop, length, cancelled) or an error."""
+        self.scheduler.finish(seq)
+        self.runner.forget(seq)
+        output = self._outputs.pop(seq.serial)
+        req = seq.request
+        if isinstance(outcome, EngineError):
+            self._emit(req, outcome)
+            return
+        piece = output.take_chunk(final=True)
+        if piece:
+            self._emit(req, TextChunkEvent(seq.key, piece, len(seq.tokens)))
+        now = time.perf_counter()
         self._emit(req, TextDoneEvent(
-            key=req.key, text=s.text, finish_reason=reason, prompt_tokens=s.prompt_len,
-            completion_tokens=len(s.generated), adapter_versions={v.name: v.number for v in s.versions},
-            queued_ms=(s.started - req.arrival) * 1000,
-            first_token_ms=None if s.first_token is None else (s.first_token - req.arrival) * 1000,
-            total_ms=(now - req.arrival) * 1000, token_ids=tuple(s.generated)))
+            key=req.key, text=output.text, finish_reason=outcome, prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.tokens), adapter_versions={v.name: v.number for v in seq.versions},
+            queued_ms=(seq.started - req.arrival) * 1000,
+            first_token_ms=None if seq.first_token is None else (seq.first_token - req.arrival) * 1000,
+            total_ms=(now - req.arrival) * 1000, token_ids=tuple(seq.tokens)))
+
+    def _emit(self, req: TextRequest, event: Any) -> None:
+        final = not isinstance(event, TextChunkEvent)
+        sink = self._events.pop(id(req), None) if final else self._events.get(id(req))
+        if sink is None:
+            return
+        try:
+            sink(event)
+        except Exception:
+            log.exception("an event callback failed for request %r", req.key)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora import LoraBatch, LoraSlotStorage
+from .lora_plan import LoraBatch
+from .lora_pool import LoraSlotStorage
 from .model import KVCache, StepInput, TextModel
 
 __all__ = ["DecodeGraphs"]

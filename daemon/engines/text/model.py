@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from . import triton_ops
 from .config import ModelSpec, UnsupportedModel
-from .lora import GroupSlots, LoraBatch, LoraSlotStorage, linear, lora_project
+from .kernels import Kernels, TorchKernels
+from .lora import linear, lora_project
+from .lora_plan import LoraBatch
+from .lora_pool import GroupSlots, LoraSlotStorage
 
 __all__ = ["KVCache", "PrefillChunk", "StepInput", "TextModel"]
 
@@ -120,20 +122,6 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by cos/sin [T, 1, D] (float32); rotate-half convention of the HF checkpoints."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 class TextModel:
     """Weights of one base model, fused for speed (qkv, gate_up), and its forward step."""
 
@@ -142,7 +130,7 @@ class TextModel:
         self.spec = spec
         self.device = device
         self.dtype = dtype
-        self.triton_ops = False  # RMSNorm and RoPE as one Triton launch each (the engine turns it on on CUDA)
+        self.kernels: Kernels = TorchKernels(device)  # the engine sets its choice (kernels.select_kernels)
 
         def take(name: str) -> torch.Tensor:
             if name not in tensors:
@@ -201,9 +189,7 @@ class TextModel:
         self._rope_len = length
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.triton_ops:
-            return triton_ops.rms_norm(x, weight, self.spec.rms_norm_eps)
-        return rms_norm_reference(x, weight, self.spec.rms_norm_eps)
+        return self.kernels.rms_norm(x, weight, self.spec.rms_norm_eps)
 
     def fuse_rows(self, layer: int, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append `rows` zero rows to weight `key` of a layer (LoRA A's go there: see `lora.GroupSlots`).
@@ -235,7 +221,7 @@ class TextModel:
         lora = step.lora if slots is not None else LoraBatch(mode="none")
         d = step.num_decode
         h = self.embed[step.input_ids]
-        kernel = slots.kernel if slots is not None else "torch"
+        kernels = self.kernels
         packs: dict[int | None, _PackedPrefill] = {}  # one per window size the layers use
         for i, layer in enumerate(self.layers):
             window = spec.window(i)
@@ -244,13 +230,8 @@ class TextModel:
             packed = packs.get(window)
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
-            qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernel=kernel)  # type: ignore[arg-type]
-            if self.triton_ops:  # q and k rotated in place in qkv, one launch
-                triton_ops.rope_qk_(qkv, cos, sin, nh + nkv, hd)
-                q, k = qkv[:, :qs].view(t, nh, hd), qkv[:, qs:qs + kvs].view(t, nkv, hd)
-            else:
-                q = rope_reference(qkv[:, :qs].view(t, nh, hd), cos.unsqueeze(1), sin.unsqueeze(1))
-                k = rope_reference(qkv[:, qs:qs + kvs].view(t, nkv, hd), cos.unsqueeze(1), sin.unsqueeze(1))
+            qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernels)  # type: ignore[arg-type]
+            q, k = kernels.rope_qk(qkv, cos, sin, nh, nkv, hd)
             v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, nkv, hd)
             kc, vc = cache.k[i], cache.v[i]
             kc[step.cache_rows, :, step.positions] = k
@@ -291,11 +272,11 @@ class TextModel:
                     out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
                 attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
             attn2 = attn.view(t, qs)
-            h = lora_project(attn2, layer["o"], None, groups.get("o"), lora, kernel=kernel, residual=h)  # type: ignore[arg-type]
+            h = lora_project(attn2, layer["o"], None, groups.get("o"), lora, kernels, residual=h)  # type: ignore[arg-type]
             x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]
-            gu = lora_project(x, layer["gate_up"], None, groups.get("gate_up"), lora, kernel=kernel)  # type: ignore[arg-type]
+            gu = lora_project(x, layer["gate_up"], None, groups.get("gate_up"), lora, kernels)  # type: ignore[arg-type]
             inter = spec.intermediate_size
             act = F.silu(gu[:, :inter]) * gu[:, inter:2 * inter]
-            h = lora_project(act, layer["down"], None, groups.get("down"), lora, kernel=kernel, residual=h)  # type: ignore[arg-type]
+            h = lora_project(act, layer["down"], None, groups.get("down"), lora, kernels, residual=h)  # type: ignore[arg-type]
         last = self._rms_norm(h[step.logit_index], self.norm)
         return linear(last, self.lm_head).float()  # the vocab projection: 9 vs 20 ms for 8 rows on 2 cores

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .config import LORA_TARGETS, ModelSpec
-from .lora import PreparedLora
+from .lora_pool import PreparedLora
 
 __all__ = ["prepare_peft_lora"]
 

@@ -1,31 +1,23 @@
 """Per-row sampling for a whole batch at once: greedy, temperature, top-k, top-p, repetition penalty.
 
 Randomness is counter-based: the noise for (seed, step, token id) is a hash, not a generator's
-state. So a seeded request gives the same tokens whatever else shares its batch, on any device,
-and rows need no Python loop.
+state, so it does not depend on the batch and rows need no Python loop. What that buys: given
+the same logits, a seeded row draws the same token whatever shares its batch. The logits
+themselves are computed by kernels whose reduction order can depend on the batch's shape: on a
+CPU (float32) the tests find the same tokens alone and in batches; on a GPU (bfloat16) a row's
+logits move in the last bits with its companions, and a sampled or greedy continuation can
+diverge after a few dozen tokens. Only a batch-invariant mode (not built yet) would promise more.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from .request import SamplingParams
 
 __all__ = ["SamplingParams", "sample"]
 
 _M32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -74,7 +66,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)[None, :]
-        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)[:, None]
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device)[:, None]
         drop = ranks >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ...adapters.version import AdapterVersion
-from .lora import LoraSlotStorage
+from .lora_pool import LoraSlotStorage
 
 __all__ = ["SlotStats", "SlotTable"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import math
 import os
 
@@ -29,13 +28,11 @@ try:
 except ImportError:  # the engine runs without Triton: the PyTorch path does the same math
     triton = None
 
-from .lora import ROW_BLOCK, GroupSlots
+from .lora_pool import ROW_BLOCK, GroupSlots
 
 __all__ = ["available", "expand_fused"]
 
 _MAX_MEMBERS = 3
-_failed: set[tuple[torch.device, torch.dtype]] = set()
-log = logging.getLogger("loraloom.text")
 
 
 def available(device: torch.device) -> bool:
@@ -97,10 +94,10 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
                  config: dict[str, int] | None = None, *, residual: torch.Tensor | None = None) -> bool:
     """Run the kernel (adding `residual` [T, base_out] too, where given); False (nothing done) where
     its shape rules do not hold, so the caller falls back to PyTorch: member widths must share a
-    multiple of 16, and so must the pool rows read."""
+    multiple of 16, and so must the pool rows read. A launch that fails raises (`kernels` decides)."""
     if triton is None or len(group.members) > _MAX_MEMBERS or not (y.is_cuda or _interpreting()):
         return False
-    if weights.stride(1) != 1 or (group.b_cat.device, y.dtype) in _failed:
+    if weights.stride(1) != 1:
         return False
     rows, width = y.shape[0], weights.shape[1]
     # The same in every layer: planned once per group layout, pool width, row class and dtype
@@ -112,14 +109,8 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
     block_m, block_n, block_k, b_starts, out_starts, warps, stages = plan
     b_cat = group.b_cat
     grid = (b_cat.shape[1] // block_n, triton.cdiv(rows, block_m))
-    try:
-        _launch(grid, y, weights, b_cat, residual, rows, group.base_out, len(group.members), b_starts, out_starts,
-                width, (block_m, block_n, block_k), warps, stages)
-    except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need
-        if config is None:
-            log.warning("Triton LoRA kernel unavailable (%s); using the PyTorch path", exc)
-            _failed.add((group.b_cat.device, y.dtype))
-        return False
+    _launch(grid, y, weights, b_cat, residual, rows, group.base_out, len(group.members), b_starts, out_starts,
+            width, (block_m, block_n, block_k), warps, stages)
     return True
 
 

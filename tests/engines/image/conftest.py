@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
+from benchmarks.fixtures.image_lora import write_image_lora
 from daemon.adapters.version import AdapterVersion
-from daemon.engines.image import ImageEngine
+from daemon.engines.image import ImageConfig, ImageEngine
 from daemon.engines.image.default_pipeline import ensure_default_image_model
-from daemon.engines.image.tiny_lora import write_image_lora
 
 # pytest runs with --import-mode=importlib: make the helpers next to this file importable.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -67,7 +67,7 @@ def make_engine(image_cache: Path, image_model_dir: Path) -> Iterator[Callable[.
     engines: list[ImageEngine] = []
 
     def make(start: bool = True, **settings: Any) -> ImageEngine:
-        engine = ImageEngine("default", cache_dir=image_cache, device="cpu", **settings)
+        engine = ImageEngine.from_folder("default", ImageConfig(device="cpu", **settings), cache_dir=image_cache)
         engines.append(engine)
         if start:
             engine.start()

@@ -11,7 +11,8 @@ from typing import Any
 from safetensors.torch import load_file
 
 from daemon.adapters.version import AdapterVersion
-from daemon.engines.image import ImageDoneEvent, ImageEngine, ImageErrorEvent, ImageRequest
+from daemon.engines.base import EngineError
+from daemon.engines.image import ImageDoneEvent, ImageEngine, ImageRequest
 
 
 def make_version(folder: Path, name: str | None = None, number: int = 1) -> AdapterVersion:
@@ -39,7 +40,7 @@ class Collector:
         self.events.append(event)
         if self._hook is not None:
             self._hook(event)
-        if isinstance(event, (ImageDoneEvent, ImageErrorEvent)):
+        if isinstance(event, (ImageDoneEvent, EngineError)):
             self.finished.set()
 
     def wait(self, timeout: float = 120.0) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from daemon.engines.image.tiny_lora import LORA_WEIGHT_FILE
+from benchmarks.fixtures.image_lora import LORA_WEIGHT_FILE
 
 
 @pytest.fixture()
@@ -87,7 +87,7 @@ def test_half_pair_is_refused(engine, lora_dir):
 
 def test_rank_limit(engine, lora_dir, image_pipe, tmp_path):
     """A rank above the engine's limit is refused with the limit in the reason."""
-    from daemon.engines.image.tiny_lora import write_image_lora
+    from benchmarks.fixtures.image_lora import write_image_lora
 
     path = write_image_lora(tmp_path / "big", image_pipe, rank=32)
     with pytest.raises(ValueError, match="rank 32, above the limit of 16"):

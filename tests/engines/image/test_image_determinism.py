@@ -68,13 +68,13 @@ def alone(make_engine: Any, **shared: Any) -> list[bytes]:
 def watch_calls(engine: ImageEngine) -> list[list[tuple[str, int] | None]]:
     """Record each pipeline call of `engine` as its rows: (request key, seed), or None for padding."""
     calls: list[list[tuple[str, int] | None]] = []
-    call = engine._call
+    call = engine._call_pipeline
 
-    def recording(r: Any, rows: list[Any], *args: Any) -> Any:
-        calls.append([(str(image.job.key), image.seed) if image is not None else None for image in rows])
-        return call(r, rows, *args)
+    def recording(rows: list[Any], *args: Any) -> Any:
+        calls.append([(str(row.key), row.seed) if row is not None else None for row in rows])
+        return call(rows, *args)
 
-    engine._call = recording  # type: ignore[method-assign]
+    engine._call_pipeline = recording  # type: ignore[method-assign]
     return calls
 
 
@@ -119,7 +119,7 @@ def test_companions_with_an_adapter_mix(make_engine, version):
     expected = alone(make_engine, **shared)
     engine = make_engine(start=False)
     results = run_together(engine, with_target_at(2, COMPANIONS), **shared)
-    assert engine.stats.pipeline_calls == 1
+    assert engine.counters().pipeline_calls == 1
     assert results[2] == expected, differing_pixels(results[2], expected)
 
 
@@ -145,7 +145,7 @@ def test_each_image_sits_at_its_home_row(make_engine):
     assert calls[0][1:3] == [("c", 5), ("a", 1234)] and calls[1][2] == ("b", 6)
     placed = sorted(cell for call in calls for cell in call if cell is not None)
     assert placed == [("a", 1234), ("b", 6), ("c", 5), ("d", d_seed), ("e", 3), ("e", 4)]
-    stats = engine.stats
+    stats = engine.counters()
     assert (stats.images, stats.padding_images, stats.collision_padding) == (6, 2, 0)
 
 
@@ -161,7 +161,7 @@ def test_a_request_spread_over_calls_counts_all_their_steps(make_engine):
     assert calls == [[("first", 10), ("spread", 21)], [("spread", 20), None]]
     progress = [(e.step, e.total) for e in spread.events if isinstance(e, ImageProgressEvent)]
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert (engine.stats.padding_images, engine.stats.collision_padding) == (1, 0)
+    assert (engine.counters().padding_images, engine.counters().collision_padding) == (1, 0)
 
 
 def test_a_seedless_burst_fills_one_call_and_replays(make_engine):
@@ -174,7 +174,7 @@ def test_a_seedless_burst_fills_one_call_and_replays(make_engine):
         engine.submit(request(f"n{i}", seed=None, prompt=f"tile {i}", **fast), c)
     engine.start()
     events = [c.wait() for c in collectors]
-    assert engine.stats.pipeline_calls == 1 and engine.stats.padding_images == 0
+    assert engine.counters().pipeline_calls == 1 and engine.counters().padding_images == 0
     assert sorted(ev.seed % 4 for ev in events) == [0, 1, 2, 3]
     replay = Collector()
     engine.submit(request("replay", seed=events[1].seed, prompt="tile 1", **fast), replay)
@@ -187,7 +187,7 @@ def test_images_of_one_request_are_the_single_seeds(make_engine):
     singles = [alone(make_engine, seed=TARGET["seed"] + i, max_batch=2)[0] for i in range(3)]
     engine = make_engine(start=False, max_batch=2)
     (images,) = run_together(engine, [{"count": 3}])
-    assert engine.stats.pipeline_calls == 2
+    assert engine.counters().pipeline_calls == 2
     assert images == singles, differing_pixels(images, singles)
 
 
@@ -197,6 +197,6 @@ def test_max_batch_one_serves_each_request_alone(make_engine):
     expected = alone(make_engine, max_batch=1)
     engine = make_engine(start=False, max_batch=1)
     results = run_together(engine, with_target_at(1, COMPANIONS))
-    assert engine.stats.pipeline_calls == 4
+    assert engine.counters().pipeline_calls == 4
     assert results[1] == expected, differing_pixels(results[1], expected)
-    assert engine.stats.padding_images == 0
+    assert engine.counters().padding_images == 0

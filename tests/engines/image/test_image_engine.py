@@ -11,8 +11,8 @@ import pytest
 from image_testkit import Collector, generate, request
 from PIL import Image
 
-from bridge.errors import ErrorCode
-from daemon.engines.image import ImageDoneEvent, ImageErrorEvent, ImageProgressEvent
+from daemon.engines.base import EngineError, EngineErrorCode
+from daemon.engines.image import ImageDoneEvent, ImageProgressEvent
 
 
 def done(event: Any) -> ImageDoneEvent:
@@ -20,8 +20,8 @@ def done(event: Any) -> ImageDoneEvent:
     return event
 
 
-def error(event: Any) -> ImageErrorEvent:
-    assert isinstance(event, ImageErrorEvent), event
+def error(event: Any) -> EngineError:
+    assert isinstance(event, EngineError), event
     return event
 
 
@@ -30,11 +30,11 @@ def error(event: Any) -> ImageErrorEvent:
 
 def test_info_labels_the_placeholder(make_engine):
     """The default model announces itself as a placeholder on the CPU in float32."""
-    info = make_engine(start=False).info
-    assert info["placeholder"] is True
-    assert "placeholder" in info["name"]
-    assert (info["device"], info["dtype"]) == ("cpu", "float32")
-    assert info["size_multiple"] == 8
+    info = make_engine(start=False).describe()
+    assert info.placeholder is True and info.kind == "image"
+    assert "placeholder" in info.name
+    assert (info.device, info.dtype) == ("cpu", "float32")
+    assert info.limits["size_multiple"] == 8
 
 
 def test_result_is_png_of_the_requested_size(make_engine, version):
@@ -136,8 +136,8 @@ def test_new_version_is_used_by_the_next_request(make_engine, version):
     assert first.images != second.images
     assert second.adapter_versions == {"ink": 2}
     assert engine.resident_adapters == ["ink@2"]
-    assert engine.stats.adapter_hotswaps == 1
-    assert engine.stats.adapter_loads == 1
+    assert engine.counters().adapter_hotswaps == 1
+    assert engine.counters().adapter_loads == 1
 
     # A fresh engine that only ever saw version 2 draws the same bytes.
     fresh = make_engine()
@@ -154,7 +154,7 @@ def test_new_version_with_another_rank_is_loaded_fresh(make_engine, version):
     second = done(generate(engine, "two", adapters=[(v2, 1.0)])).images
     assert first != second
     assert engine.resident_adapters == ["ink@2"]
-    stats = engine.stats
+    stats = engine.counters()
     assert (stats.adapter_loads, stats.adapter_hotswaps, stats.adapter_unloads) == (2, 0, 1)
 
 
@@ -167,7 +167,7 @@ def test_slot_limit_evicts_least_recently_used(make_engine, version):
     assert engine.resident_adapters == ["pastel@1"]
     again = done(generate(engine, "c", adapters=[(ink, 1.0)])).images
     assert again == first
-    assert engine.stats.adapter_unloads == 2
+    assert engine.counters().adapter_unloads == 2
 
 
 # ---------------------------------------------------------------- progress and cancellation
@@ -191,7 +191,7 @@ def test_cancel_midway(make_engine):
 
     def cancel_at_two(event: Any) -> None:
         if isinstance(event, ImageProgressEvent) and event.step == 2:
-            assert engine.cancel("c")
+            engine.cancel("c")
 
     collector = Collector(cancel_at_two)
     engine.submit(request("c", steps=40), collector)
@@ -200,7 +200,7 @@ def test_cancel_midway(make_engine):
     assert ev.images == []
     steps = [e.step for e in collector.events if isinstance(e, ImageProgressEvent)]
     assert steps == [1, 2]
-    assert engine.stats.requests_cancelled == 1
+    assert engine.counters().requests_cancelled == 1
     # The engine keeps serving.
     assert done(generate(engine, "after")).finish_reason == "stop"
 
@@ -220,7 +220,7 @@ def test_cancel_one_request_of_a_batch(make_engine):
     assert done(x.wait()).finish_reason == "cancelled"
     ev = done(y.wait())
     assert ev.finish_reason == "stop" and len(ev.images) == 1
-    assert engine.stats.pipeline_calls == 1
+    assert engine.counters().pipeline_calls == 1
     assert max(e.step for e in x.events if isinstance(e, ImageProgressEvent)) == 1
 
 
@@ -234,7 +234,7 @@ def test_request_larger_than_a_call_counts_all_its_steps(make_engine):
     assert len(ev.images) == 3 and len(set(ev.images)) == 3
     progress = [(e.step, e.total) for e in collector.events if isinstance(e, ImageProgressEvent)]
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert (engine.stats.pipeline_calls, engine.stats.images, engine.stats.padding_images) == (2, 3, 1)
+    assert (engine.counters().pipeline_calls, engine.counters().images, engine.counters().padding_images) == (2, 3, 1)
 
     def cancel_at_one(event: Any) -> None:
         if isinstance(event, ImageProgressEvent) and event.step == 1:
@@ -244,7 +244,7 @@ def test_request_larger_than_a_call_counts_all_its_steps(make_engine):
     engine.submit(request("cut", steps=2, count=3), cut)
     assert done(cut.wait()).finish_reason == "cancelled"
     done(generate(engine, "after", steps=1))  # the worker is past the cancelled request's call
-    assert engine.stats.pipeline_calls == 4  # 2, then 1 of the cancelled request's 2, then 1
+    assert engine.counters().pipeline_calls == 4  # 2, then 1 of the cancelled request's 2, then 1
 
 
 def test_cancel_a_waiting_request(make_engine):
@@ -252,14 +252,15 @@ def test_cancel_a_waiting_request(make_engine):
     engine = make_engine(start=False)
     collector = Collector()
     engine.submit(request("w"), collector)
-    assert engine.cancel("w")
+    engine.cancel("w")
     engine.start()
     ev = done(collector.wait())
     assert ev.finish_reason == "cancelled"
     assert ev.timings.first_step_ms is None
     assert not [e for e in collector.events if isinstance(e, ImageProgressEvent)]
-    assert engine.cancel("w") is False
-    assert engine.cancel("never-submitted") is False
+    engine.cancel("w")  # no longer in flight, and one never submitted: nothing happens
+    engine.cancel("never-submitted")
+    assert done(generate(engine, "w")).finish_reason == "stop"  # the key is free again
 
 
 # ---------------------------------------------------------------- refusals
@@ -282,7 +283,7 @@ def test_bad_parameters_are_refused(make_engine, fields, words):
     """Bad sizes, step counts and such get `invalid_parameter` with a readable reason."""
     engine = make_engine()
     ev = error(generate(engine, "bad", **fields))
-    assert ev.code == ErrorCode.INVALID_PARAMETER
+    assert ev.code == EngineErrorCode.INVALID
     assert words in ev.message
     assert done(generate(engine, "good")).finish_reason == "stop"
 
@@ -294,7 +295,7 @@ def test_text_adapter_is_refused(make_engine, version):
     engine = make_engine()
     text = replace(version("ink"), kind="text")
     ev = error(generate(engine, "t", adapters=[(text, 1.0)]))
-    assert ev.code == ErrorCode.ADAPTER_UNAVAILABLE
+    assert ev.code == EngineErrorCode.ADAPTER
     assert "text adapter" in ev.message
 
 
@@ -305,7 +306,7 @@ def test_unloadable_adapter_fails_only_its_request(make_engine, version, random_
     engine = make_engine()
     broken = replace(version("ink"), name="broken", tensors={"unet.nowhere.lora_A.weight": random_tensor(2, 3)})
     ev = error(generate(engine, "b", adapters=[(broken, 1.0)]))
-    assert ev.code == ErrorCode.ADAPTER_UNAVAILABLE
+    assert ev.code == EngineErrorCode.ADAPTER
     assert "broken" in ev.message
     assert done(generate(engine, "ok", adapters=[(version("ink"), 1.0)])).finish_reason == "stop"
 
@@ -316,7 +317,7 @@ def test_duplicate_key_is_refused(make_engine):
     first, second = Collector(), Collector()
     engine.submit(request("same"), first)
     engine.submit(request("same"), second)
-    assert error(second.wait()).code == ErrorCode.DUPLICATE_ID
+    assert error(second.wait()).code == EngineErrorCode.DUPLICATE
     engine.start()
     assert done(first.wait()).finish_reason == "stop"
 
@@ -328,10 +329,10 @@ def test_stop_answers_waiting_requests(make_engine):
     engine.submit(request("w"), collector)
     engine.stop()
     engine.stop()
-    assert error(collector.wait()).code == ErrorCode.SHUTTING_DOWN
+    assert error(collector.wait()).code == EngineErrorCode.STOPPED
     late = Collector()
     engine.submit(request("late"), late)
-    assert error(late.wait()).code == ErrorCode.SHUTTING_DOWN
+    assert error(late.wait()).code == EngineErrorCode.STOPPED
     with pytest.raises(RuntimeError):
         engine.start()
 
@@ -363,7 +364,7 @@ def test_same_adapter_set_is_batched(make_engine, version):
     engine.start()
     for c in collectors.values():
         assert done(c.wait()).finish_reason == "stop"
-    stats = engine.stats
+    stats = engine.counters()
     assert stats.pipeline_calls == 2  # {a, b, d} at weight 1, then {c} at weight 0.5
     assert stats.largest_batch == 4
     assert stats.images == 5
@@ -378,8 +379,8 @@ def test_batch_is_bounded_by_max_batch(make_engine):
     engine.start()
     for c in collectors:
         done(c.wait())
-    assert engine.stats.pipeline_calls == 3
-    assert engine.stats.largest_batch == 2
+    assert engine.counters().pipeline_calls == 3
+    assert engine.counters().largest_batch == 2
 
 
 def test_groups_are_served_round_robin(make_engine, version):
@@ -421,6 +422,6 @@ def test_batched_request_matches_itself(make_engine):
         engine.submit(request("b", seed=20, prompt="a castle"), b)
         engine.start()
         runs.append((done(a.wait()).images, done(b.wait()).images))
-        assert engine.stats.pipeline_calls == 1
+        assert engine.counters().pipeline_calls == 1
     assert runs[0] == runs[1]
     assert runs[0][0] != runs[0][1]

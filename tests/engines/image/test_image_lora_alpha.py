@@ -19,8 +19,8 @@ from image_testkit import generate, make_version
 from PIL import Image
 from safetensors import safe_open
 
+from benchmarks.fixtures.image_lora import LORA_WEIGHT_FILE, make_lora_state_dict
 from daemon.engines.image.lora_format import LORA_METADATA_KEY, fold_header_alpha
-from daemon.engines.image.tiny_lora import LORA_WEIGHT_FILE, make_lora_state_dict
 
 PROMPT = dict(prompt="a knight in a forest", seed=21, width=64, height=64, steps=4)
 

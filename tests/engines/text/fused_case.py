@@ -10,15 +10,12 @@ import sys
 
 import torch
 
-from daemon.engines.text.lora import (
-    GROUPS,
-    Kernel,
-    LoraBatch,
-    LoraSlotStorage,
-    PreparedLora,
-    lora_project,
-    lora_reference,
-)
+from daemon.engines.text.kernels import NumbaKernels, TorchKernels, TritonKernels
+from daemon.engines.text.lora import lora_project, lora_reference
+from daemon.engines.text.lora_plan import LoraBatch
+from daemon.engines.text.lora_pool import GROUPS, LoraSlotStorage, PreparedLora
+
+KERNELS = {"torch": TorchKernels, "numba": NumbaKernels, "triton": TritonKernels}
 
 # Odd-sized on purpose: q/k/v of 48/16/16 columns, MLP of 80 (not a multiple of 32).
 DIMS = {"q_proj": (32, 48), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (48, 32),
@@ -81,11 +78,12 @@ def slot_matrix(slots: list[list[int]], scales: list[list[float]]) -> torch.Tens
 
 
 def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora], batch: LoraBatch,
-            slots: list[list[int]], scales: list[list[float]], *, kernel: Kernel = "torch") -> float:
+            slots: list[list[int]], scales: list[list[float]], *, kernel: str = "torch") -> float:
     """Largest error of lora_project over every group against base GEMM + the plain loop over the
     adapters' own matrices, relative to the largest reference value. The o and down groups also
     add a residual stream (as the model calls them)."""
     device, dtype = storage.device, model.bias.dtype
+    kernels = KERNELS[kernel](device)
     worst = 0.0
     g = torch.Generator().manual_seed(7)
     for key, members in GROUPS:
@@ -95,7 +93,8 @@ def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora
         residual = None
         if key in ("o", "down"):
             residual = torch.randn(len(slots), model.weights[key].shape[0], generator=g).to(device, dtype)
-        got = lora_project(x, model.weights[key], bias, group, batch, kernel=kernel, residual=residual).double()
+        got = lora_project(x, model.weights[key], bias, group, batch, kernels, residual=residual).double()
+        assert not kernels.failures, kernels.failures
         want = torch.nn.functional.linear(x.double(), model.weights[key].double(),
                                           None if bias is None else bias.double())
         if residual is not None:
@@ -112,7 +111,7 @@ def compare(model: FakeModel, storage: LoraSlotStorage, loras: list[PreparedLora
     return worst
 
 
-def check(dtype: torch.dtype, device: str, t: int, *, kernel: Kernel, targets: tuple[str, ...]) -> float:
+def check(dtype: torch.dtype, device: str, t: int, *, kernel: str, targets: tuple[str, ...]) -> float:
     """The dense-over-the-prefix path (the one the kernels take) on every group: the relative error."""
     model, storage, loras = build(targets, dtype, device)
     slots, scales = rows_case(t)

@@ -9,8 +9,8 @@ import torch
 from tiny import write_text_adapter
 
 from daemon.adapters.loader import read_adapter_files
-from daemon.engines.text.engine import EngineConfig, TextEngine, TextRequest
-from daemon.engines.text.sampler import SamplingParams
+from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.request import EngineConfig, SamplingParams, TextRequest
 
 ADAPTERS = {
     "a_qv": dict(rank=4, targets=("q_proj", "v_proj"), seed=21),
@@ -23,8 +23,8 @@ ADAPTERS = {
 
 def load_version(engine: TextEngine, folder: Path, number: int = 1):
     files = read_adapter_files(folder, "text")
-    prepared = engine.prepare_adapter(files.config, files.tensors)
-    return files.to_version(folder.name, number, prepared, prepared.rank, prepared.targets)
+    prepared = engine.prepare_adapter(files)
+    return files.to_version(folder.name, number, prepared.payload, prepared.rank, prepared.targets)
 
 
 def reference_models(model_dir: Path, adapter_dirs: dict[str, Path]):
@@ -90,7 +90,7 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
     engine = TextEngine.from_folder(model_dir, EngineConfig(
         device=device.removesuffix("-torch"), dtype="float32", max_seqs=8, max_context=128, lora_slots=6,
         max_lora_rank=8, prefill_chunk=5, max_step_tokens=24, kernels=not device.endswith("-torch")))
-    assert engine.storage.kernel == {"cpu": "numba", "cpu-torch": "torch", "cuda": "triton"}[device]
+    assert engine.kernels.name == {"cpu": "numba", "cpu-torch": "torch", "cuda": "triton"}[device]
     versions = {n: load_version(engine, d) for n, d in dirs.items()}
     peft = reference_models(model_dir, dirs)
     prompts = ["Ahoy matey", "The elven archivist keeps the old scrolls", "Hammer",
@@ -117,8 +117,8 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
     def submit(i: int) -> None:
         engine.submit(TextRequest(
             key=i, prompt_ids=ids[i], sampling=SamplingParams(temperature=0.0, max_tokens=6),
-            adapters=[(versions[n], s) for n, s in rows[i]], on_event=lambda e: done.__setitem__(e.key, e)
-            if not type(e).__name__.endswith("ChunkEvent") else None))
+            adapters=[(versions[n], s) for n, s in rows[i]]),
+            lambda e: done.__setitem__(e.key, e) if not type(e).__name__.endswith("ChunkEvent") else None)
 
     for i in range(4):
         submit(i)

@@ -12,15 +12,10 @@ from safetensors.torch import load_file, save_file
 from tiny import write_text_adapter
 
 from daemon.adapters.loader import read_adapter_files
+from daemon.engines.base import EngineError, EngineErrorCode
 from daemon.engines.text.detok import IncrementalDecoder
-from daemon.engines.text.engine import (
-    EngineConfig,
-    TextChunkEvent,
-    TextDoneEvent,
-    TextEngine,
-    TextErrorEvent,
-    TextRequest,
-)
+from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.request import EngineConfig, TextChunkEvent, TextDoneEvent, TextRequest
 from daemon.engines.text.sampler import SamplingParams, sample
 
 
@@ -32,15 +27,14 @@ def engine(tiny_model_dir: Path) -> TextEngine:
 
 def version(engine: TextEngine, folder: Path, number: int = 1):
     files = read_adapter_files(folder, "text")
-    prepared = engine.prepare_adapter(files.config, files.tensors)
-    return files.to_version(folder.name, number, prepared, prepared.rank, prepared.targets)
+    prepared = engine.prepare_adapter(files)
+    return files.to_version(folder.name, number, prepared.payload, prepared.rank, prepared.targets)
 
 
 def run(engine: TextEngine, *requests: TextRequest) -> dict:
     events: dict = {}
     for r in requests:
-        r.on_event = lambda e, events=events: events.setdefault(e.key, []).append(e)
-        engine.submit(r)
+        engine.submit(r, lambda e, events=events: events.setdefault(e.key, []).append(e))
     while engine.has_work():
         engine.step()
     return events
@@ -50,7 +44,7 @@ def req(engine: TextEngine, key, prompt="Ahoy matey", **kw) -> TextRequest:
     adapters = kw.pop("adapters", [])
     stream = kw.pop("stream", True)
     return TextRequest(key=key, prompt_ids=engine.encode_prompt(prompt), sampling=SamplingParams(**kw),
-                       on_event=lambda e: None, adapters=adapters, stream=stream)
+                       adapters=adapters, stream=stream)
 
 
 def test_seeded_request_is_reproducible_alone_and_in_a_batch(engine: TextEngine) -> None:
@@ -97,8 +91,7 @@ def test_cancel_running_and_queued(engine: TextEngine) -> None:
     sink = lambda e: events.setdefault(e.key, []).append(e)  # noqa: E731
     reqs = [req(engine, i, temperature=0.5, seed=i, max_tokens=40) for i in range(6)]  # 4 rows: 2 queue
     for r in reqs:
-        r.on_event = sink
-        engine.submit(r)
+        engine.submit(r, sink)
     for _ in range(4):
         engine.step()
     engine.cancel(0)
@@ -108,19 +101,19 @@ def test_cancel_running_and_queued(engine: TextEngine) -> None:
     assert events[0][-1].finish_reason == "cancelled" and events[0][-1].completion_tokens < 40
     assert events[5][-1].finish_reason == "cancelled" and events[5][-1].completion_tokens == 0
     assert all(events[i][-1].finish_reason == "length" for i in (1, 2, 3, 4))
-    assert len(engine._free_rows) == engine.max_rows
+    assert engine.scheduler.free_rows == engine.max_rows
 
 
 def test_prompt_too_long_and_empty(engine: TextEngine) -> None:
-    long = run(engine, TextRequest(key="l", prompt_ids=[5] * 64, sampling=SamplingParams(), on_event=lambda e: None))
-    assert isinstance(long["l"][0], TextErrorEvent) and long["l"][0].code == "prompt_too_long"
-    empty = run(engine, TextRequest(key="e", prompt_ids=[], sampling=SamplingParams(), on_event=lambda e: None))
-    assert empty["e"][0].code == "invalid_parameter"
+    long = run(engine, TextRequest(key="l", prompt_ids=[5] * 64, sampling=SamplingParams()))
+    assert isinstance(long["l"][0], EngineError) and long["l"][0].code == EngineErrorCode.PROMPT_TOO_LONG
+    empty = run(engine, TextRequest(key="e", prompt_ids=[], sampling=SamplingParams()))
+    assert empty["e"][0].code == EngineErrorCode.INVALID
 
 
 def test_context_limit_finishes_with_length(engine: TextEngine) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=100)
-    done = run(engine, TextRequest(key="c", prompt_ids=[5] * 60, sampling=params, on_event=lambda e: None))["c"][-1]
+    done = run(engine, TextRequest(key="c", prompt_ids=[5] * 60, sampling=params))["c"][-1]
     assert done.finish_reason == "length" and done.prompt_tokens + done.completion_tokens == 64
 
 
@@ -146,7 +139,7 @@ def test_bad_adapters_are_refused_with_reasons(engine: TextEngine, tiny_model_di
     cases["ia3"] = ({**files.config, "peft_type": "IA3"}, files.tensors, "not a LoRA adapter")
     for config, tensors, reason in cases.values():
         with pytest.raises(ValueError, match=re.escape(reason)):
-            engine.prepare_adapter(config, tensors)
+            engine.prepare_lora(config, tensors)
     v = version(engine, good)
     done = run(engine, req(engine, "ok", temperature=0.0, max_tokens=4, adapters=[(v, 1.0)]))["ok"][-1]
     assert done.finish_reason == "length"
@@ -189,7 +182,7 @@ def test_retired_version_frees_its_slot_when_unused(engine: TextEngine, tiny_mod
     v1 = version(engine, write_text_adapter(tmp_path / "r", tiny_model_dir, seed=5), 1)
     run(engine, req(engine, "r", max_tokens=2, adapters=[(v1, 1.0)]))
     assert "r@1" in engine.slots.resident()
-    engine.retire("r@1")
+    engine.retire(v1)
     engine.step()
     assert "r@1" not in engine.slots.resident()
 

@@ -16,7 +16,8 @@ import itertools
 from fused_case import ALL, SOME, build, check, compare, make_lora, rows_case, slot_matrix
 
 from daemon.engines.text import cpu_lora
-from daemon.engines.text.lora import LoraBatch, LoraSlotStorage
+from daemon.engines.text.lora_plan import LoraBatch
+from daemon.engines.text.lora_pool import LoraSlotStorage
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny import write_text_adapter
 
-from daemon.engines.text.engine import EngineConfig, TextEngine
+from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.request import EngineConfig
 
 from .test_correctness import load_version
 

@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (CI insta
 def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float]:
     """Largest relative errors of (rms_norm, rope_qk_) against the references."""
     from daemon.engines.text import triton_ops
-    from daemon.engines.text.model import rms_norm_reference, rope_reference
+    from daemon.engines.text.kernels import rms_norm_reference, rope_reference
 
     g = torch.Generator().manual_seed(0)
     t, hidden, heads, kv_heads, head_dim = 7, 200, 3, 1, 40

@@ -1,0 +1,167 @@
+"""The kernel registry: which code computes RMSNorm, RoPE and the dense LoRA projection, chosen once.
+
+Three sets behind one interface, picked by `select_kernels` when the engine starts:
+
+- `TorchKernels`: PyTorch ops only; the reference the others are tested against (`rms_norm_reference`,
+  `rope_reference`, `lora.project_prefix`). Any device.
+- `NumbaKernels` (CPU, float32): decode-sized steps compute the LoRA update in one compiled loop per
+  projection group (`cpu_lora`); bigger steps use the PyTorch ops.
+- `TritonKernels` (CUDA): RMSNorm and RoPE as one launch each (`triton_ops`), the LoRA expand of a
+  whole group in one launch (`triton_lora`).
+
+A compiled kernel that fails at run time is logged, listed in `failures` (and /healthz), and the
+set falls back to the PyTorch ops for the rest of its life; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import cpu_lora
+from .lora import linear, lora_expand_fused, project_prefix
+from .lora_pool import ROW_BLOCK, GroupSlots
+
+__all__ = ["Kernels", "NumbaKernels", "TorchKernels", "TritonKernels", "rms_norm_reference", "rope_reference",
+           "select_kernels"]
+
+log = logging.getLogger("loraloom.text")
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by cos/sin [T, 1, D] (float32); rotate-half convention of the HF checkpoints."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class TorchKernels:
+    """PyTorch ops only."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.failures: list[str] = []
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm_reference(x, weight, eps)
+
+    def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, D] and k [T, kv_heads, D] of the fused qkv rows, rotated."""
+        t, qs = qkv.shape[0], heads * head_dim
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = rope_reference(qkv[:, :qs].view(t, heads, head_dim), c, s)
+        k = rope_reference(qkv[:, qs:qs + kv_heads * head_dim].view(t, kv_heads, head_dim), c, s)
+        return q, k
+
+    def prefers_prefix(self, tokens: int) -> bool:
+        """Whether a step of `tokens` rows should take the dense LoRA layout over the whole prefix."""
+        return self.device.type == "cuda"
+
+    def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
+                       weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight^T (+ bias) plus every row's LoRA update over the pool prefix (+ residual): [T, out]."""
+        return project_prefix(x, group, weights, residual)
+
+    def stats(self) -> dict[str, object]:
+        return {"kernels": self.name, "kernel_failures": list(self.failures)}
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        message = f"{what} failed ({type(exc).__name__}: {exc}); using PyTorch ops from now on"
+        log.warning("%s kernel: %s", self.name, message)
+        self.failures.append(message)
+
+
+class NumbaKernels(TorchKernels):
+    """CPU, float32: decode steps' LoRA update in one numba loop per group."""
+
+    name = "numba"
+
+    def prefers_prefix(self, tokens: int) -> bool:
+        return tokens <= cpu_lora.MAX_ROWS  # the loop reads only the rows each token uses
+
+    def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
+                       weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if not self.failures and cpu_lora.usable(x):
+            y = linear(x, weight, bias)
+            try:
+                cpu_lora.apply_group(y, x, group, weights, ROW_BLOCK)
+            except Exception as exc:  # a numba build that cannot run here
+                self._fail("the LoRA loop", exc)
+                return super().project_prefix(x, weight, bias, group, weights, residual)
+            return y if residual is None else y.add_(residual)
+        return super().project_prefix(x, weight, bias, group, weights, residual)
+
+
+class TritonKernels(TorchKernels):
+    """CUDA: one launch each for RMSNorm, RoPE and a group's LoRA expand."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        from . import triton_lora, triton_ops
+
+        self._lora = triton_lora
+        self._ops = triton_ops
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not self.failures:
+            try:
+                return self._ops.rms_norm(x, weight, eps)
+            except Exception as exc:
+                self._fail("RMSNorm", exc)
+        return rms_norm_reference(x, weight, eps)
+
+    def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.failures:
+            try:
+                self._ops.rope_qk_(qkv, cos, sin, heads + kv_heads, head_dim)  # q and k in place, one launch
+                t, qs = qkv.shape[0], heads * head_dim
+                return qkv[:, :qs].view(t, heads, head_dim), qkv[:, qs:qs + kv_heads * head_dim].view(
+                    t, kv_heads, head_dim)
+            except Exception as exc:
+                self._fail("RoPE", exc)
+        return super().rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
+
+    def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
+                       weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if not self.failures:
+            end = group.base_out + weights.shape[1] * len(group.members)
+            fused_bias = None if group.fused_bias is None else group.fused_bias[:end]
+            y = torch.nn.functional.linear(x, group.fused[:end], fused_bias)
+            try:
+                done = self._lora.expand_fused(y, group, weights, residual=residual)
+            except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need
+                self._fail("the LoRA expand", exc)
+                done = False
+            if not done:  # shapes the kernel does not take: the same math in PyTorch ops
+                lora_expand_fused(y, group, weights, residual=residual)
+            return y[:, :group.base_out]
+        return super().project_prefix(x, weight, bias, group, weights, residual)
+
+
+def select_kernels(device: torch.device, dtype: torch.dtype, *, enabled: bool = True) -> TorchKernels:
+    """The best kernel set installed for this device and dtype (PyTorch ops when `enabled` is False)."""
+    if enabled and device.type == "cuda":
+        from . import triton_lora
+
+        if triton_lora.available(device):
+            return TritonKernels(device)
+    if enabled and device.type == "cpu" and dtype == torch.float32 and cpu_lora.available():
+        return NumbaKernels(device)
+    return TorchKernels(device)
+
+
+Kernels = TorchKernels  # the interface every set implements

@@ -1,0 +1,56 @@
+"""From sampled tokens to text: detokenising, stop strings, finish reasons and streamed chunks.
+
+One `SequenceOutput` per running sequence. `push(token)` takes the next sampled token and says
+whether the sequence ends (and why); `take_chunk()` hands out the text that may be streamed now,
+holding back a tail that could still turn into a stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .detok import IncrementalDecoder
+from .scheduler import Sequence
+
+__all__ = ["SequenceOutput"]
+
+
+class SequenceOutput:
+    def __init__(self, seq: Sequence, tokenizer: Any, table: list[bytes] | None, *, eos_ids: frozenset[int],
+                 max_context: int) -> None:
+        self.seq = seq
+        self.params = seq.request.sampling
+        self.decoder = IncrementalDecoder(tokenizer, table)
+        self.eos_ids = eos_ids
+        self.max_context = max_context
+        self.text = ""  # all text so far (cut before a stop string once one appears)
+        self.sent = 0  # characters of `text` already streamed
+        self._longest_stop = max((len(x) for x in self.params.stop), default=0)
+
+    def push(self, token: int) -> str | None:
+        """Take the sequence's next token; the finish reason (stop, length) if it ends here."""
+        seq = self.seq
+        if token in self.eos_ids and not self.params.ignore_eos:
+            return "stop"
+        seq.tokens.append(token)
+        self.text += self.decoder.push(token)
+        if self._longest_stop:
+            base = max(0, self.sent - self._longest_stop)
+            window = self.text[base:]
+            hits = [base + window.find(x) for x in self.params.stop if x in window]
+            if hits:
+                self.text = self.text[:min(hits)]
+                return "stop"
+        if len(seq.tokens) >= self.params.max_tokens or seq.prompt_len + len(seq.tokens) >= self.max_context:
+            return "length"
+        return None
+
+    def take_chunk(self, *, final: bool = False) -> str:
+        """Text not streamed yet that no later token can take back ("" when there is none)."""
+        if not self.seq.request.stream:
+            return ""
+        hold = 0 if final else max(self._longest_stop - 1, 0)
+        upto = max(self.sent, len(self.text) - hold)
+        piece = self.text[self.sent:upto]
+        self.sent = upto
+        return piece

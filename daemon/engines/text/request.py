@@ -1,0 +1,86 @@
+"""What goes into the text engine and what comes out: its settings, requests and events.
+
+Plain data, no torch: the scheduler and the service read these without loading a model.
+A request's events arrive through the callback given to `TextEngine.submit`, in this order:
+`TextChunkEvent`s (when streaming), then one `TextDoneEvent` or one `base.EngineError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from .config import LORA_TARGETS
+
+if TYPE_CHECKING:
+    from ...adapters.version import AdapterVersion
+
+__all__ = ["EngineConfig", "SamplingParams", "TextChunkEvent", "TextDoneEvent", "TextRequest"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity settings of the text engine."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    max_seqs: int = 16  # sequences running at once (KV-cache rows)
+    max_context: int = 2048  # tokens per sequence, prompt included
+    kv_cache_mb: int | None = None  # if set, caps max_seqs to what fits
+    lora_slots: int = 16  # adapters resident in compute memory at once
+    max_lora_rank: int = 64
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    max_adapters_per_request: int = 4
+    prefill_chunk: int = 256  # prompt tokens of one sequence per step
+    max_step_tokens: int = 512  # tokens of all sequences per step
+    cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
+    lora_layout: Literal["auto", "dense", "bgmv"] = "auto"  # how a step lays out its LoRA rows (lora_plan.py)
+    kernels: bool = True  # compiled kernels where installed (kernels.py); False: PyTorch ops only
+    pinned_adapters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+
+@dataclass
+class TextRequest:
+    """One generation. `adapters` hold validated versions (with their prepared LoRA matrices)."""
+
+    key: Hashable
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapters: list[tuple[AdapterVersion, float]] = field(default_factory=list)
+    stream: bool = True
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class TextChunkEvent:
+    key: Hashable
+    text: str
+    tokens: int  # generated so far
+
+
+@dataclass(frozen=True)
+class TextDoneEvent:
+    key: Hashable
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_versions: dict[str, int]
+    queued_ms: float
+    first_token_ms: float | None
+    total_ms: float
+    token_ids: tuple[int, ...] = ()

@@ -1,0 +1,131 @@
+"""One step on the device: a `StepPlan` -> tensors -> a CUDA graph or the eager forward -> logits
+-> one sampled token per sequence that needs one.
+
+Decode-only steps on CUDA replay a recorded graph (`graphs`); steps with prompt chunks, and every
+step on a CPU, run `TextModel.forward` eagerly. The LoRA plan of a step (`lora_plan.LoraBatch`)
+comes from each sequence's per-slot scales, kept here for as long as the sequence runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+from .graphs import DecodeGraphs
+from .kernels import Kernels
+from .lora_plan import LoraBatch
+from .lora_pool import LoraSlotStorage
+from .model import KVCache, PrefillChunk, StepInput, TextModel
+from .request import EngineConfig
+from .sampler import sample
+from .scheduler import Sequence, StepPlan
+
+__all__ = ["ModelRunner"]
+
+
+class ModelRunner:
+    def __init__(self, model: TextModel, cache: KVCache, storage: LoraSlotStorage, kernels: Kernels,
+                 config: EngineConfig, graphs: DecodeGraphs | None) -> None:
+        self.model = model
+        self.cache = cache
+        self.storage = storage
+        self.kernels = kernels
+        self.config = config
+        self.graphs = graphs
+        self.device = model.device
+        self.dtype = model.dtype
+        self.last_batch_size = 0
+        # Test and debugging hook: called with (request keys, float32 logits) after every forward.
+        self.on_logits: Callable[[list[Hashable], torch.Tensor], None] | None = None
+        self._weights: dict[int, torch.Tensor] = {}  # sequence serial -> its scale per slot (float32, host)
+
+    def forget(self, seq: Sequence) -> None:
+        self._weights.pop(seq.serial, None)
+
+    def run(self, plan: StepPlan) -> list[int]:
+        """Run the step; the next token of each sequence in `plan.sample`, in that order."""
+        logits = self._forward(plan)
+        sample_seqs = plan.sample
+        if not sample_seqs:  # only prompt chunks that end mid-prompt
+            return []
+        if self.on_logits is not None:
+            self.on_logits([s.key for s in sample_seqs], logits)
+        params = [s.request.sampling for s in sample_seqs]
+        # Token histories only for the rows with a repetition penalty (the others never read them).
+        histories = [s.request.prompt_ids + s.tokens if p.repetition_penalty != 1.0 else []
+                     for s, p in zip(sample_seqs, params, strict=True)]
+        return sample(logits, params, [len(s.tokens) for s in sample_seqs], histories)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        decode = plan.decode
+        ids = [s.tokens[-1] for s in decode]
+        pos = [s.prompt_len + len(s.tokens) - 1 for s in decode]
+        rows = [s.row for s in decode]
+        if self.graphs is not None and decode and plan.decode_only:
+            self.last_batch_size = len(ids)
+            # A sequence's slot scales never change while it runs, so the graph's copy of them is
+            # reused for as long as the same sequences decode together.
+            uses_lora = any(self._uses_lora(s) for s in decode)
+            return self.graphs.run(ids, pos, rows, (lambda: self._slot_weights(decode)) if uses_lora else None,
+                                   weights_key=tuple(s.serial for s in decode))
+        logit_index = list(range(len(decode)))
+        chunks: list[PrefillChunk] = []
+        counts = [1] * len(decode)  # tokens of each sequence in this step, in order
+        for c in plan.chunks:
+            start = len(ids)
+            ids.extend(c.seq.request.prompt_ids[c.start:c.start + c.length])
+            pos.extend(range(c.start, c.start + c.length))
+            rows.extend([c.seq.row] * c.length)
+            chunks.append(PrefillChunk(start=start, end=start + c.length, row=c.seq.row, pos0=c.start))
+            counts.append(c.length)
+            if c.completes:
+                logit_index.append(len(ids) - 1)
+        dev = self.device
+        d = len(decode)
+        step = StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            cache_rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            num_decode=d,
+            decode_rows=torch.tensor(rows[:d], dtype=torch.long, device=dev),
+            decode_lens=torch.tensor([p + 1 for p in pos[:d]], dtype=torch.long, device=dev),
+            max_decode_len=max((p + 1 for p in pos[:d]), default=0),
+            prefill=chunks,
+            logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
+            decode_row_range=(rows[0], rows[d - 1] + 1) if d and rows[d - 1] - rows[0] + 1 == d else None,
+            lora=self._lora_batch(plan.sequences, counts),
+        )
+        self.last_batch_size = len(ids)
+        return self.model.forward(step, self.cache, self.storage)
+
+    def _lora_batch(self, seqs: list[Sequence], counts: list[int]) -> LoraBatch:
+        """The step's LoRA plan from each sequence's slot vector (no per-token Python): dense over
+        the pool prefix where the kernels prefer it (every GPU step, CPU decode steps with the
+        numba loop), else `LoraBatch.plan` picks per step."""
+        per_seq = self._slot_weights(seqs)
+        if per_seq is None:
+            return LoraBatch(mode="none")
+        per_token = per_seq.repeat_interleave(torch.tensor(counts), dim=0)
+        layout = self.config.lora_layout
+        prefix = self.kernels.prefers_prefix(len(per_token))
+        return LoraBatch.plan(per_token, self.storage, dtype=self.dtype,
+                              prefer_prefix=prefix and layout in ("auto", "dense"),
+                              force=None if layout == "auto" else layout)
+
+    def _uses_lora(self, seq: Sequence) -> bool:
+        return any(x != 0.0 for x in seq.scales)
+
+    def _slot_weights(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""
+        if not any(self._uses_lora(s) for s in seqs):
+            return None
+        return torch.stack([self._row_weights(s) for s in seqs])
+
+    def _row_weights(self, seq: Sequence) -> torch.Tensor:
+        w = self._weights.get(seq.serial)
+        if w is None:
+            w = self._weights[seq.serial] = torch.zeros(self.storage.num_slots)
+            for slot, scale in zip(seq.slots, seq.scales, strict=True):
+                w[slot] += scale
+        return w
