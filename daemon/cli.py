@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("image", help="generate an image on the running daemon")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    p.add_argument("--adapter", "-a", action="append", metavar="NAME[:WEIGHT]", help="image adapter (repeatable)")
+    p.add_argument("--adapter", "-a", action="append", metavar="NAME[:SCALE]", help="image adapter (repeatable)")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8")
     p.add_argument("--steps", type=int, default=20)

@@ -179,7 +179,7 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         model_dir = Path(args.text_model)
     adapters: Path | None = args.adapters or ROOT / "samples" / "adapters"
-    if not adapters.is_dir():
+    if adapters is not None and not adapters.is_dir():
         console.print(f"no adapter folder at {adapters}; the demo runs on the base model only")
         adapters = None
     work = Path(tempfile.mkdtemp(prefix="loraloom-demo-"))

@@ -201,8 +201,8 @@ class DaemonServer:
                 for cid, c in list(self._connections.items()):
                     self._perform(cid, c, c.session.deliver(item))
                 continue
-            c = self._connections.get(conn_id)
-            if c is None:
+            target = self._connections.get(conn_id)
+            if target is None:
                 continue  # the connection went away meanwhile
             try:
                 message: BaseModel | None = item()
@@ -210,7 +210,7 @@ class DaemonServer:
                 log.exception("connection %d: building a reply failed", conn_id)
                 continue
             if message is not None:
-                self._perform(conn_id, c, c.session.deliver(message))
+                self._perform(conn_id, target, target.session.deliver(message))
 
     async def _write(self, c: _Connection) -> None:
         try:

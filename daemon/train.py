@@ -121,9 +121,9 @@ def train_adapter(base_dir: Path, data: Path, out_dir: Path, name: str, cfg: Tra
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
-    peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=0.0,
-                          bias="none", task_type="CAUSAL_LM")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)  # type: ignore[arg-type]
+    peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # a float works
+                          target_modules=list(cfg.targets), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bridge.errors import AdapterError, ErrorCode
 from bridge.messages import ADAPTER_NAME_PATTERN, AdapterInfo
@@ -65,6 +65,7 @@ class _Entry:
         self.error: str | None = None
         self.numbers = 0
         self.last_used = 0.0
+        self.loading = False  # its files are being read again (it had left host memory)
 
     @property
     def warm(self) -> bool:
@@ -72,7 +73,9 @@ class _Entry:
 
     def info(self) -> AdapterInfo:
         v = self.live
-        status = "ready" if v is not None else ("failed" if self.error else "loading")
+        status: Literal["ready", "loading", "failed"] = "failed" if v is None and self.error else "ready"
+        if self.loading or (v is None and not self.error):
+            status = "loading"
         return AdapterInfo(name=self.name, kind=self.kind, status=status, version=v.number if v else None,
                            hash=v.hash if v else None, rank=v.rank if v else None,
                            targets=list(v.targets) if v else [], error=self.error)
@@ -115,7 +118,11 @@ class AdapterRegistry:
             if entry.warm:
                 return entry.live
             cold = entry.live
-        self._rewarm(kind, entry, cold)
+            entry.loading = True
+        try:
+            self._rewarm(kind, entry, cold)
+        finally:
+            entry.loading = False
         with self._lock:
             current = self._entries.get((kind, name))
             if current is None or current.live is None or not current.warm:

@@ -1,8 +1,8 @@
 """Is an image request one this engine can run, and which batch group does it join?
 
 `check_request` refuses what the model or the limits cannot do (with a message that says what
-would work) and normalises the adapter mix: weights of one version add up, weight 0 leaves the
-adapter out, so a request at weight 0 is the base model exactly and batches with it.
+would work) and normalises the adapter mix: scales of one version add up, scale 0 leaves the
+adapter out, so a request at scale 0 is the base model exactly and batches with it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Refused(Exception):
 class Checked:
     seed: int | None  # the request's own (None: the engine picks one when it queues the images)
     versions: dict[str, AdapterVersion] = field(default_factory=dict)  # version key -> version
-    mix: tuple[tuple[str, float], ...] = ()  # (version key, weight), sorted, zero weights left out
+    mix: tuple[tuple[str, float], ...] = ()  # (version key, scale), sorted, zero scales left out
     batch_key: Hashable = None  # requests with equal keys can share a pipeline call
 
 
@@ -62,22 +62,22 @@ def check_request(r: ImageRequest, config: ImageConfig, *, size_multiple: int, s
     if r.seed is not None and (not isinstance(r.seed, int) or not 0 <= r.seed <= MAX_SEED):
         raise Refused(bad, f"seed must be an integer between 0 and {MAX_SEED}, got {r.seed!r}")
     checked = Checked(seed=r.seed)
-    weights: dict[str, float] = {}
+    scales: dict[str, float] = {}
     for item in r.adapters:
-        version, weight = item
+        version, scale = item
         if not isinstance(version, AdapterVersion):
-            raise Refused(bad, f"adapters must be (AdapterVersion, weight) pairs, got {type(version).__name__}")
+            raise Refused(bad, f"adapters must be (AdapterVersion, scale) pairs, got {type(version).__name__}")
         if version.kind != "image":
             raise Refused(EngineErrorCode.ADAPTER,
                           f"adapter '{version.name}' is a {version.kind} adapter and cannot be used for images")
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise Refused(bad, f"the weight of adapter '{version.name}' must be a finite number")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise Refused(bad, f"the scale of adapter '{version.name}' must be a finite number")
         if not supports_lora:
             raise Refused(EngineErrorCode.ADAPTER, f"the image model {model_name} does not take LoRA adapters")
         checked.versions[version.key] = version
-        weights[version.key] = weights.get(version.key, 0.0) + float(weight)
+        scales[version.key] = scales.get(version.key, 0.0) + float(scale)
     if len(checked.versions) > config.max_adapters:
         raise Refused(bad, f"{len(checked.versions)} adapters in one request; the limit is {config.max_adapters}")
-    checked.mix = tuple(sorted((k, w) for k, w in weights.items() if w != 0.0))
+    checked.mix = tuple(sorted((k, w) for k, w in scales.items() if w != 0.0))
     checked.batch_key = (checked.mix, r.width, r.height, r.steps, float(r.guidance), r.negative_prompt is None)
     return checked

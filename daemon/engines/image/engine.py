@@ -12,13 +12,10 @@ in `slots.AdapterSlots`, request checks in `checks`, the pipeline call in `calls
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,49 +24,18 @@ import torch
 from ...adapters.loader import AdapterFiles
 from ...adapters.version import AdapterVersion
 from ..base import EngineError, EngineErrorCode, EngineInfo, EventSink, PreparedAdapter
-from ..device import DTYPES, dtype_name, resolve_device, resolve_dtype
+from ..device import dtype_name, resolve_device
 from .batching import FairQueue, free_seed, home_row
-from .calls import CallRow, pipeline_call, png
-from .checks import Checked, Refused, check_request
-from .default_pipeline import PLACEHOLDER_NAME, ensure_default_image_model, is_placeholder_model
-from .lora_format import build_shape_index, check_lora, normalize_lora
-from .request import ImageConfig, ImageCounters, ImageDoneEvent, ImageProgressEvent, ImageRequest, ImageTimings
+from .calls import CallRow, pipeline_call
+from .checks import Refused, check_request
+from .jobs import Image, Job
+from .loading import LoraCheck, load_pipeline
+from .request import ImageConfig, ImageCounters, ImageRequest
 from .slots import AdapterSlots
 
 __all__ = ["ImageEngine"]
 
 log = logging.getLogger("loraloom.image")
-
-
-@dataclass(eq=False)
-class _Job:
-    request: ImageRequest
-    on_event: EventSink
-    arrived: float
-    checked: Checked = field(default_factory=lambda: Checked(seed=None))
-    started: float | None = None
-    first_step: float | None = None
-    done: bool = False
-    results: dict[int, Any] = field(default_factory=dict)  # image index -> PIL image, as calls finish
-    calls_done: int = 0  # pipeline calls that held images of this request
-    calls_total: int = 1  # calls_done + the current call + the calls its queued images wait for
-
-    @property
-    def key(self) -> Hashable:
-        return self.request.key
-
-
-@dataclass(eq=False)
-class _Image:
-    """One image of a request: image `index` has seed `job.checked.seed + index`."""
-
-    job: _Job
-    index: int
-    seed: int
-
-
-def _ms(since: float, now: float) -> float:
-    return round((now - since) * 1000.0, 3)
 
 
 class ImageEngine:
@@ -86,19 +52,16 @@ class ImageEngine:
         self._dtype = dtype_name(pipe.unet.dtype) if getattr(pipe, "unet", None) is not None else "float32"
         self._size_multiple = max(8, int(getattr(pipe, "vae_scale_factor", 8)))
         # Captured before any adapter is injected, so validation never walks a changing model.
-        self._supports_lora = hasattr(pipe, "load_lora_weights")
-        self._shape_index = build_shape_index(pipe) if self._supports_lora else {}
-        unet = getattr(pipe, "unet", None)
-        self._unet_config = getattr(unet, "config", None) if unet is not None else None
+        self._lora_check = LoraCheck(pipe, name=name, max_rank=cfg.max_adapter_rank)
         self._slots = AdapterSlots(pipe, limit=cfg.adapter_slots)
         self._counters = ImageCounters()
         self._cond = threading.Condition()
-        self._inbox: list[_Job] = []
-        self._live: dict[Hashable, _Job] = {}  # submitted and not finished
+        self._inbox: list[Job] = []
+        self._live: dict[Hashable, Job] = {}  # submitted and not finished
         self._cancels: set[Hashable] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._queue: FairQueue[_Image] = FairQueue(cfg.max_batch)  # worker thread only
+        self._queue: FairQueue[Image] = FairQueue(cfg.max_batch)  # worker thread only
         if placeholder:
             log.warning("image model %s is a PLACEHOLDER with random weights: it draws noise", name)
         log.info("image model %s loaded on %s (%s)", name, device, self._dtype)
@@ -107,21 +70,8 @@ class ImageEngine:
     def from_folder(cls, model: str | Path, config: ImageConfig | None = None, *, cache_dir: Path) -> ImageEngine:
         """`model` is a diffusers pipeline folder, or "default" for the placeholder."""
         cfg = config or ImageConfig()
-        diffusers = importlib.import_module("diffusers")
-        path = ensure_default_image_model(Path(cache_dir)) if str(model) == "default" else Path(model).expanduser()
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        placeholder = is_placeholder_model(path)
-        device = resolve_device(cfg.device, allow_mps=True)
-        # Random placeholder weights overflow in half precision; real checkpoints are made for it.
-        dtype = torch.float32 if placeholder else resolve_dtype(cfg.dtype, device, half=torch.float16)
-        if placeholder and cfg.dtype in DTYPES:
-            dtype = DTYPES[cfg.dtype]
-        diffusers.utils.logging.disable_progress_bar()  # bars are not for the daemon's log
-        if importlib.util.find_spec("transformers") is not None:  # it loads the pipeline's text encoder
-            importlib.import_module("transformers").utils.logging.disable_progress_bar()
-        pipe = diffusers.AutoPipelineForText2Image.from_pretrained(path, dtype=dtype, local_files_only=True)
-        return cls(pipe, cfg, name=PLACEHOLDER_NAME if placeholder else path.name, placeholder=placeholder)
+        pipe, name, placeholder = load_pipeline(model, cfg, cache_dir=cache_dir)
+        return cls(pipe, cfg, name=name, placeholder=placeholder)
 
     # ------------------------------------------------------------ the contract (base.Engine)
 
@@ -156,22 +106,8 @@ class ImageEngine:
 
     def validate_adapter(self, tensors: dict[str, torch.Tensor],
                          files: dict[str, int] | None = None) -> tuple[int, tuple[str, ...]]:
-        """Check an image LoRA against this model: (rank, target module names) or ValueError.
-
-        Safe to call from any thread; it reads only what was recorded when the model was loaded.
-        `files` (the folder's file names) only sharpen the error message."""
-        if not self._supports_lora:
-            raise ValueError(f"the image model {self._name} ({type(self._pipe).__name__}) does not take LoRAs")
-        try:
-            if not tensors:
-                raise ValueError("the adapter holds no tensors")
-            parts = normalize_lora(type(self._pipe), tensors, unet_config=self._unet_config)
-            return check_lora(parts, self._shape_index, max_rank=self.config.max_adapter_rank)
-        except ValueError as exc:
-            hint = ""
-            if files and "adapter_config.json" in files:
-                hint = " (the folder has an adapter_config.json: it looks like a text adapter in PEFT format)"
-            raise ValueError(f"{exc}{hint}") from None
+        """Check an image LoRA against this model: (rank, target module names) or ValueError (any thread)."""
+        return self._lora_check(tensors, files)
 
     def retire(self, version: AdapterVersion) -> None:
         """Nothing to do now: `AdapterSlots` drops superseded versions once no request needs them."""
@@ -200,7 +136,7 @@ class ImageEngine:
     def submit(self, request: ImageRequest, on_event: EventSink) -> None:
         """Queue a request. Its events go to `on_event` on the worker thread; only a request
         refused here because the engine is stopped is answered on the caller's thread."""
-        job = _Job(request=request, on_event=on_event, arrived=time.monotonic())
+        job = Job(request=request, on_event=on_event, arrived=time.monotonic())
         with self._cond:
             if not self._stopping:
                 if request.key in self._live:
@@ -254,11 +190,11 @@ class ImageEngine:
             if not job.done:
                 self._finish_error(job, EngineErrorCode.STOPPED, "the image engine stopped before this request ran")
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: Job) -> None:
         """Queue a request's images, each for its home row (see `batching`)."""
         try:
             job.checked = check_request(job.request, self.config, size_multiple=self._size_multiple,
-                                        supports_lora=self._supports_lora, model_name=self._name)
+                                        supports_lora=self._lora_check.supported, model_name=self._name)
         except Refused as refused:
             self._finish_error(job, refused.code, refused.message)
             return
@@ -268,7 +204,7 @@ class ImageEngine:
             job.checked.seed = free_seed(self._queue.loads(batch_key), count)
         for i in range(count):
             seed = job.checked.seed + i
-            self._queue.push(batch_key, _Image(job, i, seed), home_row(seed, rows))
+            self._queue.push(batch_key, Image(job, i, seed), home_row(seed, rows))
 
     def _reap_cancelled(self) -> None:
         with self._cond:
@@ -280,7 +216,7 @@ class ImageEngine:
             if not job.done:
                 self._finish(job, [], "cancelled", now)
 
-    def _run_call(self, group: Hashable, call: list[_Image | None]) -> None:
+    def _run_call(self, group: Hashable, call: list[Image | None]) -> None:
         """One pipeline call: each image at its home row (its index in `call`), None rows padded."""
         call = [image if image is not None and not image.job.done else None for image in call]
         placed = [image for image in call if image is not None]
@@ -307,7 +243,7 @@ class ImageEngine:
                 job.started = started
             # Progress counts the steps of every call that holds images of the request: this one,
             # those before and those its queued images wait for.
-            waits = self._queue.waits(lambda image, job=job: image.job is job)
+            waits = self._queue.waits(lambda image, job=job: image.job is job)  # type: ignore[misc]
             job.calls_total = job.calls_done + 1 + len(set(waits))
         r = lead.request
         rows = [CallRow(i.job.key, i.job.request.prompt, i.job.request.negative_prompt, i.seed) if i else None
@@ -322,12 +258,7 @@ class ImageEngine:
                                        f"image generation failed: {type(exc).__name__}: {exc}")
             return
         with self._cond:
-            c = self._counters
-            c.pipeline_calls += 1
-            c.images += len(placed)
-            c.padding_images += self.config.max_batch - len(placed)
-            c.collision_padding += (self.config.max_batch - len(placed)) if waiting else 0
-            c.largest_batch = max(c.largest_batch, len(placed))
+            self._counters.record_call(len(placed), self.config.max_batch, waiting)
         now = time.monotonic()
         for job in jobs:
             job.calls_done += 1
@@ -336,14 +267,14 @@ class ImageEngine:
                 image.job.results[image.index] = picture
         for job in jobs:
             if not job.done and len(job.results) == job.request.count:
-                self._finish(job, [png(job.results[i]) for i in range(job.request.count)], "stop", now)
+                self._finish(job, job.pngs(), "stop", now)
 
     def _call_pipeline(self, rows: list[CallRow | None], r: ImageRequest,
                        on_step: Callable[[Any, int], None]) -> list[Any]:
         return pipeline_call(self._pipe, rows, width=r.width, height=r.height, steps=r.steps, guidance=r.guidance,
                              negative=r.negative_prompt is not None, on_step=on_step)
 
-    def _after_step(self, pipe: Any, i: int, jobs: list[_Job]) -> None:
+    def _after_step(self, pipe: Any, i: int, jobs: list[Job]) -> None:
         now = time.monotonic()
         with self._cond:
             cancels, stopping = set(self._cancels), self._stopping
@@ -358,18 +289,14 @@ class ImageEngine:
         if not live:
             pipe._interrupt = True  # diffusers skips the remaining steps (then still decodes what it has)
         else:
-            # A request that takes several calls counts the steps of all of them (`_run_call`).
             per_call = int(getattr(pipe, "_num_timesteps", 0) or len(pipe.scheduler.timesteps))
             for job in live:
-                if job.first_step is None:
-                    job.first_step = now
-                step = job.calls_done * per_call + i + 1
-                self._emit(job, ImageProgressEvent(job.key, step, max(step, job.calls_total * per_call)))
+                self._emit(job, job.progress(i, per_call, now))
         self._reap_cancelled()  # cancelled requests still waiting are answered now, not after this call
 
     # ------------------------------------------------------------ endings
 
-    def _retire_job(self, job: _Job) -> None:
+    def _retire_job(self, job: Job) -> None:
         job.done = True
         job.results.clear()
         self._queue.remove(lambda image: image.job is job)  # its images still waiting, if any
@@ -378,29 +305,22 @@ class ImageEngine:
                 del self._live[job.key]
             self._cancels.discard(job.key)
 
-    def _finish(self, job: _Job, images: list[bytes], reason: Literal["stop", "cancelled"], now: float) -> None:
+    def _finish(self, job: Job, images: list[bytes], reason: Literal["stop", "cancelled"], now: float) -> None:
         self._retire_job(job)
         with self._cond:
             if reason == "cancelled":
                 self._counters.requests_cancelled += 1
             else:
                 self._counters.requests_done += 1
-        started = job.started if job.started is not None else now
-        self._emit(job, ImageDoneEvent(
-            key=job.key, images=images, seed=job.checked.seed if job.checked.seed is not None else 0,
-            width=job.request.width, height=job.request.height, finish_reason=reason,
-            adapter_versions={v.name: v.number for v, _ in job.request.adapters},
-            timings=ImageTimings(queued_ms=_ms(job.arrived, started),
-                                 first_step_ms=None if job.first_step is None else _ms(job.arrived, job.first_step),
-                                 total_ms=_ms(job.arrived, now))))
+        self._emit(job, job.done_event(images, reason, now))
 
-    def _finish_error(self, job: _Job, code: EngineErrorCode, message: str) -> None:
+    def _finish_error(self, job: Job, code: EngineErrorCode, message: str) -> None:
         self._retire_job(job)
         with self._cond:
             self._counters.requests_failed += 1
         self._emit(job, EngineError(job.key, code, message))
 
-    def _emit(self, job: _Job, event: Any) -> None:
+    def _emit(self, job: Job, event: Any) -> None:
         try:
             job.on_event(event)
         except Exception:

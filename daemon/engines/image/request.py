@@ -97,3 +97,12 @@ class ImageCounters:
     adapter_loads: int = 0
     adapter_hotswaps: int = 0
     adapter_unloads: int = 0
+
+    def record_call(self, images: int, batch: int, waiting: bool) -> None:
+        """A pipeline call of `batch` rows finished with `images` real ones (`waiting`: images of its
+        group waited for rows this call left empty)."""
+        self.pipeline_calls += 1
+        self.images += images
+        self.padding_images += batch - images
+        self.collision_padding += batch - images if waiting else 0
+        self.largest_batch = max(self.largest_batch, images)

@@ -84,7 +84,7 @@ def ensure_default_text_model(cache_dir: Path | None = None,
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                          dtype=torch.bfloat16)
         # The loaded model still carries the GGUF quantizer; without this it would save GGUF metadata.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         say(f"converting {DEFAULT_MODEL_NAME} (first run only): writing safetensors")

@@ -82,5 +82,5 @@ class IncrementalDecoder:
         if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
             self._prefix = self._read
             self._read = len(self.ids)
-            return full[len(prefix_text):]
+            return str(full[len(prefix_text):])
         return ""

@@ -1,9 +1,11 @@
 """The multi-LoRA text engine: the worker thread and its command loop, wiring the parts together.
 
     engine = TextEngine.from_folder(path)              # or TextEngine.from_folder("default")
-    print(engine.generate("Hello", adapters=[(version, 1.0)], max_tokens=32))
+    engine.start()
+    engine.submit(TextRequest(key=1, prompt_ids=engine.encode_prompt("Hello"), sampling=...), on_event)
 
-The daemon calls `start()` (a worker thread runs the step loop) and `submit(request, on_event)`
+`offline.generate_many(engine, requests)` runs requests to the end on the calling thread. The
+daemon calls `start()` (a worker thread runs the step loop) and `submit(request, on_event)`
 from any thread; events come back through `on_event` on the worker thread. Each step: take the
 commands (submit, cancel, retire), end cancelled sequences, admit queued requests and plan the
 step (`scheduler`), run it on the device (`runner`), turn tokens into text and events (`output`).
@@ -17,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from .lora_pool import LoraSlotStorage, PreparedLora
 from .model import KVCache, TextModel
 from .output import SequenceOutput
 from .peft_format import prepare_peft_lora
-from .request import EngineConfig, SamplingParams, TextChunkEvent, TextDoneEvent, TextRequest
+from .request import EngineConfig, TextChunkEvent, TextDoneEvent, TextRequest, check_request
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .scheduler import Sequence as Seq
@@ -187,47 +189,17 @@ class TextEngine:
                 "lora_rows_in_use": self.storage.used, "lora_pool_rows": self.storage.pool_rows,
                 "lora_pool_compactions": self.storage.compactions, **self.kernels.stats()}
 
-    # ------------------------------------------------------------------ library convenience
-
-    @property
-    def on_logits(self) -> Callable[[list[Any], torch.Tensor], None] | None:
-        """Test and debugging hook: called with (request keys, float32 logits) after every forward."""
-        return self.runner.on_logits
-
-    @on_logits.setter
-    def on_logits(self, hook: Callable[[list[Any], torch.Tensor], None] | None) -> None:
-        self.runner.on_logits = hook
-
-    def generate(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
-                 adapters: Sequence[tuple[AdapterVersion, float]] = (), **sampling: Any) -> str:
-        """Run one request to the end on the calling thread (engine not started) and return its text."""
-        return self.generate_many([dict(prompt=prompt, messages=messages, adapters=adapters, **sampling)])[0].text
-
-    def generate_many(self, requests: Sequence[dict[str, Any]]) -> list[TextDoneEvent]:
-        """Run several requests batched together on the calling thread; their final events, in order."""
-        if self._thread is not None:
-            raise RuntimeError("generate_many() runs the engine itself; use submit() while it is started")
-        results: dict[Hashable, Any] = {}
-        for i, r in enumerate(requests):
-            r = dict(r)
-            ids = r.pop("prompt_ids", None) or self.encode_prompt(r.pop("prompt", None), r.pop("messages", None))
-            r.pop("prompt", None)
-            r.pop("messages", None)
-            adapters = list(r.pop("adapters", ()))
-            params = SamplingParams(**{k: (tuple(v) if k == "stop" else v) for k, v in r.items()})
-            self.submit(TextRequest(key=i, prompt_ids=ids, sampling=params, adapters=adapters),
-                        lambda e: None if isinstance(e, TextChunkEvent) else results.__setitem__(e.key, e))
-        while self.has_work():
-            self.step()
-        errors = [e for e in results.values() if isinstance(e, EngineError)]
-        if errors:
-            raise ValueError(f"{errors[0].code}: {errors[0].message}")
-        return [results[i] for i in range(len(requests))]
-
     # ------------------------------------------------------------------ the loop
 
     def has_work(self) -> bool:
         return bool(self.scheduler.has_work() or self._commands)
+
+    def run_until_idle(self) -> None:
+        """Step on the calling thread until nothing is left (the engine must not be started)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine's own thread is running; submit() and wait for the events")
+        while self.has_work():
+            self.step()
 
     def _loop(self) -> None:
         while True:
@@ -252,7 +224,8 @@ class TextEngine:
             if kind == "submit":
                 request, on_event = arg
                 self._events[id(request)] = on_event
-                problem = self._check(request)
+                problem = check_request(request, self.config, max_context=self.max_context,
+                                        vocab_size=self.spec.vocab_size)
                 if problem is not None:
                     self._emit(request, EngineError(request.key, *problem))
                 else:
@@ -265,27 +238,6 @@ class TextEngine:
                                                   {v.name: v.number for v, _ in req.adapters}, ms, None, ms))
             elif kind == "retire":
                 self.slots.retire(arg)
-
-    def _check(self, req: TextRequest) -> tuple[EngineErrorCode, str] | None:
-        """Why the request can never run here, or None."""
-        n, cfg = len(req.prompt_ids), self.config
-        if n == 0:
-            return EngineErrorCode.INVALID, "the prompt is empty"
-        if n >= self.max_context:
-            return (EngineErrorCode.PROMPT_TOO_LONG, f"the prompt has {n} tokens; this daemon's context is "
-                    f"{self.max_context} tokens and at least one must be left to generate")
-        if len(req.adapters) > cfg.max_adapters_per_request:
-            return (EngineErrorCode.INVALID, f"{len(req.adapters)} adapters in one request; the maximum is "
-                    f"{cfg.max_adapters_per_request}")
-        if len({v.key for v, _ in req.adapters}) > cfg.lora_slots:
-            return EngineErrorCode.INVALID, "more distinct adapters than LoRA slots"
-        for v, _ in req.adapters:
-            if not isinstance(v.prepared, PreparedLora):
-                return EngineErrorCode.ADAPTER, f"adapter '{v.name}' is not a text adapter"
-        vocab = self.spec.vocab_size
-        if any(not 0 <= t < vocab for t in req.prompt_ids):
-            return EngineErrorCode.INVALID, f"a prompt token id is outside the vocabulary (0..{vocab - 1})"
-        return None
 
     def step(self) -> bool:
         """One scheduling round and forward pass. Returns False when there was nothing to do."""
@@ -328,39 +280,25 @@ class TextEngine:
 
     def _accept(self, seq: Seq, token: int, now: float) -> None:
         output = self._outputs[seq.serial]
-        if seq.first_token is None:
-            seq.first_token = now
         try:
-            reason = output.push(token)
-            piece = "" if reason else output.take_chunk()
+            chunk, reason = output.on_token(token, now)
         except Exception as exc:  # e.g. a tokenizer that cannot decode this token
             log.exception("turning a token into text failed for request %r", seq.key)
             self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED, f"decoding the output failed: {exc}"))
             return
         if reason:
             self._end(seq, reason)
-        elif piece:
-            self._emit(seq.request, TextChunkEvent(seq.key, piece, len(seq.tokens)))
+        elif chunk is not None:
+            self._emit(seq.request, chunk)
 
     def _end(self, seq: Seq, outcome: str | EngineError) -> None:
         """Finish a sequence with a reason (stop, length, cancelled) or an error."""
         self.scheduler.finish(seq)
         self.runner.forget(seq)
         output = self._outputs.pop(seq.serial)
-        req = seq.request
-        if isinstance(outcome, EngineError):
-            self._emit(req, outcome)
-            return
-        piece = output.take_chunk(final=True)
-        if piece:
-            self._emit(req, TextChunkEvent(seq.key, piece, len(seq.tokens)))
-        now = time.perf_counter()
-        self._emit(req, TextDoneEvent(
-            key=req.key, text=output.text, finish_reason=outcome, prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.tokens), adapter_versions={v.name: v.number for v in seq.versions},
-            queued_ms=(seq.started - req.arrival) * 1000,
-            first_token_ms=None if seq.first_token is None else (seq.first_token - req.arrival) * 1000,
-            total_ms=(now - req.arrival) * 1000, token_ids=tuple(seq.tokens)))
+        events = [outcome] if isinstance(outcome, EngineError) else output.final_events(outcome, time.perf_counter())
+        for event in events:
+            self._emit(seq.request, event)
 
     def _emit(self, req: TextRequest, event: Any) -> None:
         final = not isinstance(event, TextChunkEvent)

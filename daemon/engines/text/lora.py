@@ -67,6 +67,7 @@ def lora_apply_group(x: torch.Tensor, outs: list[torch.Tensor], group: GroupSlot
             lora_apply(x, out, group, j, batch)
         return
     assert batch.weights is not None
+    assert batch.rows is not None
     shrunk = (x @ group.fused.index_select(0, batch.fused_rows(group)).t()).view(x.shape[0], n, -1)
     shrunk = shrunk * batch.weights.unsqueeze(1)
     for j, out in enumerate(outs):

@@ -1,8 +1,8 @@
-"""From sampled tokens to text: detokenising, stop strings, finish reasons and streamed chunks.
+"""From sampled tokens to text and events: detokenising, stop strings, finish reasons, chunks.
 
-One `SequenceOutput` per running sequence. `push(token)` takes the next sampled token and says
-whether the sequence ends (and why); `take_chunk()` hands out the text that may be streamed now,
-holding back a tail that could still turn into a stop string.
+One `SequenceOutput` per running sequence. `on_token(token)` takes the next sampled token and
+gives the chunk that may be streamed now (holding back a tail that could still turn into a stop
+string) or the reason the sequence ends; `final_events(reason)` gives its last chunk and result.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .detok import IncrementalDecoder
+from .request import TextChunkEvent, TextDoneEvent
 from .scheduler import Sequence
 
 __all__ = ["SequenceOutput"]
@@ -26,6 +27,31 @@ class SequenceOutput:
         self.text = ""  # all text so far (cut before a stop string once one appears)
         self.sent = 0  # characters of `text` already streamed
         self._longest_stop = max((len(x) for x in self.params.stop), default=0)
+
+    def on_token(self, token: int, now: float) -> tuple[TextChunkEvent | None, str | None]:
+        """The chunk to stream now (or None), and the finish reason if the sequence ends here."""
+        if self.seq.first_token is None:
+            self.seq.first_token = now
+        reason = self.push(token)
+        if reason:
+            return None, reason
+        piece = self.take_chunk()
+        return (TextChunkEvent(self.seq.key, piece, len(self.seq.tokens)) if piece else None), None
+
+    def final_events(self, reason: str, now: float) -> list[TextChunkEvent | TextDoneEvent]:
+        """The text not streamed yet, then the result."""
+        seq, req = self.seq, self.seq.request
+        piece = self.take_chunk(final=True)
+        events: list[TextChunkEvent | TextDoneEvent] = []
+        if piece:
+            events.append(TextChunkEvent(seq.key, piece, len(seq.tokens)))
+        events.append(TextDoneEvent(
+            key=req.key, text=self.text, finish_reason=reason, prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.tokens), adapter_versions={v.name: v.number for v in seq.versions},
+            queued_ms=(seq.started - req.arrival) * 1000,
+            first_token_ms=None if seq.first_token is None else (seq.first_token - req.arrival) * 1000,
+            total_ms=(now - req.arrival) * 1000, token_ids=tuple(seq.tokens)))
+        return events
 
     def push(self, token: int) -> str | None:
         """Take the sequence's next token; the finish reason (stop, length) if it ends here."""

@@ -12,12 +12,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from ..base import EngineErrorCode
 from .config import LORA_TARGETS
 
 if TYPE_CHECKING:
     from ...adapters.version import AdapterVersion
 
-__all__ = ["EngineConfig", "SamplingParams", "TextChunkEvent", "TextDoneEvent", "TextRequest"]
+__all__ = ["EngineConfig", "SamplingParams", "TextChunkEvent", "TextDoneEvent", "TextRequest", "check_request"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,25 @@ class TextDoneEvent:
     first_token_ms: float | None
     total_ms: float
     token_ids: tuple[int, ...] = ()
+
+
+def check_request(req: TextRequest, config: EngineConfig, *, max_context: int,
+                  vocab_size: int) -> tuple[EngineErrorCode, str] | None:
+    """Why the request can never run on this engine, or None."""
+    n = len(req.prompt_ids)
+    if n == 0:
+        return EngineErrorCode.INVALID, "the prompt is empty"
+    if n >= max_context:
+        return (EngineErrorCode.PROMPT_TOO_LONG, f"the prompt has {n} tokens; this daemon's context is "
+                f"{max_context} tokens and at least one must be left to generate")
+    if len(req.adapters) > config.max_adapters_per_request:
+        return (EngineErrorCode.INVALID, f"{len(req.adapters)} adapters in one request; the maximum is "
+                f"{config.max_adapters_per_request}")
+    if len({v.key for v, _ in req.adapters}) > config.lora_slots:
+        return EngineErrorCode.INVALID, "more distinct adapters than LoRA slots"
+    for v, _ in req.adapters:
+        if v.kind != "text" or v.prepared is None:
+            return EngineErrorCode.ADAPTER, f"adapter '{v.name}' is not a text adapter"
+    if any(not 0 <= t < vocab_size for t in req.prompt_ids):
+        return EngineErrorCode.INVALID, f"a prompt token id is outside the vocabulary (0..{vocab_size - 1})"
+    return None

@@ -67,7 +67,7 @@ class ModelRunner:
             # A sequence's slot scales never change while it runs, so the graph's copy of them is
             # reused for as long as the same sequences decode together.
             uses_lora = any(self._uses_lora(s) for s in decode)
-            return self.graphs.run(ids, pos, rows, (lambda: self._slot_weights(decode)) if uses_lora else None,
+            return self.graphs.run(ids, pos, rows, (lambda: self._stack(decode)) if uses_lora else None,
                                    weights_key=tuple(s.serial for s in decode))
         logit_index = list(range(len(decode)))
         chunks: list[PrefillChunk] = []
@@ -120,6 +120,9 @@ class ModelRunner:
         """[rows, slots] scale of every slot for each row, or None when no row uses an adapter."""
         if not any(self._uses_lora(s) for s in seqs):
             return None
+        return self._stack(seqs)
+
+    def _stack(self, seqs: list[Sequence]) -> torch.Tensor:
         return torch.stack([self._row_weights(s) for s in seqs])
 
     def _row_weights(self, seq: Sequence) -> torch.Tensor:

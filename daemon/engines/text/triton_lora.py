@@ -19,6 +19,7 @@ import functools
 import itertools
 import math
 import os
+from typing import Any
 
 import torch
 
@@ -121,7 +122,7 @@ def _row_class(rows: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(out_cols: tuple[tuple[int, int], ...], width: int, row_class: int, element_size: int, shared_memory: int,
-          config: tuple[tuple[str, int], ...]) -> tuple | None:
+          config: tuple[tuple[str, int], ...]) -> tuple[Any, ...] | None:
     """Tiles, member offsets, warps and stages for one launch shape; None where the kernel's shape
     rules do not hold (member widths must share a multiple of 16, and so must the pool rows read).
     `config` overrides the tuned choices (benchmarks/tune_lora_expand.py)."""

@@ -111,7 +111,7 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
         for k, row in zip(keys, logits, strict=True):
             captured[k].append(row.detach().cpu().clone())
 
-    engine.on_logits = hook
+    engine.runner.on_logits = hook
     ids = [engine.encode_prompt(p) for p in prompts]
 
     def submit(i: int) -> None:

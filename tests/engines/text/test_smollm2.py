@@ -9,6 +9,7 @@ import torch
 from tiny import write_text_adapter
 
 from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.offline import generate_many
 from daemon.engines.text.request import EngineConfig
 
 from .test_correctness import load_version
@@ -36,7 +37,7 @@ def test_greedy_32_tokens_equal_peft_for_three_adapters_in_one_batch(smollm2_dir
     requests = [dict(prompt_ids=ids, adapters=[(versions[n], 1.0)], temperature=0.0, max_tokens=32,
                      ignore_eos=True) for n in ADAPTERS]
     requests.append(dict(prompt_ids=ids, temperature=0.0, max_tokens=32, ignore_eos=True))
-    ours = [list(e.token_ids) for e in engine.generate_many(requests)]
+    ours = [list(e.token_ids) for e in generate_many(engine, requests)]
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     names = list(ADAPTERS)
