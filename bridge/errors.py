@@ -45,6 +45,10 @@ class ErrorCode(StrEnum):
     # Raised by clients, never sent by the daemon.
     DAEMON_NOT_FOUND = "daemon_not_found"
     CONNECTION_CLOSED = "connection_closed"
+    NOT_CONNECTED = "not_connected"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    BAD_IMAGE = "bad_image"
 
 
 # The one table of what each code means: PROTOCOL.md and the C# and GDScript files are generated from it.
@@ -67,9 +71,14 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.INTERNAL: "a failure inside the daemon; the message says what, the daemon's log has the details",
     ErrorCode.DAEMON_NOT_FOUND: "client side: no daemon runs (no runtime file, or nobody listens at its address)",
     ErrorCode.CONNECTION_CLOSED: "client side: the connection closed while the request was in flight",
+    ErrorCode.NOT_CONNECTED: "client side: the request could not be sent because no connection is up",
+    ErrorCode.TIMEOUT: "client side: no answer came within the time the caller allowed",
+    ErrorCode.CANCELLED: "client side: the caller cancelled the request before it was answered",
+    ErrorCode.BAD_IMAGE: "client side: an image in a result could not be decoded",
 }
 
-CLIENT_ONLY = frozenset({ErrorCode.DAEMON_NOT_FOUND, ErrorCode.CONNECTION_CLOSED})
+CLIENT_ONLY = frozenset({ErrorCode.DAEMON_NOT_FOUND, ErrorCode.CONNECTION_CLOSED, ErrorCode.NOT_CONNECTED,
+                         ErrorCode.TIMEOUT, ErrorCode.CANCELLED, ErrorCode.BAD_IMAGE})
 
 
 class LoraloomError(Exception):

@@ -1,5 +1,9 @@
 """Reading one adapter folder from disk into an `AdapterVersion` (nothing is validated here).
 
+A file whose size or modification time moves while it is read raises `FilesChanging` (the watcher
+tries again once the writer is done); a safetensors file whose bytes do not exactly cover what its
+header declares (truncated, or with bytes past the end) is refused by the safetensors parser.
+
 Text adapters are PEFT folders (adapter_config.json + adapter_model.safetensors); image adapters
 are diffusers LoRA folders (one *.safetensors, usually pytorch_lora_weights.safetensors). The
 bytes are read once: the hash and the tensors come from the same bytes, so a file rewritten
@@ -18,10 +22,24 @@ from safetensors.torch import load as load_safetensors
 
 from .version import AdapterKind, AdapterVersion
 
-__all__ = ["AdapterFiles", "read_adapter_files"]
+__all__ = ["AdapterFiles", "FilesChanging", "read_adapter_files"]
 
 TEXT_CONFIG = "adapter_config.json"
 TEXT_WEIGHTS = "adapter_model.safetensors"
+
+
+class FilesChanging(ValueError):
+    """A file changed while it was read: someone is still writing the folder (try again later)."""
+
+
+def _read_stable(path: Path) -> bytes:
+    """The bytes of `path`, if its size and modification time are the same after the read as before."""
+    before = path.stat()
+    data = path.read_bytes()
+    after = path.stat()
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+        raise FilesChanging(f"{path.name} changed while it was read")
+    return data
 
 
 class AdapterFiles:
@@ -68,7 +86,7 @@ def read_adapter_files(folder: Path, kind: AdapterKind) -> AdapterFiles:
     if kind == "text":
         cfg_path = folder / TEXT_CONFIG
         try:
-            raw_cfg = cfg_path.read_bytes()
+            raw_cfg = _read_stable(cfg_path)
         except FileNotFoundError:
             raise ValueError(f"{TEXT_CONFIG} is missing") from None
         try:
@@ -80,7 +98,7 @@ def read_adapter_files(folder: Path, kind: AdapterKind) -> AdapterFiles:
         digest.update(raw_cfg)
         sizes[TEXT_CONFIG] = len(raw_cfg)
     weights = _weights_file(folder, kind)
-    raw = weights.read_bytes()
+    raw = _read_stable(weights)
     sizes[weights.name] = len(raw)
     digest.update(raw)
     try:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from bridge.errors import AdapterError, ErrorCode
 from bridge.messages import ADAPTER_NAME_PATTERN, AdapterInfo
 
-from .loader import AdapterFiles, read_adapter_files
+from .loader import AdapterFiles, FilesChanging, read_adapter_files
 from .version import AdapterKind, AdapterVersion
 
 __all__ = ["AdapterChange", "AdapterRegistry", "Validator", "is_ignored_name"]
@@ -213,6 +213,9 @@ class AdapterRegistry:
             return self._remove(kind, name)
         try:
             files = read_adapter_files(folder, kind)
+        except FilesChanging as exc:  # still being written: the watcher's next event brings it back
+            log.debug("%s adapter '%s': %s; waiting for the writer", kind, name, exc)
+            return None
         except ValueError as exc:
             return self._reject(kind, name, folder, str(exc))
         except OSError as exc:

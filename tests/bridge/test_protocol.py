@@ -82,3 +82,14 @@ def test_runtime_file_is_private_and_removed_only_by_its_owner(tmp_path: Path) -
     assert not path.exists()
     with pytest.raises(DaemonNotFound, match="no daemon is running"):
         read_runtime_file(path)
+
+
+def test_client_side_errors_carry_their_own_codes() -> None:
+    """DaemonNotFound and ConnectionClosed say what happened, not `internal`; codes the daemon sends map to classes."""
+    from bridge.errors import CLIENT_ONLY, MEANINGS, ConnectionClosed, DaemonNotFound, ErrorCode, error_for_code
+
+    assert str(DaemonNotFound("cannot reach ws://x")).startswith("daemon_not_found: ")
+    assert ConnectionClosed("gone").code == ErrorCode.CONNECTION_CLOSED
+    assert set(MEANINGS) == set(ErrorCode) and set(ErrorCode) >= CLIENT_ONLY
+    assert type(error_for_code("unknown_adapter", "x")).__name__ == "AdapterError"
+    assert error_for_code("no_such_code", "x").code == ErrorCode.INTERNAL

@@ -20,7 +20,7 @@ signal image_ready(request_id: String, texture: ImageTexture)
 signal request_failed(request_id: String, code: String, message: String)
 
 ## The daemon sent image bytes that are not a PNG.
-const ERROR_BAD_IMAGE := "bad_image"
+const ERROR_BAD_IMAGE := LoraloomProtocol.ERROR_BAD_IMAGE
 # The protocol's defaults, as constants so that the inspector shows them.
 const _DEFAULTS := LoraloomProtocol.GENERATE_IMAGE_DEFAULTS
 const _ADAPTER_DEFAULTS := LoraloomProtocol.ADAPTER_REF_DEFAULTS

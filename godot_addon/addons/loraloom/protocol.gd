@@ -110,6 +110,14 @@ const ERROR_INTERNAL := "internal"
 const ERROR_DAEMON_NOT_FOUND := "daemon_not_found"
 ## client side: the connection closed while the request was in flight
 const ERROR_CONNECTION_CLOSED := "connection_closed"
+## client side: the request could not be sent because no connection is up
+const ERROR_NOT_CONNECTED := "not_connected"
+## client side: no answer came within the time the caller allowed
+const ERROR_TIMEOUT := "timeout"
+## client side: the caller cancelled the request before it was answered
+const ERROR_CANCELLED := "cancelled"
+## client side: an image in a result could not be decoded
+const ERROR_BAD_IMAGE := "bad_image"
 ## What each error code means.
 const ERROR_MEANINGS := {
 	ERROR_BAD_FRAME: "not one msgpack map (or a text frame)",
@@ -135,9 +143,20 @@ const ERROR_MEANINGS := {
 	ERROR_DAEMON_NOT_FOUND: "client side: no daemon runs (no runtime file, or nobody listens at " +
 		"its address)",
 	ERROR_CONNECTION_CLOSED: "client side: the connection closed while the request was in flight",
+	ERROR_NOT_CONNECTED: "client side: the request could not be sent because no connection is up",
+	ERROR_TIMEOUT: "client side: no answer came within the time the caller allowed",
+	ERROR_CANCELLED: "client side: the caller cancelled the request before it was answered",
+	ERROR_BAD_IMAGE: "client side: an image in a result could not be decoded",
 }
 ## The codes that clients raise themselves; the daemon never sends them.
-const CLIENT_ONLY_ERRORS := [ERROR_DAEMON_NOT_FOUND, ERROR_CONNECTION_CLOSED]
+const CLIENT_ONLY_ERRORS := [
+	ERROR_DAEMON_NOT_FOUND,
+	ERROR_CONNECTION_CLOSED,
+	ERROR_NOT_CONNECTED,
+	ERROR_TIMEOUT,
+	ERROR_CANCELLED,
+	ERROR_BAD_IMAGE,
+]
 
 
 # ---------------------------------------------------------------- known values

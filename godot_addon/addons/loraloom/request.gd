@@ -20,11 +20,11 @@ signal event_received(request: LoraloomRequest, event: Dictionary)
 signal finished(request: LoraloomRequest)
 
 ## The request could not reach the daemon: no connection, or none within the connect timeout.
-const ERROR_NOT_CONNECTED := "not_connected"
+const ERROR_NOT_CONNECTED := LoraloomProtocol.ERROR_NOT_CONNECTED
 ## The caller's [method wait] ran out of time; the request was cancelled on the daemon.
-const ERROR_TIMEOUT := "timeout"
+const ERROR_TIMEOUT := LoraloomProtocol.ERROR_TIMEOUT
 ## The request was stopped before it was sent.
-const ERROR_CANCELLED := "cancelled"
+const ERROR_CANCELLED := LoraloomProtocol.ERROR_CANCELLED
 
 ## The client-chosen id; every event about this request carries it.
 var id: String = ""

@@ -269,3 +269,45 @@ def test_safetensors_roundtrip_helper_is_sane(tiny_model_dir: Path, tmp_path: Pa
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     assert all(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
     save_file(tensors, str(tmp_path / "copy.safetensors"))
+
+
+def test_a_failure_one_request_brings_ends_only_that_request(engine: TextEngine) -> None:
+    """A step that fails whenever one request is in it: that request ends with FAILED, every other
+    request of the batch finishes with the tokens it gets without it."""
+    def reqs() -> list[TextRequest]:
+        return [req(engine, k, p, temperature=0.8, seed=i, max_tokens=10, ignore_eos=True)
+                for i, (k, p) in enumerate([("a", "Ahoy matey"), ("b", "Gold coins"), ("c", "Hello there")])]
+
+    clean = run(engine, *[r for r in reqs() if r.key != "b"])
+
+    def poisoned(keys: list, logits: torch.Tensor) -> None:
+        if "b" in keys:
+            raise RuntimeError("this row's sampling blew up")
+
+    engine.runner.on_logits = poisoned
+    try:
+        failed_before = engine.failed_steps
+        events = run(engine, *reqs())
+    finally:
+        engine.runner.on_logits = None
+    assert isinstance(events["b"][-1], EngineError) and events["b"][-1].code == EngineErrorCode.FAILED
+    assert "blew up" in events["b"][-1].message
+    for key in ("a", "c"):
+        assert events[key][-1].token_ids == clean[key][-1].token_ids
+    assert engine.failed_steps > failed_before
+    assert engine.scheduler.free_rows == engine.max_rows
+
+
+def test_a_failure_of_the_whole_batch_alone_is_survived_in_halves(engine: TextEngine) -> None:
+    """A step that fails only with several rows in it (say, out of memory): retried in halves, every
+    request completes."""
+    def too_big(keys: list, logits: torch.Tensor) -> None:
+        if len(keys) > 2:
+            raise RuntimeError("out of memory (simulated)")
+
+    engine.runner.on_logits = too_big
+    try:
+        events = run(engine, *[req(engine, i, temperature=0.0, max_tokens=6, ignore_eos=True) for i in range(4)])
+    finally:
+        engine.runner.on_logits = None
+    assert all(isinstance(events[i][-1], TextDoneEvent) and events[i][-1].completion_tokens == 6 for i in range(4))

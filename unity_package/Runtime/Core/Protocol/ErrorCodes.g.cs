@@ -51,6 +51,14 @@ namespace Loraloom.Core
         public const string DaemonNotFound = "daemon_not_found";
         /// <summary>Client side: the connection closed while the request was in flight.</summary>
         public const string ConnectionClosed = "connection_closed";
+        /// <summary>Client side: the request could not be sent because no connection is up.</summary>
+        public const string NotConnected = "not_connected";
+        /// <summary>Client side: no answer came within the time the caller allowed.</summary>
+        public const string Timeout = "timeout";
+        /// <summary>Client side: the caller cancelled the request before it was answered.</summary>
+        public const string Cancelled = "cancelled";
+        /// <summary>Client side: an image in a result could not be decoded.</summary>
+        public const string BadImage = "bad_image";
 
         /// <summary>What each code means (bridge/errors.py's table, which PROTOCOL.md shows too).</summary>
         public static readonly IReadOnlyDictionary<string, string> Meanings = new Dictionary<string, string>
@@ -73,10 +81,14 @@ namespace Loraloom.Core
             { Internal, "a failure inside the daemon; the message says what, the daemon's log has the details" },
             { DaemonNotFound, "client side: no daemon runs (no runtime file, or nobody listens at its address)" },
             { ConnectionClosed, "client side: the connection closed while the request was in flight" },
+            { NotConnected, "client side: the request could not be sent because no connection is up" },
+            { Timeout, "client side: no answer came within the time the caller allowed" },
+            { Cancelled, "client side: the caller cancelled the request before it was answered" },
+            { BadImage, "client side: an image in a result could not be decoded" },
         };
 
         /// <summary>The codes that clients raise themselves; the daemon never sends them.</summary>
-        public static readonly IReadOnlyList<string> ClientOnly = new string[] { DaemonNotFound, ConnectionClosed };
+        public static readonly IReadOnlyList<string> ClientOnly = new string[] { DaemonNotFound, ConnectionClosed, NotConnected, Timeout, Cancelled, BadImage };
 
         /// <summary>What <paramref name="code"/> means, or null for a code this package does not know.</summary>
         public static string MeaningOf(string code)

@@ -70,14 +70,6 @@ namespace Loraloom.Core
         }
     }
 
-    // The protocol's codes and their meanings are generated from bridge/errors.py into
-    // ErrorCodes.g.cs; this client's own codes that bridge/errors.py does not have are here.
-    public static partial class ErrorCodes
-    {
-        /// <summary>The daemon did not answer in time (handshake or a request's own timeout).</summary>
-        public const string Timeout = "timeout";
-    }
-
     /// <summary>
     /// Every failure of the package: a daemon's error event (Code is its protocol code) or one of
     /// the client's own (see <see cref="ErrorCodes"/>). Tasks fault with it; nothing is swallowed.
