@@ -17,7 +17,7 @@ import time
 from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -242,6 +242,7 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] = (),
         stream: bool = True,
+        priority: Literal["player", "normal", "background"] = "normal",
         request_id: str | None = None,
     ) -> TextStream:
         """Start a generation. With `system`, `prompt` becomes a chat turn (chat template)."""
@@ -266,6 +267,7 @@ class Client:
             seed=seed,
             stop=list(stop),
             stream=stream,
+            priority=priority,
         )
         return TextStream(self, message)
 

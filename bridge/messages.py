@@ -175,6 +175,9 @@ class Generate(_Message):
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
         default=[], max_length=16, description="the text ends before the first of these strings")
     stream: bool = Field(default=True, description="false: only the final `result`, no `chunk` events")
+    priority: Literal["player", "normal", "background"] = Field(
+        default="normal", description="player lines are admitted and prefilled first, background last; "
+        "a lower priority sequence may be paused (and resumed, text unchanged) to make room")
 
     @model_validator(mode="after")
     def _one_input(self) -> Generate:
@@ -268,6 +271,8 @@ class Result(_Message):
     completion_tokens: int
     adapter_versions: dict[str, int] = Field(default={}, description="which version of each adapter served it")
     timings: Timings
+    cached_tokens: int = Field(default=0, description="prompt tokens whose keys and values came from the "
+                               "prefix cache (the same tokens on the same adapter versions and scales)")
 
 
 class Error(_Message):

@@ -34,6 +34,7 @@ from .adapters.loader import AdapterFiles
 from .adapters.registry import AdapterChange, AdapterRegistry
 from .adapters.version import AdapterKind, AdapterVersion
 from .adapters.watcher import AdapterWatcher
+from .engines.base import Engine, TextEngineLike
 from .replies import ImageReplies, TextReplies, cancelled_before_start, error_message
 from .session import RequestKey
 from .settings import Settings
@@ -53,8 +54,8 @@ class _Intake:
 
 
 class Service:
-    def __init__(self, settings: Settings, *, text_engine: Any | None = None, image_engine: Any | None = None,
-                 image_off: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, text_engine: TextEngineLike | None = None,
+                 image_engine: Engine[Any] | None = None, image_off: str | None = None) -> None:
         self.settings = settings
         self.text = text_engine
         self.image = image_engine
@@ -81,7 +82,9 @@ class Service:
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
         """Load the models the settings name (this takes a while for real models)."""
-        text = image = image_off = None
+        text: TextEngineLike | None = None
+        image: Engine[Any] | None = None
+        image_off = None
         if settings.text_model != "none":
             from .engines.text.engine import TextEngine
             from .engines.text.request import EngineConfig
@@ -282,7 +285,8 @@ class Service:
         messages = [c.model_dump() for c in msg.messages] if msg.messages is not None else None
         limit = self.limits().max_prompt_tokens
         try:
-            ids = self.text.encode_prompt(msg.prompt, messages, limit=limit)  # type: ignore[union-attr]
+            assert self.text is not None
+            ids = self.text.encode_prompt(msg.prompt, messages, limit=limit)
         except PromptTooLong as exc:
             raise LoraloomError(str(exc), code=ErrorCode.PROMPT_TOO_LONG) from None
         except Exception as exc:  # e.g. a chat template that rejects the roles given
@@ -304,7 +308,7 @@ class Service:
         return request, ImageReplies(key.id), self.image
 
 
-def _load_image_engine(settings: Settings) -> Any:
+def _load_image_engine(settings: Settings) -> Engine[Any]:
     from .engines.image.engine import ImageEngine
     from .engines.image.request import ImageConfig
     from .engines.text.default_model import default_cache_dir

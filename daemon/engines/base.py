@@ -16,7 +16,7 @@ implement `Engine`. Engines speak `EngineErrorCode`; the service maps those to w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..adapters.loader import AdapterFiles
     from ..adapters.version import AdapterVersion
 
-__all__ = ["Engine", "EngineError", "EngineErrorCode", "EngineInfo", "EventSink", "PreparedAdapter"]
+__all__ = ["Engine", "EngineError", "EngineErrorCode", "EngineInfo", "EventSink", "PreparedAdapter", "TextEngineLike"]
 
 R_contra = TypeVar("R_contra", contravariant=True)
 EventSink = Callable[[Any], None]
@@ -91,3 +91,10 @@ class Engine(Protocol[R_contra]):
     def prepare_adapter(self, files: AdapterFiles) -> PreparedAdapter: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+
+class TextEngineLike(Engine[Any], Protocol):
+    """A text engine: the contract plus prompts to token ids (its own tokenizer and chat template)."""
+
+    def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, *,
+                      limit: int | None = None) -> list[int]: ...

@@ -62,9 +62,8 @@ class ImageEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._queue: FairQueue[Image] = FairQueue(cfg.max_batch)  # worker thread only
-        if placeholder:
-            log.warning("image model %s is a PLACEHOLDER with random weights: it draws noise", name)
-        log.info("image model %s loaded on %s (%s)", name, device, self._dtype)
+        log.info("image model %s%s loaded on %s (%s)", name, " (a placeholder that draws noise)" if placeholder else "",
+                 device, self._dtype)
 
     @classmethod
     def from_folder(cls, model: str | Path, config: ImageConfig | None = None, *, cache_dir: Path) -> ImageEngine:

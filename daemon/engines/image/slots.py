@@ -25,7 +25,7 @@ from .lora_format import fold_header_alpha
 
 __all__ = ["AdapterSlots", "SlotStats"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("loraloom.image")
 
 # diffusers warns on every unet-only LoRA that it found nothing for the text encoder, and PEFT on
 # every second adapter that several adapters share a model: both are this module's normal case.

@@ -161,6 +161,10 @@ const CLIENT_ONLY_ERRORS := [
 
 # ---------------------------------------------------------------- known values
 
+## The known values of [code]Generate.priority[/code].
+const GENERATE_PRIORITY_PLAYER := "player"
+const GENERATE_PRIORITY_NORMAL := "normal"
+const GENERATE_PRIORITY_BACKGROUND := "background"
 ## The known values of [code]Subscribe.topics[/code].
 const SUBSCRIBE_TOPIC_ADAPTERS := "adapters"
 ## The known values of [code]Result.finish_reason[/code] and [code]ImageResult.finish_reason[/code].
@@ -285,6 +289,13 @@ const GENERATE_FIELDS := {
 		"default": true,
 		"doc": "false: only the final `result`, no `chunk` events",
 	},
+	"priority": {
+		"kind": "str",
+		"values": ["player", "normal", "background"],
+		"default": "normal",
+		"doc": "player lines are admitted and prefilled first, background last; a lower priority " +
+				"sequence may be paused (and resumed, text unchanged) to make room",
+	},
 }
 ## Its fields that have a default, and the default.
 const GENERATE_DEFAULTS := {
@@ -296,6 +307,7 @@ const GENERATE_DEFAULTS := {
 	"repetition_penalty": 1.0,
 	"stop": [],
 	"stream": true,
+	"priority": "normal",
 }
 ## [code]generate_image[/code]: Generate images on the image model plus a per-request mix of image
 ## adapters.
@@ -467,9 +479,15 @@ const RESULT_FIELDS := {
 		"doc": "which version of each adapter served it",
 	},
 	"timings": {"kind": "model", "model": "Timings", "required": true},
+	"cached_tokens": {
+		"kind": "int",
+		"default": 0,
+		"doc": "prompt tokens whose keys and values came from the prefix cache (the same tokens on " +
+				"the same adapter versions and scales)",
+	},
 }
 ## Its fields that have a default, and the default.
-const RESULT_DEFAULTS := {"adapter_versions": {}}
+const RESULT_DEFAULTS := {"adapter_versions": {}, "cached_tokens": 0}
 ## [code]error[/code]: A refused frame or a failed request.
 const ERROR_FIELDS := {
 	"type": {"kind": "str", "values": ["error"], "default": "error"},

@@ -44,6 +44,17 @@ namespace Loraloom.Core
     }
 
     /// <summary>
+    /// The known values of <c>Generate.priority</c>. They stay strings on the messages, so a value a newer daemon adds
+    /// never breaks an older client.
+    /// </summary>
+    public static class GeneratePriority
+    {
+        public const string Player = "player";
+        public const string Normal = "normal";
+        public const string Background = "background";
+    }
+
+    /// <summary>
     /// Generate text on the base model plus a per-request mix of adapters. Exactly one of <c>prompt</c> (raw text,
     /// continued as is) or <c>messages</c> (chat, with the model's template) is given. <c>adapters</c> empty means the
     /// base model; several adapters are mixed with their scales.
@@ -77,6 +88,11 @@ namespace Loraloom.Core
         public List<string> Stop = new List<string>();
         /// <summary>False: only the final <c>result</c>, no <c>chunk</c> events.</summary>
         public bool Stream = true;
+        /// <summary>
+        /// Player lines are admitted and prefilled first, background last; a lower priority sequence may be paused (and
+        /// resumed, text unchanged) to make room. One of <see cref="Loraloom.Core.GeneratePriority"/>.
+        /// </summary>
+        public string Priority = "normal";
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -92,7 +108,8 @@ namespace Loraloom.Core
                 + Wire.Field(w, "repetition_penalty", RepetitionPenalty)
                 + Wire.Field(w, "seed", Seed)
                 + Wire.Field(w, "stop", Stop, (w1, v1) => Wire.WriteList(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
-                + Wire.Field(w, "stream", Stream);
+                + Wire.Field(w, "stream", Stream)
+                + Wire.Field(w, "priority", Priority);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -112,6 +129,7 @@ namespace Loraloom.Core
                 case "seed": Seed = Wire.NullableLong(r); return true;
                 case "stop": Stop = Wire.ReadList(r, r1 => r1.ReadString()); return true;
                 case "stream": Stream = r.ReadBool(); return true;
+                case "priority": Priority = r.ReadString(); return true;
                 default: return false;
             }
         }
@@ -390,6 +408,11 @@ namespace Loraloom.Core
         /// <summary>Which version of each adapter served it.</summary>
         public Dictionary<string, int> AdapterVersions = new Dictionary<string, int>();
         public Timings Timings;
+        /// <summary>
+        /// Prompt tokens whose keys and values came from the prefix cache (the same tokens on the same adapter versions
+        /// and scales).
+        /// </summary>
+        public int CachedTokens = 0;
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -400,7 +423,8 @@ namespace Loraloom.Core
                 + Wire.Field(w, "prompt_tokens", PromptTokens)
                 + Wire.Field(w, "completion_tokens", CompletionTokens)
                 + Wire.Field(w, "adapter_versions", AdapterVersions, (w1, v1) => Wire.WriteDict(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
-                + Wire.Field(w, "timings", Timings);
+                + Wire.Field(w, "timings", Timings)
+                + Wire.Field(w, "cached_tokens", CachedTokens);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -415,6 +439,7 @@ namespace Loraloom.Core
                 case "completion_tokens": CompletionTokens = r.ReadInt32(); return true;
                 case "adapter_versions": AdapterVersions = Wire.ReadDict(r, r1 => r1.ReadInt32()); return true;
                 case "timings": Timings = Wire.Read(r, new Timings()); return true;
+                case "cached_tokens": CachedTokens = r.ReadInt32(); return true;
                 default: return false;
             }
         }
