@@ -243,6 +243,7 @@ class Client:
         stop: Sequence[str] = (),
         stream: bool = True,
         priority: Literal["player", "normal", "background"] = "normal",
+        trim_history: bool = False,
         request_id: str | None = None,
     ) -> TextStream:
         """Start a generation. With `system`, `prompt` becomes a chat turn (chat template)."""
@@ -268,6 +269,7 @@ class Client:
             stop=list(stop),
             stream=stream,
             priority=priority,
+            trim_history=trim_history,
         )
         return TextStream(self, message)
 

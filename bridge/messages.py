@@ -178,6 +178,10 @@ class Generate(_Message):
     priority: Literal["player", "normal", "background"] = Field(
         default="normal", description="player lines are admitted and prefilled first, background last; "
         "a lower priority sequence may be paused (and resumed, text unchanged) to make room")
+    trim_history: bool = Field(
+        default=False, description="when `messages` do not fit the context with room for the reply, leave "
+        "out the oldest turns (never system messages, never part of a turn); `result.dropped_messages` "
+        "says how many")
 
     @model_validator(mode="after")
     def _one_input(self) -> Generate:
@@ -273,6 +277,8 @@ class Result(_Message):
     timings: Timings
     cached_tokens: int = Field(default=0, description="prompt tokens whose keys and values came from the "
                                "prefix cache (the same tokens on the same adapter versions and scales)")
+    dropped_messages: int = Field(default=0, description="with `trim_history`: how many messages after the "
+                                  "system messages were left out to fit, counted from the oldest")
 
 
 class Error(_Message):

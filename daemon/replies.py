@@ -63,9 +63,10 @@ class _Replies:
 
 
 class TextReplies(_Replies):
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, *, dropped_messages: int = 0) -> None:
         super().__init__(request_id)
         self.chunks = 0
+        self.dropped_messages = dropped_messages
 
     def convert(self, event: Any) -> BaseModel | None:
         from .engines.text.request import TextChunkEvent
@@ -80,6 +81,7 @@ class TextReplies(_Replies):
         return m.Result(
             id=self.id, text=event.text, finish_reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
             completion_tokens=event.completion_tokens, adapter_versions=event.adapter_versions,
+            dropped_messages=self.dropped_messages, cached_tokens=event.cached_tokens,
             timings=m.Timings(queued_ms=round(event.queued_ms, 3),
                               first_token_ms=None if first is None else round(first, 3),
                               total_ms=round(total, 3), tokens_per_s=rate))

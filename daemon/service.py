@@ -34,6 +34,7 @@ from .adapters.loader import AdapterFiles
 from .adapters.registry import AdapterChange, AdapterRegistry
 from .adapters.version import AdapterKind, AdapterVersion
 from .adapters.watcher import AdapterWatcher
+from .conversation import DoesNotFit, fit_messages
 from .engines.base import Engine, TextEngineLike
 from .replies import ImageReplies, TextReplies, cancelled_before_start, error_message
 from .session import RequestKey
@@ -284,10 +285,16 @@ class Service:
         adapters = self.resolve(msg.adapters, "text")
         messages = [c.model_dump() for c in msg.messages] if msg.messages is not None else None
         limit = self.limits().max_prompt_tokens
+        text = self.text
+        assert text is not None
+        dropped = 0
         try:
-            assert self.text is not None
-            ids = self.text.encode_prompt(msg.prompt, messages, limit=limit)
-        except PromptTooLong as exc:
+            if messages is not None and msg.trim_history:
+                # Room for the reply too (up to half the prompt budget), or the answer would be cut short.
+                budget = limit - min(msg.max_tokens, limit // 2)
+                messages, dropped = fit_messages(messages, lambda ms: len(text.encode_prompt(None, ms)), budget)
+            ids = text.encode_prompt(msg.prompt, messages, limit=limit)
+        except (PromptTooLong, DoesNotFit) as exc:
             raise LoraloomError(str(exc), code=ErrorCode.PROMPT_TOO_LONG) from None
         except Exception as exc:  # e.g. a chat template that rejects the roles given
             raise LoraloomError(f"cannot build the prompt: {exc}", code=ErrorCode.INVALID_PARAMETER) from None
@@ -296,7 +303,7 @@ class Service:
                                 repetition_penalty=msg.repetition_penalty, seed=seed,
                                 max_tokens=msg.max_tokens, stop=tuple(msg.stop))
         request = TextRequest(key=key, prompt_ids=ids, sampling=params, adapters=adapters, stream=msg.stream)
-        return request, TextReplies(key.id), self.text
+        return request, TextReplies(key.id, dropped_messages=dropped), text
 
     def _prepare_image(self, key: RequestKey, msg: m.GenerateImage) -> tuple[Any, ImageReplies, Any]:
         from .engines.image.request import ImageRequest

@@ -85,6 +85,7 @@ class TextDoneEvent:
     first_token_ms: float | None
     total_ms: float
     token_ids: tuple[int, ...] = ()
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 def check_request(req: TextRequest, config: EngineConfig, *, max_context: int,

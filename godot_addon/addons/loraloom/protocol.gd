@@ -296,6 +296,13 @@ const GENERATE_FIELDS := {
 		"doc": "player lines are admitted and prefilled first, background last; a lower priority " +
 				"sequence may be paused (and resumed, text unchanged) to make room",
 	},
+	"trim_history": {
+		"kind": "bool",
+		"default": false,
+		"doc": "when `messages` do not fit the context with room for the reply, leave out the oldest " +
+				"turns (never system messages, never part of a turn); `result.dropped_messages` says " +
+				"how many",
+	},
 }
 ## Its fields that have a default, and the default.
 const GENERATE_DEFAULTS := {
@@ -308,6 +315,7 @@ const GENERATE_DEFAULTS := {
 	"stop": [],
 	"stream": true,
 	"priority": "normal",
+	"trim_history": false,
 }
 ## [code]generate_image[/code]: Generate images on the image model plus a per-request mix of image
 ## adapters.
@@ -485,9 +493,15 @@ const RESULT_FIELDS := {
 		"doc": "prompt tokens whose keys and values came from the prefix cache (the same tokens on " +
 				"the same adapter versions and scales)",
 	},
+	"dropped_messages": {
+		"kind": "int",
+		"default": 0,
+		"doc": "with `trim_history`: how many messages after the system messages were left out to " +
+				"fit, counted from the oldest",
+	},
 }
 ## Its fields that have a default, and the default.
-const RESULT_DEFAULTS := {"adapter_versions": {}, "cached_tokens": 0}
+const RESULT_DEFAULTS := {"adapter_versions": {}, "cached_tokens": 0, "dropped_messages": 0}
 ## [code]error[/code]: A refused frame or a failed request.
 const ERROR_FIELDS := {
 	"type": {"kind": "str", "values": ["error"], "default": "error"},

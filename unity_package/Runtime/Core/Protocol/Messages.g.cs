@@ -93,6 +93,11 @@ namespace Loraloom.Core
         /// resumed, text unchanged) to make room. One of <see cref="Loraloom.Core.GeneratePriority"/>.
         /// </summary>
         public string Priority = "normal";
+        /// <summary>
+        /// When <c>messages</c> do not fit the context with room for the reply, leave out the oldest turns (never
+        /// system messages, never part of a turn); <c>result.dropped_messages</c> says how many.
+        /// </summary>
+        public bool TrimHistory = false;
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -109,7 +114,8 @@ namespace Loraloom.Core
                 + Wire.Field(w, "seed", Seed)
                 + Wire.Field(w, "stop", Stop, (w1, v1) => Wire.WriteList(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
                 + Wire.Field(w, "stream", Stream)
-                + Wire.Field(w, "priority", Priority);
+                + Wire.Field(w, "priority", Priority)
+                + Wire.Field(w, "trim_history", TrimHistory);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -130,6 +136,7 @@ namespace Loraloom.Core
                 case "stop": Stop = Wire.ReadList(r, r1 => r1.ReadString()); return true;
                 case "stream": Stream = r.ReadBool(); return true;
                 case "priority": Priority = r.ReadString(); return true;
+                case "trim_history": TrimHistory = r.ReadBool(); return true;
                 default: return false;
             }
         }
@@ -413,6 +420,11 @@ namespace Loraloom.Core
         /// and scales).
         /// </summary>
         public int CachedTokens = 0;
+        /// <summary>
+        /// With <c>trim_history</c>: how many messages after the system messages were left out to fit, counted from the
+        /// oldest.
+        /// </summary>
+        public int DroppedMessages = 0;
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -424,7 +436,8 @@ namespace Loraloom.Core
                 + Wire.Field(w, "completion_tokens", CompletionTokens)
                 + Wire.Field(w, "adapter_versions", AdapterVersions, (w1, v1) => Wire.WriteDict(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
                 + Wire.Field(w, "timings", Timings)
-                + Wire.Field(w, "cached_tokens", CachedTokens);
+                + Wire.Field(w, "cached_tokens", CachedTokens)
+                + Wire.Field(w, "dropped_messages", DroppedMessages);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -440,6 +453,7 @@ namespace Loraloom.Core
                 case "adapter_versions": AdapterVersions = Wire.ReadDict(r, r1 => r1.ReadInt32()); return true;
                 case "timings": Timings = Wire.Read(r, new Timings()); return true;
                 case "cached_tokens": CachedTokens = r.ReadInt32(); return true;
+                case "dropped_messages": DroppedMessages = r.ReadInt32(); return true;
                 default: return false;
             }
         }
