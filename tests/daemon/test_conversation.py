@@ -17,7 +17,7 @@ def chat(turns: int) -> list[dict[str, str]]:
     out = [{"role": "system", "content": "You are Meg, a pirate."}]
     for i in range(turns):
         out += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i} " * 3}]
-    return out + [{"role": "user", "content": "and now?"}]
+    return [*out, {"role": "user", "content": "and now?"}]
 
 
 def test_what_fits_is_sent_whole() -> None:
@@ -39,7 +39,7 @@ def test_the_same_cut_serves_several_turns() -> None:
     cuts = []
     messages = chat(30)
     for _ in range(8):
-        kept, dropped = fit_messages(messages, words, 80)
+        _kept, dropped = fit_messages(messages, words, 80)
         cuts.append(dropped)
         messages = [messages[0], *messages[1 + dropped:], {"role": "assistant", "content": "arr " * 3},
                     {"role": "user", "content": "more " * 3}]
