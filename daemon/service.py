@@ -95,7 +95,8 @@ class Service:
                 max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb, lora_slots=settings.lora_slots,
                 max_lora_rank=settings.max_lora_rank, max_adapters_per_request=settings.max_adapters_per_request,
                 prefill_chunk=settings.prefill_chunk, pinned_adapters=tuple(settings.pinned_adapters),
-                kernels=settings.kernels)
+                kernels=settings.kernels, max_step_tokens=settings.step_tokens, prefix_cache=settings.prefix_cache,
+                priorities=settings.priorities)
             text = TextEngine.from_folder(settings.text_model, cfg, cache_dir=settings.cache_dir)
         if settings.image_model != "none":
             if settings.image_model == "default" and importlib.util.find_spec("diffusers") is None:
@@ -302,7 +303,8 @@ class Service:
         params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p,
                                 repetition_penalty=msg.repetition_penalty, seed=seed,
                                 max_tokens=msg.max_tokens, stop=tuple(msg.stop))
-        request = TextRequest(key=key, prompt_ids=ids, sampling=params, adapters=adapters, stream=msg.stream)
+        request = TextRequest(key=key, prompt_ids=ids, sampling=params, adapters=adapters, stream=msg.stream,
+                              priority=msg.priority)
         return request, TextReplies(key.id, dropped_messages=dropped), text
 
     def _prepare_image(self, key: RequestKey, msg: m.GenerateImage) -> tuple[Any, ImageReplies, Any]:

@@ -80,18 +80,28 @@ class Settings(BaseSettings):
         "adapters kept in host memory (LRU; an evicted one is read again on use)"))
 
     max_seqs: int = Field(default=16, ge=1, description=(
-        "sequences generated at once; the KV cache is allocated for all of them at `max_context` "
-        "(1.5 GB for SmolLM2 in float32)"))
+        "sequences generated at once (more wait, player lines first)"))
     max_context: int = Field(default=2048, ge=16, description=(
         "tokens per sequence, prompt included (at most the model's own context length)"))
-    kv_cache_mb: int | None = Field(default=None, description=(
-        "a cap on the KV cache in MiB: `max_seqs` is lowered to what fits"), json_schema_extra={"unset": "no cap"})
+    kv_cache_mb: int | None = Field(default=None, ge=1, description=(
+        "the KV cache in MiB: one pool of 16-token blocks shared by every sequence and the prefix cache "
+        "(when it runs out, the lowest-priority sequence pauses)"),
+        json_schema_extra={"unset": "room for `max_seqs` sequences of `max_context` / 2 tokens"})
     lora_slots: int = Field(default=16, ge=1, description="adapters resident in compute memory at once")
     max_lora_rank: int = Field(default=64, ge=1, description=(
         "highest adapter rank accepted; each adapter costs its own rank per step, but the pool is allocated "
         "for all slots at this rank (1.2 GB for SmolLM2)"))
     prefill_chunk: int = Field(default=256, ge=1, description=(
         "prompt tokens of one sequence per engine step, so a long prompt does not stall the other streams"))
+    step_tokens: int = Field(default=512, ge=16, description=(
+        "tokens of all sequences in one engine step (decode tokens first, then prompt chunks): bounds how long "
+        "the running streams wait for their next token while prompts come in"))
+    prefix_cache: bool = Field(default=True, description=(
+        "keep the keys and values of full 16-token blocks after a request ends, for later requests with the same "
+        "prefix on the same adapter versions and scales (a conversation's next turn)"))
+    priorities: bool = Field(default=True, description=(
+        "admit and prefill requests by their `priority` (player, normal, background) and pause lower priorities "
+        "for higher ones; false: arrival order only"))
     kernels: bool = Field(default=True, description=(
         "compiled kernels where installed: Triton on CUDA, a numba loop for CPU decode steps "
         "(false: PyTorch ops only; the startup log names the LoRA kernel in use)"))

@@ -29,12 +29,14 @@ from ...adapters.loader import AdapterFiles
 from ...adapters.version import AdapterVersion
 from ..base import EngineError, EngineErrorCode, EngineInfo, EventSink, PreparedAdapter
 from ..device import dtype_name, resolve_device, resolve_dtype
+from .blocks import BlockPool
 from .config import LORA_TARGETS
 from .detok import byte_table
 from .graphs import DecodeGraphs
 from .kernels import select_kernels
+from .kv import PagedKV
 from .lora_pool import LoraSlotStorage, PreparedLora
-from .model import KVCache, TextModel
+from .model import TextModel
 from .output import SequenceOutput
 from .peft_format import prepare_peft_lora
 from .request import EngineConfig, TextChunkEvent, TextDoneEvent, TextRequest, check_request
@@ -63,12 +65,15 @@ class TextEngine:
         self.eos_ids = frozenset({*self.spec.eos_token_ids, *self.prompts.eos_ids})
         self.byte_table = byte_table(tokenizer)
         self.max_context = min(cfg.max_context, self.spec.max_position_embeddings)
-        rows = cfg.max_seqs
-        if cfg.kv_cache_mb is not None:
-            per_row = KVCache.bytes_per_row(self.spec, self.max_context, self.dtype)
-            rows = max(1, min(rows, cfg.kv_cache_mb * 2**20 // per_row))
-        # One extra row: CUDA-graph padding rows write their keys and values there.
-        self.cache = KVCache(self.spec, rows=rows + 1, max_len=self.max_context, device=self.device, dtype=self.dtype)
+        model.ensure_rope(self.max_context)
+        bs = cfg.block_size
+        width = -(-self.max_context // bs)  # blocks of one sequence at most
+        per_block = PagedKV.bytes_per_token(self.spec, self.dtype) * bs
+        blocks = (cfg.kv_cache_mb * 2**20 // per_block if cfg.kv_cache_mb is not None
+                  else -(-cfg.max_seqs * self.max_context // (2 * bs)))
+        blocks = max(blocks, width + 1) + 1  # room for one sequence of max_context at least; block 0 is padding
+        self.kv = PagedKV(self.spec, num_blocks=blocks, block_size=bs, device=self.device, dtype=self.dtype)
+        self.pool = BlockPool(blocks, bs, prefix_cache=cfg.prefix_cache)
         bad = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"unknown LoRA targets {bad} (supported: {', '.join(LORA_TARGETS)})")
@@ -78,11 +83,13 @@ class TextEngine:
             device=self.device, dtype=self.dtype)
         self.kernels = model.kernels = select_kernels(self.device, self.dtype, enabled=cfg.kernels)
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
-        self.graphs = (DecodeGraphs(self.model, self.cache, self.storage, max_rows=rows, scratch_row=rows)
+        self.graphs = (DecodeGraphs(self.model, self.kv, self.storage, max_rows=cfg.max_seqs, table_width=width,
+                                    max_context=self.max_context, paged_kernel=self.kernels.reads_pages)
                        if self.device.type == "cuda" and cfg.cuda_graphs else None)
-        self.scheduler = Scheduler(rows=rows, slots=self.slots, max_step_tokens=cfg.max_step_tokens,
-                                   prefill_chunk=cfg.prefill_chunk)
-        self.runner = ModelRunner(self.model, self.cache, self.storage, self.kernels, cfg, self.graphs)
+        self.scheduler = Scheduler(max_seqs=cfg.max_seqs, slots=self.slots, pool=self.pool,
+                                   max_step_tokens=cfg.max_step_tokens, prefill_chunk=cfg.prefill_chunk,
+                                   priorities=cfg.priorities)
+        self.runner = ModelRunner(self.model, self.kv, self.storage, self.kernels, cfg, self.graphs, table_width=width)
         self._outputs: dict[int, SequenceOutput] = {}  # sequence serial -> its output step
         self._events: dict[int, EventSink] = {}  # id(request) -> its callback
         self._commands: deque[tuple[str, Any]] = deque()
@@ -92,12 +99,13 @@ class TextEngine:
         self.steps = 0
         self.failed_steps = 0
         mb = 2**20
-        log.info("text model %s: %d layers, %.0fM parameters, %s %s, %d sequences x %d tokens, %d LoRA slots, "
-                 "%s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6, self.device,
-                 dtype_name(self.dtype), rows, self.max_context, cfg.lora_slots, self.kernels.name)
-        log.info("text engine memory: weights %d MB, KV cache %d MB (max_seqs %d x max_context %d tokens), "
+        log.info("text model %s: %d layers, %.0fM parameters, %s %s, %d sequences of up to %d tokens, %d LoRA "
+                 "slots, %s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
+                 self.device, dtype_name(self.dtype), cfg.max_seqs, self.max_context, cfg.lora_slots,
+                 self.kernels.name)
+        log.info("text engine memory: weights %d MB, KV cache %d MB (%d tokens in blocks of %d: kv_cache_mb), "
                  "LoRA pool %d MB (lora_slots %d x max_lora_rank %d); lower those settings to use less",
-                 self.model.nbytes() // mb, self.cache.nbytes() // mb, rows, self.max_context,
+                 self.model.nbytes() // mb, self.kv.nbytes() // mb, (blocks - 1) * bs, bs,
                  self.storage.pool_nbytes() // mb, cfg.lora_slots, cfg.max_lora_rank)
 
     @classmethod
@@ -120,7 +128,7 @@ class TextEngine:
 
     @property
     def max_rows(self) -> int:
-        return self.scheduler.rows
+        return self.config.max_seqs
 
     def describe(self) -> EngineInfo:
         return EngineInfo(kind="text", name=self.spec.name, device=str(self.device), dtype=dtype_name(self.dtype),
@@ -173,16 +181,21 @@ class TextEngine:
             self._thread.join()
             self._thread = None
         self._drain_commands()
-        for req in list(self.scheduler.queue):
-            self._emit(req, EngineError(req.key, EngineErrorCode.STOPPED, message))
-        self.scheduler.queue.clear()
+        for waiting in list(self.scheduler.waiting):
+            self._emit(waiting.request, EngineError(waiting.key, EngineErrorCode.STOPPED, message))
+        self.scheduler.waiting.clear()
         for seq in list(self.scheduler.running):
             self._end(seq, EngineError(seq.key, EngineErrorCode.STOPPED, message))
 
     def stats(self) -> dict[str, Any]:
         """Counters for /healthz and benchmarks (read without locking: approximate while running)."""
-        return {"running": len(self.scheduler.running), "queued": len(self.scheduler.queue), "steps": self.steps,
-                "failed_steps": self.failed_steps, "free_rows": self.scheduler.free_rows,
+        pool = self.pool.stats
+        return {"running": len(self.scheduler.running), "queued": len(self.scheduler.waiting), "steps": self.steps,
+                "failed_steps": self.failed_steps, "preemptions": self.scheduler.preempted,
+                "kv_blocks": self.pool.num_blocks - 1, "kv_blocks_in_use": self.pool.in_use,
+                "kv_blocks_cached": self.pool.cached, "kv_block_size": self.pool.block_size,
+                "prefix_cache_hit_rate": round(pool.hits / pool.lookups, 4) if pool.lookups else None,
+                "prefix_cache_hit_tokens": pool.hits, "prefix_cache_evictions": pool.evictions,
                 "slot_loads": self.slots.stats.loads, "slot_evictions": self.slots.stats.evictions,
                 "resident_adapters": len(self.slots.resident()),
                 # pool rows a dense LoRA step reads (resident adapters from the front, holes included), pool size
@@ -231,8 +244,11 @@ class TextEngine:
                 else:
                     self.scheduler.enqueue(request)
             elif kind == "cancel":
-                req = self.scheduler.cancel(arg)
-                if req is not None:
+                waiting = self.scheduler.cancel(arg)
+                if waiting is not None and waiting.serial in self._outputs:  # paused mid-way
+                    self._end(waiting, "cancelled")
+                elif waiting is not None:
+                    req = waiting.request
                     ms = (time.perf_counter() - req.arrival) * 1000
                     self._emit(req, TextDoneEvent(arg, "", "cancelled", len(req.prompt_ids), 0,
                                                   {v.name: v.number for v, _ in req.adapters}, ms, None, ms))
@@ -244,10 +260,10 @@ class TextEngine:
         self._drain_commands()
         for seq in self.scheduler.take_cancelled():
             self._end(seq, "cancelled")
-        for seq in self.scheduler.admit():
+        started, plan = self.scheduler.schedule()
+        for seq in started:
             self._outputs[seq.serial] = SequenceOutput(seq, self.tokenizer, self.byte_table, eos_ids=self.eos_ids,
                                                        max_context=self.max_context)
-        plan = self.scheduler.plan()
         if plan is None:
             return False
         self._run_isolated(plan)
@@ -293,7 +309,8 @@ class TextEngine:
 
     def _end(self, seq: Seq, outcome: str | EngineError) -> None:
         """Finish a sequence with a reason (stop, length, cancelled) or an error."""
-        self.scheduler.finish(seq)
+        if seq in self.scheduler.running:
+            self.scheduler.finish(seq)
         self.runner.forget(seq)
         output = self._outputs.pop(seq.serial)
         events = [outcome] if isinstance(outcome, EngineError) else output.final_events(outcome, time.perf_counter())

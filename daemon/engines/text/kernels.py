@@ -16,6 +16,7 @@ set falls back to the PyTorch ops for the rest of its life; nothing else changes
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -47,6 +48,7 @@ class TorchKernels:
     """PyTorch ops only."""
 
     name = "torch"
+    reads_pages = False  # decode attention reads the paged cache itself (no gathered copy)
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -67,6 +69,11 @@ class TorchKernels:
     def prefers_prefix(self, tokens: int) -> bool:
         """Whether a step of `tokens` rows should take the dense LoRA layout over the whole prefix."""
         return self.device.type == "cuda"
+
+    def paged_decode(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, lens: torch.Tensor,
+                     window: int | None) -> torch.Tensor | None:
+        """Decode attention straight from the paged cache, or None: the caller gathers (`kv.decode_attention`)."""
+        return None
 
     def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The transformer forward pass of the Llama / Qwen2 family over a flat batch of tokens.
 
 One step runs every scheduled token of every sequence at once: decode tokens (one per sequence)
-first, then prefill chunks. Linear layers see all tokens together ([T, hidden]); each targeted
-projection adds its per-token LoRA update (`lora.lora_project`); attention reads and writes the
-KV cache by (cache row, position). No per-sequence loop on the decode path.
+first, then prompt chunks. Linear layers see all tokens together ([T, hidden]); each targeted
+projection adds its per-token LoRA update (`lora.lora_project`); keys and values go to each
+token's slot of the paged cache and attention reads them through block tables (`kv`). No
+per-sequence loop anywhere.
 """
 
 from __future__ import annotations
@@ -18,40 +19,12 @@ from safetensors import safe_open
 
 from .config import ModelSpec, UnsupportedModel
 from .kernels import Kernels, TorchKernels
+from .kv import PagedKV, PrefillChunk, PrefillPack, decode_attention, prefill_attention
 from .lora import linear, lora_project
 from .lora_plan import LoraBatch
 from .lora_pool import GroupSlots, LoraSlotStorage
 
-__all__ = ["KVCache", "PrefillChunk", "StepInput", "TextModel"]
-
-
-class KVCache:
-    """Keys and values of every layer: [rows, kv_heads, max_len, head_dim], one row per sequence."""
-
-    def __init__(self, spec: ModelSpec, *, rows: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (rows, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
-        self.rows = rows
-        self.max_len = max_len
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-    @staticmethod
-    def bytes_per_row(spec: ModelSpec, max_len: int, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * spec.num_layers * spec.num_kv_heads * max_len * spec.head_dim * itemsize
-
-
-@dataclass(frozen=True)
-class PrefillChunk:
-    """Tokens [start, end) of the flat batch are prompt positions pos0.. of cache row `row`."""
-
-    start: int
-    end: int
-    row: int
-    pos0: int
+__all__ = ["StepInput", "TextModel"]
 
 
 @dataclass
@@ -60,50 +33,15 @@ class StepInput:
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    cache_rows: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] the KV slot each token's keys and values go to
     num_decode: int  # tokens [0, num_decode) are decode tokens, one per sequence
-    decode_rows: torch.Tensor  # [D]
+    decode_tables: torch.Tensor  # [D, W] their block tables
     decode_lens: torch.Tensor  # [D] context length including the new token
-    max_decode_len: int
+    decode_index: torch.Tensor | None  # [D, L] the slots of their positions, for the PyTorch attention
     prefill: list[PrefillChunk]
+    prefill_tables: torch.Tensor | None  # [C', W] block tables of the chunks' sequences
     logit_index: torch.Tensor  # [N] which tokens need next-token logits
     lora: LoraBatch
-    decode_row_range: tuple[int, int] | None = None  # decode rows are exactly r0..r1-1, in order
-
-
-@dataclass(frozen=True)
-class _PackedPrefill:
-    """Prompt chunks of one step padded into a [C, L] block, so attention is one call per layer
-    (a Python loop over chunks costs more than the attention itself at game-sized prompts)."""
-
-    q_index: torch.Tensor  # [C, L] flat token of each chunk position (padding repeats the chunk's first)
-    rows: torch.Tensor  # [C] cache rows
-    keys: int  # context length to read (longest chunk end)
-    mask: torch.Tensor  # [C, 1, L, keys]: causal from each chunk's first position; padding sees key 0
-    tokens: torch.Tensor  # [N] flat tokens of all chunks, in chunk order
-    valid: torch.Tensor  # [N] their places in the flattened [C*L] block
-
-    @staticmethod
-    def build(chunks: list[PrefillChunk], device: torch.device, window: int | None) -> _PackedPrefill:
-        lens = torch.tensor([c.end - c.start for c in chunks])
-        width = int(lens.max())
-        pos = torch.arange(width)
-        starts = torch.tensor([c.start for c in chunks])
-        pos0 = torch.tensor([c.pos0 for c in chunks])
-        real = pos[None, :] < lens[:, None]  # [C, L]
-        q_index = torch.where(real, starts[:, None] + pos[None, :], starts[:, None])
-        keys = int((pos0 + lens).max())
-        qpos = pos0[:, None] + pos[None, :]  # absolute position of each query
-        key_pos = torch.arange(keys)[None, None, :]
-        mask = key_pos <= qpos[:, :, None]
-        if window is not None:  # a sliding window (Mistral): only the last `window` keys
-            mask &= key_pos > qpos[:, :, None] - window
-        mask &= real[:, :, None]
-        mask[:, :, 0] |= ~real  # padding queries see key 0 (a row with no key at all gives NaN)
-        valid = real.flatten().nonzero().squeeze(1)
-        tokens = q_index.flatten()[valid]
-        return _PackedPrefill(q_index.to(device), torch.tensor([c.row for c in chunks], device=device), keys,
-                              mask[:, None].to(device), tokens.to(device), valid.to(device))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +102,7 @@ class TextModel:
         self._inv_freq = inv_freq
         self._rope_len = 0
         self._cos = self._sin = torch.empty(0)
-        self._ensure_rope(min(spec.max_position_embeddings, 4096))
+        self.ensure_rope(min(spec.max_position_embeddings, 4096))
 
     @classmethod
     def from_folder(cls, path: Path, *, device: torch.device, dtype: torch.dtype) -> TextModel:
@@ -178,7 +116,8 @@ class TextModel:
             tensors.append(self.lm_head)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _ensure_rope(self, length: int) -> None:
+    def ensure_rope(self, length: int) -> None:
+        """RoPE tables for positions up to `length` (the engine asks for its context once)."""
         if length <= self._rope_len:
             return
         pos = torch.arange(length, dtype=torch.float64)
@@ -210,10 +149,9 @@ class TextModel:
         return fused, fused_bias
 
     @torch.inference_mode()
-    def forward(self, step: StepInput, cache: KVCache, slots: LoraSlotStorage | None) -> torch.Tensor:
+    def forward(self, step: StepInput, kv: PagedKV, slots: LoraSlotStorage | None) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for the tokens in `step.logit_index`."""
         spec = self.spec
-        self._ensure_rope(cache.max_len)
         t = step.input_ids.shape[0]
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         qs, kvs = spec.q_size, spec.kv_size
@@ -222,55 +160,36 @@ class TextModel:
         d = step.num_decode
         h = self.embed[step.input_ids]
         kernels = self.kernels
-        packs: dict[int | None, _PackedPrefill] = {}  # one per window size the layers use
+        chunks = step.prefill
+        # A lone prompt chunk with nothing before it attends to itself only (flash attention, no gather).
+        alone = len(chunks) == 1 and chunks[0].pos0 == 0
+        packs: dict[int | None, PrefillPack] = {}  # one per window size the layers use
         for i, layer in enumerate(self.layers):
             window = spec.window(i)
-            if len(step.prefill) > 1 and window not in packs:
-                packs[window] = _PackedPrefill.build(step.prefill, h.device, window)
-            packed = packs.get(window)
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
             qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernels)  # type: ignore[arg-type]
             q, k = kernels.rope_qk(qkv, cos, sin, nh, nkv, hd)
             v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, nkv, hd)
-            kc, vc = cache.k[i], cache.v[i]
-            kc[step.cache_rows, :, step.positions] = k
-            vc[step.cache_rows, :, step.positions] = v
+            kv.write(i, step.slots, k, v)
             attn = torch.empty(t, nh, hd, device=h.device, dtype=h.dtype)
             if d:
-                n = step.max_decode_len
-                if step.decode_row_range is not None:  # a view: no copy of the cache
-                    r0, r1 = step.decode_row_range
-                    keys, values = kc[r0:r1, :, :n], vc[r0:r1, :, :n]
-                else:
-                    keys, values = kc[step.decode_rows, :, :n], vc[step.decode_rows, :, :n]
-                key_pos = torch.arange(n, device=h.device)[None, :]
-                mask = key_pos < step.decode_lens[:, None]
-                if window is not None:
-                    mask &= key_pos >= step.decode_lens[:, None] - window
-                out = F.scaled_dot_product_attention(
-                    q[:d].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], enable_gqa=nkv != nh)
-                attn[:d] = out.squeeze(2)
-            if packed is not None:  # several prompt chunks: one attention call for all of them
-                qc = q[packed.q_index].transpose(1, 2)  # [C, heads, L, D]
-                keys, values = kc[packed.rows, :, :packed.keys], vc[packed.rows, :, :packed.keys]
-                out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=packed.mask, enable_gqa=nkv != nh)
-                attn[packed.tokens] = out.transpose(1, 2).reshape(-1, nh, hd)[packed.valid]
-            for c in step.prefill if packed is None else ():
-                end = c.pos0 + (c.end - c.start)
-                keys = kc[c.row, :, :end].unsqueeze(0)
-                values = vc[c.row, :, :end].unsqueeze(0)
-                qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
-                if c.pos0 == 0 and (window is None or end <= window):
-                    out = F.scaled_dot_product_attention(qc, keys, values, is_causal=True, enable_gqa=nkv != nh)
-                else:
-                    qpos = torch.arange(c.pos0, end, device=h.device)[:, None]
-                    key_pos = torch.arange(end, device=h.device)[None, :]
-                    mask = key_pos <= qpos
-                    if window is not None:
-                        mask &= key_pos > qpos - window
-                    out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, enable_gqa=nkv != nh)
-                attn[c.start:c.end] = out.squeeze(0).transpose(0, 1)
+                out = kernels.paged_decode(q[:d], kv, i, step.decode_tables, step.decode_lens, window)
+                if out is None:
+                    assert step.decode_index is not None
+                    out = decode_attention(q[:d], kv, i, step.decode_index, step.decode_lens, window)
+                attn[:d] = out
+            c0 = chunks[0] if chunks else None
+            if c0 is not None and alone and (window is None or c0.end - c0.start <= window):
+                qc, kc, vc = (x[c0.start:c0.end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+                out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=nkv != nh)
+                attn[c0.start:c0.end] = out.squeeze(0).transpose(0, 1)
+            elif chunks:
+                if window not in packs:
+                    assert step.prefill_tables is not None
+                    packs[window] = PrefillPack.build(chunks, step.prefill_tables, kv.block_size, window)
+                pack = packs[window]
+                attn[pack.tokens] = prefill_attention(q, kv, i, pack)
             attn2 = attn.view(t, qs)
             h = lora_project(attn2, layer["o"], None, groups.get("o"), lora, kernels, residual=h)  # type: ignore[arg-type]
             x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]

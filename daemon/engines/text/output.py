@@ -48,7 +48,7 @@ class SequenceOutput:
         events.append(TextDoneEvent(
             key=req.key, text=self.text, finish_reason=reason, prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.tokens), adapter_versions={v.name: v.number for v in seq.versions},
-            queued_ms=(seq.started - req.arrival) * 1000,
+            queued_ms=((seq.started or now) - req.arrival) * 1000, cached_tokens=seq.cached_tokens,
             first_token_ms=None if seq.first_token is None else (seq.first_token - req.arrival) * 1000,
             total_ms=(now - req.arrival) * 1000, token_ids=tuple(seq.tokens)))
         return events

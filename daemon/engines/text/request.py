@@ -27,15 +27,18 @@ class EngineConfig:
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    max_seqs: int = 16  # sequences running at once (KV-cache rows)
+    max_seqs: int = 16  # sequences running at once
     max_context: int = 2048  # tokens per sequence, prompt included
-    kv_cache_mb: int | None = None  # if set, caps max_seqs to what fits
+    kv_cache_mb: int | None = None  # the KV pool (default: room for max_seqs sequences of max_context / 2)
     lora_slots: int = 16  # adapters resident in compute memory at once
     max_lora_rank: int = 64
     lora_targets: tuple[str, ...] = LORA_TARGETS
     max_adapters_per_request: int = 4
     prefill_chunk: int = 256  # prompt tokens of one sequence per step
-    max_step_tokens: int = 512  # tokens of all sequences per step
+    max_step_tokens: int = 512  # tokens of all sequences per step (bounds the running streams' token gap)
+    block_size: int = 16  # token positions per KV block
+    prefix_cache: bool = True  # keep full blocks after a request ends, for later requests with the same prefix
+    priorities: bool = True  # admit and prefill by priority, pause lower priorities for higher ones
     cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
     lora_layout: Literal["auto", "dense", "bgmv"] = "auto"  # how a step lays out its LoRA rows (lora_plan.py)
     kernels: bool = True  # compiled kernels where installed (kernels.py); False: PyTorch ops only
@@ -63,6 +66,7 @@ class TextRequest:
     sampling: SamplingParams
     adapters: list[tuple[AdapterVersion, float]] = field(default_factory=list)
     stream: bool = True
+    priority: str = "normal"  # player | normal | background (scheduler.PRIORITIES)
     arrival: float = field(default_factory=time.perf_counter)
 
 

@@ -2,8 +2,9 @@
 -> one sampled token per sequence that needs one.
 
 Decode-only steps on CUDA replay a recorded graph (`graphs`); steps with prompt chunks, and every
-step on a CPU, run `TextModel.forward` eagerly. The LoRA plan of a step (`lora_plan.LoraBatch`)
-comes from each sequence's per-slot scales, kept here for as long as the sequence runs.
+step on a CPU, run `TextModel.forward` eagerly. Each token's keys and values go to the slot its
+sequence's block table gives its position. The LoRA plan of a step (`lora_plan.LoraBatch`) comes
+from each sequence's per-slot scales, kept here for as long as the sequence runs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 
 from .graphs import DecodeGraphs
 from .kernels import Kernels
+from .kv import PagedKV, PrefillChunk, gather_index
 from .lora_plan import LoraBatch
 from .lora_pool import LoraSlotStorage
-from .model import KVCache, PrefillChunk, StepInput, TextModel
+from .model import StepInput, TextModel
 from .request import EngineConfig
 from .sampler import sample
 from .scheduler import Sequence, StepPlan
@@ -25,10 +27,11 @@ __all__ = ["ModelRunner"]
 
 
 class ModelRunner:
-    def __init__(self, model: TextModel, cache: KVCache, storage: LoraSlotStorage, kernels: Kernels,
-                 config: EngineConfig, graphs: DecodeGraphs | None) -> None:
+    def __init__(self, model: TextModel, kv: PagedKV, storage: LoraSlotStorage, kernels: Kernels,
+                 config: EngineConfig, graphs: DecodeGraphs | None, *, table_width: int) -> None:
         self.model = model
-        self.cache = cache
+        self.kv = kv
+        self.table_width = table_width
         self.storage = storage
         self.kernels = kernels
         self.config = config
@@ -38,10 +41,13 @@ class ModelRunner:
         self.last_batch_size = 0
         # Test and debugging hook: called with (request keys, float32 logits) after every forward.
         self.on_logits: Callable[[list[Hashable], torch.Tensor], None] | None = None
-        self._weights: dict[int, torch.Tensor] = {}  # sequence serial -> its scale per slot (float32, host)
+        # (sequence serial, its slots) -> its scale per slot (float32, host); a paused sequence may come
+        # back in other slots.
+        self._weights: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
     def forget(self, seq: Sequence) -> None:
-        self._weights.pop(seq.serial, None)
+        for key in [k for k in self._weights if k[0] == seq.serial]:
+            del self._weights[key]
 
     def run(self, plan: StepPlan) -> list[int]:
         """Run the step; the next token of each sequence in `plan.sample`, in that order."""
@@ -57,47 +63,60 @@ class ModelRunner:
                      for s, p in zip(sample_seqs, params, strict=True)]
         return sample(logits, params, [len(s.tokens) for s in sample_seqs], histories)
 
+    def _slot(self, seq: Sequence, position: int) -> int:
+        bs = self.kv.block_size
+        return seq.table[position // bs] * bs + position % bs
+
+    def _tables(self, seqs: list[Sequence]) -> list[list[int]]:
+        w = self.table_width
+        return [s.table + [0] * (w - len(s.table)) for s in seqs]
+
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         decode = plan.decode
-        ids = [s.tokens[-1] for s in decode]
-        pos = [s.prompt_len + len(s.tokens) - 1 for s in decode]
-        rows = [s.row for s in decode]
+        ids = [s.token(s.fed) for s in decode]
+        pos = [s.fed for s in decode]
+        slots = [self._slot(s, s.fed) for s in decode]
         if self.graphs is not None and decode and plan.decode_only:
             self.last_batch_size = len(ids)
             # A sequence's slot scales never change while it runs, so the graph's copy of them is
             # reused for as long as the same sequences decode together.
             uses_lora = any(self._uses_lora(s) for s in decode)
-            return self.graphs.run(ids, pos, rows, (lambda: self._stack(decode)) if uses_lora else None,
-                                   weights_key=tuple(s.serial for s in decode))
+            return self.graphs.run(ids, pos, slots, self._tables(decode),
+                                   (lambda: self._stack(decode)) if uses_lora else None,
+                                   weights_key=tuple((s.serial, *s.slots) for s in decode))
         logit_index = list(range(len(decode)))
         chunks: list[PrefillChunk] = []
         counts = [1] * len(decode)  # tokens of each sequence in this step, in order
-        for c in plan.chunks:
+        for j, c in enumerate(plan.chunks):
             start = len(ids)
-            ids.extend(c.seq.request.prompt_ids[c.start:c.start + c.length])
+            ids.extend(c.seq.tokens_at(c.start, c.start + c.length))
             pos.extend(range(c.start, c.start + c.length))
-            rows.extend([c.seq.row] * c.length)
-            chunks.append(PrefillChunk(start=start, end=start + c.length, row=c.seq.row, pos0=c.start))
+            slots.extend(self._slot(c.seq, p) for p in range(c.start, c.start + c.length))
+            chunks.append(PrefillChunk(start=start, end=start + c.length, pos0=c.start, table=j))
             counts.append(c.length)
             if c.completes:
                 logit_index.append(len(ids) - 1)
         dev = self.device
         d = len(decode)
+        lens = [p + 1 for p in pos[:d]]
+        decode_tables = torch.tensor(self._tables(decode), dtype=torch.long, device=dev).view(d, self.table_width)
+        decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)
+        index = None
+        if d and not self.kernels.reads_pages:
+            index = gather_index(decode_tables, max(lens), self.kv.block_size)
         step = StepInput(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            cache_rows=torch.tensor(rows, dtype=torch.long, device=dev),
-            num_decode=d,
-            decode_rows=torch.tensor(rows[:d], dtype=torch.long, device=dev),
-            decode_lens=torch.tensor([p + 1 for p in pos[:d]], dtype=torch.long, device=dev),
-            max_decode_len=max((p + 1 for p in pos[:d]), default=0),
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=d, decode_tables=decode_tables, decode_lens=decode_lens, decode_index=index,
             prefill=chunks,
+            prefill_tables=torch.tensor(self._tables([c.seq for c in plan.chunks]), dtype=torch.long, device=dev)
+            if chunks else None,
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
-            decode_row_range=(rows[0], rows[d - 1] + 1) if d and rows[d - 1] - rows[0] + 1 == d else None,
             lora=self._lora_batch(plan.sequences, counts),
         )
         self.last_batch_size = len(ids)
-        return self.model.forward(step, self.cache, self.storage)
+        return self.model.forward(step, self.kv, self.storage)
 
     def _lora_batch(self, seqs: list[Sequence], counts: list[int]) -> LoraBatch:
         """The step's LoRA plan from each sequence's slot vector (no per-token Python): dense over
@@ -126,9 +145,10 @@ class ModelRunner:
         return torch.stack([self._row_weights(s) for s in seqs])
 
     def _row_weights(self, seq: Sequence) -> torch.Tensor:
-        w = self._weights.get(seq.serial)
+        key = (seq.serial, tuple(seq.slots))
+        w = self._weights.get(key)
         if w is None:
-            w = self._weights[seq.serial] = torch.zeros(self.storage.num_slots)
+            w = self._weights[key] = torch.zeros(self.storage.num_slots)
             for slot, scale in zip(seq.slots, seq.scales, strict=True):
                 w[slot] += scale
         return w

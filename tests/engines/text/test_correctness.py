@@ -147,3 +147,61 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
             with torch.no_grad():
                 base = reference_logits(peft, full, [])[n_prompt - 1]
             assert (base - captured[i][0]).abs().max() > 1e-3
+
+
+def test_prefix_hits_and_paused_sequences_match_peft(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Second turns served from the prefix cache, and background sequences paused for a player line
+    and resumed from their cached blocks: every sampled row's logits still equal PEFT's."""
+    dirs = {n: write_text_adapter(tmp_path / n, tiny_model_dir, **spec) for n, spec in ADAPTERS.items()}
+    engine = TextEngine.from_folder(tiny_model_dir, EngineConfig(
+        device="cpu", dtype="float32", max_seqs=2, max_context=128, lora_slots=6, max_lora_rank=8, block_size=4,
+        prefill_chunk=8, max_step_tokens=16))
+    versions = {n: load_version(engine, d) for n, d in dirs.items()}
+    peft = reference_models(tiny_model_dir, dirs)
+    captured: dict[str, list[torch.Tensor]] = {}
+    done: dict[str, object] = {}
+
+    def hook(keys: list[str], logits: torch.Tensor) -> None:
+        for k, row in zip(keys, logits, strict=True):
+            captured.setdefault(k, []).append(row.detach().clone())
+
+    engine.runner.on_logits = hook
+    persona = engine.encode_prompt("The elven archivist keeps the old scrolls in a library under the roots.")
+    mix = [("a_qv", 0.7), ("b_all", -0.4)]
+
+    def submit(key: str, ids: list[int], adapters: list[tuple[str, float]], priority: str = "normal",
+               tokens: int = 6) -> None:
+        engine.submit(TextRequest(key=key, prompt_ids=ids, sampling=SamplingParams(temperature=0.0, max_tokens=tokens,
+                                                                                    ignore_eos=True),
+                                  adapters=[(versions[n], s) for n, s in adapters], priority=priority),
+                      lambda e: done.__setitem__(e.key, e) if not type(e).__name__.endswith("ChunkEvent") else None)
+
+    submit("turn1", persona, mix)
+    engine.run_until_idle()
+    turn2 = persona + list(done["turn1"].token_ids) + engine.encode_prompt(" And then?")
+    submit("turn2", turn2, mix)
+    submit("base2", turn2, [])  # the same tokens on the base model: no reuse
+    engine.run_until_idle()
+    assert done["turn1"].cached_tokens == 0
+    assert done["turn2"].cached_tokens >= len(persona) - 4 and done["base2"].cached_tokens == 0
+    # Two background lines decoding; a player line arrives and one of them pauses.
+    submit("bg1", persona, [("c_mlp", 1.0)], "background", tokens=12)
+    submit("bg2", engine.encode_prompt("Gold coins, silver rings"), [("d_ok", 1.0)], "background", tokens=12)
+    for _ in range(6):
+        engine.step()
+    submit("player", engine.encode_prompt("Hello"), [("a_qv", 1.0)], "player")
+    engine.run_until_idle()
+    assert engine.scheduler.preempted >= 1
+    prompts = {"turn1": (persona, mix), "turn2": (turn2, mix), "base2": (turn2, []),
+               "bg1": (persona, [("c_mlp", 1.0)]), "bg2": (engine.encode_prompt("Gold coins, silver rings"),
+                                                         [("d_ok", 1.0)]),
+               "player": (engine.encode_prompt("Hello"), [("a_qv", 1.0)])}
+    for key, (ids, adapters) in prompts.items():
+        generated = list(done[key].token_ids)
+        ref = reference_logits(peft, ids + generated, adapters)
+        assert len(captured[key]) == len(generated), key
+        for j, got in enumerate(captured[key]):
+            want = ref[len(ids) - 1 + j]
+            rel = (got - want).abs().max() / want.abs().max()
+            assert rel < 1e-4, f"{key} step {j}: relative error {rel:.2e}"
+    assert engine.pool.in_use == 0

@@ -101,7 +101,7 @@ def test_cancel_running_and_queued(engine: TextEngine) -> None:
     assert events[0][-1].finish_reason == "cancelled" and events[0][-1].completion_tokens < 40
     assert events[5][-1].finish_reason == "cancelled" and events[5][-1].completion_tokens == 0
     assert all(events[i][-1].finish_reason == "length" for i in (1, 2, 3, 4))
-    assert engine.scheduler.free_rows == engine.max_rows
+    assert not engine.scheduler.running and engine.pool.in_use == 0
 
 
 def test_prompt_too_long_and_empty(engine: TextEngine) -> None:
@@ -295,7 +295,7 @@ def test_a_failure_one_request_brings_ends_only_that_request(engine: TextEngine)
     for key in ("a", "c"):
         assert events[key][-1].token_ids == clean[key][-1].token_ids
     assert engine.failed_steps > failed_before
-    assert engine.scheduler.free_rows == engine.max_rows
+    assert not engine.scheduler.running and engine.pool.in_use == 0
 
 
 def test_a_failure_of_the_whole_batch_alone_is_survived_in_halves(engine: TextEngine) -> None:
