@@ -7,7 +7,8 @@ Three sets behind one interface, picked by `select_kernels` when the engine star
 - `NumbaKernels` (CPU, float32): decode-sized steps compute the LoRA update in one compiled loop per
   projection group (`cpu_lora`); bigger steps use the PyTorch ops.
 - `TritonKernels` (CUDA): RMSNorm and RoPE as one launch each (`triton_ops`), the LoRA expand of a
-  whole group in one launch (`triton_lora`).
+  whole group in one launch (`triton_lora`), decode attention read straight from the paged cache
+  (`triton_attention`).
 
 A compiled kernel that fails at run time is logged, listed in `failures` (and /healthz), and the
 set falls back to the PyTorch ops for the rest of its life; nothing else changes.
@@ -111,16 +112,28 @@ class NumbaKernels(TorchKernels):
 
 
 class TritonKernels(TorchKernels):
-    """CUDA: one launch each for RMSNorm, RoPE and a group's LoRA expand."""
+    """CUDA: one launch each for RMSNorm, RoPE, a group's LoRA expand and a layer's decode attention."""
 
     name = "triton"
+    reads_pages = True
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
-        from . import triton_lora, triton_ops
+        from . import triton_attention, triton_lora, triton_ops
 
+        self._attention = triton_attention
         self._lora = triton_lora
         self._ops = triton_ops
+
+    def paged_decode(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, lens: torch.Tensor,
+                     window: int | None) -> torch.Tensor | None:
+        if self.failures:
+            return None
+        try:
+            return self._attention.paged_decode(q, kv.k[layer], kv.v[layer], tables, lens, window, kv.block_size)
+        except Exception as exc:
+            self._fail("the paged decode attention", exc)
+            return None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if not self.failures:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from .config import ModelSpec, UnsupportedModel
 from .kernels import Kernels, TorchKernels
-from .kv import PagedKV, PrefillChunk, PrefillPack, decode_attention, prefill_attention
+from .kv import PagedKV, PrefillChunk, PrefillPack, decode_attention, gather_index, prefill_attention
 from .lora import linear, lora_project
 from .lora_plan import LoraBatch
 from .lora_pool import GroupSlots, LoraSlotStorage
@@ -176,7 +176,9 @@ class TextModel:
             if d:
                 out = kernels.paged_decode(q[:d], kv, i, step.decode_tables, step.decode_lens, window)
                 if out is None:
-                    assert step.decode_index is not None
+                    if step.decode_index is None:  # the kernel gave up (logged): gather after all
+                        step.decode_index = gather_index(step.decode_tables, int(step.decode_lens.max()),
+                                                         kv.block_size)
                     out = decode_attention(q[:d], kv, i, step.decode_index, step.decode_lens, window)
                 attn[:d] = out
             c0 = chunks[0] if chunks else None

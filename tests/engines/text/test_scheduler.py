@@ -74,8 +74,8 @@ def run(s: Scheduler, limit: int = 500) -> list[str]:
 
 
 def test_it_needs_no_torch() -> None:
-    r = subprocess.run([sys.executable, "-c", "import sys, daemon.engines.text.scheduler; print('torch' in sys.modules)"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    code = "import sys, daemon.engines.text.scheduler; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
 
 
