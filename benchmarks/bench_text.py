@@ -29,11 +29,26 @@ import torch
 
 from benchmarks.fixtures.random_model import SHAPES, random_adapter_tensors, random_llama
 from daemon.adapters.loader import read_adapter_files
+from daemon.engines.text.config import ModelSpec
 from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.kv import PagedKV
 from daemon.engines.text.model import TextModel
 from daemon.engines.text.request import EngineConfig, SamplingParams, TextRequest
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def kv_mb(model: str, spec: ModelSpec | None, dtype: torch.dtype, tokens: int) -> int:
+    """A KV pool that holds `tokens` (every stream at full length: a throughput run never pauses one)."""
+    if spec is None:
+        if model.startswith("random:"):
+            hidden, layers, heads, kv, *_ = SHAPES[model.split(":", 1)[1]]
+            per = 2 * layers * kv * (hidden // heads) * torch.empty((), dtype=dtype).element_size()
+            return -(-(tokens + 64) * per // 2**20)
+        from daemon.engines.text.default_model import ensure_default_text_model
+
+        spec = ModelSpec.from_folder(ensure_default_text_model())
+    return -(-(tokens + 64) * PagedKV.bytes_per_token(spec, dtype) // 2**20)
 
 
 def _sync(device: torch.device) -> None:
@@ -41,7 +56,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _write_adapters(spec: Any, folder: Path, n: int, ranks: list[int], targets: tuple[str, ...]) -> list[Path]:
+def write_adapters(spec: Any, folder: Path, n: int, ranks: list[int], targets: tuple[str, ...]) -> list[Path]:
     from safetensors.torch import save_file
 
     paths = []
@@ -174,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     n_adapters = args.adapters or n
     ranks = [int(r) for r in args.ranks.split(",")]
     targets = tuple(t for t in args.targets.split(",") if t)
+    context = args.prompt_tokens + args.new_tokens + 8
+    shape_spec = (ModelSpec.from_folder(Path(args.model)) if not args.model.startswith("random:")
+                  and args.model != "default" else None)
     cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."), max_seqs=n,
-                       max_context=args.prompt_tokens + args.new_tokens + 8, lora_slots=n_adapters,
+                       max_context=context, lora_slots=n_adapters,
                        max_lora_rank=max(ranks), prefill_chunk=512, max_step_tokens=max(512, n),
                        cuda_graphs=not args.eager, lora_layout=args.lora_kernel,
-                       kernels=not args.no_kernels)
+                       kernels=not args.no_kernels, kv_cache_mb=kv_mb(args.model, shape_spec, dtype, n * context))
     tmp = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
     if args.model.startswith("random:"):
         spec, tensors, tokenizer = random_llama(args.model.split(":", 1)[1], device=device, dtype=dtype)
@@ -192,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         peer_model = ("folder", engine.model_dir)
         name = engine.spec.name
     spec = engine.spec
-    adapter_dirs = _write_adapters(spec, tmp, n_adapters, ranks, targets)
+    adapter_dirs = write_adapters(spec, tmp, n_adapters, ranks, targets)
     versions = []
     for i, d in enumerate(adapter_dirs):
         files = read_adapter_files(d, "text")

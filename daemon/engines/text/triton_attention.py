@@ -37,7 +37,7 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
-                             stride_qt, stride_qh, stride_ks, stride_kh, stride_tb, stride_ot, stride_oh,
+                             stride_qt, stride_qh, stride_ks, stride_kh, stride_tb, stride_tw, stride_ot, stride_oh,
                              scale, window,
                              BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
                              GROUP_PAD: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
@@ -59,7 +59,7 @@ if triton is not None:
         for t0 in range((first // TILE) * TILE, length, TILE):
             pos = t0 + tl.arange(0, TILE)
             valid = (pos < length) & (pos >= first)
-            block = tl.load(tables_ptr + row * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
+            block = tl.load(tables_ptr + row * stride_tb + (pos // BLOCK_SIZE) * stride_tw, mask=valid, other=0)
             slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
             k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=valid[:, None],
                         other=0.0)
@@ -97,7 +97,7 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     if rows:
         _paged_decode_kernel[(rows, kv_heads)](
             q, k_pool, v_pool, tables, lens, out, q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-            tables.stride(0), out.stride(0), out.stride(1), dim ** -0.5, window or 0,
+            tables.stride(0), tables.stride(1), out.stride(0), out.stride(1), dim ** -0.5, window or 0,
             BLOCK_SIZE=block_size, HEAD_DIM=dim, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
             TILE=_TILE, IEEE=q.dtype == torch.float32, num_warps=4)
     return out
