@@ -223,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         files = read_adapter_files(d, "text")
         prepared = engine.prepare_adapter(files)
         versions.append(files.to_version(d.name, i + 1, prepared.payload, prepared.rank, prepared.targets))
-    # Warm up: kernels compiled, graphs recorded, slots loaded.
-    warm = argparse.Namespace(**{**vars(args), "players": 1, "gap_steps": 1})
-    run_scenario(engine, versions, warm, cache=True, priorities=True, seed=0)
+    # Warm up with the same scenario: kernels compiled, graphs recorded, slots loaded for every shape it meets.
+    run_scenario(engine, versions, args, cache=True, priorities=True, seed=0)
     idle = idle_ttft(engine, versions[-1], args)
     configs = [("cache on, priorities on", True, True), ("cache off, priorities on", False, True),
                ("cache on, priorities off", True, False)]

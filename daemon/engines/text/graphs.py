@@ -50,19 +50,27 @@ class _Graph:
     weights_key: Hashable = None  # whose scales `slot_weights` holds now
 
 
+class _KernelGaveUp(Exception):
+    pass
+
+
 class DecodeGraphs:
     def __init__(self, model: TextModel, kv: PagedKV, storage: LoraSlotStorage, *, max_rows: int, table_width: int,
-                 max_context: int, paged_kernel: bool) -> None:
+                 max_context: int) -> None:
         self.model = model
         self.kv = kv
         self.storage = storage
         self.table_width = table_width
         self.max_context = max_context
-        self.paged_kernel = paged_kernel
         self.batch_sizes = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, max_rows + 1))
                                   | {max_rows})
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self.replays = 0
+
+    def _paged(self) -> bool:
+        """Whether decode attention reads the paged cache itself (and so needs no context bucket)."""
+        kernels = self.model.kernels
+        return bool(kernels.reads_pages and not kernels.failures)
 
     def _capture(self, batch: int, context: int, width: int) -> _Graph:
         """A graph for `batch` rows, `context` keys (0: the kernel reads each row's own length) and
@@ -90,6 +98,8 @@ class DecodeGraphs:
             for _ in range(2):  # warm up kernels and allocator outside the capture
                 forward()
         torch.cuda.current_stream(dev).wait_stream(stream)
+        if not context and not self._paged():
+            raise _KernelGaveUp  # the paged kernel failed while warming up: record with gathered keys instead
         graph = torch.cuda.CUDAGraph()
         # Each graph gets its own memory pool: graphs are replayed in any order, so sharing one
         # would let a replay overwrite another graph's intermediates.
@@ -105,14 +115,23 @@ class DecodeGraphs:
         `weights_key` differs from the key of the scales this graph last ran with (None: always)."""
         n = len(ids)
         batch = _bucket(n, self.batch_sizes)
-        context = 0
-        if not self.paged_kernel:
-            longest = max(positions) + 1
-            context = min(-(-longest // _CONTEXT_BUCKET) * _CONTEXT_BUCKET, self.max_context)
-        key = (batch, context, 0 if slot_weights is None else self.storage.width(graph=True))
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._graphs[key] = self._capture(*key)
+        width = 0 if slot_weights is None else self.storage.width(graph=True)
+        g = None
+        for _ in range(2):
+            context = 0
+            if not self._paged():
+                longest = max(positions) + 1
+                context = min(-(-longest // _CONTEXT_BUCKET) * _CONTEXT_BUCKET, self.max_context)
+            key = (batch, context, width)
+            g = self._graphs.get(key)
+            if g is not None:
+                break
+            try:
+                g = self._graphs[key] = self._capture(*key)
+                break
+            except _KernelGaveUp:
+                continue
+        assert g is not None
         pad = batch - n
         w = self.table_width
         rows = [ids + [0] * pad, positions + [0] * pad, slots + [0] * pad, [p + 1 for p in positions] + [1] * pad]

@@ -176,10 +176,10 @@ class TextModel:
             if d:
                 out = kernels.paged_decode(q[:d], kv, i, step.decode_tables, step.decode_lens, window)
                 if out is None:
-                    if step.decode_index is None:  # the kernel gave up (logged): gather after all
-                        step.decode_index = gather_index(step.decode_tables, int(step.decode_lens.max()),
-                                                         kv.block_size)
-                    out = decode_attention(q[:d], kv, i, step.decode_index, step.decode_lens, window)
+                    index = step.decode_index
+                    if index is None:  # the kernel gave up (logged): gather after all
+                        index = gather_index(step.decode_tables, int(step.decode_lens.max()), kv.block_size)
+                    out = decode_attention(q[:d], kv, i, index, step.decode_lens, window)
                 attn[:d] = out
             c0 = chunks[0] if chunks else None
             if c0 is not None and alone and (window is None or c0.end - c0.start <= window):

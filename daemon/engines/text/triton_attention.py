@@ -50,7 +50,7 @@ if triton is not None:
         qmask = g < GROUP
         q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=qmask[:, None],
                     other=0.0)
-        first = 0
+        first = length * 0  # the type of `length` (int64), as the branch below assigns
         if window > 0:
             first = tl.maximum(length - window, 0)
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
