@@ -32,7 +32,7 @@ from ..device import dtype_name, resolve_device, resolve_dtype
 from .blocks import BlockPool
 from .config import LORA_TARGETS
 from .detok import byte_table
-from .graphs import DecodeGraphs
+from .graphs import StepGraphs
 from .kernels import select_kernels
 from .kv import PagedKV
 from .lora_pool import LoraSlotStorage, PreparedLora
@@ -83,7 +83,7 @@ class TextEngine:
             device=self.device, dtype=self.dtype)
         self.kernels = model.kernels = select_kernels(self.device, self.dtype, enabled=cfg.kernels)
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
-        self.graphs = (DecodeGraphs(self.model, self.kv, self.storage, max_rows=cfg.max_seqs, table_width=width,
+        self.graphs = (StepGraphs(self.model, self.kv, self.storage, max_rows=cfg.max_seqs, table_width=width,
                                     max_context=self.max_context)
                        if self.device.type == "cuda" and cfg.cuda_graphs else None)
         self.scheduler = Scheduler(max_seqs=cfg.max_seqs, slots=self.slots, pool=self.pool,

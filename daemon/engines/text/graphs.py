@@ -1,39 +1,44 @@
-"""CUDA graphs for decode steps: one recorded forward pass per (batch size, context, LoRA) bucket.
+"""CUDA graphs for steps: one recorded forward pass per (decode rows, prompt-chunk tokens, context,
+LoRA) bucket.
 
-A decode step launches hundreds of small kernels; on a GPU their launch cost, not the weights'
-bytes, bounds the step time. Recording the step once and replaying it removes that cost. A graph
-needs fixed shapes and addresses, so the runner keeps static input buffers and pads:
-- rows up to the next batch bucket (padding rows write into block 0, which no sequence owns),
-- the PyTorch attention up to the next context bucket (the mask hides the rest; a kernel that
-  reads the paged cache itself loops over each row's own length, and needs no bucket),
+A step launches hundreds of small kernels; on a GPU their launch cost, not the weights' bytes,
+bounds the step time. Recording the step once and replaying it removes that cost. A graph needs
+fixed shapes and addresses, so the runner keeps static input buffers (one flat int buffer, filled
+by one copy a replay) and pads:
+- decode rows up to the next batch bucket (padding rows write into block 0, which no sequence owns),
+- a step's prompt chunk (one, next to the decode rows) up to the next chunk bucket: its start,
+  length and first position are read from the device by the paged prefill kernel, so one graph
+  serves a chunk anywhere in any prompt (padding tokens write into block 0, their rows are dropped),
+- the PyTorch decode attention up to the next context bucket (the mask hides the rest; the paged
+  kernels loop over each row's own length and need no bucket; chunks need the kernels),
 - LoRA in the dense form over the pool rows in use, rounded up to a power of two (one graph per
-  width; [B, slots] scales are spread over the rows inside the graph through the storage's
-  row->slot map), or no LoRA at all when every row is on the base model (a graph of its own, as
-  fast as the base model).
-Prefill steps and CPU runs use the eager path.
+  width; per-token [T, slots] scales are spread over the rows inside the graph through the
+  storage's row->slot map), or no LoRA at all when every row is on the base model.
+Steps with several chunks, chunks longer than the largest bucket, and CPU runs use the eager path.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .kv import PagedKV, gather_index
+from .kv import PagedKV, PrefillChunk, gather_index
 from .lora_plan import LoraBatch
 from .lora_pool import LoraSlotStorage
 from .model import StepInput, TextModel
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["CHUNK_BUCKETS", "StepGraphs"]
 
 log = logging.getLogger("loraloom.text")
 
 _CONTEXT_BUCKET = 256
+CHUNK_BUCKETS = (64, 128, 256, 512)
 
 
-def _bucket(n: int, sizes: list[int]) -> int:
+def _bucket(n: int, sizes: Sequence[int]) -> int:
     for s in sizes:
         if s >= n:
             return s
@@ -43,10 +48,10 @@ def _bucket(n: int, sizes: list[int]) -> int:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    ints: torch.Tensor  # [4 + W, batch]: token ids, positions, KV slots, lengths, block tables (one copy a step)
-    slot_weights: torch.Tensor | None  # [batch, slots]: each row's scale per slot
+    ints: torch.Tensor  # every int input in one buffer (see `_layout`)
+    slot_weights: torch.Tensor | None  # [tokens, slots]: each token's scale per slot
     logits: torch.Tensor
-    step: StepInput  # keeps every tensor the graph reads alive (e.g. logit_index)
+    step: StepInput  # keeps every tensor the graph reads alive
     weights_key: Hashable = None  # whose scales `slot_weights` holds now
 
 
@@ -54,7 +59,20 @@ class _KernelGaveUp(Exception):
     pass
 
 
-class DecodeGraphs:
+@dataclass(frozen=True)
+class StepRows:
+    """One step's host-side inputs for a graph: decode rows, then at most one prompt chunk."""
+
+    ids: list[int]  # decode tokens, then the chunk's tokens
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]  # the decode rows' block tables
+    chunk_table: list[int] | None = None
+    chunk_pos0: int = 0
+    chunk_len: int = 0
+
+
+class StepGraphs:
     def __init__(self, model: TextModel, kv: PagedKV, storage: LoraSlotStorage, *, max_rows: int, table_width: int,
                  max_context: int) -> None:
         self.model = model
@@ -64,29 +82,54 @@ class DecodeGraphs:
         self.max_context = max_context
         self.batch_sizes = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, max_rows + 1))
                                   | {max_rows})
-        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self.replays = 0
+        self.chunk_replays = 0  # replays that carried a prompt chunk
 
-    def _paged(self) -> bool:
-        """Whether decode attention reads the paged cache itself (and so needs no context bucket)."""
+    def paged(self) -> bool:
+        """Whether attention reads the paged cache itself (chunk graphs need it; decode needs no bucket)."""
         kernels = self.model.kernels
         return bool(kernels.reads_pages and not kernels.failures)
 
-    def _capture(self, batch: int, context: int, width: int) -> _Graph:
-        """A graph for `batch` rows, `context` keys (0: the kernel reads each row's own length) and
-        `width` LoRA pool rows (0: no LoRA)."""
+    def takes(self, decode_rows: int, chunk_tokens: int) -> bool:
+        return decode_rows <= self.batch_sizes[-1] and chunk_tokens <= CHUNK_BUCKETS[-1] and (
+            chunk_tokens == 0 or self.paged())
+
+    def _layout(self, batch: int, chunk: int) -> dict[str, slice]:
+        """Where each input sits in the flat int buffer of a (batch, chunk) graph."""
+        t, w = batch + chunk, self.table_width
+        sizes = [("ids", t), ("positions", t), ("slots", t), ("lens", batch), ("tables", batch * w)]
+        if chunk:
+            sizes += [("meta", 3), ("chunk_table", w), ("logit_index", batch + 1)]
+        out, at = {}, 0
+        for name, n in sizes:
+            out[name] = slice(at, at + n)
+            at += n
+        return out
+
+    def _capture(self, batch: int, chunk: int, context: int, width: int) -> _Graph:
         lora = width > 0
         dev = self.model.device
-        ints = torch.zeros(4 + self.table_width, batch, dtype=torch.long, device=dev)
-        ints[3] = 1
-        tables = ints[4:].t()  # [batch, W]: a view, so one copy fills everything
-        slot_weights = torch.zeros(batch, self.storage.num_slots, dtype=self.model.dtype, device=dev) if lora else None
-        step = StepInput(input_ids=ints[0], positions=ints[1], slots=ints[2], num_decode=batch, decode_tables=tables,
-                         decode_lens=ints[3], decode_index=None, prefill=[], prefill_tables=None,
-                         logit_index=torch.arange(batch, device=dev), lora=LoraBatch(mode="none"))
+        layout = self._layout(batch, chunk)
+        ints = torch.zeros(max(s.stop for s in layout.values()), dtype=torch.long, device=dev)
+        ints[layout["lens"]] = 1
+        tokens = batch + chunk
+        tables = ints[layout["tables"]].view(batch, self.table_width)
+        slot_weights = torch.zeros(tokens, self.storage.num_slots, dtype=self.model.dtype, device=dev) if lora else None
+        if chunk:
+            ints[layout["meta"]] = torch.tensor([batch, 1, 0], device=dev)
+            ints[layout["logit_index"]] = torch.arange(batch + 1, device=dev)
+        step = StepInput(
+            input_ids=ints[layout["ids"]], positions=ints[layout["positions"]], slots=ints[layout["slots"]],
+            num_decode=batch, decode_tables=tables, decode_lens=ints[layout["lens"]], decode_index=None,
+            prefill=[PrefillChunk(start=batch, end=tokens, pos0=0, table=0)] if chunk else [],
+            prefill_tables=ints[layout["chunk_table"]].view(1, self.table_width) if chunk else None,
+            prefill_meta=ints[layout["meta"]].view(1, 3) if chunk else None, prefill_longest=chunk,
+            logit_index=ints[layout["logit_index"]] if chunk else torch.arange(batch, device=dev),
+            lora=LoraBatch(mode="none"))
 
         def forward() -> torch.Tensor:
-            if slot_weights is not None:  # spread over the rows inside the graph: the host copies [B, S] only
+            if slot_weights is not None:  # spread over the rows inside the graph: the host copies [T, S] only
                 step.lora = LoraBatch(mode="dense", weights=self.storage.row_weights(slot_weights, width))
             if context:
                 step.decode_index = gather_index(tables, context, self.kv.block_size)
@@ -98,50 +141,76 @@ class DecodeGraphs:
             for _ in range(2):  # warm up kernels and allocator outside the capture
                 forward()
         torch.cuda.current_stream(dev).wait_stream(stream)
-        if not context and not self._paged():
-            raise _KernelGaveUp  # the paged kernel failed while warming up: record with gathered keys instead
+        if not context and not self.paged():
+            raise _KernelGaveUp  # a paged kernel failed while warming up: record with gathered keys instead
         graph = torch.cuda.CUDAGraph()
         # Each graph gets its own memory pool: graphs are replayed in any order, so sharing one
         # would let a replay overwrite another graph's intermediates.
         with torch.cuda.graph(graph):
             logits = forward()
-        log.debug("captured a decode graph: batch %d, context %d, LoRA rows %d", batch, context, width)
+        log.debug("captured a graph: %d decode rows, %d chunk tokens, context %d, LoRA rows %d", batch, chunk,
+                  context, width)
         return _Graph(graph, ints, slot_weights, logits, step)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            slot_weights: Callable[[], torch.Tensor] | None, weights_key: Hashable = None) -> torch.Tensor:
-        """Logits [len(ids), vocab] for a decode-only step. `slot_weights` gives the [n, slots] scales on
-        the host (None: every row on the base model); it is only called, and its result copied, when
-        `weights_key` differs from the key of the scales this graph last ran with (None: always)."""
-        n = len(ids)
-        batch = _bucket(n, self.batch_sizes)
+    def run(self, rows: StepRows, slot_weights: Callable[[], torch.Tensor] | None,
+            weights_key: Hashable = None) -> torch.Tensor:
+        """Logits of the decode rows, then (with a chunk) of the chunk's last token. `slot_weights`
+        gives the [tokens, slots] scales on the host (None: every token on the base model); it is
+        only called, and its result copied, when `weights_key` differs from the key of the scales
+        the graph last ran with (None: always)."""
+        n = len(rows.tables)
+        chunk_len = rows.chunk_len
+        batch = _bucket(n, self.batch_sizes) if n else 0
+        chunk = _bucket(chunk_len, CHUNK_BUCKETS) if chunk_len else 0
         width = 0 if slot_weights is None else self.storage.width(graph=True)
         g = None
         for _ in range(2):
             context = 0
-            if not self._paged():
-                longest = max(positions) + 1
+            if not self.paged():
+                longest = max(rows.positions[:n]) + 1
                 context = min(-(-longest // _CONTEXT_BUCKET) * _CONTEXT_BUCKET, self.max_context)
-            key = (batch, context, width)
+            key = (batch, chunk, context, width)
             g = self._graphs.get(key)
             if g is not None:
                 break
             try:
-                g = self._graphs[key] = self._capture(*key)
+                g = self._graphs[key] = self._capture(batch, chunk, context, width)
                 break
             except _KernelGaveUp:
                 continue
         assert g is not None
-        pad = batch - n
-        w = self.table_width
-        rows = [ids + [0] * pad, positions + [0] * pad, slots + [0] * pad, [p + 1 for p in positions] + [1] * pad]
-        host = torch.tensor(rows + [list(col) for col in zip(*(tables + [[0] * w] * pad), strict=True)])
-        g.ints.copy_(host, non_blocking=True)
+        host = self._host(rows, batch, chunk)
+        g.ints.copy_(torch.tensor(host), non_blocking=True)
         if g.slot_weights is not None and (weights_key is None or weights_key != g.weights_key):
             assert slot_weights is not None
-            g.slot_weights[:n].copy_(slot_weights(), non_blocking=True)
-            g.slot_weights[n:].zero_()
+            per_token = slot_weights()
+            g.slot_weights.zero_()
+            g.slot_weights[:n].copy_(per_token[:n], non_blocking=True)
+            if chunk_len:
+                g.slot_weights[batch:batch + chunk_len].copy_(per_token[n:], non_blocking=True)
             g.weights_key = weights_key
         g.graph.replay()
         self.replays += 1
-        return g.logits[:n]
+        self.chunk_replays += bool(chunk_len)
+        if not chunk_len:
+            return g.logits[:n]
+        return torch.cat([g.logits[:n], g.logits[batch:batch + 1]])
+
+    def _host(self, rows: StepRows, batch: int, chunk: int) -> list[int]:
+        """The flat int buffer's content, in `_layout` order."""
+        n, w = len(rows.tables), self.table_width
+        pad, cpad = batch - n, chunk - rows.chunk_len
+
+        def spread(values: list[int], fill: int) -> list[int]:  # decode part padded, then chunk part padded
+            return values[:n] + [fill] * pad + values[n:] + [fill] * cpad
+
+        out = spread(rows.ids, 0) + spread(rows.positions, 0) + spread(rows.slots, 0)
+        out += [p + 1 for p in rows.positions[:n]] + [1] * pad
+        for table in rows.tables:
+            out += table
+        out += [0] * (pad * w)
+        if chunk:
+            out += [batch, rows.chunk_len, rows.chunk_pos0]
+            out += rows.chunk_table or [0] * w
+            out += list(range(n)) + [0] * pad + [batch + rows.chunk_len - 1]
+        return out

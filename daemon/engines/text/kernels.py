@@ -76,6 +76,12 @@ class TorchKernels:
         """Decode attention straight from the paged cache, or None: the caller gathers (`kv.decode_attention`)."""
         return None
 
+    def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
+                      out: torch.Tensor, window: int | None, longest: int) -> bool:
+        """Prompt chunks' attention straight from the paged cache into `out`; False: the caller
+        gathers (`kv.prefill_attention`)."""
+        return False
+
     def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T (+ bias) plus every row's LoRA update over the pool prefix (+ residual): [T, out]."""
@@ -134,6 +140,17 @@ class TritonKernels(TorchKernels):
         except Exception as exc:
             self._fail("the paged decode attention", exc)
             return None
+
+    def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
+                      out: torch.Tensor, window: int | None, longest: int) -> bool:
+        if self.failures:
+            return False
+        try:
+            return self._attention.paged_prefill(q, kv.k[layer], kv.v[layer], tables, meta, out, window,
+                                                 kv.block_size, longest)
+        except Exception as exc:
+            self._fail("the paged prefill attention", exc)
+            return False
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if not self.failures:

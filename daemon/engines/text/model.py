@@ -39,9 +39,11 @@ class StepInput:
     decode_lens: torch.Tensor  # [D] context length including the new token
     decode_index: torch.Tensor | None  # [D, L] the slots of their positions, for the PyTorch attention
     prefill: list[PrefillChunk]
-    prefill_tables: torch.Tensor | None  # [C', W] block tables of the chunks' sequences
+    prefill_tables: torch.Tensor | None  # [C, W] block tables of the chunks' sequences
     logit_index: torch.Tensor  # [N] which tokens need next-token logits
     lora: LoraBatch
+    prefill_meta: torch.Tensor | None = None  # [C, 3] each chunk's first flat token, token count, first position
+    prefill_longest: int = 0  # the most tokens of one chunk (a bound for kernels' grids)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -172,7 +174,8 @@ class TextModel:
             q, k = kernels.rope_qk(qkv, cos, sin, nh, nkv, hd)
             v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, nkv, hd)
             kv.write(i, step.slots, k, v)
-            attn = torch.empty(t, nh, hd, device=h.device, dtype=h.dtype)
+            # Zeros, not garbage, in rows no attention writes (a graph's padding tokens): finite downstream.
+            attn = torch.zeros(t, nh, hd, device=h.device, dtype=h.dtype)
             if d:
                 out = kernels.paged_decode(q[:d], kv, i, step.decode_tables, step.decode_lens, window)
                 if out is None:
@@ -182,7 +185,11 @@ class TextModel:
                     out = decode_attention(q[:d], kv, i, index, step.decode_lens, window)
                 attn[:d] = out
             c0 = chunks[0] if chunks else None
-            if c0 is not None and alone and (window is None or c0.end - c0.start <= window):
+            if c0 is not None and step.prefill_meta is not None and step.prefill_tables is not None and \
+                    kernels.paged_prefill(q, kv, i, step.prefill_tables, step.prefill_meta, attn, window,
+                                          step.prefill_longest):
+                pass  # written into `attn` from the paged cache
+            elif c0 is not None and alone and (window is None or c0.end - c0.start <= window):
                 qc, kc, vc = (x[c0.start:c0.end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
                 out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=nkv != nh)
                 attn[c0.start:c0.end] = out.squeeze(0).transpose(0, 1)

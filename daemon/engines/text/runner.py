@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from .graphs import DecodeGraphs
+from .graphs import StepGraphs, StepRows
 from .kernels import Kernels
 from .kv import PagedKV, PrefillChunk, gather_index
 from .lora_plan import LoraBatch
@@ -28,7 +28,7 @@ __all__ = ["ModelRunner"]
 
 class ModelRunner:
     def __init__(self, model: TextModel, kv: PagedKV, storage: LoraSlotStorage, kernels: Kernels,
-                 config: EngineConfig, graphs: DecodeGraphs | None, *, table_width: int) -> None:
+                 config: EngineConfig, graphs: StepGraphs | None, *, table_width: int) -> None:
         self.model = model
         self.kv = kv
         self.table_width = table_width
@@ -76,14 +76,9 @@ class ModelRunner:
         ids = [s.token(s.fed) for s in decode]
         pos = [s.fed for s in decode]
         slots = [self._slot(s, s.fed) for s in decode]
-        if self.graphs is not None and decode and plan.decode_only:
-            self.last_batch_size = len(ids)
-            # A sequence's slot scales never change while it runs, so the graph's copy of them is
-            # reused for as long as the same sequences decode together.
-            uses_lora = any(self._uses_lora(s) for s in decode)
-            return self.graphs.run(ids, pos, slots, self._tables(decode),
-                                   (lambda: self._stack(decode)) if uses_lora else None,
-                                   weights_key=tuple((s.serial, *s.slots) for s in decode))
+        chunk_tokens = sum(c.length for c in plan.chunks)
+        if self.graphs is not None and len(plan.chunks) <= 1 and self.graphs.takes(len(decode), chunk_tokens):
+            return self._replay(plan, ids, pos, slots)
         logit_index = list(range(len(decode)))
         chunks: list[PrefillChunk] = []
         counts = [1] * len(decode)  # tokens of each sequence in this step, in order
@@ -112,11 +107,41 @@ class ModelRunner:
             prefill=chunks,
             prefill_tables=torch.tensor(self._tables([c.seq for c in plan.chunks]), dtype=torch.long, device=dev)
             if chunks else None,
+            prefill_meta=torch.tensor([[c.start, c.end - c.start, c.pos0] for c in chunks], dtype=torch.long,
+                                      device=dev) if chunks else None,
+            prefill_longest=max((c.end - c.start for c in chunks), default=0),
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
             lora=self._lora_batch(plan.sequences, counts),
         )
         self.last_batch_size = len(ids)
         return self.model.forward(step, self.kv, self.storage)
+
+    def _replay(self, plan: StepPlan, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
+        """A decode step, or decode rows and one prompt chunk, through a recorded graph."""
+        assert self.graphs is not None
+        decode, chunk = plan.decode, plan.chunks[0] if plan.chunks else None
+        rows = StepRows(ids, pos, slots, self._tables(decode))
+        members = [(s.serial, *s.slots) for s in decode]
+        if chunk is not None:
+            span = range(chunk.start, chunk.start + chunk.length)
+            rows = StepRows(ids + chunk.seq.tokens_at(chunk.start, chunk.start + chunk.length), pos + list(span),
+                            slots + [self._slot(chunk.seq, p) for p in span], rows.tables,
+                            self._tables([chunk.seq])[0], chunk.start, chunk.length)
+            members.append((chunk.seq.serial, *chunk.seq.slots, chunk.start, chunk.length))
+        self.last_batch_size = len(rows.ids)
+        seqs = plan.sequences
+
+        def weights() -> torch.Tensor:  # per token: the decode rows, then the chunk's tokens
+            per_seq = self._stack(seqs)
+            if chunk is None:
+                return per_seq
+            return torch.cat([per_seq[:len(decode)], per_seq[len(decode):].expand(chunk.length, -1)])
+
+        # A sequence's slot scales never change while it runs, so the graph's copy of them is
+        # reused for as long as the same sequences decode together.
+        uses_lora = any(self._uses_lora(s) for s in seqs)
+        logits = self.graphs.run(rows, weights if uses_lora else None, weights_key=tuple(members))
+        return logits if chunk is None or chunk.completes else logits[:len(decode)]
 
     def _lora_batch(self, seqs: list[Sequence], counts: list[int]) -> LoraBatch:
         """The step's LoRA plan from each sequence's slot vector (no per-token Python): dense over
