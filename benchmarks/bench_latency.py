@@ -147,6 +147,9 @@ def run_scenario(engine: TextEngine, versions: list[Any], args: argparse.Namespa
     finally:
         engine.runner.on_logits = None
         engine.runner.run = run  # type: ignore[method-assign]
+    failed = [e for e in done.values() if not hasattr(e, "finish_reason")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, the first: {failed[0]}")
     return summarize(trace, done, args, elapsed, start)
 
 
@@ -192,11 +195,15 @@ def idle_ttft(engine: TextEngine, version: Any, args: argparse.Namespace) -> flo
                                                     prefix_cache=False)
     g = torch.Generator().manual_seed(99)
     ids = torch.randint(5, min(engine.spec.vocab_size, len(engine.tokenizer)), (args.player_prompt,), generator=g)
+    events: list[Any] = []
     start = time.perf_counter()
     engine.submit(TextRequest(key="idle", prompt_ids=ids.tolist(), adapters=[(version, 1.0)],
-                              sampling=SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)), lambda e: None)
+                              sampling=SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)), events.append)
     engine.run_until_idle()  # one token: done when its step is
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if getattr(events[-1], "finish_reason", None) != "length":
+        raise RuntimeError(f"the idle request failed: {events[-1]}")
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> int:

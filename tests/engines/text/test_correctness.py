@@ -206,3 +206,33 @@ def test_prefix_hits_and_paused_sequences_match_peft(device: str, tiny_model_dir
             rel = (got - want).abs().max() / want.abs().max()
             assert rel < 1e-4, f"{key} step {j}: relative error {rel:.2e}"
     assert engine.pool.in_use == 0
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu-torch"])
+def test_a_lone_request_on_an_idle_engine_matches_peft(device: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Steps that are one prompt chunk and nothing else (an idle engine; on CUDA, chunk-only graphs),
+    then its decode steps alone: logits equal PEFT's."""
+    folder = write_text_adapter(tmp_path / "b_all", tiny_model_dir, **ADAPTERS["b_all"])
+    engine = TextEngine.from_folder(tiny_model_dir, EngineConfig(
+        device=device, dtype="float32", max_seqs=4, max_context=128, lora_slots=2, max_lora_rank=8,
+        prefill_chunk=16, max_step_tokens=16))
+    version = load_version(engine, folder)
+    peft = reference_models(tiny_model_dir, {"b_all": folder})
+    captured: list[torch.Tensor] = []
+    engine.runner.on_logits = lambda keys, logits: captured.extend(r.detach().cpu().clone() for r in logits)
+    ids = engine.encode_prompt("The elven archivist keeps the old scrolls in a library under the roots of an oak.")
+    assert len(ids) > 16  # more than one chunk
+    events: list[object] = []
+    engine.submit(TextRequest(key="lone", prompt_ids=ids, adapters=[(version, 1.0)],
+                              sampling=SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)), events.append)
+    engine.run_until_idle()
+    done = events[-1]
+    assert getattr(done, "finish_reason", None) == "length", done
+    if device == "cuda":
+        assert engine.graphs is not None and engine.graphs.chunk_replays >= 2
+    generated = list(done.token_ids)
+    ref = reference_logits(peft, ids + generated, [("b_all", 1.0)])
+    assert len(captured) == len(generated)
+    for j, got in enumerate(captured):
+        want = ref[len(ids) - 1 + j]
+        assert (got - want).abs().max() / want.abs().max() < 1e-4, f"step {j}"
