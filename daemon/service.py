@@ -86,7 +86,11 @@ class Service:
         text: TextEngineLike | None = None
         image: Engine[Any] | None = None
         image_off = None
-        if settings.text_model != "none":
+        if settings.text_model != "none" and settings.text_engine == "remote":
+            from .engines.remote import RemoteEngine
+
+            text = RemoteEngine.from_settings(settings)
+        elif settings.text_model != "none":
             from .engines.text.engine import TextEngine
             from .engines.text.request import EngineConfig
 

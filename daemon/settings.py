@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     text_model: str = Field(default="default", description=(
         "a Hugging Face folder (Llama 2/3, Mistral, SmolLM2, TinyLlama, Qwen2/2.5), "
         "`default` (the embedded SmolLM2-135M-Instruct) or `none`"))
+    text_engine: Literal["builtin", "remote"] = Field(default="builtin", description=(
+        "what runs `text_model`: `builtin` (this process) or `remote` (a vLLM, SGLang or trtllm-serve server "
+        "at `remote_url`; `text_model` then only gives the tokenizer, chat template and shapes)"))
     image_model: str = Field(default="default", description=(
         "a diffusers folder, `default` (a tiny placeholder that draws noise; off without the `image` extra) "
         "or `none`"))
@@ -105,6 +108,29 @@ class Settings(BaseSettings):
     kernels: bool = Field(default=True, description=(
         "compiled kernels where installed: Triton on CUDA, a numba loop for CPU decode steps "
         "(false: PyTorch ops only; the startup log names the LoRA kernel in use)"))
+
+    remote_url: str | None = Field(default=None, description=(
+        "the remote engine's OpenAI-compatible server, e.g. `http://127.0.0.1:8000` (with `text_engine` "
+        "`remote`)"), json_schema_extra={"unset": "none"})
+    remote_dialect: Literal["vllm", "sglang", "trtllm"] = Field(default="vllm", description=(
+        "which server `remote_url` is: how it names adapters, loads and unloads them, which sampling values it "
+        "takes"))
+    remote_api_key: str | None = Field(default=None, description=(
+        "sent as `Authorization: Bearer KEY` to the remote (prefer `LORALOOM_REMOTE_API_KEY` to a flag)"),
+        json_schema_extra={"unset": "none"})
+    remote_model: str | None = Field(default=None, description="the base model's name on the remote",
+                                     json_schema_extra={"unset": "the first model the remote lists"})
+    remote_adapter_dir: Path | None = Field(default=None, description=(
+        "where adapter versions and mixes are written for the remote to read (a folder shared with it when it "
+        "runs elsewhere)"), json_schema_extra={"unset": (
+            "`remote-adapters` in the cache folder when the remote is on loopback; otherwise adapters are refused")})
+    remote_adapter_path: str | None = Field(default=None, description=(
+        "the path under which the remote sees `remote_adapter_dir` (another machine's mount point, a container's "
+        "volume)"), json_schema_extra={"unset": "the same path"})
+    remote_mix_cache: int = Field(default=8, ge=1, description=(
+        "mixes kept registered with the remote (LRU); a new mix is built and loaded on its first request"))
+    remote_timeout_s: int = Field(default=60, ge=1, description=(
+        "the longest wait for the remote: to connect, and between two bytes of an answer"))
 
     image_max_batch: int = Field(default=4, ge=1, description=(
         "images per image-model call; every call runs at this size, so a request's bytes do not depend on "
@@ -156,6 +182,7 @@ GROUP_STARTS: dict[str, str] = {
     "text_model": "models",
     "text_adapters": "adapters",
     "max_seqs": "text engine capacity",
+    "remote_url": "remote text engine",
     "image_max_batch": "image engine capacity",
     "max_frame_bytes": "limits",
     "log_level": "logging",

@@ -104,19 +104,21 @@ class RemoteEngine:
         """The engine `loraloom serve --text-engine remote` runs (settings.py says what each setting means)."""
         from ..text.tokens import load_tokenizer
 
+        if not settings.remote_url:
+            raise ValueError("text_engine remote needs remote_url (the remote server, e.g. http://127.0.0.1:8000)")
         folder = Path(settings.text_model)
         if settings.text_model == "default":
             from ..text.default_model import ensure_default_text_model
 
             folder = ensure_default_text_model(settings.cache_dir)
-        http = RemoteHttp(settings.remote_url or "", timeout=settings.remote_timeout_s)
+        http = RemoteHttp(settings.remote_url, timeout=settings.remote_timeout_s)
         adapter_dir = settings.remote_adapter_dir
         if adapter_dir is None and http.on_loopback:
             from ..text.default_model import default_cache_dir
 
             adapter_dir = (settings.cache_dir or default_cache_dir()) / "remote-adapters"
         config = RemoteConfig(
-            url=settings.remote_url or "", dialect=settings.remote_dialect, api_key=settings.remote_api_key,
+            url=settings.remote_url, dialect=settings.remote_dialect, api_key=settings.remote_api_key,
             model=settings.remote_model, adapter_dir=adapter_dir, adapter_path=settings.remote_adapter_path,
             mix_cache=settings.remote_mix_cache, timeout_s=settings.remote_timeout_s, max_streams=settings.max_seqs,
             max_context=settings.max_context, max_lora_rank=settings.max_lora_rank,
