@@ -6,22 +6,23 @@ bounds the step time. Recording the step once and replaying it removes that cost
 fixed shapes and addresses, so the runner keeps static input buffers (one flat int buffer, filled
 by one copy a replay) and pads:
 - decode rows up to the next batch bucket (padding rows write into block 0, which no sequence owns),
-- a step's prompt chunk (one, next to the decode rows) up to the next chunk bucket: its start,
-  length and first position are read from the device by the paged prefill kernel, so one graph
-  serves a chunk anywhere in any prompt (padding tokens write into block 0, their rows are dropped),
+- a step's prompt chunks (up to four, next to the decode rows) together up to the next chunk
+  bucket: each chunk's start, length and first position are read from the device by the paged
+  prefill kernel, so one graph serves chunks anywhere in any prompts (padding tokens write into
+  block 0, their rows are dropped; unused chunk entries have no tokens),
 - the PyTorch decode attention up to the next context bucket (the mask hides the rest; the paged
   kernels loop over each row's own length and need no bucket; chunks need the kernels),
 - LoRA in the dense form over the pool rows in use, rounded up to a power of two (one graph per
   width; per-token [T, slots] scales are spread over the rows inside the graph through the
   storage's row->slot map), or no LoRA at all when every row is on the base model.
-Steps with several chunks, chunks longer than the largest bucket, and CPU runs use the eager path.
+Steps with more chunks or chunk tokens than the largest bucket, and CPU runs, use the eager path.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,12 +31,13 @@ from .lora_plan import LoraBatch
 from .lora_pool import LoraSlotStorage
 from .model import StepInput, TextModel
 
-__all__ = ["CHUNK_BUCKETS", "StepGraphs"]
+__all__ = ["CHUNK_BUCKETS", "MAX_CHUNKS", "StepGraphs"]
 
 log = logging.getLogger("loraloom.text")
 
 _CONTEXT_BUCKET = 256
-CHUNK_BUCKETS = (64, 128, 256, 512)
+CHUNK_BUCKETS = (64, 128, 256, 512)  # prompt tokens of one step (finer buckets measured no faster)
+MAX_CHUNKS = 4  # prompt chunks of one step
 
 
 def _bucket(n: int, sizes: Sequence[int]) -> int:
@@ -61,15 +63,15 @@ class _KernelGaveUp(Exception):
 
 @dataclass(frozen=True)
 class StepRows:
-    """One step's host-side inputs for a graph: decode rows, then at most one prompt chunk."""
+    """One step's host-side inputs for a graph: decode rows, then up to MAX_CHUNKS prompt chunks."""
 
-    ids: list[int]  # decode tokens, then the chunk's tokens
+    ids: list[int]  # decode tokens, then each chunk's tokens
     positions: list[int]
     slots: list[int]
     tables: list[list[int]]  # the decode rows' block tables
-    chunk_table: list[int] | None = None
-    chunk_pos0: int = 0
-    chunk_len: int = 0
+    chunk_tables: list[list[int]] = field(default_factory=list)  # each chunk's sequence's block table
+    chunk_pos0: list[int] = field(default_factory=list)  # each chunk's first position
+    chunk_lens: list[int] = field(default_factory=list)
 
 
 class StepGraphs:
@@ -91,16 +93,16 @@ class StepGraphs:
         kernels = self.model.kernels
         return bool(kernels.reads_pages and not kernels.failures)
 
-    def takes(self, decode_rows: int, chunk_tokens: int) -> bool:
-        return decode_rows <= self.batch_sizes[-1] and chunk_tokens <= CHUNK_BUCKETS[-1] and (
-            chunk_tokens == 0 or self.paged())
+    def takes(self, decode_rows: int, chunks: int, chunk_tokens: int) -> bool:
+        return decode_rows <= self.batch_sizes[-1] and chunks <= MAX_CHUNKS and chunk_tokens <= CHUNK_BUCKETS[-1] \
+            and (chunks == 0 or self.paged())
 
     def _layout(self, batch: int, chunk: int) -> dict[str, slice]:
         """Where each input sits in the flat int buffer of a (batch, chunk) graph."""
         t, w = batch + chunk, self.table_width
         sizes = [("ids", t), ("positions", t), ("slots", t), ("lens", batch), ("tables", batch * w)]
         if chunk:
-            sizes += [("meta", 3), ("chunk_table", w), ("logit_index", batch + 1)]
+            sizes += [("meta", 3 * MAX_CHUNKS), ("chunk_tables", MAX_CHUNKS * w), ("logit_index", batch + MAX_CHUNKS)]
         out, at = {}, 0
         for name, n in sizes:
             out[name] = slice(at, at + n)
@@ -117,14 +119,14 @@ class StepGraphs:
         tables = ints[layout["tables"]].view(batch, self.table_width)
         slot_weights = torch.zeros(tokens, self.storage.num_slots, dtype=self.model.dtype, device=dev) if lora else None
         if chunk:
-            ints[layout["meta"]] = torch.tensor([batch, 1, 0], device=dev)
-            ints[layout["logit_index"]] = torch.arange(batch + 1, device=dev)
+            ints[layout["meta"]][:3] = torch.tensor([batch, 1, 0], device=dev)  # the rest: chunks of no tokens
+            ints[layout["logit_index"]] = torch.arange(batch + MAX_CHUNKS, device=dev)
         step = StepInput(
             input_ids=ints[layout["ids"]], positions=ints[layout["positions"]], slots=ints[layout["slots"]],
             num_decode=batch, decode_tables=tables, decode_lens=ints[layout["lens"]], decode_index=None,
             prefill=[PrefillChunk(start=batch, end=tokens, pos0=0, table=0)] if chunk else [],
-            prefill_tables=ints[layout["chunk_table"]].view(1, self.table_width) if chunk else None,
-            prefill_meta=ints[layout["meta"]].view(1, 3) if chunk else None, prefill_longest=chunk,
+            prefill_tables=ints[layout["chunk_tables"]].view(MAX_CHUNKS, self.table_width) if chunk else None,
+            prefill_meta=ints[layout["meta"]].view(MAX_CHUNKS, 3) if chunk else None, prefill_longest=chunk,
             logit_index=ints[layout["logit_index"]] if chunk else torch.arange(batch, device=dev),
             lora=LoraBatch(mode="none"))
 
@@ -154,12 +156,12 @@ class StepGraphs:
 
     def run(self, rows: StepRows, slot_weights: Callable[[], torch.Tensor] | None,
             weights_key: Hashable = None) -> torch.Tensor:
-        """Logits of the decode rows, then (with a chunk) of the chunk's last token. `slot_weights`
+        """Logits of the decode rows, then of each chunk's last token. `slot_weights`
         gives the [tokens, slots] scales on the host (None: every token on the base model); it is
         only called, and its result copied, when `weights_key` differs from the key of the scales
         the graph last ran with (None: always)."""
         n = len(rows.tables)
-        chunk_len = rows.chunk_len
+        chunk_len = sum(rows.chunk_lens)
         batch = _bucket(n, self.batch_sizes) if n else 0
         chunk = _bucket(chunk_len, CHUNK_BUCKETS) if chunk_len else 0
         width = 0 if slot_weights is None else self.storage.width(graph=True)
@@ -194,12 +196,12 @@ class StepGraphs:
         self.chunk_replays += bool(chunk_len)
         if not chunk_len:
             return g.logits[:n]
-        return torch.cat([g.logits[:n], g.logits[batch:batch + 1]])
+        return torch.cat([g.logits[:n], g.logits[batch:batch + len(rows.chunk_lens)]])
 
     def _host(self, rows: StepRows, batch: int, chunk: int) -> list[int]:
         """The flat int buffer's content, in `_layout` order."""
         n, w = len(rows.tables), self.table_width
-        pad, cpad = batch - n, chunk - rows.chunk_len
+        pad, cpad = batch - n, chunk - sum(rows.chunk_lens)
 
         def spread(values: list[int], fill: int) -> list[int]:  # decode part padded, then chunk part padded
             return values[:n] + [fill] * pad + values[n:] + [fill] * cpad
@@ -210,7 +212,14 @@ class StepGraphs:
             out += table
         out += [0] * (pad * w)
         if chunk:
-            out += [batch, rows.chunk_len, rows.chunk_pos0]
-            out += rows.chunk_table or [0] * w
-            out += list(range(n)) + [0] * pad + [batch + rows.chunk_len - 1]
+            unused = MAX_CHUNKS - len(rows.chunk_lens)
+            starts = [batch + sum(rows.chunk_lens[:j]) for j in range(len(rows.chunk_lens))]
+            for start, count, pos0 in zip(starts, rows.chunk_lens, rows.chunk_pos0, strict=True):
+                out += [start, count, pos0]
+            out += [0, 0, 0] * unused
+            for table in rows.chunk_tables:
+                out += table
+            out += [0] * (unused * w)
+            out += list(range(n)) + [0] * pad
+            out += [start + count - 1 for start, count in zip(starts, rows.chunk_lens, strict=True)] + [0] * unused
         return out

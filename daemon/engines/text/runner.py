@@ -77,7 +77,7 @@ class ModelRunner:
         pos = [s.fed for s in decode]
         slots = [self._slot(s, s.fed) for s in decode]
         chunk_tokens = sum(c.length for c in plan.chunks)
-        if self.graphs is not None and len(plan.chunks) <= 1 and self.graphs.takes(len(decode), chunk_tokens):
+        if self.graphs is not None and self.graphs.takes(len(decode), len(plan.chunks), chunk_tokens):
             return self._replay(plan, ids, pos, slots)
         logit_index = list(range(len(decode)))
         chunks: list[PrefillChunk] = []
@@ -117,31 +117,37 @@ class ModelRunner:
         return self.model.forward(step, self.kv, self.storage)
 
     def _replay(self, plan: StepPlan, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
-        """A decode step, or decode rows and one prompt chunk, through a recorded graph."""
+        """A decode step, or decode rows and a few prompt chunks, through a recorded graph."""
         assert self.graphs is not None
-        decode, chunk = plan.decode, plan.chunks[0] if plan.chunks else None
-        rows = StepRows(ids, pos, slots, self._tables(decode))
+        decode, chunks = plan.decode, plan.chunks
         members = [(s.serial, *s.slots) for s in decode]
-        if chunk is not None:
-            span = range(chunk.start, chunk.start + chunk.length)
-            rows = StepRows(ids + chunk.seq.tokens_at(chunk.start, chunk.start + chunk.length), pos + list(span),
-                            slots + [self._slot(chunk.seq, p) for p in span], rows.tables,
-                            self._tables([chunk.seq])[0], chunk.start, chunk.length)
-            members.append((chunk.seq.serial, *chunk.seq.slots, chunk.start, chunk.length))
-        self.last_batch_size = len(rows.ids)
+        for c in chunks:
+            span = range(c.start, c.start + c.length)
+            ids = ids + c.seq.tokens_at(c.start, c.start + c.length)
+            pos = pos + list(span)
+            slots = slots + [self._slot(c.seq, p) for p in span]
+            members.append((c.seq.serial, *c.seq.slots, c.start, c.length))
+        rows = StepRows(ids, pos, slots, self._tables(decode), self._tables([c.seq for c in chunks]),
+                        [c.start for c in chunks], [c.length for c in chunks])
+        self.last_batch_size = len(ids)
         seqs = plan.sequences
+        d = len(decode)
 
-        def weights() -> torch.Tensor:  # per token: the decode rows, then the chunk's tokens
+        def weights() -> torch.Tensor:  # per token: the decode rows, then each chunk's tokens
             per_seq = self._stack(seqs)
-            if chunk is None:
+            if not chunks:
                 return per_seq
-            return torch.cat([per_seq[:len(decode)], per_seq[len(decode):].expand(chunk.length, -1)])
+            return torch.cat([per_seq[:d], *(per_seq[d + j:d + j + 1].expand(c.length, -1)
+                                             for j, c in enumerate(chunks))])
 
         # A sequence's slot scales never change while it runs, so the graph's copy of them is
         # reused for as long as the same sequences decode together.
         uses_lora = any(self._uses_lora(s) for s in seqs)
         logits = self.graphs.run(rows, weights if uses_lora else None, weights_key=tuple(members))
-        return logits if chunk is None or chunk.completes else logits[:len(decode)]
+        if all(c.completes for c in chunks):
+            return logits
+        keep = [*range(d), *(d + j for j, c in enumerate(chunks) if c.completes)]
+        return logits[keep]
 
     def _lora_batch(self, seqs: list[Sequence], counts: list[int]) -> LoraBatch:
         """The step's LoRA plan from each sequence's slot vector (no per-token Python): dense over
