@@ -66,7 +66,8 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.ADAPTER_UNAVAILABLE: "the adapter exists but has no valid version to serve",
     ErrorCode.PROMPT_TOO_LONG: "the prompt does not fit the context or `max_prompt_tokens`",
     ErrorCode.INVALID_PARAMETER: "a valid message asks for something this daemon's settings or models cannot do",
-    ErrorCode.MODEL_UNAVAILABLE: "the model for this request is not loaded",
+    ErrorCode.MODEL_UNAVAILABLE: ("the model for this request is not loaded, or the remote engine serving it cannot be "
+                                  "reached or is overloaded (try again later)"),
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping; the request did not finish (reconnect to a new daemon)",
     ErrorCode.INTERNAL: "a failure inside the daemon; the message says what, the daemon's log has the details",
     ErrorCode.DAEMON_NOT_FOUND: "client side: no daemon runs (no runtime file, or nobody listens at its address)",

@@ -27,6 +27,7 @@ WIRE_CODES = {
     EngineErrorCode.ADAPTER: ErrorCode.ADAPTER_UNAVAILABLE,
     EngineErrorCode.DUPLICATE: ErrorCode.DUPLICATE_ID,
     EngineErrorCode.STOPPED: ErrorCode.SHUTTING_DOWN,
+    EngineErrorCode.UNAVAILABLE: ErrorCode.MODEL_UNAVAILABLE,
     EngineErrorCode.FAILED: ErrorCode.INTERNAL,
 }
 

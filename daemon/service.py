@@ -69,7 +69,7 @@ class Service:
         self.registry = AdapterRegistry(
             folders={"text": list(settings.text_adapters), "image": list(settings.image_adapters)},
             validators={"text": self._validator("text"), "image": self._validator("image")},
-            on_change=self._adapter_changed, on_retire=self._retire,
+            on_change=self._adapter_changed, on_retire=self._retire, on_live=self._publish,
             capacity=settings.adapter_capacity, pinned=settings.pinned_adapters)
         self.watcher: AdapterWatcher | None = None
         self._intake = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loraloom-intake")
@@ -192,6 +192,11 @@ class Service:
             return prepared.payload, prepared.rank, prepared.targets
 
         return validate
+
+    def _publish(self, version: AdapterVersion) -> None:
+        engine = self.text if version.kind == "text" else self.image
+        if engine is not None:
+            engine.publish(version)
 
     def _retire(self, version: AdapterVersion) -> None:
         engine = self.text if version.kind == "text" else self.image

@@ -87,11 +87,13 @@ class AdapterRegistry:
     def __init__(self, *, folders: dict[AdapterKind, list[Path]], validators: dict[AdapterKind, Validator],
                  on_change: Callable[[AdapterChange], None] | None = None,
                  on_retire: Callable[[AdapterVersion], None] | None = None,
+                 on_live: Callable[[AdapterVersion], None] | None = None,
                  capacity: int | None = None, pinned: Iterable[str] = ()) -> None:
         self.folders = {k: [Path(p).resolve() for p in v] for k, v in folders.items()}
         self.validators = validators
         self.on_change = on_change
         self.on_retire = on_retire
+        self.on_live = on_live  # a new version went live (engines may get it ready ahead of requests)
         self._entries: dict[tuple[AdapterKind, str], _Entry] = {}
         self._lock = threading.RLock()
         self.capacity = capacity
@@ -250,6 +252,8 @@ class AdapterRegistry:
                  entry.live.hash, rank)
         if old is not None and self.on_retire:
             self.on_retire(old)
+        if self.on_live:
+            self.on_live(entry.live)
         self._enforce_capacity(keep=entry)
         self._notify(change)
         return change

@@ -7,6 +7,7 @@ callback given with each request, on the engine's thread:
     engine.start()
     engine.submit(request, on_event)     # any thread; every problem comes back as an event
     engine.cancel(request.key)           # the request ends with a cancelled result
+    engine.publish(version)              # a version went live: get it ready ahead of its first request
     engine.retire(version)               # a replaced or removed adapter version: free it once unused
     engine.stop()                        # every request still in flight ends with EngineError(STOPPED)
 
@@ -39,6 +40,7 @@ class EngineErrorCode(StrEnum):
     ADAPTER = "adapter"  # an adapter cannot be used by this engine (wrong kind, failed to load)
     DUPLICATE = "duplicate"  # a request with this key is already in flight
     STOPPED = "stopped"  # the engine is stopping
+    UNAVAILABLE = "unavailable"  # the engine cannot serve now (its remote server is down or overloaded)
     FAILED = "failed"  # the engine failed on this request (the log says why)
 
 
@@ -85,6 +87,8 @@ class Engine(Protocol[R_contra]):
     def submit(self, request: R_contra, on_event: EventSink) -> None: ...
 
     def cancel(self, key: Hashable) -> None: ...
+
+    def publish(self, version: AdapterVersion) -> None: ...
 
     def retire(self, version: AdapterVersion) -> None: ...
 

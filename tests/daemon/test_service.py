@@ -50,6 +50,8 @@ class FakeTextEngine:
     def prepare_adapter(self, files: Any) -> PreparedAdapter:
         return PreparedAdapter(rank=1, targets=("q_proj",))
 
+    def publish(self, version: Any) -> None: ...
+
     def retire(self, version: Any) -> None: ...
 
     def stats(self) -> dict[str, Any]:

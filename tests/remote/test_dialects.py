@@ -181,7 +181,7 @@ def test_http_errors_map_to_engine_codes() -> None:
              (HttpStatusError(400, "top_p must be in (0, 1]"), EngineErrorCode.INVALID),
              (HttpStatusError(422, "field required"), EngineErrorCode.INVALID),
              (HttpStatusError(401, "Unauthorized"), EngineErrorCode.FAILED),
-             (HttpStatusError(503, "busy"), EngineErrorCode.FAILED),
+             (HttpStatusError(503, "busy"), EngineErrorCode.UNAVAILABLE),
              (HttpStatusError(500, "boom"), EngineErrorCode.FAILED)]
     for exc, code in cases:
         failure = failure_from_status(exc, "x")

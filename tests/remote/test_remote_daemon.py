@@ -103,6 +103,7 @@ async def test_reload_while_requests_run(remote_daemon: Any, vllm_server: VllmSe
         write_text_adapter(folder / "npc", remote_model_dir, **{**spec, "seed": 21})  # type: ignore[arg-type]
         e = await next_event(events, "npc")
         assert (e.event, e.adapter.version) == ("added", 1)
+        wait_until(lambda: any(n.startswith("npc@1.") for n in vllm_server.models()), "v1 registered ahead of use")
 
         def ask(prompt: str, adapter: str, n: int = 8) -> Any:
             return client.complete(prompt, adapters=[adapter], max_tokens=n, temperature=0.0)
@@ -117,6 +118,7 @@ async def test_reload_while_requests_run(remote_daemon: Any, vllm_server: VllmSe
         write_text_adapter(folder / "npc", remote_model_dir, **{**spec, "seed": 22})  # type: ignore[arg-type]
         e = await next_event(events, "npc")
         assert (e.event, e.previous_version, e.adapter.version) == ("updated", 1, 2)
+        wait_until(lambda: any(n.startswith("npc@2.") for n in vllm_server.models()), "v2 registered ahead of use")
         async for piece in running:
             pieces.append(piece)
         assert running.result.adapter_versions == {"npc": 1} and "".join(pieces) == reference.text
@@ -172,12 +174,14 @@ async def test_errors_come_back_with_codes(remote_daemon: Any, vllm_server: Vllm
     wrong_key = remote_daemon(api_key="not-the-key")
     port = free_port()
     nobody = remote_daemon(url=f"http://127.0.0.1:{port}")
-    for daemon, words in ((wrong_model, "no-such-model"), (wrong_key, "remote_api_key"), (nobody, "cannot reach")):
+    for daemon, words, code in ((wrong_model, "no-such-model", bridge.ErrorCode.INTERNAL),
+                                (wrong_key, "remote_api_key", bridge.ErrorCode.INTERNAL),
+                                (nobody, "cannot reach", bridge.ErrorCode.MODEL_UNAVAILABLE)):
         async with bridge.connect(daemon.url, daemon.token) as client:
             started = time.monotonic()
             with pytest.raises(bridge.RequestError) as info:
                 await client.complete("Hi", max_tokens=4)
-            assert info.value.code == bridge.ErrorCode.INTERNAL and words in info.value.message, info.value
+            assert info.value.code == code and words in info.value.message, info.value
             assert time.monotonic() - started < 30
             assert (await client.ping()) is not None
 

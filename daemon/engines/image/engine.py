@@ -108,6 +108,9 @@ class ImageEngine:
         """Check an image LoRA against this model: (rank, target module names) or ValueError (any thread)."""
         return self._lora_check(tensors, files)
 
+    def publish(self, version: AdapterVersion) -> None:
+        """Nothing ahead of time: a version is fused into the pipeline by its first call."""
+
     def retire(self, version: AdapterVersion) -> None:
         """Nothing to do now: `AdapterSlots` drops superseded versions once no request needs them."""
 

@@ -150,8 +150,8 @@ class RemoteAdapters:
             try:
                 self.dialect.load(self.http, entry.adapter)
             except (RemoteUnreachable, HttpStatusError) as exc:
-                raise RemoteFailure(EngineErrorCode.FAILED,
-                                    f"registering adapter {entry.adapter.name}: {exc}") from None
+                code = EngineErrorCode.UNAVAILABLE if isinstance(exc, RemoteUnreachable) else EngineErrorCode.FAILED
+                raise RemoteFailure(code, f"registering adapter {entry.adapter.name}: {exc}") from None
             entry.loaded = True
             self.counts["loads"] += 1
             ms = (time.perf_counter() - started) * 1000

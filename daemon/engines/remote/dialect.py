@@ -73,7 +73,7 @@ def failure_from_status(exc: HttpStatusError, what: str) -> RemoteFailure:
             return RemoteFailure(EngineErrorCode.PROMPT_TOO_LONG, text)
         return RemoteFailure(EngineErrorCode.INVALID, text)
     if exc.status in (429, 503):
-        return RemoteFailure(EngineErrorCode.FAILED, f"{what}: the remote is overloaded ({exc.status}): "
+        return RemoteFailure(EngineErrorCode.UNAVAILABLE, f"{what}: the remote is overloaded ({exc.status}): "
                              f"{exc.message}")
     return RemoteFailure(EngineErrorCode.FAILED, text)
 

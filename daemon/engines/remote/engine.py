@@ -198,6 +198,25 @@ class RemoteEngine:
             job.cancelled = True
             job.abort()
 
+    def publish(self, version: AdapterVersion) -> None:
+        """Register a new version with the remote now, off the caller's thread, so its first request
+        does not pay for it (a request arriving meanwhile waits for the same registration)."""
+        if version.kind != "text" or self.adapters.problem is not None or self._stopping:
+            return
+        try:
+            self._pool.submit(self._register, version)
+        except RuntimeError:  # stopped meanwhile
+            pass
+
+    def _register(self, version: AdapterVersion) -> None:
+        try:
+            entry = self.adapters.acquire([(version, 1.0)])
+        except Exception as exc:  # logged, never raised: its first request registers it again
+            log.warning("registering %s ahead of its first request failed (its first request tries again): %s",
+                        version.key, getattr(exc, "message", exc))
+            return
+        self.adapters.release(entry)
+
     def retire(self, version: AdapterVersion) -> None:
         self.adapters.retire(version)
 
@@ -270,7 +289,11 @@ class RemoteEngine:
             if not (job.cancelled or job.stopped):
                 self._fail(job, entry, exc.code, exc.message)
                 return
-        except (RemoteUnreachable, HttpStatusError, ValueError) as exc:
+        except RemoteUnreachable as exc:
+            if not (job.cancelled or job.stopped):
+                self._fail(job, entry, EngineErrorCode.UNAVAILABLE, str(exc))
+                return
+        except (HttpStatusError, ValueError) as exc:
             if not (job.cancelled or job.stopped):
                 self._fail(job, entry, EngineErrorCode.FAILED, f"the remote engine failed: {exc}")
                 return

@@ -162,6 +162,9 @@ class TextEngine:
     def cancel(self, key: Hashable) -> None:
         self._command("cancel", key)
 
+    def publish(self, version: AdapterVersion) -> None:
+        """Nothing ahead of time: a version is loaded into a slot by its first request."""
+
     def retire(self, version: AdapterVersion) -> None:
         """An adapter version was replaced or removed: free its slot once unused."""
         self._command("retire", version.key)

@@ -100,7 +100,8 @@ const ERROR_ADAPTER_UNAVAILABLE := "adapter_unavailable"
 const ERROR_PROMPT_TOO_LONG := "prompt_too_long"
 ## a valid message asks for something this daemon's settings or models cannot do
 const ERROR_INVALID_PARAMETER := "invalid_parameter"
-## the model for this request is not loaded
+## the model for this request is not loaded, or the remote engine serving it cannot be reached or is
+## overloaded (try again later)
 const ERROR_MODEL_UNAVAILABLE := "model_unavailable"
 ## the daemon is stopping; the request did not finish (reconnect to a new daemon)
 const ERROR_SHUTTING_DOWN := "shutting_down"
@@ -135,7 +136,8 @@ const ERROR_MEANINGS := {
 	ERROR_PROMPT_TOO_LONG: "the prompt does not fit the context or `max_prompt_tokens`",
 	ERROR_INVALID_PARAMETER: "a valid message asks for something this daemon's settings or models " +
 		"cannot do",
-	ERROR_MODEL_UNAVAILABLE: "the model for this request is not loaded",
+	ERROR_MODEL_UNAVAILABLE: "the model for this request is not loaded, or the remote engine " +
+		"serving it cannot be reached or is overloaded (try again later)",
 	ERROR_SHUTTING_DOWN: "the daemon is stopping; the request did not finish (reconnect to a new " +
 		"daemon)",
 	ERROR_INTERNAL: "a failure inside the daemon; the message says what, the daemon's log has the " +

@@ -39,7 +39,10 @@ namespace Loraloom.Core
         public const string PromptTooLong = "prompt_too_long";
         /// <summary>A valid message asks for something this daemon's settings or models cannot do.</summary>
         public const string InvalidParameter = "invalid_parameter";
-        /// <summary>The model for this request is not loaded.</summary>
+        /// <summary>
+        /// The model for this request is not loaded, or the remote engine serving it cannot be reached or is overloaded
+        /// (try again later).
+        /// </summary>
         public const string ModelUnavailable = "model_unavailable";
         /// <summary>The daemon is stopping; the request did not finish (reconnect to a new daemon).</summary>
         public const string ShuttingDown = "shutting_down";
@@ -76,7 +79,7 @@ namespace Loraloom.Core
             { AdapterUnavailable, "the adapter exists but has no valid version to serve" },
             { PromptTooLong, "the prompt does not fit the context or `max_prompt_tokens`" },
             { InvalidParameter, "a valid message asks for something this daemon's settings or models cannot do" },
-            { ModelUnavailable, "the model for this request is not loaded" },
+            { ModelUnavailable, "the model for this request is not loaded, or the remote engine serving it cannot be reached or is overloaded (try again later)" },
             { ShuttingDown, "the daemon is stopping; the request did not finish (reconnect to a new daemon)" },
             { Internal, "a failure inside the daemon; the message says what, the daemon's log has the details" },
             { DaemonNotFound, "client side: no daemon runs (no runtime file, or nobody listens at its address)" },
