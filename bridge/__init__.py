@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .client import Client, ImageStream, TextStream, connect, parse_adapter
+from .client import Client, Conversation, ImageStream, TextStream, connect, parse_adapter
 from .codec import FrameError, decode_client, decode_server, encode
 from .discovery import RuntimeInfo, default_runtime_file, read_runtime_file
 from .errors import (
@@ -25,6 +25,7 @@ __all__ = [
     "AuthError",
     "Client",
     "ConnectionClosed",
+    "Conversation",
     "DaemonNotFound",
     "ErrorCode",
     "FrameError",

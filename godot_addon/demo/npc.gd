@@ -26,15 +26,15 @@ func get_chat() -> LoraloomChat:
 	return get_node("Chat") as LoraloomChat
 
 
-## Says something to the NPC; returns the request id.
+## Says something to the NPC; returns the line's request id.
 func speak(line: String) -> String:
 	_speech.text = ""
-	return get_chat().ask(line)
+	return get_chat().ask_request(line).id
 
 
-func _on_response_updated(_request_id: String, token: String) -> void:
-	_speech.text += token
+func _on_response_updated(chunk: String) -> void:
+	_speech.text += chunk
 
 
-func _on_request_failed(_request_id: String, code: String, message: String) -> void:
+func _on_request_failed(code: String, message: String) -> void:
 	_speech.text = "(%s: %s)" % [code, message]

@@ -6,6 +6,8 @@ extends Node
 ## checked) and passes its address, token and adapter names in the configuration.
 
 const TEXT_TIMEOUT := 120.0
+const PERSONA := "You are Salty Meg, the quartermaster."
+const TURNS := 200
 
 var _runner: Node
 var _daemon: Dictionary
@@ -30,6 +32,9 @@ func run(runner: Node) -> void:
 	await _check_stop()
 	await _check_unknown_adapter()
 	await _check_history_and_await()
+	await _check_long_conversation()
+	await _check_save_and_restore()
+	await _check_concurrent_asks()
 	await _check_image()
 	await _check_adapter_changed()
 	await _check_demo()
@@ -60,17 +65,18 @@ func _new_chat(adapter: String, max_tokens: int) -> LoraloomChat:
 	return chat
 
 
-## Records one chat node's signals into a dictionary the checks read.
+## Records one chat node's signals, in order, into a dictionary the checks read.
 func _record(chat: LoraloomChat) -> Dictionary:
-	var seen := {"tokens": {}, "finished": {}, "failed": {}}
-	chat.response_updated.connect(func(request_id: String, token: String) -> void:
-		var tokens: Array = seen["tokens"].get(request_id, [])
-		tokens.append(token)
-		seen["tokens"][request_id] = tokens)
-	chat.response_finished.connect(func(request_id: String, text: String) -> void:
-		seen["finished"][request_id] = text)
-	chat.request_failed.connect(func(request_id: String, code: String, message: String) -> void:
-		seen["failed"][request_id] = [code, message])
+	var seen := {"tokens": [], "finished": [], "failed": [], "order": []}
+	chat.response_updated.connect(func(chunk: String) -> void:
+		seen["tokens"].append(chunk)
+		seen["order"].append("updated"))
+	chat.response_finished.connect(func(text: String) -> void:
+		seen["finished"].append(text)
+		seen["order"].append("finished"))
+	chat.request_failed.connect(func(code: String, message: String) -> void:
+		seen["failed"].append([code, message])
+		seen["order"].append("failed"))
 	return seen
 
 
@@ -134,8 +140,8 @@ func _check_two_adapters() -> void:
 	second.random_seed = 8
 	var seen_first := _record(first)
 	var seen_second := _record(second)
-	var id_first := first.ask("Ahoy! Who goes there?")
-	var id_second := second.ask("Hello, traveller.")
+	var id_first := first.ask_request("Ahoy! Who goes there?").id
+	var id_second := second.ask_request("Hello, traveller.").id
 	var in_flight_together := first.is_busy() and second.is_busy()
 	var done_first := await first.wait(id_first, TEXT_TIMEOUT)
 	var done_second := await second.wait(id_second, TEXT_TIMEOUT)
@@ -143,13 +149,14 @@ func _check_two_adapters() -> void:
 	for entry: Array in [[done_first, seen_first, names[0]], [done_second, seen_second, names[1]]]:
 		var request: LoraloomRequest = entry[0]
 		var seen: Dictionary = entry[1]
-		var tokens := PackedStringArray(seen["tokens"].get(request.id, []))
+		var tokens := PackedStringArray(seen["tokens"])
 		data[entry[2]] = {
 			"ok": request.ok,
 			"error": request.error_code,
 			"chunks": tokens.size(),
 			"joined_tokens": "".join(tokens),
-			"finished_text": seen["finished"].get(request.id),
+			"finished_text": seen["finished"][0] if seen["finished"].size() == 1 else null,
+			"order": seen["order"],
 			"text": request.text,
 			"finish_reason": request.finish_reason,
 			"adapter_versions": request.result.get("adapter_versions", {}),
@@ -185,11 +192,13 @@ func _stop_once(attempt: int) -> Dictionary:
 	chat.temperature = 0.8
 	chat.repetition_penalty = 5.0
 	var seen := _record(chat)
-	var request_id := chat.ask("Tell me a very long story about the sea, part %d." % attempt)
-	var streaming: bool = await _until(func() -> bool: return seen["tokens"].has(request_id), 60.0)
-	chat.stop()
+	var story := "Tell me a very long story about the sea, part %d." % attempt
+	var request_id := chat.ask_request(story).id
+	var streaming: bool = await _until(func() -> bool: return not seen["tokens"].is_empty(), 60.0)
+	chat.stop_generation()
 	var request := await chat.wait(request_id, 30.0)
-	var tokens := PackedStringArray(seen["tokens"].get(request_id, []))
+	var tokens := PackedStringArray(seen["tokens"])
+	var history := chat.history
 	chat.queue_free()
 	return {
 		"ok": request.ok,
@@ -198,7 +207,8 @@ func _stop_once(attempt: int) -> Dictionary:
 		"finish_reason": request.finish_reason,
 		"chunks": tokens.size(),
 		"joined_tokens": "".join(tokens),
-		"finished_text": seen["finished"].get(request_id),
+		"finished_text": seen["finished"][0] if seen["finished"].size() == 1 else null,
+		"history": history,
 		"completion_tokens": request.result.get("completion_tokens"),
 		"max_tokens": chat.max_tokens,
 	}
@@ -207,18 +217,18 @@ func _stop_once(attempt: int) -> Dictionary:
 func _check_unknown_adapter() -> void:
 	var chat := _new_chat(str(_daemon.get("unknown_adapter", "ghost")), 8)
 	var seen := _record(chat)
-	var request_id := chat.ask("Anyone there?")
-	var request := await chat.wait(request_id, 30.0)
-	var failure: Array = seen["failed"].get(request_id, [])
-	_report("chat:unknown_adapter", not request.ok and not failure.is_empty(), "", {
+	var reply := await chat.ask("Anyone there?")
+	var failure: Array = seen["failed"][0] if seen["failed"].size() == 1 else []
+	_report("chat:unknown_adapter", reply.is_empty() and not failure.is_empty(), "", {
 		"code": failure[0] if failure.size() == 2 else null,
 		"message": failure[1] if failure.size() == 2 else null,
-		"finished": seen["finished"].has(request_id),
+		"finished": not seen["finished"].is_empty(),
+		"history": chat.history,
 		"still_connected": _client.is_ready(),
 	})
 	# The connection stays usable after a refused request.
 	chat.adapter = str(_daemon.get("adapters", [""])[1])
-	var after := await chat.wait(chat.ask("And now?"), TEXT_TIMEOUT)
+	var after := await chat.ask_request("And now?").wait(TEXT_TIMEOUT)
 	_report("chat:after_error", after.ok, after.error_message, {"text": after.text})
 	chat.queue_free()
 
@@ -227,17 +237,134 @@ func _check_history_and_await() -> void:
 	var names: Array = _daemon.get("adapters", [])
 	var chat := _new_chat(names[2], 12)
 	chat.system_prompt = "You are a test NPC."
-	var first := await chat.wait(chat.ask("Hello there."), TEXT_TIMEOUT)
-	var history_after_first := chat.history.duplicate(true)
+	var seen := _record(chat)
+	# The await form yields the reply's text.
+	var first_text := await chat.ask("Hello there.")
+	var history_after_first := chat.history
 	var next_frame := chat.build_request("Tell me more.")
-	var second := await chat.wait(chat.ask("Tell me more."), TEXT_TIMEOUT)
-	_report("chat:history_and_await", first.ok and second.ok,
-			"%s / %s" % [first.error_message, second.error_message], {
+	var second := await chat.ask_request("Tell me more.").wait(TEXT_TIMEOUT)
+	_report("chat:history_and_await", seen["failed"].is_empty() and second.ok,
+			"%s / %s" % [seen["failed"], second.error_message], {
 				"history_after_first": history_after_first,
-				"first_text": first.text,
+				"first_text": first_text,
+				"finished": seen["finished"],
 				"next_roles": (next_frame["messages"] as Array).map(
 					func(m: Dictionary) -> String: return m["role"]),
+				"next_trim_history": next_frame.get("trim_history"),
+				"next_priority": next_frame.get("priority"),
 				"history_size_after_second": chat.history.size(),
+			})
+	chat.queue_free()
+
+
+func _check_long_conversation() -> void:
+	var chat := _new_chat(str(_daemon.get("adapters", [""])[0]), 16)
+	chat.temperature = 0.0
+	chat.system_prompt = PERSONA
+	var model: Variant = _client.welcome.get("text_model")
+	var context := int(model.get("context_length", 0)) if model is Dictionary else 0
+	var problems := []
+	var drops := []
+	for turn in TURNS:
+		var line := "Turn %d: where is the rum hidden?" % turn
+		var request := await chat.ask_request(line).wait(TEXT_TIMEOUT)
+		if not request.ok:
+			problems.append([turn, request.error_code, request.error_message])
+			break
+		drops.append(int(request.result.get("dropped_messages", 0)))
+		if int(request.result.get("prompt_tokens", 0)) + 16 > context:
+			problems.append([turn, "prompt", request.result.get("prompt_tokens")])
+		var history := chat.history
+		if history.size() < 2 or history[-2]["content"] != line or history[-1]["content"] != request.text:
+			problems.append([turn, "not recorded", history.slice(-2)])
+		for i in history.size():
+			if history[i]["role"] != ["user", "assistant"][i % 2]:
+				problems.append([turn, "roles", history.map(func(m: Dictionary) -> String:
+					return m["role"])])
+				break
+		if problems.size() > 3:
+			break
+	var first_message: Dictionary = chat.build_request("next")["messages"][0]
+	_report("chat:200_turns", problems.is_empty() and drops.size() == TURNS, "%s" % [problems], {
+		"answered": drops.size(),
+		"drops": drops,
+		"context": context,
+		"first_message": first_message,
+		"history_size": chat.history.size(),
+	})
+	chat.queue_free()
+
+
+func _check_save_and_restore() -> void:
+	var names: Array = _daemon.get("adapters", [])
+	var first := _new_chat(names[1], 8)
+	first.random_seed = 3
+	first.system_prompt = PERSONA
+	# Quotes, a new line, non-ASCII and a control character (which JSON must escape).
+	var lines := ["Ahoy!", "Any rum \"left\"?\nSay it.", "Où? ✓ \u0007"]
+	for line: String in lines:
+		await first.ask(line)
+	var saved := first.save_conversation()
+	var restored := _new_chat(names[1], 8)
+	restored.random_seed = 3
+	var loaded := restored.load_conversation(saved)
+	var loaded_history := restored.history
+	var same_frames: bool = restored.build_request("And then?") == first.build_request("And then?")
+	var again := await restored.ask("And then?")
+	var original := await first.ask("And then?")
+	var before := restored.save_conversation()
+	var refused := []
+	for bad: String in ['{"history": [{"role": "narrator", "content": "x"}]}',
+			'{"system_prompt": 3, "history": []}', "[1, 2]", '{"system_prompt": "x"}', "not json"]:
+		refused.append(restored.load_conversation(bad) != OK)
+	var unchanged := restored.save_conversation() == before
+	var python := _new_chat(names[1], 8)
+	var python_loaded := python.load_conversation(str(_daemon.get("python_conversation", "")))
+	var python_history := python.history
+	# Writable: a history assigned from game code (a system note first) goes out as given.
+	python.history = [{"role": "system", "content": "The player is a ghost."},
+			{"role": "user", "content": "boo"}, {"role": "assistant", "content": "eek"}]
+	var assigned_roles: Array = (python.build_request("again")["messages"] as Array).map(
+			func(m: Dictionary) -> String: return m["role"])
+	_report("chat:save_and_restore", loaded == OK and python_loaded == OK, "", {
+		"saved": saved,
+		"lines": lines,
+		"restored_history": loaded_history,
+		"restored_persona": restored.system_prompt,
+		"same_frames": same_frames,
+		"again": again,
+		"original": original,
+		"refused": refused,
+		"unchanged": unchanged,
+		"python_history": python_history,
+		"python_persona": python.system_prompt,
+		"assigned_roles": assigned_roles,
+	})
+	for chat: LoraloomChat in [first, restored, python]:
+		chat.queue_free()
+
+
+func _check_concurrent_asks() -> void:
+	var chat := _new_chat(str(_daemon.get("adapters", [""])[2]), 12)
+	chat.system_prompt = PERSONA
+	chat.temperature = 0.9
+	var seen := _record(chat)
+	var requests: Array[LoraloomRequest] = []
+	for line: String in ["one", "two", "three"]:
+		requests.append(chat.ask_request(line))
+	var busy := chat.is_busy()
+	for request: LoraloomRequest in requests:
+		await request.wait(TEXT_TIMEOUT)
+	_report("chat:concurrent_asks", requests.all(func(r: LoraloomRequest) -> bool: return r.ok),
+			"%s" % [requests.map(func(r: LoraloomRequest) -> String: return r.error_message)], {
+				"busy": busy,
+				"history": chat.history,
+				"texts": requests.map(func(r: LoraloomRequest) -> String: return r.text),
+				"prompt_tokens": requests.map(func(r: LoraloomRequest) -> int:
+					return int(r.result.get("prompt_tokens", 0))),
+				"finished": seen["finished"],
+				"order": seen["order"],
+				"chunks": requests.map(func(r: LoraloomRequest) -> int: return r.chunk_count),
 			})
 	chat.queue_free()
 
@@ -289,7 +416,7 @@ func _check_adapter_changed() -> void:
 	})
 	if ready:
 		var chat := _new_chat(new_name, 8)
-		var request := await chat.wait(chat.ask("Are you new here?"), TEXT_TIMEOUT)
+		var request := await chat.ask_request("Are you new here?").wait(TEXT_TIMEOUT)
 		_report("adapters:new_adapter_serves", request.ok, request.error_message,
 				{"adapter_versions": request.result.get("adapter_versions", {})})
 		chat.queue_free()
@@ -339,11 +466,13 @@ func _check_bad_token() -> void:
 
 func _check_reconnect() -> void:
 	var drops: Array = []
+	var again: Array = []
 	_client.disconnected.connect(func(code: int, _reason: String) -> void: drops.append(code))
+	_client.reconnected.connect(func(_welcome: Dictionary) -> void: again.append(true))
 	_client.disconnect_from_daemon()
 	var down := not _client.is_ready()
 	_client.connect_to_daemon()
 	var up: bool = await _until(func() -> bool: return _client.is_ready(), 30.0)
 	var pong := await _client.ping().wait(10.0)
 	_report("client:reconnect", down and up and pong.ok, pong.error_message,
-			{"disconnected_signals": drops.size()})
+			{"disconnected_signals": drops.size(), "reconnected_signals": again.size()})

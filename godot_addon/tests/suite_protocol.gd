@@ -23,6 +23,7 @@ func run(runner: Node) -> void:
 	_check_build(runner, config.get("build_cases", []))
 	_check_verdicts(runner, config.get("check_cases", []))
 	await _check_nodes(runner)
+	_check_conversation_rules(runner)
 
 
 func _check_constants(runner: Node, facts: Dictionary) -> void:
@@ -113,3 +114,42 @@ func _check_nodes(runner: Node) -> void:
 	client.free()
 	runner.call("report", "protocol:nodes", problems.is_empty(), "; ".join(problems),
 			{"refused": refused.error_message})
+
+
+## LoraloomConversation's bookkeeping without a daemon: what it sends, what it forgets after the
+## daemon dropped messages, whole-turn caps, and what it does not record.
+func _check_conversation_rules(runner: Node) -> void:
+	var talk := LoraloomConversation.new()
+	talk.system_prompt = "You are Meg."
+	# A save that starts with a system note and a stray assistant message.
+	talk.history = [{"role": "system", "content": "The player is a ghost."},
+			{"role": "assistant", "content": "Who's there?"}, {"role": "user", "content": "boo"},
+			{"role": "assistant", "content": "eek"}, {"role": "narrator", "content": "left out"}]
+	var roles := func(messages: Array) -> Array:
+		return messages.map(func(m: Dictionary) -> String: return m["role"])
+	var data := {"sent": roles.call(talk.build_messages("hi")), "kept": talk.history.size()}
+	var generation := talk.generation
+	# The daemon left out 2 messages after the system ones: the stray reply and "boo".
+	talk.record("again", "aye", "stop", 2, generation)
+	data["after_drop"] = talk.history.map(func(m: Dictionary) -> String: return m["content"])
+	talk.record("stopped", "", "cancelled", 0, generation)
+	talk.record("late", "nope", "stop", 0, generation - 1)
+	data["unrecorded"] = talk.history.size()
+	talk.max_history_turns = 1
+	talk.record("last", "yes", "length", 0, generation)
+	data["capped"] = talk.history.map(func(m: Dictionary) -> String: return m["content"])
+	talk.keep_history = false
+	data["without_history"] = roles.call(talk.build_messages("hi"))
+	var expected := {
+		"sent": ["system", "system", "assistant", "user", "assistant", "user"],
+		"kept": 4,
+		"after_drop": ["The player is a ghost.", "eek", "again", "aye"],
+		"unrecorded": 4,
+		"capped": ["The player is a ghost.", "last", "yes"],
+		"without_history": ["system", "user"],
+	}
+	var problems := PackedStringArray()
+	for key: String in expected:
+		if data[key] != expected[key]:
+			problems.append("%s: %s, not %s" % [key, data[key], expected[key]])
+	runner.call("report", "conversation:rules", problems.is_empty(), "; ".join(problems), data)

@@ -25,6 +25,7 @@ from godot_suite import (
     ADDON_PROJECT,
     SUITE_TIMEOUT,
     UNKNOWN_ADAPTER,
+    ColdDaemon,
     GodotRun,
     SuiteDaemon,
     codec_cases,
@@ -32,6 +33,7 @@ from godot_suite import (
     golden_frame_names,
     parse_lines,
     protocol_config,
+    python_conversation,
     python_welcome,
     runtime_scripts,
     start_suite_daemon,
@@ -54,8 +56,22 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     site = work / "site"
     site.mkdir()
     actions: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"daemon": None}
+    state: dict[str, Any] = {"daemon": None, "cold": None}
     action_lock = threading.Lock()
+    background: list[threading.Thread] = []
+
+    def in_background(action: dict[str, Any], work: Any) -> None:
+        # Starting a daemon takes seconds: not on the thread that takes the page's log lines.
+        def run() -> None:
+            try:
+                work()
+                action["done"] = True
+            except Exception as exc:  # shows up in the test that needs the action
+                action["error"] = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=run, daemon=True)
+        background.append(thread)
+        thread.start()
 
     def on_line(kind: str, text: str) -> None:
         if kind != "out" or not text.startswith("LORALOOM_ACTION "):
@@ -71,17 +87,28 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
                 shutil.copytree(daemon.adapter_dir / action["source"], temp)
                 temp.rename(target)
                 action["done"] = True
+            cold: ColdDaemon | None = state["cold"]
+            if action.get("action") == "start_cold_daemon" and cold is not None:
+                in_background(action, cold.start)
+            elif action.get("action") == "freeze_cold_daemon" and cold is not None:
+                in_background(action, cold.freeze)
+            elif action.get("action") == "restart_cold_daemon" and cold is not None:
+                signal_name = str(action.get("signal", "TERM"))
+                in_background(action, lambda: cold.restart(signal_name))
 
     harness = godot_web.WebHarness(site, on_line=on_line).start()
     daemon: SuiteDaemon | None = None
+    cold: ColdDaemon | None = None
     daemon_error: str | None = None
     try:
         live = request.getfixturevalue("live_daemon")
         daemon = start_suite_daemon(live, harness.origin, work)
         daemon.welcome = python_welcome(daemon)
+        cold = ColdDaemon(live, harness.origin, work)
     except Exception as exc:  # the codec and loading checks still run without a daemon
         daemon_error = f"{type(exc).__name__}: {exc}"
     state["daemon"] = daemon
+    state["cold"] = cold
 
     files = godot_web.read_project(ADDON_PROJECT)
     files["project.godot"] = suite_project_settings()
@@ -109,7 +136,10 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
                                if p.is_dir() and not p.name.startswith(".")),
             "unknown_adapter": UNKNOWN_ADAPTER,
             "new_adapter": f"godot_{os.urandom(3).hex()}",
+            "python_conversation": python_conversation(),
         }
+    if cold is not None:
+        config["cold"] = {"url": cold.url, "token": cold.token, "adapter": "alpha"}
     godot_web.stage_site(site, engine_dir, pack, config)
 
     started = time.monotonic()
@@ -128,7 +158,7 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     lines = harness.lines()
     results, done = parse_lines(lines)
     (work / "page.log").write_text("\n".join(f"[{k}] {t}" for k, t in lines))
-    run = GodotRun(lines, results, done, seconds, daemon, daemon_error, actions)
+    run = GodotRun(lines, results, done, seconds, daemon, daemon_error, actions, cold=cold)
     print(f"\nGDScript suite: {len(results)} results, "
           f"{sum(1 for r in results.values() if not r['ok'])} failed, in {seconds:.1f} s "
           f"(log: {work / 'page.log'})")
@@ -137,6 +167,10 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     try:
         yield run
     finally:
+        for thread in background:  # a daemon still being started would be left running
+            thread.join(120)
+        if cold is not None:
+            cold.stop()
         if daemon is not None:
             daemon.process.terminate()
             try:

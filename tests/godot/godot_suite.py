@@ -4,7 +4,9 @@
 frames, starts a daemon of our own (on the tiny model of `live_daemon`, with the page's Origin
 allowed and an extra adapter folder that the suite may change), serves the page on loopback,
 opens it in headless chromium once and collects the results the runner prints. The tests in
-test_godot_addon.py then assert on those results one by one.
+test_godot_addon.py then assert on those results one by one. A second daemon, `ColdDaemon`, is not
+running when the page starts: the life-cycle suite (suite_life.gd) asks pytest to start, freeze,
+stop (SIGTERM or SIGKILL) and restart it, on a port fixed in advance.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import math
 import os
 import re
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -60,6 +64,14 @@ EDITOR_SCRIPTS = {
 }
 SUITE_TIMEOUT = 420.0
 UNKNOWN_ADAPTER = "ghost"
+PYTHON_HISTORY = [{"role": "user", "content": "café 🎲 \"quoted\"\nnext line"}, {"role": "assistant", "content": "aye"}]
+
+
+def python_conversation() -> str:
+    """A save written by the Python client's Conversation.to_json: the addon must read it."""
+    from bridge.client import Conversation
+
+    return Conversation(None, system_prompt="Meg", history=PYTHON_HISTORY).to_json()  # type: ignore[arg-type]
 
 
 def runtime_scripts() -> list[str]:
@@ -299,6 +311,74 @@ def start_suite_daemon(live: Any, origin: str, workdir: Path) -> SuiteDaemon:
                        log_path)
 
 
+LONG_CONTEXT = 8192
+
+
+class ColdDaemon:
+    """The life-cycle suite's daemon: not running when the page starts, then started, stopped with
+    SIGTERM or SIGKILL and started again when the page asks, always on the same port (the page
+    connects by URL, as a web export does)."""
+
+    def __init__(self, live: Any, origin: str, workdir: Path) -> None:
+        from support import serve_command
+        from tiny import build_tiny_model
+
+        self.port = free_port()
+        self.token = live.token
+        self.runtime_file = workdir / "cold-daemon.json"
+        self.workdir = workdir
+        # The tiny model with a long context (the shared one has 512 positions): lines long enough
+        # to be surely still streaming when the daemon is stopped under them.
+        model = build_tiny_model(workdir / "tiny-long", "llama", max_positions=LONG_CONTEXT)
+        self.argv = serve_command(model, live.text_adapter_dir, self.runtime_file, token=live.token, port=self.port,
+                                  extra=["--allow-origin", origin, "--max-context", str(LONG_CONTEXT),
+                                         "--max-new-tokens", str(LONG_CONTEXT)])
+        self.process: subprocess.Popen[str] | None = None
+        self.starts = 0
+        # What each stop did: signal, exit code, seconds to exit, whether the runtime file was left.
+        self.stops: list[dict[str, Any]] = []
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from support import start_daemon
+
+        self.starts += 1
+        self.process = start_daemon(self.argv, self.runtime_file, self.workdir / f"cold-daemon-{self.starts}.log")
+
+    def restart(self, signal_name: str) -> None:
+        self.stop(signal_name)
+        self.start()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the daemon answers nothing until the next stop sends SIGCONT (or SIGKILL)."""
+        assert self.process is not None and self.process.poll() is None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def stop(self, signal_name: str = "TERM") -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        started = time.monotonic()
+        process.send_signal(getattr(signal, f"SIG{signal_name}"))
+        process.send_signal(signal.SIGCONT)  # a frozen daemon handles its SIGTERM once it runs again
+        try:
+            code = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        self.stops.append({"signal": signal_name, "code": code, "seconds": time.monotonic() - started,
+                           "runtime_file_left": self.runtime_file.exists()})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def python_welcome(daemon: SuiteDaemon) -> dict[str, Any]:
     """The welcome the reference Python client gets, to compare with what Godot saw."""
     from bridge.client import connect
@@ -325,6 +405,7 @@ class GodotRun:
     daemon_error: str | None
     actions: list[dict[str, Any]]
     setup_error: str | None = None
+    cold: ColdDaemon | None = None
 
     def errors(self) -> list[str]:
         return [text for kind, text in self.lines if kind == "err"]

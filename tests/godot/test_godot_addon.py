@@ -6,9 +6,13 @@ a tiny random model, so the checks are on structure, never on what the text says
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from godot_suite import (
     ADDON_PROJECT,
     CHECK_CASES,
+    PYTHON_HISTORY,
     UNKNOWN_ADAPTER,
     GodotRun,
     golden_frame_names,
@@ -26,6 +31,7 @@ from godot_suite import (
     runtime_scripts,
 )
 
+from bridge.client import Conversation
 from bridge.messages import PROTOCOL_VERSION
 
 GD_FILES = sorted(p for p in ADDON_PROJECT.rglob("*.gd") if ".godot" not in p.parts)
@@ -166,6 +172,12 @@ def test_nodes_use_the_protocol_defaults(godot_run: GodotRun) -> None:
     assert "temperature" in result["data"]["refused"]
 
 
+def test_conversation_rules(godot_run: GodotRun) -> None:
+    """LoraloomConversation keeps leading system messages, forgets what the daemon dropped, caps by
+    whole turns, and records neither an empty stopped reply nor one for a replaced history."""
+    _ok(godot_run.result("conversation:rules"))
+
+
 # ---------------------------------------------------------------- against the daemon
 
 
@@ -209,6 +221,8 @@ def test_two_adapters_stream_at_once(godot_run: GodotRun) -> None:
         assert chat["ok"], chat
         assert chat["chunks"] >= 1
         assert chat["joined_tokens"] == chat["text"] == chat["finished_text"]
+        # Every chunk's signal before the end's; no request id in them (one line at a time).
+        assert chat["order"] == ["updated"] * chat["chunks"] + ["finished"]
         assert chat["finish_reason"] in ("stop", "length")
         assert chat["sent_adapters"] == [{"name": adapter, "scale": 1.0}]
         assert adapter in chat["adapter_versions"]
@@ -227,6 +241,9 @@ def test_stop_mid_stream(godot_run: GodotRun) -> None:
     assert stopped["chunks"] >= 1
     assert stopped["completion_tokens"] < stopped["max_tokens"]
     assert stopped["finished_text"].startswith(stopped["joined_tokens"])
+    # A stopped line ends normally, recorded with what was said (unless nothing was).
+    if stopped["finished_text"]:
+        assert [m["content"] for m in stopped["history"]][1] == stopped["finished_text"]
 
 
 def test_unknown_adapter_fails_the_request(godot_run: GodotRun) -> None:
@@ -237,6 +254,7 @@ def test_unknown_adapter_fails_the_request(godot_run: GodotRun) -> None:
     assert data["code"] == "unknown_adapter"
     assert UNKNOWN_ADAPTER in data["message"]
     assert not data["finished"]
+    assert data["history"] == [], "a failed line is not recorded"
     assert data["still_connected"]
 
 
@@ -246,16 +264,71 @@ def test_connection_usable_after_error(godot_run: GodotRun) -> None:
 
 
 def test_history_and_await(godot_run: GodotRun) -> None:
-    """await chat.wait(chat.ask(...)) returns the answer; history goes out with the next ask."""
+    """`await chat.ask(...)` yields the reply's text; the history goes out with the next line,
+    with trim_history on and the node's priority."""
     result = _daemon_result(godot_run, "chat:history_and_await")
     _ok(result)
     data = result["data"]
     history = data["history_after_first"]
     assert [turn["role"] for turn in history] == ["user", "assistant"]
     assert history[0]["content"] == "Hello there."
-    assert history[1]["content"] == data["first_text"]
+    assert history[1]["content"] == data["first_text"] == data["finished"][0]
+    assert len(data["finished"]) == 2
     assert data["next_roles"] == ["system", "user", "assistant", "user"]
+    assert data["next_trim_history"] is True and data["next_priority"] == "normal"
     assert data["history_size_after_second"] == 4
+
+
+def test_a_200_turn_conversation_keeps_answering(godot_run: GodotRun) -> None:
+    """200 lines on a 256-token context are all answered: the daemon drops the oldest whole turns,
+    the node forgets the same ones, the persona always goes first, and trims come in steps."""
+    result = _daemon_result(godot_run, "chat:200_turns")
+    _ok(result)
+    data = result["data"]
+    assert data["answered"] == 200 and data["context"] == 256
+    drops = data["drops"]
+    assert sum(drops) > 150 and all(d % 2 == 0 for d in drops)
+    trims = [d for d in drops if d]
+    assert sum(trims) / len(trims) >= 4, drops
+    assert data["first_message"] == {"role": "system", "content": "You are Salty Meg, the quartermaster."}
+    assert data["history_size"] < 40
+
+
+def test_conversation_saves_as_plain_json_and_restores(godot_run: GodotRun) -> None:
+    """save_conversation writes the JSON the Python client reads; load_conversation restores it
+    (same frames, same reply on the same seed), reads the Python client's saves, refuses bad ones
+    without changing anything; history can be assigned from game code."""
+    result = _daemon_result(godot_run, "chat:save_and_restore")
+    _ok(result)
+    data = result["data"]
+    saved = json.loads(data["saved"])
+    assert saved["system_prompt"] == "You are Salty Meg, the quartermaster."
+    assert [m["content"] for m in saved["history"][::2]] == data["lines"]
+    python = Conversation(None, history=[])  # type: ignore[arg-type]
+    python.load_json(data["saved"])
+    assert python.history == saved["history"] == data["restored_history"]
+    assert data["restored_persona"] == saved["system_prompt"]
+    assert data["same_frames"] and data["again"] == data["original"]
+    assert data["refused"] == [True] * 5 and data["unchanged"]
+    assert data["python_history"] == PYTHON_HISTORY and data["python_persona"] == "Meg"
+    assert data["assigned_roles"] == ["system", "system", "user", "assistant", "user"]  # persona, then the note
+
+
+def test_concurrent_asks_are_answered_in_order(godot_run: GodotRun) -> None:
+    """Three lines asked at once go out one at a time in order, each with the ones before it."""
+    result = _daemon_result(godot_run, "chat:concurrent_asks")
+    _ok(result)
+    data = result["data"]
+    assert data["busy"]
+    history = data["history"]
+    assert [m["content"] for m in history[::2]] == ["one", "two", "three"]
+    assert [m["content"] for m in history[1::2]] == data["texts"] == data["finished"]
+    tokens = data["prompt_tokens"]
+    assert tokens[0] < tokens[1] < tokens[2]
+    expected: list[str] = []
+    for chunks in data["chunks"]:
+        expected += ["updated"] * chunks + ["finished"]
+    assert data["order"] == expected
 
 
 def test_image_generation(godot_run: GodotRun) -> None:
@@ -306,7 +379,130 @@ def test_bad_token_is_refused(godot_run: GodotRun) -> None:
 
 
 def test_reconnect(godot_run: GodotRun) -> None:
-    """After disconnecting, connecting again works and requests are answered."""
+    """After disconnecting, connecting again works, raises reconnected, and requests are answered."""
     result = _daemon_result(godot_run, "client:reconnect")
     _ok(result)
     assert result["data"]["disconnected_signals"] == 1
+    assert result["data"]["reconnected_signals"] == 1
+
+
+# ---------------------------------------------------------------- the life cycle
+
+
+def _action(run: GodotRun, name: str, index: int = 0) -> dict[str, Any]:
+    found = [a for a in run.actions if a.get("action") == name]
+    assert len(found) > index, run.actions
+    assert found[index].get("done"), found[index]
+    return found[index]
+
+
+def test_a_line_asked_before_the_daemon_is_up_is_answered(godot_run: GodotRun) -> None:
+    """Cold start: a line asked while nothing listens waits through failed attempts and is answered
+    once the daemon starts; a request cancelled while waiting ends as the daemon would end it."""
+    result = _daemon_result(godot_run, "life:cold_start")
+    _action(godot_run, "start_cold_daemon")
+    _ok(result)
+    data = result["data"]
+    assert data["attempts_before_start"] and data["waited"]
+    assert data["finish_reason"] in ("stop", "length")
+    assert [m["content"] for m in data["history"][::2]] == ["Are you awake?"]
+    assert data["connected"] == 1 and data["reconnected"] == 0
+    assert data["dropped"] == {"done": True, "ok": True, "finish_reason": "cancelled", "error": "", "text": ""}
+
+
+@pytest.mark.parametrize("signal_name", ["TERM", "KILL"])
+def test_a_restart_keeps_the_waiting_lines(godot_run: GodotRun, signal_name: str) -> None:
+    """The daemon stopped with SIGTERM (it says shutting_down, closes with 1001, removes its
+    runtime file) or killed (1006, the file stays) under a conversation: the line that was
+    streaming fails with that code, the line waiting behind it and a request the daemon never saw
+    go out after the reconnection and are answered; disconnected and reconnected fire."""
+    result = _daemon_result(godot_run, f"life:restart_{signal_name.lower()}")
+    _action(godot_run, "freeze_cold_daemon", 0 if signal_name == "TERM" else 1)
+    _action(godot_run, "restart_cold_daemon", 0 if signal_name == "TERM" else 1)
+    _ok(result)
+    data = result["data"]
+    assert data["frozen"] and data["streaming_when_frozen"], "the line was streaming, unfinished, when the signal came"
+    in_flight = data["in_flight"]
+    assert not in_flight["ok"] and in_flight["chunks"] > 0, in_flight
+    assert in_flight["error"] == ("shutting_down" if signal_name == "TERM" else "connection_closed"), in_flight
+    assert data["waited"] and data["waiting_ok"]
+    assert data["history_users"][-1] == "after the restart"
+    if signal_name == "KILL":
+        assert data["unanswered"] == {"waited": True, "ok": True, "error": ""}, "sent again and answered"
+    assert data["disconnected"] == [1001 if signal_name == "TERM" else 1006]
+    assert data["reconnected"] == 1
+    cold = godot_run.cold
+    assert cold is not None
+    stop = next(s for s in cold.stops if s["signal"] == signal_name)
+    assert stop["code"] == (0 if signal_name == "TERM" else -9)
+    assert stop["runtime_file_left"] == (signal_name == "KILL")
+    if signal_name == "TERM":
+        assert stop["seconds"] < 5, "SIGTERM with a client attached: no wait on it"
+
+
+# ---------------------------------------------------------------- stopping a started daemon
+# The web runtime cannot start processes, so the script the addon's stop_daemon() runs (a
+# detached /bin/sh, STOP_SCRIPT in loraloom_client.gd) is run here as the addon runs it.
+
+STANDIN = """import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: open(sys.argv[2], "w").close())
+json.dump({"url": "ws://127.0.0.1:1", "token": "t", "pid": int(sys.argv[3] or os.getpid())}, open(sys.argv[1], "w"),
+          indent=2)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _stop_script() -> str:
+    text = (ADDON_PROJECT / "addons" / "loraloom" / "loraloom_client.gd").read_text()
+    match = re.search(r'^const STOP_SCRIPT := """(.*?)"""', text, re.S | re.M)
+    assert match, "STOP_SCRIPT not found in loraloom_client.gd"
+    assert "\\" not in match.group(1), "the script must not need GDScript escapes"
+    return match.group(1)
+
+
+def _run_stop_script(pid: int, steps: int, runtime_file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/sh", "-c", _stop_script(), "loraloom-stop", str(pid), str(steps), str(runtime_file)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_stop_script_sigterms_the_daemon_which_closes_its_clients_and_exits(live_daemon: Any, tmp_path: Path) -> None:
+    """SIGTERM first: a daemon with a client attached exits by itself (no kill: the script ends
+    long before the grace period) and removes its own runtime file."""
+    from support import start_daemon
+    from websockets.sync.client import connect
+
+    from bridge import codec
+    from bridge import messages as m
+
+    runtime = tmp_path / "daemon.json"
+    proc = start_daemon(live_daemon.serve_command(runtime), runtime, tmp_path / "daemon.log")
+    info = json.loads(runtime.read_text())
+    with connect(info["url"]) as ws:
+        ws.send(codec.encode(m.Hello(protocol=m.PROTOCOL_VERSION, token=info["token"], client="stop-test")))
+        assert codec.decode_server(ws.recv(10)).type == "welcome"
+        done = _run_stop_script(proc.pid, 300, runtime)
+        assert done.returncode == 0, done.stderr
+        assert proc.wait(10) == 0, "it exited by itself, not killed"
+    assert not runtime.exists()
+
+
+def test_stop_script_kills_what_ignores_sigterm_and_removes_its_runtime_file(tmp_path: Path) -> None:
+    """After the grace period the script kills the process and removes the runtime file it left,
+    but only a file that names that process."""
+    for names_it in (True, False):
+        runtime, termed = tmp_path / f"daemon-{names_it}.json", tmp_path / f"termed-{names_it}"
+        proc = subprocess.Popen([sys.executable, "-c", STANDIN, str(runtime), str(termed), "" if names_it else "1"])
+        try:
+            deadline = time.monotonic() + 20
+            while not runtime.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            done = _run_stop_script(proc.pid, 10, runtime)
+            assert done.returncode == 0, done.stderr
+            assert proc.wait(10) == -signal.SIGKILL
+            assert termed.exists(), "SIGTERM came first"
+            assert runtime.exists() != names_it
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

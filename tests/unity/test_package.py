@@ -81,6 +81,12 @@ def test_package_manifest() -> None:
         assert (PACKAGE / name).is_file(), name
     assert "Apache License" in (PACKAGE / "LICENSE.md").read_text()
     assert list((PACKAGE / "Documentation~").glob("*.md"))
+    # Platforms: desktop with a local daemon, mobile with a remote one, no WebGL; said in the
+    # manifest and the README, and enforced by the assemblies.
+    assert set(manifest["supportedPlatforms"]) == {"desktop", "mobile", "webgl"}
+    assert "not supported" in manifest["supportedPlatforms"]["webgl"]
+    readme = (PACKAGE / "README.md").read_text()
+    assert "## Platforms" in readme and "WebGL" in readme
 
 
 def test_assembly_definitions() -> None:
@@ -91,6 +97,8 @@ def test_assembly_definitions() -> None:
     assert asmdefs[by_name["Loraloom.Core"]]["noEngineReferences"] is True
     assert asmdefs[by_name["Loraloom.Core"]]["references"] == []
     assert asmdefs[by_name["Loraloom.Editor"]]["includePlatforms"] == ["Editor"]
+    for runtime in ("Loraloom.Core", "Loraloom.Unity"):
+        assert asmdefs[by_name[runtime]]["excludePlatforms"] == ["WebGL"], runtime
     for path, definition in asmdefs.items():
         assert definition["rootNamespace"] == definition["name"]
         for script in path.parent.rglob("*.cs"):

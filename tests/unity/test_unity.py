@@ -1,5 +1,7 @@
 """Builds the Unity package's engine-free core (Loraloom.Core) and its NUnit suite with Debian's mono
-`mcs`, and runs the suite with `nunit-console` against the session's live daemon.
+`mcs`, and runs the suite with `nunit-console` against the session's live daemon. The Unity layer
+(Runtime/Unity) is compiled against the API stubs and its own NUnit suite (UnityLayerTests.cs, on
+a stand-in main thread) runs the same way.
 
 Nothing is written into the repository: both assemblies go to a temporary folder. A missing `mcs`
 or `nunit-console` is a failure, not a skip (`.ci/install-unity-deps.sh` installs both). The C#
@@ -80,7 +82,25 @@ SINGLE = {
         "CommandLinesSplitLikeAShell",
         "ClientReconnectsAfterTheDaemonRestarts",
     ],
+    "ConversationTests": [
+        "A200TurnConversationKeepsAnsweringOnA256TokenContext",
+        "HistorySavesAsPlainJsonAndRestores",
+        "ConcurrentAsksAreAnsweredOneAtATimeInOrder",
+        "AFailedLineChangesNothingAndTheLinesBehindItGoOn",
+        "StopGenerationEndsTheLineWithWhatWasSaid",
+        "ALineCancelledWhileWaitingForItsTurnLeavesTheOrder",
+        "AHistoryReplacedDuringALineIsKept",
+        "MaxHistoryTurnsAndKeepHistoryBoundWhatIsSent",
+    ],
+    "LifecycleTests": [
+        "ALineAskedBeforeTheDaemonIsUpIsAnswered",
+        "ALineWaitsOnlyAsLongAsRequestConnectWait",
+        "ARestartWithSigtermKeepsTheWaitingLinesAndRaisesTheEvents",
+        "ARestartAfterSigkillKeepsTheWaitingLinesAndRaisesTheEvents",
+        "StopAsyncSendsSigtermAndKillsAfterTheGraceWithoutBlocking",
+    ],
 }
+LONG_CONTEXT = 8192
 # The only test allowed not to run, and only when the daemon has no image model.
 IMAGE_TEST = "LiveDaemonTests.GeneratesAnImageWhenTheDaemonHasAnImageModel"
 NAMESPACE = "Loraloom.Core.Tests."
@@ -102,11 +122,11 @@ def _nunit_framework() -> Path:
     return Path(found[-1])
 
 
-def _compile(mcs: str, out: Path, sources: Path, refs: list[str]) -> None:
+def _compile(mcs: str, out: Path, sources: Path, refs: list[str], defines: tuple[str, ...] = ()) -> None:
     files = sorted(str(p) for p in (sources.rglob("*.cs") if sources.is_dir() else [sources]))
     assert files, f"no C# sources under {sources}"
     cmd = [mcs, "-langversion:7.2", "-target:library", "-warnaserror+", "-nowarn:1591",
-           f"-out:{out}", *(f"-r:{r}" for r in refs), *files]
+           f"-out:{out}", *(f"-define:{d}" for d in defines), *(f"-r:{r}" for r in refs), *files]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"mcs failed for {sources.relative_to(ROOT)}:\n{proc.stdout}\n{proc.stderr}"
 
@@ -115,7 +135,9 @@ def test_unity_layer_type_checks_against_api_stubs(tmp_path: Path) -> None:
     """Runtime/Unity, Editor and Samples~ compile with mcs against stubs of the Unity API they use.
 
     The stubs (tests/unity/stubs) hold Unity 2021.3's documented signatures without behaviour: this
-    catches C# errors in code that only Unity can build, not a wrong use of Unity at run time.
+    catches C# errors in code that only Unity can build, not a wrong use of Unity at run time. The
+    Unity layer is compiled twice: as for Unity 2021.3 and with UNITY_2023_1_OR_NEWER (the branch that
+    uses FindFirstObjectByType).
     """
     mcs = _tool("mcs")
     stubs = Path(__file__).parent / "stubs"
@@ -124,10 +146,82 @@ def test_unity_layer_type_checks_against_api_stubs(tmp_path: Path) -> None:
     _compile(mcs, engine, stubs / "UnityEngine.cs", [])
     _compile(mcs, editor, stubs / "UnityEditor.cs", [str(engine)])
     _compile(mcs, core, PACKAGE / "Runtime" / "Core", ["System.Net.Http"])
-    _compile(mcs, unity, PACKAGE / "Runtime" / "Unity", [str(core), str(engine), "System.Core"])
+    unity_refs = [str(core), str(engine), "System.Core"]
+    _compile(mcs, tmp_path / "Loraloom.Unity.2023.dll", PACKAGE / "Runtime" / "Unity", unity_refs,
+             defines=("UNITY_2023_1_OR_NEWER",))
+    _compile(mcs, unity, PACKAGE / "Runtime" / "Unity", unity_refs)
     _compile(mcs, tmp_path / "Loraloom.Editor.dll", PACKAGE / "Editor",
              [str(core), str(unity), str(engine), str(editor), "System.Core"])
     _compile(mcs, tmp_path / "Samples.dll", PACKAGE / "Samples~", [str(core), str(unity), str(engine), "System.Core"])
+
+
+# The Unity layer's behaviour, through the stubs (tests/unity/UnityLayerTests.cs).
+LAYER_TESTS = {
+    "NpcEventsArriveOnTheMainThreadBeforeTheAwaitResumes",
+    "NpcRequestFailedCarriesTheCodeAndAMessageWithoutIt",
+    "NpcConversationSavesAndLoads",
+    "DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents",
+    "ALaunchedDaemonIsStoppedWithoutBlockingTheMainThread",
+}
+
+
+def test_unity_layer_behaves_against_a_live_daemon(live_daemon, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Runtime/Unity, compiled against the stubs (whose UnityEvents call their listeners), runs its
+    NUnit suite under mono on a stand-in main thread: event order, error codes, the daemon
+    component's recovery and connection events, stopping a launched daemon off the main thread."""
+    mcs = _tool("mcs")
+    nunit = _tool("nunit-console")
+    framework = _nunit_framework()
+    build = tmp_path / "layer"
+    build.mkdir()
+    stubs = Path(__file__).parent / "stubs"
+    engine, core, unity = build / "UnityEngine.dll", build / "Loraloom.Core.dll", build / "Loraloom.Unity.dll"
+    tests = build / "Loraloom.Unity.Tests.dll"
+    _compile(mcs, engine, stubs / "UnityEngine.cs", [])
+    _compile(mcs, core, PACKAGE / "Runtime" / "Core", ["System.Net.Http"])
+    _compile(mcs, unity, PACKAGE / "Runtime" / "Unity", [str(core), str(engine), "System.Core"])
+    _compile(mcs, tests, Path(__file__).parent / "UnityLayerTests.cs",
+             [str(core), str(unity), str(engine), str(framework), "System.Core"])
+    shutil.copy(framework, build / "nunit.framework.dll")
+    serve = live_daemon.serve_command(runtime_file=Path("{runtime_file}"))
+    env = dict(os.environ, LORALOOM_TEST_URL=live_daemon.url, LORALOOM_TEST_TOKEN=live_daemon.token,
+               LORALOOM_TEST_SERVE_ARGV="\n".join(serve))
+    env.pop("LORALOOM_RUNTIME_FILE", None)
+    ran, failed, not_run, output, code = _nunit(nunit, tests, build, tmp_path / "layer-result.xml", env)
+    with capsys.disabled():
+        print(f"\nC# NUnit suite of Runtime/Unity (stubs): {len(ran)} passed, {len(failed)} failed, "
+              f"{len(not_run)} skipped")
+        for name, why in sorted(failed.items()):
+            print(f"  FAILED: {name}: {why[:500]}")
+    assert not failed, f"C# tests failed: {sorted(failed)}\n{output[-8000:]}"
+    assert not not_run, f"C# tests that did not run: {not_run}"
+    assert {n.removeprefix("UnityLayerTests.") for n in ran} == LAYER_TESTS
+    assert code == 0, output[-6000:]
+
+
+def _nunit(nunit: str, tests: Path, cwd: Path, result_xml: Path, env: dict[str, str]
+           ) -> tuple[dict[str, str], dict[str, str], dict[str, str], str, int]:
+    """Runs one NUnit assembly: (passed, failed, not run) by test name, the output, the exit code."""
+    log = result_xml.with_suffix(".log")
+    with log.open("w") as out:
+        proc = subprocess.run([nunit, "-nologo", "-nodots", f"-xml={result_xml}", str(tests)],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, timeout=540)
+    output = log.read_text(errors="replace")
+    assert result_xml.exists(), f"nunit-console wrote no result (exit {proc.returncode}):\n{output[-6000:]}"
+    ran: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    not_run: dict[str, str] = {}
+    for case in ET.parse(result_xml).getroot().iter("test-case"):
+        name = case.get("name", "").removeprefix(NAMESPACE).removeprefix("Loraloom.Unity.Tests.")
+        reason = case.findtext("reason/message") or case.findtext("failure/message") or ""
+        if case.get("executed") != "True":
+            not_run[name] = reason.strip()
+        elif case.get("success") == "True":
+            ran[name] = case.get("time", "")
+        else:
+            failed[name] = reason.strip()
+    return ran, failed, not_run, output, proc.returncode
 
 
 def _expected_tests() -> set[str]:
@@ -173,6 +267,15 @@ def test_unity_core_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFix
 def _run_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], build: Path, tests: Path,
                nunit: str, image_env: dict[str, str]) -> None:
     serve = live_daemon.serve_command(runtime_file=Path("{runtime_file}"))
+    # The tiny model with a long context, for lines that must still be streaming when a daemon is
+    # stopped under them (LifecycleTests).
+    from support import serve_command
+    from tiny import build_tiny_model
+
+    long_model = build_tiny_model(tmp_path / "tiny-long", "llama", max_positions=LONG_CONTEXT)
+    long_serve = serve_command(long_model, live_daemon.text_adapter_dir, Path("{runtime_file}"),
+                               token=live_daemon.token,
+                               extra=["--max-context", str(LONG_CONTEXT), "--max-new-tokens", str(LONG_CONTEXT)])
     env = dict(
         os.environ,
         LORALOOM_TEST_URL=live_daemon.url,
@@ -181,30 +284,11 @@ def _run_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         LORALOOM_TEST_ADAPTER_DIR=str(live_daemon.text_adapter_dir),
         LORALOOM_TEST_FRAMES=str(FRAMES),
         LORALOOM_TEST_SERVE_COMMAND=json.dumps(serve),
+        LORALOOM_TEST_LONG_SERVE_COMMAND=json.dumps(long_serve),
         **image_env,
     )
     env.pop("LORALOOM_RUNTIME_FILE", None)
-    result_xml = tmp_path / "nunit-result.xml"
-    log = tmp_path / "nunit.log"
-    with log.open("w") as out:
-        proc = subprocess.run([nunit, "-nologo", "-nodots", f"-xml={result_xml}", str(tests)],
-                              stdout=out, stderr=subprocess.STDOUT, cwd=build, env=env, timeout=540)
-    output = log.read_text(errors="replace")
-    assert result_xml.exists(), f"nunit-console wrote no result (exit {proc.returncode}):\n{output[-6000:]}"
-
-    cases = ET.parse(result_xml).getroot().iter("test-case")
-    ran: dict[str, str] = {}
-    failed: dict[str, str] = {}
-    not_run: dict[str, str] = {}
-    for case in cases:
-        name = case.get("name", "").removeprefix(NAMESPACE)
-        reason = case.findtext("reason/message") or case.findtext("failure/message") or ""
-        if case.get("executed") != "True":
-            not_run[name] = reason.strip()
-        elif case.get("success") == "True":
-            ran[name] = case.get("time", "")
-        else:
-            failed[name] = reason.strip()
+    ran, failed, not_run, output, code = _nunit(nunit, tests, build, tmp_path / "nunit-result.xml", env)
 
     with capsys.disabled():
         print()
@@ -222,5 +306,5 @@ def _run_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert set(ran) | set(not_run) == _expected_tests(), (
         f"unexpected C# test set: missing {sorted(_expected_tests() - set(ran) - set(not_run))}, "
         f"extra {sorted(set(ran) | set(not_run) - _expected_tests())}")
-    assert proc.returncode == 0, f"nunit-console exited {proc.returncode}:\n{output[-6000:]}"
+    assert code == 0, f"nunit-console exited {code}:\n{output[-6000:]}"
 

@@ -3,29 +3,39 @@ extends LoraloomRequester
 ## One conversation with the daemon's text model through one adapter: an NPC's voice.
 ##
 ## Many chat nodes share the one connection (the autoload [code]Loraloom[/code]) and the one base
-## model; each request names this node's adapter, so NPCs on different adapters are batched
-## together by the daemon. The node keeps the conversation history and sends it with every
-## [method ask] (rendered with the model's chat template).
+## model; each line names this node's adapter, so NPCs on different adapters are batched together
+## by the daemon.
 ## [codeblock]
 ## @onready var npc: LoraloomChat = $Pirate
 ##
 ## func _ready() -> void:
-##     npc.response_updated.connect(func(_id: String, token: String) -> void: label.text += token)
-##     var request := await npc.wait(npc.ask("Who goes there?"))
-##     if not request.ok:
-##         push_warning(request.error_message)
+##     npc.response_updated.connect(func(chunk: String) -> void: label.text += chunk)
+##     var reply := await npc.ask("Who goes there?")   # "" when it failed: see request_failed
 ## [/codeblock]
+## [b]History[/b]: the node keeps a [LoraloomConversation] ([member conversation]). Each line goes
+## out with the persona ([member system_prompt]), the whole history and
+## [code]trim_history[/code]; when they do not fit the context with room for the reply, the
+## daemon leaves out the oldest whole turns (counted in its real tokens, down to 3/4 of its budget
+## so the following lines keep their cached prefix) and the node forgets the same ones. So a long
+## conversation never stops with [code]prompt_too_long[/code]; only a persona plus a line that
+## alone do not fit do.[br]
+## [b]Order[/b]: lines asked while one is being answered wait, and go out one at a time in the
+## order they were asked, each with the exchanges before it. So the signals carry no request id:
+## they are about the line being answered.[br]
+## [b]Bounds[/b]: every line ends. It waits for the connection up to the client's
+## [member LoraloomClient.request_connect_wait] and, once sent, for its answer up to
+## [member answer_timeout]; then it fails ([code]not_connected[/code], [code]timeout[/code]).
 
-## Emitted for every piece of text as it arrives. [param token] is the new text only;
-## [method get_text] gives the text so far.
-signal response_updated(request_id: String, token: String)
-## Emitted when a request finished; [param text] is the whole answer (also after [method stop],
-## with what was generated until then).
-signal response_finished(request_id: String, text: String)
-## Emitted when a request failed: [param code] is the protocol's error code (for example
+## Emitted for every piece of text of the line being answered, as it arrives. [param chunk] is
+## the new text only.
+signal response_updated(chunk: String)
+## Emitted when a line was answered; [param text] is the whole reply (also after
+## [method stop_generation], with what was generated until then).
+signal response_finished(text: String)
+## Emitted when a line failed: [param code] is the protocol's error code (for example
 ## [code]unknown_adapter[/code]) or a client-side one ([code]not_connected[/code],
-## [code]connection_closed[/code], [code]timeout[/code]).
-signal request_failed(request_id: String, code: String, message: String)
+## [code]connection_closed[/code], [code]timeout[/code]); [param message] says why.
+signal request_failed(code: String, message: String)
 
 # The protocol's defaults, as constants so that the inspector shows them.
 const _DEFAULTS := LoraloomProtocol.GENERATE_DEFAULTS
@@ -36,12 +46,12 @@ const _ADAPTER_DEFAULTS := LoraloomProtocol.ADAPTER_REF_DEFAULTS
 @export var adapter: String = ""
 ## How strongly the adapter applies: 1 as trained, 0 none, negative values push away from it.
 @export_range(-8.0, 8.0, 0.05) var adapter_scale: float = _ADAPTER_DEFAULTS["scale"]
-## The system prompt sent before the conversation; empty sends none.
+## The persona, sent first with every line and never trimmed; empty sends none.
 @export_multiline var system_prompt: String = ""
-## Remember the exchanges and send them with each new question.
+## Remember the exchanges and send them with each new line.
 @export var keep_history: bool = true
-## The most question-and-answer pairs kept; older ones are dropped first.
-@export_range(0, 256) var max_history_turns: int = 16
+## The most turns kept (a question and its answer); 0 keeps what the daemon's context holds.
+@export_range(0, 256) var max_history_turns: int = 0
 
 @export_group("Sampling")
 ## The most tokens one answer may have (an NPC's line: fewer than the protocol's default).
@@ -58,33 +68,67 @@ const _ADAPTER_DEFAULTS := LoraloomProtocol.ADAPTER_REF_DEFAULTS
 @export var random_seed: int = -1
 ## Texts that end an answer when generated (not included in it).
 @export var stop_sequences: PackedStringArray = PackedStringArray()
+## Player lines are scheduled first, background chatter last (and may be paused for others).
+@export_enum("player", "normal", "background") var priority: String = _DEFAULTS["priority"]
+## Seconds a line may take once sent before it fails with [code]timeout[/code].
+@export_range(1.0, 600.0, 1.0) var answer_timeout: float = 120.0
 
-## The conversation so far: [code]{"role": "user"|"assistant", "content": String}[/code] turns
-## (roles: [code]LoraloomProtocol.CHAT_ROLE_*[/code]).
-var history: Array[Dictionary] = []
-var _questions: Dictionary = {}
+## The persona and the turns; [member system_prompt], [member keep_history] and
+## [member max_history_turns] are copied into it before each line.
+var conversation := LoraloomConversation.new()
+## The turns so far, oldest first ([code]{"role": ..., "content": ...}[/code]). Reading gives a
+## copy; assign to replace them (a line still being answered is then not recorded).
+var history: Array:
+	get:
+		return conversation.history
+	set(value):
+		conversation.history = value
+
+var _waiting: Array[Dictionary] = []
+var _current: Dictionary = {}
+var _closing: bool = false
 
 
-## Sends [param text] as the player's next line and returns the request id. The answer streams
-## through [signal response_updated] and ends with [signal response_finished] or
-## [signal request_failed]; [method wait] awaits it.
+func _notification(what: int) -> void:
+	if what == NOTIFICATION_PREDELETE:
+		_abandon_lines()
+
+
+## Says [param text] as the player's next line and returns the reply, or an empty string when the
+## line failed ([signal request_failed] says why). Await it, or call it without
+## [code]await[/code] and use the signals. The reply streams through [signal response_updated]
+## and ends with [signal response_finished].
 func ask(text: String) -> String:
-	var request := _send(build_request(text))
-	_questions[request.id] = text
-	return request.id
+	var request := ask_request(text)
+	if not request.done:
+		# Bounded: every line ends (answer, failure, answer_timeout, or this node being freed).
+		await request.finished
+	return request.text if request.ok else ""
 
 
-## The [code]generate[/code] frame [method ask] sends for [param text] (without its id).
+## [method ask] as a [LoraloomRequest], for code that wants its id, finish reason or result:
+## [code]var line := chat.ask_request("Hi"); await line.wait()[/code]. Failures, even
+## immediate ones, arrive after this returns.
+func ask_request(text: String) -> LoraloomRequest:
+	var connection := _client()
+	var request_id := "gd-orphan-%d" % Time.get_ticks_usec()
+	if connection != null:
+		request_id = connection.new_id()
+	var request := LoraloomRequest.new(request_id, {})
+	_requests[request.id] = request
+	request.event_received.connect(_on_event)
+	request.finished.connect(_on_finished)
+	_waiting.append({"request": request, "text": text})
+	_send_next()
+	return request
+
+
+## The [code]generate[/code] frame a line saying [param text] would go out with now (no id).
 func build_request(text: String) -> Dictionary:
-	var messages: Array[Dictionary] = []
-	if not system_prompt.is_empty():
-		messages.append({"role": LoraloomProtocol.CHAT_ROLE_SYSTEM, "content": system_prompt})
-	if keep_history:
-		messages.append_array(history)
-	messages.append({"role": LoraloomProtocol.CHAT_ROLE_USER, "content": text})
+	_sync_conversation()
 	return LoraloomFrames.build(LoraloomProtocol.GENERATE, {
 		"adapters": [] if adapter.is_empty() else [{"name": adapter, "scale": adapter_scale}],
-		"messages": messages,
+		"messages": conversation.build_messages(text),
 		"max_tokens": max_tokens,
 		"temperature": temperature,
 		"top_k": top_k,
@@ -93,7 +137,22 @@ func build_request(text: String) -> Dictionary:
 		"seed": random_seed if random_seed >= 0 else null,
 		"stop": Array(stop_sequences),
 		"stream": true,
+		"priority": priority,
+		"trim_history": true,
 	})
+
+
+## Ends the line being answered now: it finishes with what was said so far (the daemon stops
+## working on it). Lines asked after it still go out.
+func stop_generation() -> void:
+	if not _current.is_empty():
+		(_current["request"] as LoraloomRequest).cancel()
+
+
+## Deprecated: [method stop_generation] (with an id: stops that line, if it is being answered).
+func stop(request_id: String = "") -> void:
+	if request_id.is_empty() or (not _current.is_empty() and _current["request"].id == request_id):
+		stop_generation()
 
 
 ## The text received so far for [param request_id].
@@ -102,7 +161,7 @@ func get_text(request_id: String) -> String:
 	return request.text if request != null else ""
 
 
-## True while [param request_id] (or, when empty, any request of this node) is running.
+## True while [param request_id] (or, when empty, any line of this node) is answered or waits.
 func is_busy(request_id: String = "") -> bool:
 	for key: String in _requests:
 		var request: LoraloomRequest = _requests[key]
@@ -111,28 +170,88 @@ func is_busy(request_id: String = "") -> bool:
 	return false
 
 
-## Forgets the conversation.
+## Forgets the conversation (the persona stays).
 func clear_history() -> void:
-	history.clear()
+	conversation.clear()
 
 
-func _on_event(request: LoraloomRequest, event: Dictionary) -> void:
-	if event.get("type") == LoraloomProtocol.CHUNK:
-		response_updated.emit(request.id, str(event.get("text", "")))
+## The persona and the history as plain JSON, for a save game.
+func save_conversation() -> String:
+	_sync_conversation()
+	return conversation.to_json()
+
+
+## Restores what [method save_conversation] wrote, persona included; returns [constant OK], or an
+## error with nothing changed. To keep this node's persona, assign [member history] instead.
+func load_conversation(json: String) -> Error:
+	_sync_conversation()
+	var err := conversation.load_json(json)
+	if err == OK:
+		system_prompt = conversation.system_prompt
+	return err
+
+
+func _sync_conversation() -> void:
+	conversation.system_prompt = system_prompt
+	conversation.keep_history = keep_history
+	conversation.max_history_turns = max_history_turns
+
+
+func _send_next() -> void:
+	if not _current.is_empty() or _waiting.is_empty() or _closing:
+		return
+	_current = _waiting.pop_front()
+	var request: LoraloomRequest = _current["request"]
+	var frame := build_request(_current["text"])
+	_current["generation"] = conversation.generation
+	var connection := _client()
+	if connection == null:
+		request.fail.call_deferred(LoraloomRequest.ERROR_NOT_CONNECTED,
+				"no LoraloomClient: enable the loraloom plugin (its autoload) or set client")
+		return
+	connection.send_request(frame, request)
+	var tree := Engine.get_main_loop() as SceneTree
+	if tree != null:
+		tree.create_timer(answer_timeout, true, false, true).timeout.connect(
+				_on_answer_timeout.bind(request))
+
+
+func _on_answer_timeout(request: LoraloomRequest) -> void:
+	# The client tells the daemon to stop a request that fails here while it works on it.
+	request.fail(LoraloomRequest.ERROR_TIMEOUT, "no answer within %.0f s" % answer_timeout)
+
+
+func _on_event(_request: LoraloomRequest, event: Dictionary) -> void:
+	if event.get("type") == LoraloomProtocol.CHUNK and not _closing:
+		response_updated.emit(str(event.get("text", "")))
 
 
 func _on_finished(request: LoraloomRequest) -> void:
-	var question: String = _questions.get(request.id, "")
-	_questions.erase(request.id)
-	# Finished requests stay readable through wait() and get_text() until the next few asks.
+	# Finished requests stay readable through wait() and get_text() until the next few lines.
 	_forget_finished(32)
-	if not request.ok:
-		request_failed.emit(request.id, request.error_code, request.error_message)
+	var line: Dictionary = _current if _current.get("request") == request else {}
+	if _closing:
 		return
-	if keep_history:
-		history.append({"role": LoraloomProtocol.CHAT_ROLE_USER, "content": question})
-		history.append({"role": LoraloomProtocol.CHAT_ROLE_ASSISTANT, "content": request.text})
-		while history.size() > max_history_turns * 2:
-			history.pop_front()
-			history.pop_front()
-	response_finished.emit(request.id, request.text)
+	if request.ok:
+		conversation.record(str(line.get("text", "")), request.text, request.finish_reason,
+				int(request.result.get("dropped_messages", 0)), int(line.get("generation", -1)))
+		response_finished.emit(request.text)
+	else:
+		request_failed.emit(request.error_code, request.error_message)
+	if not line.is_empty():
+		_current = {}
+		_send_next()
+
+
+func _abandon_lines() -> void:
+	# Freed: nothing more is emitted; the line in flight stops on the daemon and every awaiting
+	# ask() returns.
+	_closing = true
+	var lines := _waiting.duplicate()
+	_waiting.clear()
+	if not _current.is_empty():
+		lines.push_front(_current)
+		_current = {}
+	for line: Dictionary in lines:
+		var request: LoraloomRequest = line["request"]
+		request.fail(LoraloomRequest.ERROR_CANCELLED, "the chat node was freed")

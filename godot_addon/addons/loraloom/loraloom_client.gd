@@ -7,16 +7,28 @@ extends Node
 ## WebSocket, does the [code]hello[/code]/[code]welcome[/code] handshake, subscribes to adapter
 ## events and reconnects when the connection drops. Everything runs on the main thread: the socket
 ## is polled in [method Node._process], and signals are emitted from there.[br]
-## Nodes such as [LoraloomChat] and [LoraloomImage] send their requests through it; requests made
-## before the connection is ready wait for it (up to [member connect_timeout] seconds).[br]
+## Nodes such as [LoraloomChat] and [LoraloomImage] send their requests through it.[br]
+## Life cycle: requests made while there is no connection (the daemon is still starting, or
+## restarting) wait for it, up to [member request_connect_wait] seconds, then fail with
+## [code]not_connected[/code]; failed attempts to connect keep them. When an established
+## connection drops (the daemon stopped, said [code]shutting_down[/code], or was killed), the
+## client reconnects with growing delays (re-reading the runtime file) and the waiting requests go
+## out on the new connection, together with the text and image requests the daemon had said
+## nothing about yet; those that had started streaming fail ([code]shutting_down[/code] or
+## [code]connection_closed[/code]): their output was already seen.[br]
 ## Settings (Project Settings, under [code]loraloom/[/code]) are read once, in [method Node._ready];
 ## the matching properties can be changed before [method connect_to_daemon].
 
-## Emitted when the handshake succeeded; [param welcome] is the daemon's [code]welcome[/code].
+## Emitted after every successful handshake, the first and each reconnection; [param welcome] is
+## the daemon's [code]welcome[/code].
 signal connected(welcome: Dictionary)
-## Emitted when an established connection closed.
+## Emitted, after [signal connected], for every handshake that follows a dropped connection.
+signal reconnected(welcome: Dictionary)
+## Emitted when an established connection closed: the WebSocket close code (1001 when the daemon
+## is shutting down) and the reason.
 signal disconnected(code: int, reason: String)
-## Emitted when an attempt to connect failed (no daemon, refused, bad token, timeout).
+## Emitted when an attempt to connect failed (no daemon, refused, bad token, timeout); attempts
+## go on while [member auto_reconnect] is on or requests wait.
 signal connection_failed(reason: String)
 ## Emitted when an adapter changed on disk and the daemon acted on it. [param event] is
 ## [code]added[/code], [code]updated[/code], [code]removed[/code] or [code]rejected[/code];
@@ -32,6 +44,8 @@ enum State { DISCONNECTED, CONNECTING, HANDSHAKING, READY }
 
 ## The protocol version this addon speaks.
 const PROTOCOL_VERSION := LoraloomProtocol.VERSION
+## The name the plugin gives the autoload; [method find] looks for it first.
+const AUTOLOAD_NAME := "Loraloom"
 const SETTING_PREFIX := "loraloom/"
 ## Project settings and their defaults; the editor plugin registers them.
 const SETTINGS := {
@@ -41,13 +55,41 @@ const SETTINGS := {
 	"connection/auto_connect": true,
 	"connection/auto_reconnect": true,
 	"connection/connect_timeout": 10.0,
+	"connection/request_connect_wait": 30.0,
 	"connection/client_name": "godot",
 	"connection/max_frame_bytes": 16777216,
 	"daemon/auto_start": false,
 	"daemon/executable": "loraloom",
 	"daemon/arguments": ["serve"],
 	"daemon/stop_on_exit": true,
+	"daemon/stop_grace": 10.0,
 }
+## What [method stop_daemon] runs in a detached [code]/bin/sh[/code]: SIGTERM to the pid ($1), up
+## to $2 tenths of a second for it to exit (a zombie counts as gone), then SIGKILL, and then the
+## runtime file ($3) is removed if it still names that pid (a killed daemon cannot remove it).
+const STOP_SCRIPT := """pid="$1"; steps="$2"; file="$3"
+alive() {
+	if [ -d /proc/1 ]; then
+		[ -r "/proc/$pid/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
+	else
+		s=$(ps -o stat= -p "$pid" 2>/dev/null) && [ -n "$s" ] && [ "${s#Z}" = "$s" ]
+	fi
+}
+kill -TERM "$pid" 2>/dev/null || exit 0
+i=0
+while alive; do
+	i=$((i + 1))
+	if [ "$i" -gt "$steps" ]; then
+		kill -KILL "$pid" 2>/dev/null
+		sleep 0.2
+		if [ -n "$file" ] && grep -Eq '"pid": *'"$pid"'([^0-9]|$)' "$file" 2>/dev/null; then
+			rm -f "$file"
+		fi
+		exit 0
+	fi
+	sleep 0.1
+done
+"""
 const _MAX_RECONNECT_DELAY := 10.0
 
 ## Daemon URL ([code]ws://127.0.0.1:PORT[/code]); empty means "read the runtime file".
@@ -60,8 +102,11 @@ var runtime_file: String = ""
 var auto_connect: bool = true
 ## Reconnect (with growing delays, up to 10 s) after a failure or a dropped connection.
 var auto_reconnect: bool = true
-## Seconds an attempt to connect, or a request waiting for the connection, may take.
+## Seconds one attempt to connect may take.
 var connect_timeout: float = 10.0
+## Seconds a request made while there is no connection waits for one before it fails with
+## [code]not_connected[/code].
+var request_connect_wait: float = 30.0
 ## The name the daemon logs for this client.
 var client_name: String = "godot"
 ## Largest frame accepted; image results need room.
@@ -74,6 +119,8 @@ var daemon_executable: String = "loraloom"
 var daemon_arguments: PackedStringArray = PackedStringArray(["serve"])
 ## Stop the daemon this node started when the node leaves the tree.
 var stop_daemon_on_exit: bool = true
+## Seconds a daemon stopped by [method stop_daemon] gets after SIGTERM before it is killed.
+var daemon_stop_grace: float = 10.0
 ## Where the connection stands.
 var state: State = State.DISCONNECTED
 ## The daemon's [code]welcome[/code] (models, limits); empty until connected.
@@ -98,6 +145,8 @@ var _pending_token: String = ""
 var _handshake_refused: bool = false
 var _subscribe_id: String = ""
 var _daemon_start_tried: bool = false
+var _ever_connected: bool = false
+var _going_away: bool = false
 
 
 func _ready() -> void:
@@ -108,12 +157,14 @@ func _ready() -> void:
 	auto_connect = _setting("connection/auto_connect")
 	auto_reconnect = _setting("connection/auto_reconnect")
 	connect_timeout = _setting("connection/connect_timeout")
+	request_connect_wait = _setting("connection/request_connect_wait")
 	client_name = _setting("connection/client_name")
 	max_frame_bytes = _setting("connection/max_frame_bytes")
 	auto_start_daemon = _setting("daemon/auto_start")
 	daemon_executable = _setting("daemon/executable")
 	daemon_arguments = PackedStringArray(_setting("daemon/arguments"))
 	stop_daemon_on_exit = _setting("daemon/stop_on_exit")
+	daemon_stop_grace = _setting("daemon/stop_grace")
 	if auto_connect:
 		connect_to_daemon()
 
@@ -121,8 +172,7 @@ func _ready() -> void:
 func _exit_tree() -> void:
 	disconnect_from_daemon()
 	if stop_daemon_on_exit and daemon_pid > 0:
-		OS.kill(daemon_pid)
-		daemon_pid = -1
+		stop_daemon()
 
 
 func _process(_delta: float) -> void:
@@ -141,25 +191,28 @@ func _process(_delta: float) -> void:
 
 ## Connects to [param daemon_url] with [param daemon_token], or to [member url] and [member token],
 ## or, when those are empty, to the daemon named by the runtime file. The result arrives as
-## [signal connected] or [signal connection_failed].
+## [signal connected] or [signal connection_failed]. Requests in flight on a connection this
+## replaces fail with [code]connection_closed[/code]; waiting ones go out on the new one.
 func connect_to_daemon(daemon_url: String = "", daemon_token: String = "") -> void:
 	if not daemon_url.is_empty():
 		url = daemon_url
 	if not daemon_token.is_empty():
 		token = daemon_token
-	if _peer != null:
-		# Requests sent on the old connection would never hear back on the new one.
-		var was_ready := state == State.READY
-		_close_peer()
-		_fail_all(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "reconnecting to the daemon")
-		if was_ready:
-			disconnected.emit(1000, "reconnecting")
+	var was_open := _peer != null
+	var was_ready := state == State.READY
+	_close_peer()
 	_retry_delay = 0.5
 	_retry_at = -1.0
 	_open()
+	if was_open:
+		# Requests sent on the old connection would never hear back on the new one. Failed after
+		# the new attempt started, so that lines these failures send next wait for it.
+		_fail_sent(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "reconnecting to the daemon")
+		if was_ready:
+			disconnected.emit(1000, "reconnecting")
 
 
-## Closes the connection and stops reconnecting. Requests in flight fail with
+## Closes the connection and stops reconnecting. Every request, sent or waiting, fails with
 ## [code]connection_closed[/code]. Safe to call at any time.
 func disconnect_from_daemon() -> void:
 	_retry_at = -1.0
@@ -170,9 +223,10 @@ func disconnect_from_daemon() -> void:
 		disconnected.emit(1000, "disconnected by the game")
 
 
-## True when the handshake is done and requests go straight out.
+## True when the handshake is done and requests go straight out (false once the daemon said it
+## is shutting down).
 func is_ready() -> bool:
-	return state == State.READY
+	return state == State.READY and not _going_away
 
 
 ## Names of the adapters of [param kind] ([code]text[/code], [code]image[/code] or empty for
@@ -188,12 +242,43 @@ func get_adapter_names(kind: String = "") -> PackedStringArray:
 	return names
 
 
-## Starts the daemon as a child process; returns its pid, or -1 (always on the web).
+## Starts the daemon as a child process (with [code]--runtime-file[/code] when
+## [member runtime_file] is set, so that it publishes itself there); returns its pid, or -1
+## (always on the web).
 func start_daemon() -> int:
 	if OS.has_feature("web") or daemon_executable.is_empty():
 		return -1
-	daemon_pid = OS.create_process(daemon_executable, daemon_arguments)
+	var arguments := daemon_arguments.duplicate()
+	if not runtime_file.is_empty() and not "--runtime-file" in arguments:
+		arguments.append("--runtime-file")
+		arguments.append(ProjectSettings.globalize_path(runtime_file))
+	daemon_pid = OS.create_process(daemon_executable, arguments)
 	return daemon_pid
+
+
+## Stops the daemon [method start_daemon] started, without blocking the game: SIGTERM now (the
+## daemon ends its requests, closes every connection and removes its runtime file), then a kill
+## after [member daemon_stop_grace] seconds if it is still there, done by a small detached shell
+## ([constant STOP_SCRIPT]) so that it also happens when the game is quitting. On Windows, which
+## has no SIGTERM for it, the daemon is killed and its runtime file removed here.
+func stop_daemon() -> void:
+	var pid := daemon_pid
+	daemon_pid = -1
+	if pid <= 0 or OS.has_feature("web"):
+		return
+	var path := runtime_file
+	if path.is_empty():
+		path = LoraloomDiscovery.default_runtime_file()
+	path = ProjectSettings.globalize_path(path)
+	if OS.get_name() == "Windows":
+		OS.kill(pid)
+		var info := LoraloomDiscovery.read_runtime_file(path)
+		if int(info.get("pid", -1)) == pid:
+			DirAccess.remove_absolute(path)
+		return
+	var steps := maxi(1, int(daemon_stop_grace * 10.0))
+	OS.create_process("/bin/sh",
+			PackedStringArray(["-c", STOP_SCRIPT, "loraloom-stop", str(pid), str(steps), path]))
 
 
 # ---------------------------------------------------------------- requests
@@ -210,13 +295,20 @@ func new_id() -> String:
 ## added when missing) and returns its [LoraloomRequest]. The frame is built and checked with
 ## [LoraloomFrames]: defaults are filled in, and a frame the daemon would refuse fails with
 ## [code]bad_message[/code] without being sent. Failures, even immediate ones, arrive on the
-## request after this returns, so its signals can be connected first.
-func send_request(message: Dictionary) -> LoraloomRequest:
+## request after this returns, so its signals can be connected first. With [param request] (made
+## earlier with an id from [method new_id]), that object carries the request and its id is used.
+func send_request(message: Dictionary, request: LoraloomRequest = null) -> LoraloomRequest:
 	var fields := message.duplicate()
-	if str(fields.get("id", "")).is_empty():
+	if request != null:
+		fields["id"] = request.id
+	elif str(fields.get("id", "")).is_empty():
 		fields["id"] = new_id()
 	var frame := LoraloomFrames.build(str(fields.get("type", "")), fields)
-	var request := LoraloomRequest.new(str(frame["id"]), frame, cancel)
+	if request == null:
+		request = LoraloomRequest.new(str(frame["id"]), frame, cancel)
+	else:
+		request.message = frame
+		request.bind_cancel(cancel)
 	if _requests.has(request.id):
 		request.fail.call_deferred(LoraloomProtocol.ERROR_DUPLICATE_ID,
 				"a request with this id is in flight")
@@ -227,7 +319,7 @@ func send_request(message: Dictionary) -> LoraloomRequest:
 		return request
 	_requests[request.id] = request
 	request.finished.connect(_on_request_finished)
-	if state == State.READY:
+	if is_ready():
 		_send_frame(frame)
 	elif _peer != null or _retry_at >= 0.0:
 		_queued.append(request)
@@ -238,16 +330,18 @@ func send_request(message: Dictionary) -> LoraloomRequest:
 
 
 ## Asks the daemon to stop the request [param request_id]; it then ends with its result
-## (finish reason [code]cancelled[/code]).
+## (finish reason [code]cancelled[/code]). A request still waiting for the connection ends the
+## same way at once, without being sent.
 func cancel(request_id: String) -> void:
 	var request: LoraloomRequest = _requests.get(request_id)
 	if request == null or request.done:
 		return
 	if request in _queued:
 		_queued.erase(request)
-		request.fail(LoraloomRequest.ERROR_CANCELLED, "cancelled before it was sent")
+		_queued_since.erase(request.id)
+		request.handle_event(_cancelled_result(request))
 		return
-	if state == State.READY:
+	if is_ready():
 		_send_frame(LoraloomFrames.build(LoraloomProtocol.CANCEL, {"id": request_id}))
 
 
@@ -259,6 +353,25 @@ func refresh_adapters() -> LoraloomRequest:
 ## Sends a [code]ping[/code]; the request's result is the [code]pong[/code].
 func ping() -> LoraloomRequest:
 	return send_request({"type": LoraloomProtocol.PING})
+
+
+## The game's client: the autoload (named [constant AUTOLOAD_NAME] by the plugin, or any other
+## [LoraloomClient] that is a child of the root); null when there is none.
+static func find(from: Node = null) -> LoraloomClient:
+	var tree: SceneTree = null
+	if from != null and from.is_inside_tree():
+		tree = from.get_tree()
+	else:
+		tree = Engine.get_main_loop() as SceneTree
+	if tree == null:
+		return null
+	var named := tree.root.get_node_or_null(NodePath(AUTOLOAD_NAME)) as LoraloomClient
+	if named != null:
+		return named
+	for child: Node in tree.root.get_children():
+		if child is LoraloomClient:
+			return child
+	return null
 
 
 # ---------------------------------------------------------------- plumbing
@@ -341,7 +454,15 @@ func _handle(frame: Dictionary) -> void:
 		var request: LoraloomRequest = _requests.get(request_id)
 		if kind == LoraloomProtocol.ADAPTERS:
 			_set_adapters(frame.get("adapters", []))
-		if request != null:
+		var stopping: bool = (kind == LoraloomProtocol.ERROR
+				and frame.get("code") == LoraloomProtocol.ERROR_SHUTTING_DOWN)
+		if stopping:
+			# The daemon ends what is in flight, then closes: requests made from now on wait for
+			# the next connection instead of going out on this one.
+			_going_away = true
+		if request != null and stopping and _retryable(request):
+			_requeue(request)  # stopped before it produced anything: the next daemon answers it
+		elif request != null:
 			request.handle_event(frame)
 		elif kind == LoraloomProtocol.ERROR:
 			push_warning("loraloom: %s: %s" % [frame.get("code"), frame.get("message")])
@@ -352,6 +473,7 @@ func _handle(frame: Dictionary) -> void:
 func _handle_handshake(kind: String, frame: Dictionary) -> void:
 	if kind == LoraloomProtocol.WELCOME:
 		state = State.READY
+		_going_away = false
 		welcome = frame
 		last_error = ""
 		_retry_delay = 0.5
@@ -364,7 +486,11 @@ func _handle_handshake(kind: String, frame: Dictionary) -> void:
 		for request: LoraloomRequest in waiting:
 			if not request.done:
 				_send_frame(request.message)
+		var again := _ever_connected
+		_ever_connected = true
 		connected.emit(welcome)
+		if again:
+			reconnected.emit(welcome)
 	elif kind == LoraloomProtocol.ERROR:
 		# The daemon closes after a refused hello; a retry with the same token would fail again
 		# until the runtime file (and so the token) changes, so it waits the longest delay.
@@ -406,7 +532,9 @@ func _send_frame(frame: Dictionary) -> void:
 		return
 	if _peer == null or _peer.send(bytes) != OK:
 		var request: LoraloomRequest = _requests.get(str(frame.get("id", "")))
-		if request != null:
+		if request != null and _retryable(request):
+			_requeue(request)  # the connection is closing: nothing went out
+		elif request != null:
 			request.fail(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "cannot send to the daemon")
 
 
@@ -414,13 +542,21 @@ func _on_closed(code: int, reason: String) -> void:
 	var was_ready := state == State.READY
 	_peer = null
 	state = State.DISCONNECTED
+	_going_away = false
 	welcome = {}
-	_fail_all(LoraloomProtocol.ERROR_CONNECTION_CLOSED,
+	if code < 0:
+		code = 1006  # no close frame: the connection broke (or was never made)
+	# The retry is scheduled first, so that lines the failures below send next wait for it.
+	if was_ready and auto_reconnect:
+		_schedule_retry()
+	# Only what went out on this connection fails; requests waiting for one keep waiting.
+	_fail_sent(LoraloomProtocol.ERROR_CONNECTION_CLOSED,
 			"the connection to the daemon closed (%d %s)" % [code, reason])
 	if was_ready:
+		if not auto_reconnect:
+			_schedule_retry()
 		disconnected.emit(code, reason)
 		_report_to_editor("disconnected", {"code": code, "reason": reason})
-		_schedule_retry()
 	elif not _handshake_refused:
 		_attempt_failed("the daemon closed the connection (%d %s)" % [code, reason], true)
 
@@ -450,6 +586,33 @@ func _close_peer() -> void:
 		_peer.close(1000, "bye")
 		_peer = null
 	state = State.DISCONNECTED
+	_going_away = false
+
+
+## Fails the requests that went out on the connection (not those waiting for one); those the
+## daemon said nothing about yet wait for the next connection instead.
+func _fail_sent(code: String, reason: String) -> void:
+	for request: LoraloomRequest in _requests.values():
+		if request in _queued:
+			continue
+		if _retryable(request):
+			_requeue(request)
+		else:
+			request.fail(code, reason)
+
+
+## Whether [param request] may go out again on the next connection: a text or image request
+## (no side effects) that the daemon said nothing about, while the client reconnects.
+func _retryable(request: LoraloomRequest) -> bool:
+	var kind: Variant = request.message.get("type")
+	return (auto_reconnect and not request.done and not request.answered
+			and kind in [LoraloomProtocol.GENERATE, LoraloomProtocol.GENERATE_IMAGE])
+
+
+func _requeue(request: LoraloomRequest) -> void:
+	if not request in _queued:
+		_queued.append(request)
+		_queued_since[request.id] = _now()
 
 
 func _fail_all(code: String, reason: String) -> void:
@@ -464,15 +627,39 @@ func _expire_queued(now: float) -> void:
 	if _queued.is_empty():
 		return
 	for request: LoraloomRequest in _queued.duplicate():
-		if now - float(_queued_since.get(request.id, now)) > connect_timeout:
+		if now - float(_queued_since.get(request.id, now)) > request_connect_wait:
 			_queued.erase(request)
 			_queued_since.erase(request.id)
 			request.fail(LoraloomRequest.ERROR_NOT_CONNECTED,
-					"no connection to the daemon: %s" % last_error)
+					"no connection to the daemon within %.0f s: %s" % [request_connect_wait, last_error])
 
 
 func _on_request_finished(request: LoraloomRequest) -> void:
 	_requests.erase(request.id)
+	if request in _queued:
+		_queued.erase(request)
+		_queued_since.erase(request.id)
+	elif not request.ok and is_ready() and request.error_code in [
+			LoraloomRequest.ERROR_TIMEOUT, LoraloomRequest.ERROR_CANCELLED] and request.message.get(
+					"type") in [LoraloomProtocol.GENERATE, LoraloomProtocol.GENERATE_IMAGE]:
+		# Given up on here (a caller's timeout, a freed node) while the daemon may still work on it.
+		_send_frame(LoraloomFrames.build(LoraloomProtocol.CANCEL, {"id": request.id}))
+
+
+## How the daemon ends a request cancelled before it started, for one that never left here.
+func _cancelled_result(request: LoraloomRequest) -> Dictionary:
+	var timings := {"queued_ms": 0.0, "total_ms": 0.0}
+	if request.message.get("type") == LoraloomProtocol.GENERATE_IMAGE:
+		var seed_used: Variant = request.message.get("seed")
+		return LoraloomFrames.build(LoraloomProtocol.IMAGE_RESULT, {
+			"id": request.id, "images": [], "seed": seed_used if seed_used != null else 0,
+			"width": request.message.get("width", 0), "height": request.message.get("height", 0),
+			"finish_reason": LoraloomProtocol.FINISH_REASON_CANCELLED, "timings": timings,
+		})
+	return LoraloomFrames.build(LoraloomProtocol.RESULT, {
+		"id": request.id, "text": "", "finish_reason": LoraloomProtocol.FINISH_REASON_CANCELLED,
+		"prompt_tokens": 0, "completion_tokens": 0, "timings": timings,
+	})
 
 
 func _report_to_editor(kind: String, frame: Dictionary) -> void:

@@ -23,7 +23,8 @@ signal finished(request: LoraloomRequest)
 const ERROR_NOT_CONNECTED := LoraloomProtocol.ERROR_NOT_CONNECTED
 ## The caller's [method wait] ran out of time; the request was cancelled on the daemon.
 const ERROR_TIMEOUT := LoraloomProtocol.ERROR_TIMEOUT
-## The request was stopped before it was sent.
+## Kept for older code: a request stopped before it was sent now ends like one stopped on the
+## daemon, with its result (finish reason [code]cancelled[/code]), not with this code.
 const ERROR_CANCELLED := LoraloomProtocol.ERROR_CANCELLED
 
 ## The client-chosen id; every event about this request carries it.
@@ -38,6 +39,9 @@ var ok: bool = false
 var text: String = ""
 ## The number of [code]chunk[/code] events received.
 var chunk_count: int = 0
+## True once the daemon sent anything about this request. Until then a text or image request
+## whose connection drops is sent again on the next one (see [LoraloomClient]).
+var answered: bool = false
 ## The final event ([code]result[/code], [code]image_result[/code], [code]adapters[/code], ...).
 var result: Dictionary = {}
 ## Why a text request stopped: [code]stop[/code], [code]length[/code] or [code]cancelled[/code].
@@ -50,10 +54,23 @@ var error_message: String = ""
 var _cancel: Callable
 
 
-func _init(request_id: String, frame: Dictionary, cancel: Callable = Callable()) -> void:
+func _init(request_id: String, frame: Dictionary, cancel_request: Callable = Callable()) -> void:
 	id = request_id
 	message = frame
-	_cancel = cancel
+	_cancel = cancel_request
+
+
+## Sets what [method cancel] and a timed-out [method wait] call to stop the request on the daemon
+## (the client does this when it sends the request).
+func bind_cancel(cancel_request: Callable) -> void:
+	_cancel = cancel_request
+
+
+## Asks for the request to be stopped; it still ends with its result (finish reason
+## [code]cancelled[/code]). Nothing happens once it is done or before it was sent.
+func cancel() -> void:
+	if not done and _cancel.is_valid():
+		_cancel.call(id)
 
 
 ## Waits until the request ends, at most [param timeout_s] seconds, and returns this request.
@@ -72,6 +89,7 @@ func wait(timeout_s: float = 60.0) -> LoraloomRequest:
 func handle_event(event: Dictionary) -> void:
 	if done:
 		return
+	answered = true
 	var kind: String = event.get("type", "")
 	if kind == LoraloomProtocol.CHUNK:
 		chunk_count += 1
@@ -110,8 +128,5 @@ func _succeed(event: Dictionary) -> void:
 
 
 func _on_wait_timeout() -> void:
-	if done:
-		return
-	if _cancel.is_valid():
-		_cancel.call(id)
+	# The client then tells the daemon to stop it (see LoraloomClient).
 	fail(ERROR_TIMEOUT, "no answer within the time the caller waited")

@@ -3,7 +3,7 @@ extends Node
 ## What [LoraloomChat] and [LoraloomImage] share: sending frames through the client, keeping
 ## their requests, stopping and awaiting them. Not meant to be used on its own.
 
-## The client to use; null means the autoload [code]/root/Loraloom[/code].
+## The client to use; null means the game's autoload (see [method LoraloomClient.find]).
 var client: LoraloomClient
 
 var _requests: Dictionary = {}
@@ -16,6 +16,11 @@ func stop(request_id: String = "") -> void:
 	for key: String in _requests.keys():
 		if connection != null and (request_id.is_empty() or key == request_id):
 			connection.cancel(key)
+
+
+## Stops what this node is generating (each stopped request ends with what it made so far).
+func stop_generation() -> void:
+	stop()
 
 
 ## Waits for [param request_id] to end (at most [param timeout_s] seconds) and returns its
@@ -40,7 +45,7 @@ func _send(frame: Dictionary) -> LoraloomRequest:
 	else:
 		request = LoraloomRequest.new("gd-orphan-%d" % Time.get_ticks_usec(), frame)
 		request.fail.call_deferred(LoraloomRequest.ERROR_NOT_CONNECTED,
-				"no Loraloom autoload; enable the plugin")
+				"no LoraloomClient: enable the loraloom plugin (its autoload) or set client")
 	_requests[request.id] = request
 	request.event_received.connect(_on_event)
 	request.finished.connect(_on_finished)
@@ -50,7 +55,7 @@ func _send(frame: Dictionary) -> LoraloomRequest:
 func _client() -> LoraloomClient:
 	if client != null:
 		return client
-	return get_node_or_null("/root/Loraloom") as LoraloomClient
+	return LoraloomClient.find(self)
 
 
 ## Finished requests stay readable through [method wait] for a while; the oldest go first.

@@ -1,6 +1,9 @@
-// Signatures of the UnityEngine API that unity_package uses, as documented for Unity 2021.3, with
-// no behaviour. They let mcs type-check Runtime/Unity, Editor and Samples~ here, where Unity
-// cannot run; they are not a Unity build. Add a member only as Unity's reference documents it.
+// Signatures of the UnityEngine API that unity_package uses, as documented for Unity 2021.3 (and
+// FindFirstObjectByType, Unity 2023.1+, behind UNITY_2023_1_OR_NEWER in the package), with
+// no behaviour, except that UnityEvents keep and call their listeners as Unity's do, so that
+// tests/unity/UnityLayerTests.cs can watch the components' events. They let mcs type-check
+// Runtime/Unity, Editor and Samples~ here, where Unity cannot run; they are not a Unity build.
+// Add a member only as Unity's reference documents it.
 #pragma warning disable 0067, 0649, 1591
 using System;
 using System.Collections.Generic;
@@ -20,6 +23,7 @@ namespace UnityEngine
         public static void Destroy(Object obj) { }
         public static void DontDestroyOnLoad(Object target) { }
         public static T FindObjectOfType<T>() where T : Object { return null; }
+        public static T FindFirstObjectByType<T>() where T : Object { return null; }
         public static bool operator ==(Object x, Object y) { return ReferenceEquals(x, y); }
         public static bool operator !=(Object x, Object y) { return !ReferenceEquals(x, y); }
         public static implicit operator bool(Object exists) { return !ReferenceEquals(exists, null); }
@@ -119,8 +123,26 @@ namespace UnityEngine
 
 namespace UnityEngine.Events
 {
-    public class UnityEvent { public void AddListener(Action call) { } public void Invoke() { } }
-    public class UnityEvent<T0> { public void AddListener(Action<T0> call) { } public void Invoke(T0 arg0) { } }
+    public class UnityEvent
+    {
+        readonly List<Action> _calls = new List<Action>();
+        public void AddListener(Action call) { _calls.Add(call); }
+        public void Invoke() { foreach (Action call in _calls.ToArray()) call(); }
+    }
+
+    public class UnityEvent<T0>
+    {
+        readonly List<Action<T0>> _calls = new List<Action<T0>>();
+        public void AddListener(Action<T0> call) { _calls.Add(call); }
+        public void Invoke(T0 arg0) { foreach (Action<T0> call in _calls.ToArray()) call(arg0); }
+    }
+
+    public class UnityEvent<T0, T1>
+    {
+        readonly List<Action<T0, T1>> _calls = new List<Action<T0, T1>>();
+        public void AddListener(Action<T0, T1> call) { _calls.Add(call); }
+        public void Invoke(T0 arg0, T1 arg1) { foreach (Action<T0, T1> call in _calls.ToArray()) call(arg0, arg1); }
+    }
 }
 
 namespace UnityEngine.UI

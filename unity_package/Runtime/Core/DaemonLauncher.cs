@@ -116,6 +116,7 @@ namespace Loraloom.Core
         readonly Queue<string> _output = new Queue<string>();
         readonly object _gate = new object();
         Process _process;
+        Task _stopping;
         bool _hooked;
 
         public DaemonLauncher(DaemonLauncherOptions options = null)
@@ -192,28 +193,64 @@ namespace Loraloom.Core
 
         /// <summary>
         /// Stops the daemon this launcher started: a polite request first (SIGTERM on Unix), then a kill
-        /// after the grace period. Removes its runtime file if it left one. Idempotent.
+        /// after <see cref="DaemonLauncherOptions.StopGrace"/>. Removes its runtime file if it left one.
+        /// Blocks until the process is gone; from a game's main thread use <see cref="StopAsync"/>.
+        /// Idempotent (a stop already under way is waited for).
         /// </summary>
         public void Stop()
         {
-            Process process;
+            Task stopping;
+            Process process = Take(out stopping);
+            if (process != null) FinishStop(process, AskToStopIfRunning(process));
+            else if (stopping != null) stopping.Wait();
+        }
+
+        /// <summary>
+        /// Stop without blocking: SIGTERM goes out now, and the wait for the exit (with the kill after
+        /// the grace period) runs on a pool thread. The Task ends once the process is gone.
+        /// </summary>
+        public Task StopAsync()
+        {
+            Task stopping;
+            Process process = Take(out stopping);
+            if (process == null) return stopping ?? Task.FromResult(true);
+            bool asked = AskToStopIfRunning(process);
+            Task task = Task.Run(() => FinishStop(process, asked));
+            lock (_gate) _stopping = task;
+            return task;
+        }
+
+        public void Dispose()
+        {
+            Stop();
+            Unhook();
+        }
+
+        Process Take(out Task stopping)
+        {
             lock (_gate)
             {
-                process = _process;
+                Process process = _process;
                 _process = null;
+                stopping = _stopping;
+                return process;
             }
-            if (process == null) return;
+        }
+
+        static bool AskToStopIfRunning(Process process)
+        {
+            return !HasExited(process) && AskToStop(process);
+        }
+
+        void FinishStop(Process process, bool asked)
+        {
             try
             {
-                if (!HasExited(process))
+                if (!HasExited(process) && (!asked || !process.WaitForExit((int)_options.StopGrace.TotalMilliseconds)))
                 {
-                    bool asked = AskToStop(process);
-                    if (!asked || !process.WaitForExit((int)_options.StopGrace.TotalMilliseconds))
-                    {
-                        try { process.Kill(); }
-                        catch (InvalidOperationException) { }
-                        process.WaitForExit(5000);
-                    }
+                    try { process.Kill(); }
+                    catch (InvalidOperationException) { }
+                    process.WaitForExit(5000);
                 }
                 Loraloom.Core.RuntimeFile.RemoveIfOwnedBy(RuntimeFilePath, process.Id);
             }
@@ -221,12 +258,6 @@ namespace Loraloom.Core
             {
                 process.Dispose();
             }
-        }
-
-        public void Dispose()
-        {
-            Stop();
-            Unhook();
         }
 
         Process Start(string runtimeFile)

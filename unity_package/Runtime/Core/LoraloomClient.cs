@@ -15,9 +15,13 @@ namespace Loraloom.Core
     /// Every Task faults with <see cref="LoraloomException"/> carrying the protocol error code, or
     /// ends cancelled when its CancellationToken fires (the daemon is told to stop the request).
     /// Callbacks and events run on the client's network thread, in arrival order: marshal them to
-    /// your main thread (Loraloom.Unity does that for you). If the connection drops, requests in
-    /// flight fail with connection_closed and the client reconnects with backoff, re-reading the
-    /// runtime file each time so a restarted daemon on a new port is found.
+    /// your main thread (Loraloom.Unity does that for you). If the connection drops (the daemon
+    /// stopped, said <c>shutting_down</c>, or was killed), the client reconnects with backoff,
+    /// re-reading the runtime file each time so a restarted daemon on a new port is found. Text and
+    /// image requests the daemon had said nothing about yet go out again on the new connection;
+    /// those that had started streaming fail with connection_closed or shutting_down (their output
+    /// was already seen). Requests made while it is not connected wait for the connection, up to
+    /// <see cref="LoraloomClientOptions.RequestConnectWait"/>.
     /// </remarks>
     public sealed class LoraloomClient : IDisposable
     {
@@ -32,6 +36,7 @@ namespace Loraloom.Core
         Welcome _welcome;
         bool _closed;
         bool _subscribed;
+        bool _everConnected;
         int _nextId;
 
         LoraloomClient(LoraloomClientOptions options)
@@ -67,6 +72,39 @@ namespace Loraloom.Core
             return ConnectAsync(new LoraloomClientOptions { Url = url, Token = token }, cancellationToken);
         }
 
+        /// <summary>
+        /// A client that connects in the background and returns at once: for a game that starts
+        /// before its daemon. It keeps trying with backoff (raising <see cref="ConnectionFailed"/>
+        /// for each failed attempt) until it connects or is disposed; requests made meanwhile wait
+        /// for the connection, up to <see cref="LoraloomClientOptions.RequestConnectWait"/>.
+        /// </summary>
+        public static LoraloomClient Open(LoraloomClientOptions options = null)
+        {
+            return Open(options, null);
+        }
+
+        /// <summary>
+        /// As above; <paramref name="configure"/> runs before the first attempt, so that handlers
+        /// attached there see every event, the first <see cref="Connected"/> included.
+        /// </summary>
+        public static LoraloomClient Open(LoraloomClientOptions options, Action<LoraloomClient> configure)
+        {
+            var client = new LoraloomClient(options ?? new LoraloomClientOptions());
+            if (configure != null) configure(client);
+            Task.Run(() => client.ConnectLoopAsync(false));
+            return client;
+        }
+
+        /// <summary>
+        /// Waits until the client is connected, at most <see cref="LoraloomClientOptions.RequestConnectWait"/>;
+        /// returns the daemon's welcome. Faults with not_connected after that, connection_closed once disposed.
+        /// </summary>
+        public async Task<Welcome> WaitUntilConnectedAsync(CancellationToken cancellationToken = default(CancellationToken))
+        {
+            Connection connection = await WaitForConnectionAsync(cancellationToken).ConfigureAwait(false);
+            return connection.Welcome;
+        }
+
         // ================================================================ state and events
 
         /// <summary>The daemon's answer to the latest handshake: models, adapters, limits.</summary>
@@ -82,6 +120,21 @@ namespace Loraloom.Core
 
         /// <summary>Raised with the new state whenever it changes.</summary>
         public event Action<ConnectionState> StateChanged;
+
+        /// <summary>Raised with the daemon's welcome after every successful handshake, the first and each reconnection.</summary>
+        public event Action<Welcome> Connected;
+
+        /// <summary>Raised, after <see cref="Connected"/>, for every handshake that is not the client's first.</summary>
+        public event Action<Welcome> Reconnected;
+
+        /// <summary>
+        /// Raised when an established connection closed: the WebSocket close code (1001 when the daemon
+        /// is shutting down, 1006 when the connection just broke) and why.
+        /// </summary>
+        public event Action<int, string> Disconnected;
+
+        /// <summary>Raised for every failed attempt to reconnect (or to connect, for a client made with <see cref="Open"/>).</summary>
+        public event Action<LoraloomException> ConnectionFailed;
 
         /// <summary>An adapter was added, updated, removed or rejected on disk.</summary>
         public event Action<AdapterEvent> AdapterChanged;
@@ -205,6 +258,8 @@ namespace Loraloom.Core
             public List<AdapterInfo> SubscribedAdapters;
             /// <summary>Set (under the client's lock) once its read loop ended; a dead connection is never attached.</summary>
             public bool Dead;
+            /// <summary>Set when the daemon said it is shutting down: no longer the client's connection, not yet closed.</summary>
+            public bool Detached;
             public Task Reader;
 
             public Connection(WebSocketTransport transport, Welcome welcome)
@@ -213,12 +268,12 @@ namespace Loraloom.Core
                 Welcome = welcome;
             }
 
-            public void FailAll(Exception error)
+            public void FailAll(Exception error, bool tryAgain = false)
             {
                 foreach (var pair in Pending)
                 {
                     PendingRequest removed;
-                    if (Pending.TryRemove(pair.Key, out removed)) removed.Fail(error);
+                    if (Pending.TryRemove(pair.Key, out removed) && !(tryAgain && removed.TryAgain())) removed.Fail(error);
                 }
             }
         }
@@ -235,27 +290,40 @@ namespace Loraloom.Core
         async Task<T> RunAsync<T>(RequestMessage request, PendingRequest pending, Task<T> task, CancellationToken cancellationToken)
         {
             cancellationToken.ThrowIfCancellationRequested();
-            Connection connection = await WaitForConnectionAsync(cancellationToken).ConfigureAwait(false);
-            if (!connection.Pending.TryAdd(pending.Id, pending))
-                throw new LoraloomException(ErrorCodes.DuplicateId, "a request with id '" + pending.Id + "' is already in flight", pending.Id);
-            try
+            RequestMessage frame = request.Id == pending.Id ? request : request.WithId(pending.Id);
+            while (true)
             {
-                RequestMessage frame = request.Id == pending.Id ? request : request.WithId(pending.Id);
-                await connection.Transport.SendAsync(frame, _lifetime.Token).ConfigureAwait(false);
-            }
-            catch (Exception e)
-            {
-                PendingRequest ignored;
-                connection.Pending.TryRemove(pending.Id, out ignored);
-                if (e is LoraloomException) throw;
-                if (_lifetime.IsCancellationRequested) throw Closed("the client was closed");
-                throw;
-            }
-            // Registered only once the request is on the wire, so a cancel frame never overtakes it;
-            // a token cancelled meanwhile runs the callback right here.
-            using (cancellationToken.Register(() => CancelRequest(connection, pending, cancellationToken)))
-            {
-                return await task.ConfigureAwait(false);
+                Connection connection = await WaitForConnectionAsync(cancellationToken).ConfigureAwait(false);
+                Task again = pending.NextAttempt();
+                if (!connection.Pending.TryAdd(pending.Id, pending))
+                    throw new LoraloomException(ErrorCodes.DuplicateId, "a request with id '" + pending.Id + "' is already in flight", pending.Id);
+                try
+                {
+                    await connection.Transport.SendAsync(frame, _lifetime.Token).ConfigureAwait(false);
+                }
+                catch (Exception e)
+                {
+                    PendingRequest ignored;
+                    connection.Pending.TryRemove(pending.Id, out ignored);
+                    if (_lifetime.IsCancellationRequested) throw Closed("the client was closed");
+                    var closed = e as LoraloomException;
+                    // The connection is closing under us: nothing went out, so wait for the next one.
+                    if (closed != null && closed.Code == ErrorCodes.ConnectionClosed && pending.Retryable && _options.AutoReconnect)
+                    {
+                        Detach(connection);
+                        continue;
+                    }
+                    throw;
+                }
+                // Registered only once the request is on the wire, so a cancel frame never overtakes it;
+                // a token cancelled meanwhile runs the callback right here.
+                using (cancellationToken.Register(() => CancelRequest(connection, pending, cancellationToken)))
+                {
+                    Task first = await Task.WhenAny(task, again).ConfigureAwait(false);
+                    if (first == task) return await task.ConfigureAwait(false);
+                }
+                // The connection went away before the daemon said anything about the request: it goes
+                // out again on the next connection (see PendingRequest.TryAgain).
             }
         }
 
@@ -291,9 +359,13 @@ namespace Loraloom.Core
                 if (first == connected) return await connected.ConfigureAwait(false);
             }
             cancellationToken.ThrowIfCancellationRequested();
+            lock (_gate)
+            {
+                if (_closed) throw Closed("the client was closed");
+            }
             LoraloomException last = LastConnectError;
-            throw Closed("not connected to the daemon (reconnecting for " + _options.RequestConnectWait.TotalSeconds + " s"
-                + (last != null ? "; last attempt: " + last.Message : "") + ")");
+            throw new LoraloomException(ErrorCodes.NotConnected, "no connection to the daemon within "
+                + _options.RequestConnectWait.TotalSeconds + " s" + (last != null ? " (last attempt: " + last.Message + ")" : ""));
         }
 
         /// <summary>Resolves the endpoint, does the WebSocket and hello/welcome handshakes, subscribes if asked.</summary>
@@ -387,6 +459,7 @@ namespace Loraloom.Core
 
         bool Attach(Connection connection)
         {
+            bool again;
             lock (_gate)
             {
                 if (_closed || connection.Dead)
@@ -399,14 +472,19 @@ namespace Loraloom.Core
                 _adapters = new List<AdapterInfo>(connection.SubscribedAdapters ?? connection.Welcome.Adapters);
                 _connected.TrySetResult(connection);
                 LastConnectError = null;
+                again = _everConnected;
+                _everConnected = true;
             }
             SetState(ConnectionState.Connected);
+            Raise(Connected, connection.Welcome);
+            if (again) Raise(Reconnected, connection.Welcome);
             return true;
         }
 
         async Task ReadLoopAsync(Connection connection)
         {
             string why = null;
+            int code = 1006; // abnormal closure: no close frame
             try
             {
                 while (true)
@@ -414,6 +492,7 @@ namespace Loraloom.Core
                     int length = await connection.Transport.ReceiveAsync(_lifetime.Token).ConfigureAwait(false);
                     if (length < 0)
                     {
+                        if (connection.Transport.CloseStatus.HasValue) code = (int)connection.Transport.CloseStatus.Value;
                         why = "the daemon closed the connection (" + connection.Transport.CloseStatus + " " + connection.Transport.CloseDescription + ")";
                         break;
                     }
@@ -433,7 +512,7 @@ namespace Loraloom.Core
             {
                 why = "the connection to the daemon was lost: " + WebSocketTransport.Describe(e);
             }
-            ConnectionLost(connection, why);
+            ConnectionLost(connection, code, why);
         }
 
         void Dispatch(Connection connection, ProtocolMessage message)
@@ -446,9 +525,21 @@ namespace Loraloom.Core
                 Raise(AdapterChanged, adapterEvent);
                 return;
             }
+            var error = message as Error;
+            // The daemon is stopping: it ends what is in flight, then closes. Requests made from now
+            // on wait for the next connection instead of going out on this one.
+            if (error != null && error.Code == ErrorCodes.ShuttingDown) Detach(connection);
             string id = message.RequestId;
             PendingRequest pending;
             if (id == null || !connection.Pending.TryGetValue(id, out pending)) return;
+            if (error != null && error.Code == ErrorCodes.ShuttingDown && _options.AutoReconnect && !pending.Answered)
+            {
+                // Stopped by the daemon's shutdown before it produced anything: the next daemon answers it.
+                PendingRequest ignored;
+                connection.Pending.TryRemove(id, out ignored);
+                if (pending.TryAgain()) return;
+            }
+            pending.MarkAnswered();
             if (pending.Handle(message))
             {
                 connection.Pending.TryRemove(id, out pending);
@@ -474,58 +565,87 @@ namespace Loraloom.Core
             }
         }
 
-        void ConnectionLost(Connection connection, string why)
+        void Detach(Connection connection)
         {
-            connection.Transport.Dispose();
-            connection.FailAll(Closed(why ?? "the connection to the daemon closed"));
-            bool reconnect;
             lock (_gate)
             {
-                connection.Dead = true;
-                if (_connection != connection) return; // never attached, or already replaced
+                if (_connection != connection || _closed || !_options.AutoReconnect) return;
                 _connection = null;
-                if (_closed) return;
-                reconnect = _options.AutoReconnect;
-                if (reconnect) _connected = NewConnectedSource();
+                connection.Detached = true;
+                _connected = NewConnectedSource();
+            }
+        }
+
+        void ConnectionLost(Connection connection, int code, string why)
+        {
+            why = why ?? "the connection to the daemon closed";
+            bool attached;
+            bool reconnect = false;
+            lock (_gate)
+            {
+                // Detached before its requests fail, so what they trigger waits for the next connection.
+                connection.Dead = true;
+                attached = _connection == connection || connection.Detached;
+                if (_connection == connection) _connection = null;
+                if (attached && !_closed)
+                {
+                    reconnect = _options.AutoReconnect;
+                    if (reconnect && !connection.Detached) _connected = NewConnectedSource();
+                    if (!reconnect)
+                    {
+                        _closed = true;
+                        _connected.TrySetException(Closed(why));
+                        _connected.Task.Forget();
+                    }
+                }
                 else
                 {
-                    _closed = true;
-                    _connected.TrySetException(Closed(why ?? "the connection to the daemon closed"));
-                    _connected.Task.Forget();
+                    attached = false; // never attached, replaced, or the client was closed
                 }
             }
+            connection.Transport.Dispose();
+            // Requests the daemon said nothing about yet go out again on the next connection.
+            connection.FailAll(Closed(why), reconnect);
+            if (!attached) return;
+            Raise(Disconnected, code, why);
             if (!reconnect)
             {
                 SetState(ConnectionState.Closed);
                 return;
             }
             SetState(ConnectionState.Reconnecting);
-            Task.Run(() => ReconnectLoopAsync());
+            Task.Run(() => ConnectLoopAsync(true));
         }
 
-        async Task ReconnectLoopAsync()
+        async Task ConnectLoopAsync(bool waitFirst)
         {
             TimeSpan delay = _options.ReconnectMinDelay;
             while (!_lifetime.IsCancellationRequested)
             {
+                LoraloomException failure;
                 try
                 {
-                    await Task.Delay(Jittered(delay), _lifetime.Token).ConfigureAwait(false);
+                    if (waitFirst) await Task.Delay(Jittered(delay), _lifetime.Token).ConfigureAwait(false);
+                    waitFirst = true;
                     Connection connection = await OpenAsync(_lifetime.Token).ConfigureAwait(false);
                     if (Attach(connection)) return;
+                    continue;
                 }
                 catch (OperationCanceledException)
                 {
                     if (_lifetime.IsCancellationRequested) return;
+                    continue;
                 }
                 catch (LoraloomException e)
                 {
-                    LastConnectError = e;
+                    failure = e;
                 }
                 catch (Exception e)
                 {
-                    LastConnectError = new LoraloomException(ErrorCodes.DaemonNotFound, WebSocketTransport.Describe(e), null, e);
+                    failure = new LoraloomException(ErrorCodes.DaemonNotFound, WebSocketTransport.Describe(e), null, e);
                 }
+                LastConnectError = failure;
+                Raise(ConnectionFailed, failure);
                 long doubled = Math.Min(delay.Ticks * 2, _options.ReconnectMaxDelay.Ticks);
                 delay = TimeSpan.FromTicks(Math.Max(doubled, _options.ReconnectMinDelay.Ticks));
             }
@@ -550,6 +670,19 @@ namespace Loraloom.Core
             Raise(StateChanged, state);
         }
 
+        void Raise<T1, T2>(Action<T1, T2> handler, T1 first, T2 second)
+        {
+            if (handler == null) return;
+            try
+            {
+                handler(first, second);
+            }
+            catch (Exception e)
+            {
+                ReportHandlerFailure(e);
+            }
+        }
+
         void Raise<T>(Action<T> handler, T value)
         {
             if (handler == null) return;
@@ -559,16 +692,21 @@ namespace Loraloom.Core
             }
             catch (Exception e)
             {
-                Action<Exception> report = HandlerFailed;
-                if (report != null)
-                {
-                    try { report(e); }
-                    catch (Exception) { Console.Error.WriteLine("loraloom: an event handler failed: " + e); }
-                }
-                else
-                {
-                    Console.Error.WriteLine("loraloom: an event handler failed: " + e);
-                }
+                ReportHandlerFailure(e);
+            }
+        }
+
+        void ReportHandlerFailure(Exception e)
+        {
+            Action<Exception> report = HandlerFailed;
+            if (report != null)
+            {
+                try { report(e); }
+                catch (Exception) { Console.Error.WriteLine("loraloom: an event handler failed: " + e); }
+            }
+            else
+            {
+                Console.Error.WriteLine("loraloom: an event handler failed: " + e);
             }
         }
     }

@@ -18,8 +18,11 @@ namespace Loraloom.Core
         // ------------------------------------------------------------ timeouts
         /// <summary>Limit for the WebSocket handshake plus hello/welcome.</summary>
         public TimeSpan ConnectTimeout = TimeSpan.FromSeconds(10);
-        /// <summary>How long a request made while reconnecting waits for the connection before it fails.</summary>
-        public TimeSpan RequestConnectWait = TimeSpan.FromSeconds(15);
+        /// <summary>
+        /// How long a request made while not connected (the daemon is still starting, or restarting)
+        /// waits for the connection before it fails with not_connected.
+        /// </summary>
+        public TimeSpan RequestConnectWait = TimeSpan.FromSeconds(30);
 
         // ------------------------------------------------------------ reconnection
         /// <summary>Reconnect after the connection drops (the daemon restarted, say).</summary>

@@ -18,6 +18,10 @@ namespace Loraloom.Core
         /// <summary>Which version of each adapter served the request.</summary>
         public Dictionary<string, int> AdapterVersions;
         public Timings Timings;
+        /// <summary>Prompt tokens whose keys and values the daemon reused from an earlier request.</summary>
+        public int CachedTokens;
+        /// <summary>With <c>Generate.TrimHistory</c>: messages the daemon left out after the system messages, oldest first.</summary>
+        public int DroppedMessages;
         /// <summary>How many chunk events arrived (0 when not streaming).</summary>
         public int Chunks;
 
@@ -29,8 +33,37 @@ namespace Loraloom.Core
     {
         public readonly string Id;
         int _abandoned;
+        int _answered;
+        TaskCompletionSource<bool> _again;
 
         protected PendingRequest(string id) { Id = id; }
+
+        /// <summary>True once the daemon sent anything about the request.</summary>
+        public bool Answered { get { return Volatile.Read(ref _answered) != 0; } }
+
+        public void MarkAnswered() { Interlocked.Exchange(ref _answered, 1); }
+
+        /// <summary>Whether a request the daemon said nothing about may be sent again (text and images: no side effects).</summary>
+        public virtual bool Retryable { get { return false; } }
+
+        /// <summary>A Task that completes when the request must go out again; one per attempt.</summary>
+        public Task NextAttempt()
+        {
+            var again = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            Volatile.Write(ref _again, again);
+            return again.Task;
+        }
+
+        /// <summary>
+        /// Sends the request again on the next connection instead of failing it, when that is safe: it
+        /// may be retried, nobody gave up on it, and the daemon said nothing about it yet.
+        /// </summary>
+        public bool TryAgain()
+        {
+            if (!Retryable || Answered || Abandoned || IsDone) return false;
+            TaskCompletionSource<bool> again = Volatile.Read(ref _again);
+            return again != null && again.TrySetResult(true);
+        }
 
         /// <summary>True once the caller stopped listening (cancelled, or its callback threw): later events are dropped.</summary>
         public bool Abandoned { get { return Volatile.Read(ref _abandoned) != 0; } }
@@ -91,6 +124,8 @@ namespace Loraloom.Core
 
         public TextRequest(string id, Action<string> onToken) : base(id) { _onToken = onToken; }
 
+        public override bool Retryable { get { return true; } }
+
         protected override bool HandleEvent(ProtocolMessage message)
         {
             var chunk = message as Chunk;
@@ -123,6 +158,8 @@ namespace Loraloom.Core
                     CompletionTokens = result.CompletionTokens,
                     AdapterVersions = result.AdapterVersions,
                     Timings = result.Timings,
+                    CachedTokens = result.CachedTokens,
+                    DroppedMessages = result.DroppedMessages,
                     Chunks = _chunks,
                 });
                 return true;
@@ -138,6 +175,8 @@ namespace Loraloom.Core
         readonly Action<ImageProgress> _onProgress;
 
         public ImageRequest(string id, Action<ImageProgress> onProgress) : base(id) { _onProgress = onProgress; }
+
+        public override bool Retryable { get { return true; } }
 
         protected override bool HandleEvent(ProtocolMessage message)
         {

@@ -13,11 +13,26 @@ namespace Loraloom.Unity
     /// starts it when none runs (and stops what it started when the game ends), and reconnects.
     /// NPCs and image components find it through <see cref="Instance"/> unless given one.
     /// </summary>
+    /// <remarks>
+    /// Life cycle: lines asked before the daemon is up wait for it (a daemon this component starts
+    /// gets <c>startTimeoutSeconds</c> to load, then the connection <c>RequestConnectWait</c>, 30 s).
+    /// When the connection drops (the daemon stopped, said <c>shutting_down</c>, or was killed)
+    /// the client reconnects with backoff, re-reading the runtime file; lines that were streaming
+    /// fail with <c>shutting_down</c> or <c>connection_closed</c>, the others (not yet sent, or not
+    /// yet answered at all) wait and go out on the new connection. A failed start is not final: the
+    /// next <see cref="Ready"/> tries again.
+    /// </remarks>
     [DisallowMultipleComponent]
     [AddComponentMenu("Loraloom/Loraloom Daemon")]
     public sealed class LoraloomDaemon : MonoBehaviour
     {
         const int RecentEventCount = 200;
+#if UNITY_ANDROID || UNITY_IOS
+        // A phone runs no local daemon and starts no processes: only a remote daemon, by URL.
+        static readonly bool LocalDaemon = false;
+#else
+        static readonly bool LocalDaemon = true;
+#endif
 
         [Header("Finding the daemon")]
         [Tooltip("Start the daemon with the command below when no running daemon is found.")]
@@ -28,18 +43,28 @@ namespace Loraloom.Unity
         [SerializeField] string runtimeFile = "";
         [Tooltip("Seconds to wait for a started daemon to load its models.")]
         [SerializeField] float startTimeoutSeconds = 120f;
+        [Tooltip("Seconds a started daemon gets to stop after SIGTERM before it is killed.")]
+        [SerializeField] float stopGraceSeconds = 10f;
 
         [Header("Or connect explicitly")]
-        [Tooltip("ws://host:port of a daemon; empty uses the runtime file.")]
+        [Tooltip("ws://host:port of a daemon (a remote one, for mobile); empty uses the runtime file.")]
         [SerializeField] string url = "";
         [SerializeField] string token = "";
 
         [Header("Behaviour")]
         [SerializeField] string clientName = "unity";
+        [Tooltip("Seconds a line waits for the connection (the daemon is starting or restarting) before it fails.")]
+        [SerializeField] float requestConnectWaitSeconds = 30f;
         [SerializeField] bool keepAcrossScenes = true;
 
         [Header("Events (main thread)")]
+        [Tooltip("Every successful handshake: the first and each reconnection.")]
         public UnityEvent Connected = new UnityEvent();
+        [Tooltip("An established connection closed; the reason.")]
+        public UnityEvent<string> Disconnected = new UnityEvent<string>();
+        [Tooltip("A handshake after a dropped connection (Connected fired just before).")]
+        public UnityEvent Reconnected = new UnityEvent();
+        [Tooltip("An attempt to start or reach the daemon failed; the reason. Attempts go on.")]
         public UnityEvent<string> ConnectionFailed = new UnityEvent<string>();
 
         static LoraloomDaemon _instance;
@@ -55,20 +80,35 @@ namespace Loraloom.Unity
         {
             get
             {
-                if (_instance == null) _instance = FindObjectOfType<LoraloomDaemon>();
+                if (_instance == null)
+                {
+#if UNITY_2023_1_OR_NEWER
+                    _instance = FindFirstObjectByType<LoraloomDaemon>();
+#else
+                    _instance = FindObjectOfType<LoraloomDaemon>();
+#endif
+                }
                 return _instance;
             }
         }
 
-        /// <summary>The connected client, or null until <see cref="Ready"/> completes.</summary>
+        /// <summary>The client, or null until the daemon was found or started.</summary>
         public LoraloomClient Client { get { return _client; } }
 
-        /// <summary>Completes with the client once connected; faults with the reason if that fails.</summary>
+        /// <summary>
+        /// Completes with the client once it is connected; faults with the reason when the daemon
+        /// cannot be started or reached in time. A faulted Ready is not kept: reading it again tries
+        /// again. Read it on the main thread.
+        /// </summary>
         public Task<LoraloomClient> Ready
         {
             get
             {
-                if (_ready == null) _ready = ConnectAsync();
+                if (_ready == null || _ready.IsFaulted || _ready.IsCanceled)
+                {
+                    _ready = ConnectAsync();
+                    Observe(_ready);
+                }
                 return _ready;
             }
         }
@@ -111,67 +151,98 @@ namespace Loraloom.Unity
 
         void Start()
         {
-            if (enabled) Observe(Ready);
+            // Finding (or starting) the daemon begins now, not at the first line.
+            if (enabled) GC.KeepAlive(Ready);
         }
 
         async Task<LoraloomClient> ConnectAsync()
         {
-            var options = new LoraloomClientOptions { ClientName = clientName };
-            if (!string.IsNullOrEmpty(runtimeFile)) options.RuntimeFile = runtimeFile;
-            if (!string.IsNullOrEmpty(url))
+            if (_client == null)
             {
-                options.Url = url;
-                options.Token = token;
+                var options = new LoraloomClientOptions
+                {
+                    ClientName = clientName,
+                    RequestConnectWait = TimeSpan.FromSeconds(Math.Max(0f, requestConnectWaitSeconds)),
+                };
+                if (!string.IsNullOrEmpty(runtimeFile)) options.RuntimeFile = runtimeFile;
+                if (!string.IsNullOrEmpty(url))
+                {
+                    options.Url = url;
+                    options.Token = token;
+                }
+                else if (!LocalDaemon)
+                {
+                    throw new LoraloomException(ErrorCodes.DaemonNotFound,
+                        "on this platform set Url and Token to a daemon on another machine (loraloom serve --host ...)");
+                }
+                else if (launchIfNotRunning)
+                {
+                    SetStatus("looking for the daemon");
+                    if (_launcher == null)
+                    {
+                        var launchOptions = DaemonLauncherOptions.FromCommandLine(command);
+                        launchOptions.RuntimeFile = options.RuntimeFile;
+                        launchOptions.StartTimeout = TimeSpan.FromSeconds(startTimeoutSeconds);
+                        launchOptions.StopGrace = TimeSpan.FromSeconds(Math.Max(0f, stopGraceSeconds));
+                        _launcher = new DaemonLauncher(launchOptions);
+                    }
+                    // Off the main thread: waiting for a model to load must not freeze the game.
+                    DaemonLauncher launcher = _launcher;
+                    RuntimeInfo info = await Task.Run(() => launcher.EnsureRunningAsync(_lifetime.Token));
+                    options.RuntimeFile = launcher.RuntimeFilePath;
+                    SetStatus(launcher.OwnsProcess ? "started the daemon (pid " + info.Pid + ")" : "found the daemon at " + info.Url);
+                }
+                if (this == null) throw new OperationCanceledException("the LoraloomDaemon was destroyed while starting");
+                SetStatus("connecting");
+                _client = LoraloomClient.Open(options, client =>
+                {
+                    client.StateChanged += state => MainThreadDispatcher.Post(() => OnStateChanged(state));
+                    client.Connected += welcome => MainThreadDispatcher.Post(() => Raise(Connected, "connected to loraloom " + welcome.Server));
+                    client.Reconnected += welcome => MainThreadDispatcher.Post(() => Raise(Reconnected, "reconnected"));
+                    client.Disconnected += (code, why) => MainThreadDispatcher.Post(() => Raise(Disconnected, why, "disconnected (" + code + ")"));
+                    client.ConnectionFailed += e => MainThreadDispatcher.Post(() => Raise(ConnectionFailed, e.Message, "connection failed"));
+                    client.AdapterChanged += e => MainThreadDispatcher.Post(() => OnAdapterChanged(e));
+                    client.HandlerFailed += Debug.LogException;
+                });
             }
-            else if (launchIfNotRunning)
-            {
-                SetStatus("looking for the daemon");
-                var launchOptions = DaemonLauncherOptions.FromCommandLine(command);
-                launchOptions.RuntimeFile = options.RuntimeFile;
-                launchOptions.StartTimeout = TimeSpan.FromSeconds(startTimeoutSeconds);
-                _launcher = new DaemonLauncher(launchOptions);
-                // Off the main thread: waiting for a model to load must not freeze the game.
-                DaemonLauncher launcher = _launcher;
-                RuntimeInfo info = await Task.Run(() => launcher.EnsureRunningAsync(_lifetime.Token));
-                options.RuntimeFile = launcher.RuntimeFilePath;
-                SetStatus(launcher.OwnsProcess ? "started the daemon (pid " + info.Pid + ")" : "found the daemon at " + info.Url);
-            }
-            SetStatus("connecting");
-            LoraloomClient client = await LoraloomClient.ConnectAsync(options, _lifetime.Token);
-            if (this == null)
-            {
-                client.Dispose();
-                throw new OperationCanceledException("the LoraloomDaemon was destroyed while connecting");
-            }
-            _client = client;
-            client.StateChanged += state => MainThreadDispatcher.Post(() => OnStateChanged(state));
-            client.AdapterChanged += e => MainThreadDispatcher.Post(() => OnAdapterChanged(e));
-            client.HandlerFailed += Debug.LogException;
-            SetStatus("connected to loraloom " + client.Welcome.Server);
-            Connected.Invoke();
-            return client;
+            await _client.WaitUntilConnectedAsync(_lifetime.Token);
+            return _client;
         }
 
         void Observe(Task<LoraloomClient> ready)
         {
             ready.ContinueWith(t =>
             {
-                if (t.IsFaulted)
+                if (t.IsFaulted && this != null)
                 {
                     Exception error = t.Exception.GetBaseException();
                     SetStatus("failed: " + error.Message);
                     Debug.LogError("loraloom: cannot connect to the daemon: " + error.Message
                         + (DaemonOutput.Length > 0 ? "\n" + DaemonOutput : ""), this);
-                    ConnectionFailed.Invoke(error.Message);
+                    // Attempts of a client that exists are reported as they fail; a start that failed here is not.
+                    if (_client == null) ConnectionFailed.Invoke(error.Message);
                 }
             }, TaskScheduler.FromCurrentSynchronizationContext());
+        }
+
+        void Raise(UnityEvent handler, string what)
+        {
+            if (this == null) return;
+            Remember(what);
+            handler.Invoke();
+        }
+
+        void Raise(UnityEvent<string> handler, string reason, string what)
+        {
+            if (this == null) return;
+            Remember(what + ": " + reason);
+            handler.Invoke(reason);
         }
 
         void OnStateChanged(ConnectionState state)
         {
             if (this == null) return;
             SetStatus(state == ConnectionState.Connected ? "connected" : state.ToString().ToLowerInvariant());
-            Remember("connection " + state.ToString().ToLowerInvariant());
         }
 
         void OnAdapterChanged(AdapterEvent e)
@@ -211,9 +282,11 @@ namespace Loraloom.Unity
             }
             if (_launcher != null)
             {
-                // Stops the daemon only if this component started it.
-                _launcher.Dispose();
+                // Stops the daemon only if this component started it: SIGTERM now, and the wait for
+                // its exit (a kill after the grace period) on a pool thread, never on the main thread.
+                DaemonLauncher launcher = _launcher;
                 _launcher = null;
+                launcher.StopAsync().ContinueWith(t => launcher.Dispose());
             }
         }
     }

@@ -50,7 +50,8 @@ namespace Loraloom.Unity
         [Tooltip("0..1 as denoising steps finish.")]
         public UnityEvent<float> ProgressChanged = new UnityEvent<float>();
         public UnityEvent<Texture2D> ImageReady = new UnityEvent<Texture2D>();
-        public UnityEvent<string> RequestFailed = new UnityEvent<string>();
+        [Tooltip("Why a request failed: the error code and the message.")]
+        public UnityEvent<string, string> RequestFailed = new UnityEvent<string, string>();
 
         CancellationTokenSource _current;
         Texture2D _texture;
@@ -67,12 +68,20 @@ namespace Loraloom.Unity
             if (generateOnStart) GenerateAndForget();
         }
 
-        /// <summary>Generates with the current settings; a generation in progress is stopped first.</summary>
-        public async Task<Texture2D> Generate()
+        /// <summary>Deprecated: use <see cref="GenerateAsync"/>.</summary>
+        [Obsolete("Use GenerateAsync (or GenerateAndForget for UI events).")]
+        public Task<Texture2D> Generate() { return GenerateAsync(); }
+
+        /// <summary>
+        /// Generates with the current settings; a generation in progress is stopped first. Faults with
+        /// <see cref="LoraloomException"/> (after <see cref="RequestFailed"/> fired); ends cancelled
+        /// when stopped, when <paramref name="cancellationToken"/> fires or the component is destroyed.
+        /// </summary>
+        public async Task<Texture2D> GenerateAsync(CancellationToken cancellationToken = default(CancellationToken))
         {
             if (_destroyed) throw new ObjectDisposedException(name);
-            Stop();
-            var stop = new CancellationTokenSource();
+            StopGeneration();
+            var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             _current = stop;
             try
             {
@@ -104,7 +113,7 @@ namespace Loraloom.Unity
             }
             catch (LoraloomException e)
             {
-                if (!_destroyed) RequestFailed.Invoke(e.Code + ": " + e.Message);
+                if (!_destroyed) RequestFailed.Invoke(e.Code, e.Reason);
                 throw;
             }
             finally
@@ -117,11 +126,16 @@ namespace Loraloom.Unity
         /// <summary>For UI events and other void callers.</summary>
         public void GenerateAndForget()
         {
-            Generate().ContinueWith(t => Debug.LogException(t.Exception.GetBaseException(), this),
+            GenerateAsync().ContinueWith(t => Debug.LogException(t.Exception.GetBaseException(), this),
                 TaskContinuationOptions.OnlyOnFaulted);
         }
 
-        public void Stop()
+        /// <summary>Deprecated: use <see cref="StopGeneration"/>.</summary>
+        [Obsolete("Use StopGeneration.")]
+        public void Stop() { StopGeneration(); }
+
+        /// <summary>Stops the image being generated (the daemon stops between steps).</summary>
+        public void StopGeneration()
         {
             CancellationTokenSource current = _current;
             _current = null;
@@ -140,7 +154,7 @@ namespace Loraloom.Unity
         void OnDestroy()
         {
             _destroyed = true;
-            Stop();
+            StopGeneration();
             if (_texture != null) Destroy(_texture);
         }
     }

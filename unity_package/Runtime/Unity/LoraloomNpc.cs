@@ -8,14 +8,31 @@ using UnityEngine.Events;
 
 namespace Loraloom.Unity
 {
+    /// <summary>When a line is scheduled against other requests (the wire's <c>generate.priority</c>).</summary>
+    public enum LinePriority
+    {
+        /// <summary>A line the player waits for: admitted and prefilled first.</summary>
+        Player,
+        Normal,
+        /// <summary>Ambient chatter: last, and may be paused to make room.</summary>
+        Background,
+    }
+
     /// <summary>
-    /// One conversation: a character with its own adapter, system prompt and history. Many NPCs share
-    /// one <see cref="LoraloomDaemon"/>; their requests run at the same time and the daemon batches
-    /// them across adapters.
+    /// One conversation: a character with its own adapter, persona (system prompt) and history.
+    /// Many NPCs share one <see cref="LoraloomDaemon"/>; their lines run at the same time and the
+    /// daemon batches them across adapters.
     /// </summary>
     /// <remarks>
-    /// Events fire on the main thread. After the component is destroyed nothing fires, and a request
-    /// in flight is cancelled on the daemon.
+    /// <para>The history is trimmed by the daemon to its real token budget: each line goes out with
+    /// the persona and the whole history, the daemon leaves out the oldest whole turns when they do
+    /// not fit (down to 3/4 of the budget, so the next lines keep the same prefix), and the NPC
+    /// forgets the same ones. See <see cref="Conversation"/>.</para>
+    /// <para>Lines asked while one is being answered wait and go out in order, each with the
+    /// exchanges before it. Events fire on the main thread, in order: every
+    /// <see cref="ResponseUpdated"/> of a line, then its <see cref="ResponseFinished"/> (or
+    /// <see cref="RequestFailed"/>), then the awaiting code resumes. After the component is
+    /// destroyed nothing fires and the line in flight is cancelled on the daemon.</para>
     /// </remarks>
     [AddComponentMenu("Loraloom/Loraloom NPC")]
     public sealed class LoraloomNpc : MonoBehaviour
@@ -26,33 +43,62 @@ namespace Loraloom.Unity
         [Header("Voice")]
         [Tooltip("The adapter this character speaks with; empty is the base model.")]
         [AdapterName] public string adapter = "";
+        [Tooltip("How strongly the adapter applies: 1 as trained, 0 none, negative pushes away from it.")]
         [Range(-8f, 8f)] public float adapterScale = 1f;
+        [Tooltip("The persona, sent first with every line and never trimmed; empty sends none.")]
         [TextArea(3, 8)] public string systemPrompt = "";
 
-        [Header("Generation")]
+        [Header("Conversation")]
+        [Tooltip("Remember the exchanges and send them with each new line.")]
+        public bool keepHistory = true;
+        [Tooltip("The most turns kept (a question and its answer); 0 keeps what the daemon's context holds.")]
+        [Min(0)] public int maxHistoryTurns = 0;
+
+        [Header("Sampling")]
+        [Tooltip("The most tokens one answer may have.")]
         [Min(1)] public int maxTokens = 128;
-        [Range(0f, 2f)] public float temperature = 0.7f;
-        [Range(0.01f, 1f)] public float topP = 0.95f;
-        [Tooltip("Messages kept in the history (user and assistant turns); older ones are dropped.")]
-        [Min(0)] public int maxHistoryMessages = 20;
+        [Tooltip("Randomness: 0 always picks the likeliest token.")]
+        [Range(0f, 5f)] public float temperature = 0.7f;
+        [Tooltip("Sample only among the k likeliest tokens; 0 turns it off.")]
+        [Min(0)] public int topK = 0;
+        [Tooltip("Sample only among the likeliest tokens whose probabilities add up to p; 1 turns it off.")]
+        [Range(0.01f, 1f)] public float topP = 1f;
+        [Tooltip("Above 1 makes repeating earlier tokens less likely.")]
+        [Range(0.05f, 5f)] public float repetitionPenalty = 1f;
+        [Tooltip("Seed for repeatable answers; -1 picks a new one each time.")]
+        public long seed = -1;
+        [Tooltip("Texts that end an answer when generated (not included in it).")]
+        public List<string> stopSequences = new List<string>();
+        [Tooltip("Player lines are scheduled first, background chatter last.")]
+        public LinePriority priority = LinePriority.Normal;
 
         [Header("Events (main thread)")]
-        [Tooltip("Each new piece of text as it streams in.")]
+        [Tooltip("Each new chunk of text as it streams in.")]
         public UnityEvent<string> ResponseUpdated = new UnityEvent<string>();
-        [Tooltip("The whole reply once it is done.")]
+        [Tooltip("The whole reply once it is done (also after StopGeneration, with what was said).")]
         public UnityEvent<string> ResponseFinished = new UnityEvent<string>();
-        [Tooltip("Why a request failed: the protocol error code and message.")]
-        public UnityEvent<string> RequestFailed = new UnityEvent<string>();
+        [Tooltip("Why a line failed: the error code and the message.")]
+        public UnityEvent<string, string> RequestFailed = new UnityEvent<string, string>();
 
-        readonly List<ChatMessage> _history = new List<ChatMessage>();
-        CancellationTokenSource _current;
+        readonly Conversation _conversation = new Conversation();
+        readonly CancellationTokenSource _lifetime = new CancellationTokenSource();
         bool _destroyed;
 
-        /// <summary>The conversation so far (user and assistant turns, oldest first).</summary>
-        public IReadOnlyList<ChatMessage> History { get { return _history; } }
+        /// <summary>The conversation itself (history, last completion); shared with any code that drives it.</summary>
+        public Conversation Conversation { get { return _conversation; } }
 
-        /// <summary>True while a reply is being generated.</summary>
-        public bool IsBusy { get { return _current != null; } }
+        /// <summary>
+        /// The turns so far, oldest first (a copy). Set it to restore a conversation; a line still
+        /// being answered is then not recorded.
+        /// </summary>
+        public IList<ChatMessage> History
+        {
+            get { return _conversation.History; }
+            set { _conversation.History = value; }
+        }
+
+        /// <summary>True while a line is being answered or waits for its turn.</summary>
+        public bool IsBusy { get { return _conversation.IsBusy; } }
 
         public LoraloomDaemon Daemon
         {
@@ -61,98 +107,139 @@ namespace Loraloom.Unity
         }
 
         /// <summary>
-        /// Says <paramref name="text"/> to the character and returns its reply. A reply still being
-        /// generated is stopped first. The Task faults with <see cref="LoraloomException"/> (after
-        /// <see cref="RequestFailed"/> fired) and ends cancelled if the NPC is destroyed or stopped.
+        /// Says <paramref name="text"/> to the character and returns its reply. It waits for the
+        /// lines asked before it, and for the daemon (see <see cref="LoraloomDaemon.Ready"/>). Faults
+        /// with <see cref="LoraloomException"/> (after <see cref="RequestFailed"/> fired); ends
+        /// cancelled when <paramref name="cancellationToken"/> fires or the NPC is destroyed.
         /// </summary>
-        public async Task<string> Ask(string text)
+        public Task<string> AskAsync(string text, CancellationToken cancellationToken = default(CancellationToken))
         {
             if (_destroyed) throw new ObjectDisposedException(name);
-            StopGeneration();
-            var stop = new CancellationTokenSource();
-            _current = stop;
-            try
+            var outcome = new TaskCompletionSource<string>();
+            LoraloomDaemon owner = Daemon;
+            Task<LoraloomClient> client = owner != null ? owner.Ready
+                : FaultedClient(new LoraloomException(ErrorCodes.DaemonNotFound, "no LoraloomDaemon in the scene"));
+            SyncConversation();
+            var cancel = CancellationTokenSource.CreateLinkedTokenSource(_lifetime.Token, cancellationToken);
+            // The line takes its place in the conversation's order now, on the caller's frame.
+            Task<Completion> line = _conversation.AskAsync(client, text, BuildSettings(), chunk => MainThreadDispatcher.Post(() =>
             {
-                LoraloomDaemon owner = Daemon;
-                if (owner == null) throw new LoraloomException(ErrorCodes.DaemonNotFound, "no LoraloomDaemon in the scene");
-                LoraloomClient client = await owner.Ready;
-                Generate request = BuildRequest(text);
-                Completion done = await client.GenerateAsync(request, piece => MainThreadDispatcher.Post(() =>
-                {
-                    // Dropped if the NPC went away or a newer question replaced this one.
-                    if (!_destroyed && _current == stop) ResponseUpdated.Invoke(piece);
-                }), stop.Token);
-                // Awaiting on the main thread resumes here on it (Unity's synchronization context).
-                if (_destroyed || stop.IsCancellationRequested) throw new OperationCanceledException(stop.Token);
-                Remember(new ChatMessage(ChatRole.User, text));
-                Remember(new ChatMessage(ChatRole.Assistant, done.Text));
-                // Pieces posted before this point run first: the queue keeps order.
-                MainThreadDispatcher.Post(() =>
-                {
-                    if (!_destroyed) ResponseFinished.Invoke(done.Text);
-                });
-                return done.Text;
-            }
-            catch (LoraloomException e)
+                if (!_destroyed) ResponseUpdated.Invoke(chunk);
+            }), cancel.Token);
+            // Completed from the main-thread queue, behind the line's chunks: the caller resumes only
+            // after the last ResponseUpdated and the ResponseFinished.
+            line.ContinueWith(t =>
             {
-                if (!_destroyed) RequestFailed.Invoke(e.Code + ": " + e.Message);
-                throw;
-            }
-            finally
-            {
-                if (_current == stop) _current = null;
-                stop.Dispose();
-            }
+                cancel.Dispose();
+                MainThreadDispatcher.Post(() => Finish(t, outcome));
+            }, TaskContinuationOptions.ExecuteSynchronously);
+            return outcome.Task;
         }
 
-        /// <summary>For UI events and other void callers: Ask, with failures reported by <see cref="RequestFailed"/> and the log.</summary>
+        /// <summary>For UI events and other void callers: AskAsync, with failures reported by <see cref="RequestFailed"/> and the log.</summary>
         public void AskAndForget(string text)
         {
-            Ask(text).ContinueWith(t =>
+            AskAsync(text).ContinueWith(t =>
             {
                 if (t.IsFaulted) Debug.LogException(t.Exception.GetBaseException(), this);
             }, TaskContinuationOptions.OnlyOnFaulted);
         }
 
-        /// <summary>Stops the reply being generated (the daemon stops working on it too).</summary>
-        public void StopGeneration()
+        /// <summary>Deprecated: use <see cref="AskAsync"/>.</summary>
+        [Obsolete("Use AskAsync (or AskAndForget for UI events).")]
+        public Task<string> Ask(string text) { return AskAsync(text); }
+
+        /// <summary>
+        /// Ends the line being answered now: it finishes with what was said so far (the daemon stops
+        /// working on it). Lines asked after it still go out.
+        /// </summary>
+        public void StopGeneration() { _conversation.StopGeneration(); }
+
+        /// <summary>Forgets the conversation (the persona stays).</summary>
+        public void ClearHistory() { _conversation.Clear(); }
+
+        /// <summary>The persona and the history as plain JSON for a save game (see <see cref="Conversation.ToJson"/>).</summary>
+        public string SaveConversation()
         {
-            CancellationTokenSource current = _current;
-            _current = null;
-            if (current != null) current.Cancel();
+            SyncConversation();
+            return _conversation.ToJson();
         }
 
-        /// <summary>Forgets the conversation (the system prompt stays).</summary>
-        public void ClearHistory() { _history.Clear(); }
-
-        Generate BuildRequest(string text)
+        /// <summary>
+        /// Restores what <see cref="SaveConversation"/> wrote, persona included (FormatException,
+        /// nothing changed, when it is not such a save). To keep the inspector's persona, set
+        /// <see cref="History"/> instead.
+        /// </summary>
+        public void LoadConversation(string json)
         {
-            var messages = new List<ChatMessage>();
-            if (!string.IsNullOrEmpty(systemPrompt)) messages.Add(new ChatMessage(ChatRole.System, systemPrompt));
-            messages.AddRange(_history);
-            messages.Add(new ChatMessage(ChatRole.User, text));
+            _conversation.LoadJson(json);
+            systemPrompt = _conversation.SystemPrompt;
+        }
+
+        void SyncConversation()
+        {
+            _conversation.SystemPrompt = systemPrompt;
+            _conversation.KeepHistory = keepHistory;
+            _conversation.MaxHistoryTurns = maxHistoryTurns;
+        }
+
+        Generate BuildSettings()
+        {
             var request = new Generate
             {
-                Messages = messages,
                 MaxTokens = maxTokens,
                 Temperature = temperature,
+                TopK = topK,
                 TopP = topP,
+                RepetitionPenalty = repetitionPenalty,
+                Seed = seed >= 0 ? seed : (long?)null,
+                Stop = new List<string>(stopSequences ?? new List<string>()),
+                Priority = PriorityName(priority),
             };
             if (!string.IsNullOrEmpty(adapter)) request.Adapters.Add(new AdapterRef(adapter, adapterScale));
             return request;
         }
 
-        void Remember(ChatMessage message)
+        void Finish(Task<Completion> line, TaskCompletionSource<string> outcome)
         {
-            _history.Add(message);
-            int excess = _history.Count - maxHistoryMessages;
-            if (excess > 0) _history.RemoveRange(0, excess);
+            if (_destroyed || line.IsCanceled)
+            {
+                outcome.TrySetCanceled();
+                return;
+            }
+            if (line.IsFaulted)
+            {
+                Exception error = line.Exception.GetBaseException();
+                var known = error as LoraloomException;
+                RequestFailed.Invoke(known != null ? known.Code : ErrorCodes.Internal, known != null ? known.Reason : error.Message);
+                outcome.TrySetException(error);
+                return;
+            }
+            ResponseFinished.Invoke(line.Result.Text);
+            outcome.TrySetResult(line.Result.Text);
+        }
+
+        static string PriorityName(LinePriority priority)
+        {
+            switch (priority)
+            {
+                case LinePriority.Player: return GeneratePriority.Player;
+                case LinePriority.Background: return GeneratePriority.Background;
+                default: return GeneratePriority.Normal;
+            }
+        }
+
+        static Task<LoraloomClient> FaultedClient(Exception error)
+        {
+            var failed = new TaskCompletionSource<LoraloomClient>();
+            failed.SetException(error);
+            return failed.Task;
         }
 
         void OnDestroy()
         {
             _destroyed = true;
-            StopGeneration();
+            _lifetime.Cancel();
         }
     }
 }

@@ -28,7 +28,7 @@ namespace Loraloom.Samples
             _image = gameObject.AddComponent<LoraloomImage>();
             _image.targetRenderer = quad.GetComponent<Renderer>();
             _image.ProgressChanged.AddListener(p => _progress = p);
-            _image.RequestFailed.AddListener(e => _error = e);
+            _image.RequestFailed.AddListener((code, message) => _error = code + ": " + message);
             _image.ImageReady.AddListener(t => _error = "");
         }
 
@@ -49,7 +49,7 @@ namespace Loraloom.Samples
             GUILayout.BeginArea(new Rect(10, 10, 420, 200));
             LoraloomDaemon daemon = LoraloomDaemon.Instance;
             GUILayout.Label("Daemon: " + (daemon != null ? daemon.Status : "none"));
-            if (daemon != null && daemon.Client != null && daemon.Client.Welcome.ImageModel == null)
+            if (daemon != null && daemon.Client != null && daemon.Client.Welcome != null && daemon.Client.Welcome.ImageModel == null)
                 GUILayout.Label("This daemon has no image model (start it with --image-model default or a diffusers folder).");
             prompt = GUILayout.TextField(prompt);
             if (GUILayout.Button("Generate")) Generate();

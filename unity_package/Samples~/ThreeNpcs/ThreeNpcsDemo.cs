@@ -48,7 +48,7 @@ namespace Loraloom.Samples
                 // Events arrive on the main thread, so they can touch UI and fields directly.
                 npc.ResponseUpdated.AddListener(piece => reply.Append(piece));
                 npc.ResponseFinished.AddListener(text => Debug.Log(characters[index].displayName + ": " + text));
-                npc.RequestFailed.AddListener(error => _errors[index] = error);
+                npc.RequestFailed.AddListener((code, message) => _errors[index] = code + ": " + message);
                 _npcs.Add(npc);
             }
         }

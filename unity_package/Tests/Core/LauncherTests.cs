@@ -157,9 +157,12 @@ namespace Loraloom.Core.Tests
                 };
                 TestEnv.Await(client.PingAsync());
 
-                // A request in flight when the daemon stops ends: with its result if it was quick,
+                // A request streaming when the daemon stops ends: with its result if it was quick,
                 // else faulted with shutting_down (the daemon said so) or connection_closed.
-                Task<Completion> inFlight = client.GenerateAsync(new Generate { Prompt = "Once upon a time", MaxTokens = 200, Stop = new List<string>() });
+                var streaming = new ManualResetEventSlim();
+                Task<Completion> inFlight = client.GenerateAsync(new Generate { Prompt = "Once upon a time", MaxTokens = 200, Stop = new List<string>() },
+                    piece => streaming.Set());
+                Assert.IsTrue(streaming.Wait(TestEnv.Patience), "it streams");
                 first.Stop();
                 Assert.IsTrue(Task.WaitAny(new Task[] { inFlight }, TestEnv.Patience) == 0, "the request in flight ended");
                 if (inFlight.IsFaulted)

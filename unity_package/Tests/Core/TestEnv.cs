@@ -54,6 +54,17 @@ namespace Loraloom.Core.Tests
             return ServeCommand.ConvertAll(arg => arg.Replace("{runtime_file}", runtimeFile).Replace("{port}", "0"));
         }
 
+        /// <summary>
+        /// The same on a tiny model with a long context (8192 tokens): for lines that must still be
+        /// streaming when the daemon is stopped under them.
+        /// </summary>
+        public static List<string> LongServeCommandFor(string runtimeFile)
+        {
+            var parsed = Json.Parse(Require("LORALOOM_TEST_LONG_SERVE_COMMAND")) as List<object>;
+            if (parsed == null || parsed.Count == 0) Assert.Fail("LORALOOM_TEST_LONG_SERVE_COMMAND is not a JSON list");
+            return parsed.ConvertAll(x => ((string)x).Replace("{runtime_file}", runtimeFile).Replace("{port}", "0"));
+        }
+
         public static readonly TimeSpan Patience = TimeSpan.FromSeconds(60);
 
         /// <summary>

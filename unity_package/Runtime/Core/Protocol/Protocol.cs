@@ -78,6 +78,9 @@ namespace Loraloom.Core
     {
         public string Code { get; private set; }
 
+        /// <summary>What went wrong, without the code (<see cref="Exception.Message"/> is "code: reason").</summary>
+        public string Reason { get; private set; }
+
         /// <summary>The request the error is about, when there is one.</summary>
         public string RequestId { get; private set; }
 
@@ -85,6 +88,7 @@ namespace Loraloom.Core
             : base(code + ": " + message, inner)
         {
             Code = code;
+            Reason = message;
             RequestId = requestId;
         }
     }

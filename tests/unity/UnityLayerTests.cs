@@ -1,0 +1,389 @@
+using System;
+using System.Collections.Concurrent;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.IO;
+using System.Linq;
+using System.Reflection;
+using System.Threading;
+using System.Threading.Tasks;
+using Loraloom.Core;
+using NUnit.Framework;
+
+namespace Loraloom.Unity.Tests
+{
+    /// <summary>
+    /// A stand-in for Unity's main thread: a thread with a SynchronizationContext that, frame after
+    /// frame, runs the continuations posted to it and then MainThreadDispatcher's Update, as Unity's
+    /// player loop does. Components are made with `new` (the stubs allow it) and their Unity
+    /// messages (Start, OnDestroy) called by reflection, on this thread.
+    /// </summary>
+    sealed class FrameLoop : SynchronizationContext, IDisposable
+    {
+        readonly BlockingCollection<Action> _work = new BlockingCollection<Action>();
+        readonly Thread _thread;
+        volatile bool _stopping;
+
+        public int ThreadId { get; private set; }
+
+        public FrameLoop()
+        {
+            var started = new ManualResetEventSlim();
+            _thread = new Thread(() =>
+            {
+                SetSynchronizationContext(this);
+                ThreadId = Thread.CurrentThread.ManagedThreadId;
+                typeof(MainThreadDispatcher).GetMethod("Install", BindingFlags.NonPublic | BindingFlags.Static).Invoke(null, null);
+                var dispatcher = new MainThreadDispatcher();
+                MethodInfo update = typeof(MainThreadDispatcher).GetMethod("Update", BindingFlags.NonPublic | BindingFlags.Instance);
+                started.Set();
+                while (!_stopping)
+                {
+                    Action item;
+                    while (_work.TryTake(out item)) item();
+                    update.Invoke(dispatcher, null);
+                    if (_work.TryTake(out item, 5)) item();
+                }
+            }) { IsBackground = true, Name = "unity main thread (stand-in)" };
+            _thread.Start();
+            started.Wait();
+        }
+
+        public bool OnLoop { get { return Thread.CurrentThread.ManagedThreadId == ThreadId; } }
+
+        public override void Post(SendOrPostCallback d, object state) { _work.Add(() => d(state)); }
+
+        public override void Send(SendOrPostCallback d, object state)
+        {
+            if (OnLoop)
+            {
+                d(state);
+                return;
+            }
+            var done = new ManualResetEventSlim();
+            Post(s => { try { d(s); } finally { done.Set(); } }, state);
+            done.Wait();
+        }
+
+        /// <summary>Runs <paramref name="body"/> on the loop; its Task.</summary>
+        public Task<T> Start<T>(Func<Task<T>> body)
+        {
+            var started = new TaskCompletionSource<Task<T>>();
+            Post(s =>
+            {
+                try { started.SetResult(body()); }
+                catch (Exception e) { started.SetException(e); }
+            }, null);
+            return started.Task.Unwrap();
+        }
+
+        /// <summary>Runs <paramref name="body"/> on the loop and waits for its Task (at most <paramref name="limit"/>).</summary>
+        public T Await<T>(Func<Task<T>> body, TimeSpan? limit = null)
+        {
+            Task<T> task = Start(body);
+            TimeSpan wait = limit ?? TimeSpan.FromSeconds(60);
+            if (!((IAsyncResult)task).AsyncWaitHandle.WaitOne(wait)) Assert.Fail("no end within " + wait.TotalSeconds + " s");
+            return task.GetAwaiter().GetResult();
+        }
+
+        public void Run(Action body) { Await(() => { body(); return Task.FromResult(true); }); }
+
+        public void Dispose()
+        {
+            _stopping = true;
+            _thread.Join(5000);
+        }
+    }
+
+    /// <summary>
+    /// Loraloom.Unity's components against a real daemon, under mono, through the UnityEngine stubs:
+    /// event order on the main thread, errors without doubled codes, a daemon component that recovers
+    /// from a failed start and raises its connection events, and a launched daemon stopped without
+    /// blocking the main thread.
+    /// </summary>
+    [TestFixture]
+    public class UnityLayerTests
+    {
+        FrameLoop _loop;
+        readonly List<LoraloomDaemon> _daemons = new List<LoraloomDaemon>();
+
+        [SetUp]
+        public void StartLoop() { _loop = new FrameLoop(); }
+
+        [TearDown]
+        public void StopLoop()
+        {
+            foreach (LoraloomDaemon daemon in _daemons) _loop.Run(() => Call(daemon, "OnDestroy"));
+            _daemons.Clear();
+            _loop.Dispose();
+        }
+
+        static string Env(string name)
+        {
+            string value = Environment.GetEnvironmentVariable(name);
+            if (string.IsNullOrEmpty(value)) Assert.Fail(name + " is not set (run through tests/unity/test_unity.py)");
+            return value;
+        }
+
+        /// <summary>The argv that starts another daemon (one argument a line), for <paramref name="runtimeFile"/>.</summary>
+        static List<string> ServeCommand(string runtimeFile)
+        {
+            return Env("LORALOOM_TEST_SERVE_ARGV").Split('\n')
+                .Select(a => a.Replace("{runtime_file}", runtimeFile).Replace("{port}", "0")).ToList();
+        }
+
+        static string TempDir()
+        {
+            string dir = Path.Combine(Path.GetTempPath(), "loraloom-unity-" + Guid.NewGuid().ToString("N").Substring(0, 12));
+            Directory.CreateDirectory(dir);
+            return dir;
+        }
+
+        static void Set(object target, string field, object value)
+        {
+            FieldInfo info = target.GetType().GetField(field, BindingFlags.NonPublic | BindingFlags.Instance);
+            Assert.IsNotNull(info, field);
+            info.SetValue(target, value);
+        }
+
+        static void Call(object target, string method)
+        {
+            target.GetType().GetMethod(method, BindingFlags.NonPublic | BindingFlags.Instance).Invoke(target, null);
+        }
+
+        LoraloomDaemon Daemon(string url = null, string token = null, string runtimeFile = null, float connectWait = 30f)
+        {
+            var daemon = new LoraloomDaemon { enabled = true };
+            Set(daemon, "launchIfNotRunning", false);
+            Set(daemon, "url", url ?? "");
+            Set(daemon, "token", token ?? "");
+            Set(daemon, "runtimeFile", runtimeFile ?? "");
+            Set(daemon, "requestConnectWaitSeconds", connectWait);
+            _daemons.Add(daemon);
+            return daemon;
+        }
+
+        static LoraloomNpc Npc(LoraloomDaemon daemon, string adapter, int maxTokens)
+        {
+            var npc = new LoraloomNpc { adapter = adapter, maxTokens = maxTokens, systemPrompt = "You are a test NPC." };
+            npc.Daemon = daemon;
+            return npc;
+        }
+
+        [Test]
+        public void NpcEventsArriveOnTheMainThreadBeforeTheAwaitResumes()
+        {
+            LoraloomNpc npc = Npc(Daemon(Env("LORALOOM_TEST_URL"), Env("LORALOOM_TEST_TOKEN")), "alpha", 24);
+            npc.seed = 5;
+            npc.priority = LinePriority.Player;
+            var log = new List<string>();
+            var chunks = new List<string>();
+            bool offLoop = false;
+            npc.ResponseUpdated.AddListener(chunk =>
+            {
+                offLoop |= !_loop.OnLoop;
+                chunks.Add(chunk);
+                log.Add("updated");
+            });
+            npc.ResponseFinished.AddListener(text =>
+            {
+                offLoop |= !_loop.OnLoop;
+                log.Add("finished");
+            });
+            string reply = _loop.Await(async () =>
+            {
+                string text = await npc.AskAsync("Who goes there?");
+                offLoop |= !_loop.OnLoop;
+                log.Add("resumed");
+                return text;
+            });
+            Assert.IsFalse(offLoop, "events and the continuation run on the main thread");
+            Assert.Greater(chunks.Count, 0);
+            CollectionAssert.AreEqual(Enumerable.Repeat("updated", chunks.Count).Concat(new[] { "finished", "resumed" }), log,
+                "every chunk, then the end, then the awaiting code");
+            Assert.AreEqual(reply, string.Concat(chunks));
+            IList<ChatMessage> history = npc.History;
+            Assert.AreEqual(2, history.Count);
+            Assert.AreEqual(reply, history[1].Content);
+        }
+
+        [Test]
+        public void NpcRequestFailedCarriesTheCodeAndAMessageWithoutIt()
+        {
+            LoraloomNpc npc = Npc(Daemon(Env("LORALOOM_TEST_URL"), Env("LORALOOM_TEST_TOKEN")), "ghost", 8);
+            var failures = new List<string[]>();
+            npc.RequestFailed.AddListener((code, message) => failures.Add(new[] { code, message }));
+            LoraloomException error = _loop.Await(async () =>
+            {
+                try
+                {
+                    await npc.AskAsync("Boo");
+                    return null;
+                }
+                catch (LoraloomException e)
+                {
+                    return e;
+                }
+            });
+            Assert.IsNotNull(error, "AskAsync faults");
+            Assert.AreEqual(1, failures.Count);
+            Assert.AreEqual(ErrorCodes.UnknownAdapter, failures[0][0]);
+            StringAssert.Contains("ghost", failures[0][1]);
+            StringAssert.DoesNotStartWith(ErrorCodes.UnknownAdapter, failures[0][1], "no doubled code");
+            Assert.AreEqual(0, npc.History.Count);
+        }
+
+        [Test]
+        public void NpcConversationSavesAndLoads()
+        {
+            var npc = new LoraloomNpc { systemPrompt = "You are Meg." };
+            npc.History = new List<ChatMessage> { new ChatMessage(ChatRole.User, "hi"), new ChatMessage(ChatRole.Assistant, "arr") };
+            string saved = npc.SaveConversation();
+            var other = new LoraloomNpc { systemPrompt = "someone else" };
+            other.LoadConversation(saved);
+            Assert.AreEqual("You are Meg.", other.systemPrompt, "the persona comes with the save");
+            CollectionAssert.AreEqual(new[] { "hi", "arr" }, other.History.Select(m => m.Content));
+            Assert.Throws<FormatException>(() => other.LoadConversation("{\"history\": 3}"));
+            CollectionAssert.AreEqual(new[] { "hi", "arr" }, other.History.Select(m => m.Content), "a bad save changes nothing");
+            other.ClearHistory();
+            Assert.AreEqual(0, other.History.Count);
+        }
+
+        [Test]
+        public void DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents()
+        {
+            string runtimeFile = Path.Combine(TempDir(), "daemon.json");
+            LoraloomDaemon daemon = Daemon(runtimeFile: runtimeFile, connectWait: 1f);
+            var events = new List<string>();
+            daemon.Connected.AddListener(() => events.Add("connected"));
+            daemon.Reconnected.AddListener(() => events.Add("reconnected"));
+            daemon.Disconnected.AddListener(why => events.Add("disconnected"));
+            daemon.ConnectionFailed.AddListener(why => events.Add("failed"));
+            LoraloomNpc npc = Npc(daemon, "alpha", 6);
+            var failures = new List<string>();
+            npc.RequestFailed.AddListener((code, message) => failures.Add(code));
+
+            // No daemon yet: the line fails once the connection wait is over.
+            string early = _loop.Await(async () =>
+            {
+                try { return await npc.AskAsync("anyone?"); }
+                catch (LoraloomException e) { return "failed " + e.Code; }
+            });
+            Assert.AreEqual("failed " + ErrorCodes.NotConnected, early);
+            CollectionAssert.AreEqual(new[] { ErrorCodes.NotConnected }, failures);
+            Assert.IsTrue(_loop.Await(() => Task.FromResult(events.Contains("failed"))), "failed attempts are reported");
+
+            var first = new DaemonLauncher(new DaemonLauncherOptions { Executable = ServeCommand(runtimeFile)[0],
+                Arguments = ServeCommand(runtimeFile).Skip(1).ToList(), RuntimeFile = runtimeFile, StartTimeout = TimeSpan.FromSeconds(90) });
+            try
+            {
+                Wait(first.EnsureRunningAsync(), 120);
+                // The faulted Ready is not kept: this line is answered.
+                string reply = _loop.Await(() => AskUntilConnected(daemon, npc, "and now?"), TimeSpan.FromSeconds(90));
+                Assert.IsNotNull(reply);
+                first.Stop();
+                Assert.IsTrue(WaitOnLoop(() => events.Contains("disconnected")), string.Join(",", events));
+                using (var second = new DaemonLauncher(new DaemonLauncherOptions { Executable = ServeCommand(runtimeFile)[0],
+                    Arguments = ServeCommand(runtimeFile).Skip(1).ToList(), RuntimeFile = runtimeFile, StartTimeout = TimeSpan.FromSeconds(90) }))
+                {
+                    Wait(second.EnsureRunningAsync(), 120);
+                    Assert.IsTrue(WaitOnLoop(() => events.Contains("reconnected")), string.Join(",", events));
+                    string again = _loop.Await(() => npc.AskAsync("still there?"), TimeSpan.FromSeconds(60));
+                    Assert.IsNotNull(again);
+                    List<string> connection = _loop.Await(() => Task.FromResult(events.Where(e => e != "failed").ToList()));
+                    CollectionAssert.AreEqual(new[] { "connected", "disconnected", "connected", "reconnected" }, connection);
+                    _loop.Run(() => Call(daemon, "OnDestroy"));
+                }
+            }
+            finally
+            {
+                first.Dispose();
+            }
+            Assert.AreEqual(4, npc.History.Count, "the two answered lines");
+        }
+
+        // The first line after the daemon came up may still meet the end of the previous wait.
+        static async Task<string> AskUntilConnected(LoraloomDaemon daemon, LoraloomNpc npc, string text)
+        {
+            for (int attempt = 0; ; attempt++)
+            {
+                try
+                {
+                    await daemon.Ready;
+                    return await npc.AskAsync(text);
+                }
+                catch (LoraloomException e)
+                {
+                    if (e.Code != ErrorCodes.NotConnected || attempt >= 60) throw;
+                }
+            }
+        }
+
+        bool WaitOnLoop(Func<bool> condition)
+        {
+            var clock = Stopwatch.StartNew();
+            while (clock.Elapsed < TimeSpan.FromSeconds(60))
+            {
+                if (_loop.Await(() => Task.FromResult(condition()))) return true;
+                Thread.Sleep(20);
+            }
+            return false;
+        }
+
+        static void Wait(Task task, int seconds)
+        {
+            if (!task.Wait(TimeSpan.FromSeconds(seconds))) Assert.Fail("no end within " + seconds + " s");
+        }
+
+        [Test]
+        public void ALaunchedDaemonIsStoppedWithoutBlockingTheMainThread()
+        {
+            // A stand-in daemon that publishes itself and ignores SIGTERM, so that only the kill
+            // after the grace period ends it: OnDestroy must return long before that.
+            string dir = TempDir();
+            string runtimeFile = Path.Combine(dir, "daemon.json");
+            string termed = Path.Combine(dir, "termed");
+            string script = "import json, os, signal, socket, sys, time\n"
+                + "signal.signal(signal.SIGTERM, lambda *a: open(sys.argv[2], 'w').close())\n"
+                + "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(5); port = s.getsockname()[1]\n"
+                + "json.dump({'url': 'ws://127.0.0.1:%d' % port, 'host': '127.0.0.1', 'port': port, 'token': 't', 'pid': os.getpid(), "
+                + "'version': '0', 'protocol': 1}, open(sys.argv[1], 'w'))\n"
+                + "while True: time.sleep(0.05)\n";
+            string python = ServeCommand(runtimeFile)[0];
+            LoraloomDaemon daemon = Daemon(runtimeFile: runtimeFile, connectWait: 1f);
+            Set(daemon, "launchIfNotRunning", true);
+            Set(daemon, "command", DaemonLauncher.JoinArguments(new[] { python, "-c", script, runtimeFile, termed }));
+            Set(daemon, "stopGraceSeconds", 3f);
+            _loop.Run(() => Call(daemon, "Start"));
+            RuntimeInfo info = null;
+            Assert.IsTrue(WaitOnLoop(() => daemon.LaunchedDaemon && RuntimeFile.TryRead(runtimeFile, out info)),
+                "the component started the daemon, which published itself");
+            int pid = info.Pid;
+
+            bool aliveWhenReturned = _loop.Await(() =>
+            {
+                Call(daemon, "OnDestroy");
+                return Task.FromResult(IsAlive(pid));
+            });
+            _daemons.Remove(daemon);
+            Assert.IsTrue(aliveWhenReturned, "OnDestroy returned while the daemon was still within its grace period");
+            var clock = Stopwatch.StartNew();
+            while ((IsAlive(pid) || File.Exists(runtimeFile)) && clock.Elapsed < TimeSpan.FromSeconds(30)) Thread.Sleep(50);
+            Assert.IsTrue(File.Exists(termed), "SIGTERM came first");
+            Assert.IsFalse(IsAlive(pid), "killed after the grace period");
+            Assert.IsFalse(File.Exists(runtimeFile), "its runtime file was removed for it");
+        }
+
+        static bool IsAlive(int pid)
+        {
+            try
+            {
+                using (Process process = Process.GetProcessById(pid)) return !process.HasExited;
+            }
+            catch (ArgumentException)
+            {
+                return false;
+            }
+        }
+    }
+}
