@@ -7,6 +7,7 @@ N concurrent streams on N distinct adapters through our engine, against
   (a) the same engine serving the base model only (same N streams),
   (b) transformers + PEFT mixed-adapter batch generation (`generate(..., adapter_names=[...])`),
   (c) one request at a time per adapter through our engine,
+  (with --constrained) the same N streams with every row under its own JSON schema,
 plus, on CUDA, the step time against the floor of reading the weights once per step.
 Prints one table, writes JSON. Medians over --repeats runs.
 """
@@ -73,13 +74,15 @@ def write_adapters(spec: Any, folder: Path, n: int, ranks: list[int], targets: t
     return paths
 
 
-def _run_engine(engine: TextEngine, prompts: list[list[int]], adapters: list[list[Any]], new_tokens: int) -> dict:
+def _run_engine(engine: TextEngine, prompts: list[list[int]], adapters: list[list[Any]], new_tokens: int,
+                constraints: list[Any] | None = None) -> dict:
     """All requests at once; aggregate tokens/s, and the inter-token latency every stream sees:
     the time of each decode step (every running stream gets one token per step)."""
     step_times: list[float] = []
     other = 0.0  # steps with prompt tokens (and the ramp-up and -down)
     for i, (ids, ad) in enumerate(zip(prompts, adapters, strict=True)):
         engine.submit(TextRequest(key=i, prompt_ids=ids, adapters=ad,
+                                  constraint=constraints[i] if constraints else None,
                                   sampling=SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)),
                       lambda e: None)
     start = time.perf_counter()
@@ -140,6 +143,27 @@ def _run_peft(model_dir_or_parts: Any, adapter_dirs: list[Path], prompts: list[l
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
+def compile_schemas(engine: TextEngine, n: int) -> dict[str, Any]:
+    """One JSON schema per stream (an NPC's line and mood, under its own key), each compiled anew.
+    The line is a long string, so a greedy row keeps generating until max_tokens like the others."""
+    from daemon.engines.text.constraints import Constraint
+
+    grammars, times = [], []
+    for i in range(n):
+        schema = {"type": "object", "additionalProperties": False, "required": [f"npc_{i}", "mood"],
+                  "properties": {f"npc_{i}": {"type": "string", "minLength": 2000},
+                                 "mood": {"enum": ["calm", "angry", "afraid"]}}}
+        started = time.perf_counter()
+        grammars.append(engine.prepare_constraint(Constraint("json_schema", json.dumps(schema))))
+        times.append(1000 * (time.perf_counter() - started))
+    return {"grammars": grammars, "compile_ms": times}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def _copy_bandwidth(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -178,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-kernel", default="auto", choices=["auto", "dense", "bgmv"])
     p.add_argument("--no-kernels", "--no-triton", dest="no_kernels", action="store_true",
                    help="PyTorch ops only (no Triton kernels on CUDA, no numba LoRA loop on the CPU)")
+    p.add_argument("--constrained", action="store_true",
+                   help="also run every stream under its own JSON schema (and time compiling and masks)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -222,15 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     multi = [[(versions[i % n_adapters], 1.0)] for i in range(n)]
     base = [[] for _ in range(n)]
 
+    schemas = compile_schemas(engine, n) if args.constrained else None
     # Warm up both (load the slots; compile kernels and record decode graphs for either path).
     _run_engine(engine, prompts, multi, 8)
     _run_engine(engine, prompts, base, 8)
-    rows: dict[str, list[dict]] = {"multi": [], "base": [], "sequential": []}
+    if schemas:
+        _run_engine(engine, prompts, multi, 8, schemas["grammars"])
+    rows: dict[str, list[dict]] = {"multi": [], "base": [], "sequential": [], "constrained": []}
     seq_n = min(args.sequential_streams or n, n)
     for rep in range(args.repeats):
         # Alternate which goes first, so neither always runs on a machine just warmed (or slowed) by the other.
         for kind, adapters in (("multi", multi), ("base", base))[::1 if rep % 2 == 0 else -1]:
             rows[kind].append(_run_engine(engine, prompts, adapters, args.new_tokens))
+        if schemas:
+            rows["constrained"].append(_run_engine(engine, prompts, multi, args.new_tokens, schemas["grammars"]))
         seq = [_run_engine(engine, prompts[i:i + 1], multi[i:i + 1], args.new_tokens) for i in range(seq_n)]
         tokens = sum(r["tokens"] for r in seq)
         seconds = sum(r["seconds"] for r in seq)
@@ -268,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
                                                    "other_steps_ms")},
         "b_peft_mixed_batch": peft,
         "c_one_at_a_time": {k: med("sequential", k) for k in ("tokens_per_s", "step_ms_median")},
+        "constrained": {k: med("constrained", k) for k in ("tokens_per_s", "step_ms_median", "itl_ms_p50",
+                                                            "itl_ms_p99")} if schemas else None,
+        "schema_compile_ms": schemas and {"p50": _pct(schemas["compile_ms"], 0.5),
+                                          "p99": _pct(schemas["compile_ms"], 0.99)},
+        "mask_us_per_row_token": (1000 * engine.runner.masks.mask_ms / engine.runner.masks.masked_rows
+                                  if schemas and engine.runner.masks else None),
         "paired_ratio_a": paired("base"),
         "paired_ratio_c": paired("sequential"),
         "copy_bandwidth_bytes_per_s": bw,
@@ -298,7 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     line("(a) ours, base model only", result["a_base_only"])
     line("(b) transformers+PEFT mixed-adapter batch", peft)
     line(f"(c) ours, one request at a time ({seq_n} runs)", result["c_one_at_a_time"])
+    line("ours, every row under its own JSON schema", result["constrained"])
     lines.append(f"multi-LoRA / base-only = {ours / base_rate:.2f}")
+    if schemas:
+        c = result["constrained"]["step_ms_median"]
+        lines.append(f"constrained decode step / unconstrained = {c / result['ours_multi_lora']['step_ms_median']:.3f}"
+                     f"; schema compile p50 {result['schema_compile_ms']['p50']:.2f} ms, p99 "
+                     f"{result['schema_compile_ms']['p99']:.2f} ms; mask {result['mask_us_per_row_token']:.1f} us "
+                     "per row and token (host, on llguidance's threads)")
     for label, key in (("(a) base only", "paired_ratio_a"), ("(c) one at a time", "paired_ratio_c")):
         vals = result[key]
         lines.append(f"paired within each repeat, ours / {label}: median {statistics.median(vals):.2f}x "

@@ -50,6 +50,7 @@ from .messages import (
     Result,
     ServerMessage,
     Subscribe,
+    Tool,
     Welcome,
 )
 
@@ -247,9 +248,20 @@ class Client:
         stream: bool = True,
         priority: Literal["player", "normal", "background"] = "normal",
         trim_history: bool = False,
+        json_schema: dict[str, Any] | None = None,
+        regex: str | None = None,
+        choices: Sequence[str] | None = None,
+        grammar: str | None = None,
+        tools: Sequence[Tool | dict[str, Any]] | None = None,
+        tool_choice: str = "auto",
         request_id: str | None = None,
     ) -> TextStream:
-        """Start a generation. With `system`, `prompt` becomes a chat turn (chat template)."""
+        """Start a generation. With `system`, `prompt` becomes a chat turn (chat template).
+
+        At most one constraint: `json_schema` (the result's `.json` holds the parsed value), `regex`,
+        `choices` or `grammar` (Lark); or `tools` (function definitions: name, description, JSON Schema
+        parameters) with `tool_choice` auto, required, none or a tool's name, and the call in the
+        result's `.tool_calls`."""
         chat: list[ChatMessage] | None = None
         if messages is not None:
             chat = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
@@ -273,6 +285,12 @@ class Client:
             stream=stream,
             priority=priority,
             trim_history=trim_history,
+            json_schema=json_schema,
+            regex=regex,
+            choices=None if choices is None else list(choices),
+            grammar=grammar,
+            tools=None if tools is None else [t if isinstance(t, Tool) else Tool.model_validate(t) for t in tools],
+            tool_choice=tool_choice,
         )
         return TextStream(self, message)
 

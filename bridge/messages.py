@@ -16,7 +16,8 @@ a value inside them that this daemon's settings refuse (say `max_tokens` above i
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import warnings
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -49,6 +50,8 @@ __all__ = [
     "ServerMessage",
     "Subscribe",
     "Timings",
+    "Tool",
+    "ToolCall",
     "Welcome",
 ]
 
@@ -59,6 +62,7 @@ ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 MAX_INT32 = 2**31 - 1  # the integer range every client language has (C# int, GDScript int)
 MAX_SEED = 2**63 - 1
 MAX_ADAPTERS = 16  # adapters in one request's mix, at most (a daemon may allow fewer)
+TOOL_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 AdapterName = Annotated[str, StringConstraints(pattern=ADAPTER_NAME_PATTERN)]
@@ -88,6 +92,23 @@ class ChatMessage(_Message):
 
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+class Tool(_Message):
+    """A function the model may call (`generate.tools`)."""
+
+    name: Annotated[str, StringConstraints(pattern=TOOL_NAME_PATTERN)] = Field(
+        description="what the game calls it: a letter or _, then letters, digits, _ . - (at most 64)")
+    description: str = Field(default="", max_length=4096, description="what it does, for the model")
+    parameters: dict[str, Any] = Field(default={"type": "object"},
+                                       description="a JSON Schema object for its arguments")
+
+
+class ToolCall(_Message):
+    """A call the model made (`result.tool_calls`)."""
+
+    name: str = Field(description="one of the request's tools")
+    arguments: dict[str, Any] = Field(default={}, description="the arguments, valid against its parameters")
 
 
 class AdapterInfo(_Message):
@@ -182,6 +203,21 @@ class Generate(_Message):
         default=False, description="when `messages` do not fit the context with room for the reply, leave "
         "out the oldest turns (never system messages, never part of a turn); `result.dropped_messages` "
         "says how many")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="the output is JSON valid against this JSON Schema; `result.json` holds it "
+        "parsed (at most one of json_schema, regex, choices, grammar)")
+    regex: str | None = Field(default=None, min_length=1, max_length=16384,
+                              description="the output matches this regular expression (Rust `regex` syntax)")
+    choices: list[Annotated[str, StringConstraints(min_length=1, max_length=4096)]] | None = Field(
+        default=None, min_length=1, max_length=1024, description="the output is exactly one of these strings")
+    grammar: str | None = Field(default=None, min_length=1, max_length=65536,
+                                description="the output matches this Lark grammar (llguidance's Lark dialect)")
+    tools: list[Tool] | None = Field(
+        default=None, min_length=1, max_length=128, description="functions the model may call (needs "
+        "`messages`); a call comes back in `result.tool_calls`")
+    tool_choice: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        default="auto", description="with `tools`: auto (text or one call), required (one call), none (text; "
+        "the tools are not shown), or a tool's name (a call of that tool)")
 
     @model_validator(mode="after")
     def _one_input(self) -> Generate:
@@ -189,6 +225,19 @@ class Generate(_Message):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must not be empty")
+        given = [n for n in ("json_schema", "regex", "choices", "grammar", "tools") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex, choices, grammar and tools (got {given})")
+        if self.tools is not None:
+            if self.messages is None:
+                raise ValueError("'tools' need 'messages' (the chat template lays them out)")
+            names = [t.name for t in self.tools]
+            if len(set(names)) != len(names):
+                raise ValueError("two tools have the same name")
+            if self.tool_choice not in ("auto", "required", "none", *names):
+                raise ValueError(f"tool_choice {self.tool_choice!r} is none of auto, required, none or a tool's name")
+        elif self.tool_choice != "auto":
+            raise ValueError("'tool_choice' needs 'tools'")
         return self
 
 
@@ -263,22 +312,31 @@ class Chunk(_Message):
     tokens: int = Field(description="tokens generated so far")
 
 
-class Result(_Message):
-    """The end of a text request: the whole text and why it stopped."""
+# `json` is the wire name the field must have; it shadows BaseModel's deprecated json() method.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "json"', category=UserWarning)
 
-    type: Literal["result"] = "result"
-    id: RequestId
-    text: str
-    finish_reason: Literal["stop", "length", "cancelled"] = Field(
-        description="stop: end of text or a stop string; length: max_tokens or the context was reached")
-    prompt_tokens: int
-    completion_tokens: int
-    adapter_versions: dict[str, int] = Field(default={}, description="which version of each adapter served it")
-    timings: Timings
-    cached_tokens: int = Field(default=0, description="prompt tokens whose keys and values came from the "
-                               "prefix cache (the same tokens on the same adapter versions and scales)")
-    dropped_messages: int = Field(default=0, description="with `trim_history`: how many messages after the "
-                                  "system messages were left out to fit, counted from the oldest")
+    class Result(_Message):
+        """The end of a text request: the whole text and why it stopped."""
+
+        type: Literal["result"] = "result"
+        id: RequestId
+        text: str
+        finish_reason: Literal["stop", "length", "cancelled"] = Field(
+            description="stop: end of text or a stop string; length: max_tokens or the context was reached")
+        prompt_tokens: int
+        completion_tokens: int
+        adapter_versions: dict[str, int] = Field(default={}, description="which version of each adapter served it")
+        timings: Timings
+        cached_tokens: int = Field(default=0, description="prompt tokens whose keys and values came from the "
+                                   "prefix cache (the same tokens on the same adapter versions and scales)")
+        dropped_messages: int = Field(default=0, description="with `trim_history`: how many messages after the "
+                                      "system messages were left out to fit, counted from the oldest")
+        constraint: Literal["satisfied", "incomplete"] | None = Field(
+            default=None, description="with a constraint or tools: satisfied, or incomplete when the output ended "
+            "first (max_tokens, the context, a stop string or cancel)")
+        json: Any = Field(default=None, description="with `json_schema`: the output parsed (absent when incomplete)")
+        tool_calls: list[ToolCall] = Field(default=[], description="with `tools`: the call the model made, if any")
 
 
 class Error(_Message):

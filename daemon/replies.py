@@ -16,6 +16,7 @@ from bridge import messages as m
 from bridge.errors import ErrorCode
 
 from .engines.base import EngineError, EngineErrorCode
+from .structured import OutputPlan
 
 __all__ = ["WIRE_CODES", "ImageReplies", "TextReplies", "cancelled_before_start", "error_message"]
 
@@ -64,10 +65,11 @@ class _Replies:
 
 
 class TextReplies(_Replies):
-    def __init__(self, request_id: str, *, dropped_messages: int = 0) -> None:
+    def __init__(self, request_id: str, *, dropped_messages: int = 0, output: OutputPlan | None = None) -> None:
         super().__init__(request_id)
         self.chunks = 0
         self.dropped_messages = dropped_messages
+        self.output = output
 
     def convert(self, event: Any) -> BaseModel | None:
         from .engines.text.request import TextChunkEvent
@@ -79,7 +81,12 @@ class TextReplies(_Replies):
         rate = None
         if event.completion_tokens > 1 and first is not None and total > first:
             rate = round((event.completion_tokens - 1) / ((total - first) / 1000), 2)
+        value: Any = None
+        calls: list[m.ToolCall] = []
+        if self.output is not None and event.constraint is not None:
+            value, calls = self.output.parse(event.text, event.constraint == "satisfied")
         return m.Result(
+            constraint=event.constraint, json=value, tool_calls=calls,
             id=self.id, text=event.text, finish_reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
             completion_tokens=event.completion_tokens, adapter_versions=event.adapter_versions,
             dropped_messages=self.dropped_messages, cached_tokens=event.cached_tokens,

@@ -39,6 +39,7 @@ from .engines.base import Engine, TextEngineLike
 from .replies import ImageReplies, TextReplies, cancelled_before_start, error_message
 from .session import RequestKey
 from .settings import Settings
+from .structured import plan_output
 
 __all__ = ["Post", "Service"]
 
@@ -303,18 +304,26 @@ class Service:
                 # Room for the reply too (up to half the prompt budget), or the answer would be cut short.
                 budget = limit - min(msg.max_tokens, limit // 2)
                 messages, dropped = fit_messages(messages, lambda ms: len(text.encode_prompt(None, ms)), budget)
-            ids = text.encode_prompt(msg.prompt, messages, limit=limit)
+            output = plan_output(msg, messages, renders_tools=text.prompts.renders_tools,
+                                 tags=text.prompts.tool_call_tags)
+            ids = text.encode_prompt(msg.prompt, output.messages, limit=limit, tools=output.tools or None)
         except (PromptTooLong, DoesNotFit) as exc:
             raise LoraloomError(str(exc), code=ErrorCode.PROMPT_TOO_LONG) from None
         except Exception as exc:  # e.g. a chat template that rejects the roles given
             raise LoraloomError(f"cannot build the prompt: {exc}", code=ErrorCode.INVALID_PARAMETER) from None
+        grammar = None
+        if output.constraint is not None:
+            try:
+                grammar = text.prepare_constraint(output.constraint)
+            except ValueError as exc:
+                raise LoraloomError(str(exc), code=ErrorCode.INVALID_PARAMETER) from None
         seed = msg.seed if msg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p,
                                 repetition_penalty=msg.repetition_penalty, seed=seed,
                                 max_tokens=msg.max_tokens, stop=tuple(msg.stop))
         request = TextRequest(key=key, prompt_ids=ids, sampling=params, adapters=adapters, stream=msg.stream,
-                              priority=msg.priority)
-        return request, TextReplies(key.id, dropped_messages=dropped), text
+                              priority=msg.priority, constraint=grammar)
+        return request, TextReplies(key.id, dropped_messages=dropped, output=output), text
 
     def _prepare_image(self, key: RequestKey, msg: m.GenerateImage) -> tuple[Any, ImageReplies, Any]:
         from .engines.image.request import ImageRequest

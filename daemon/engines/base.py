@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 if TYPE_CHECKING:
     from ..adapters.loader import AdapterFiles
     from ..adapters.version import AdapterVersion
+    from .text.tokens import PromptEncoder
 
 __all__ = ["Engine", "EngineError", "EngineErrorCode", "EngineInfo", "EventSink", "PreparedAdapter", "TextEngineLike"]
 
@@ -100,5 +101,11 @@ class Engine(Protocol[R_contra]):
 class TextEngineLike(Engine[Any], Protocol):
     """A text engine: the contract plus prompts to token ids (its own tokenizer and chat template)."""
 
+    prompts: PromptEncoder  # its tokenizer and chat template (what the template does with tools)
+
     def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, *,
-                      limit: int | None = None) -> list[int]: ...
+                      limit: int | None = None, tools: Sequence[dict[str, Any]] | None = None) -> list[int]: ...
+
+    def prepare_constraint(self, constraint: Any) -> Any:
+        """A request's constraint (`constraints.Constraint`) compiled for this engine (ValueError if invalid)."""
+        ...

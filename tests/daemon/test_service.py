@@ -32,7 +32,12 @@ class FakeTextEngine:
     def describe(self) -> EngineInfo:
         return EngineInfo(kind="text", name="fake", device="cpu", dtype="float32", limits={"context_length": 64})
 
-    def encode_prompt(self, prompt: str | None, messages: Any, *, limit: int | None = None) -> list[int]:
+    class prompts:  # the PromptEncoder attributes the service reads
+        renders_tools = False
+        tool_call_tags = ("", "")
+
+    def encode_prompt(self, prompt: str | None, messages: Any, *, limit: int | None = None,
+                      tools: Any = None) -> list[int]:
         self.in_encode.set()
         assert self.hold.wait(10)
         text = prompt if prompt is not None else " ".join(x["content"] for x in messages)
@@ -49,6 +54,9 @@ class FakeTextEngine:
 
     def prepare_adapter(self, files: Any) -> PreparedAdapter:
         return PreparedAdapter(rank=1, targets=("q_proj",))
+
+    def prepare_constraint(self, constraint: Any) -> Any:
+        raise ValueError("no constraints here")
 
     def publish(self, version: Any) -> None: ...
 

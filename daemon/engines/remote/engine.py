@@ -135,8 +135,12 @@ class RemoteEngine:
                           capabilities=frozenset({"mixes", "streaming", "seeds", "stop_strings", "remote"}))
 
     def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, *,
-                      limit: int | None = None) -> list[int]:
-        return self.prompts.encode(prompt, messages, limit=limit)
+                      limit: int | None = None, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        return self.prompts.encode(prompt, messages, limit=limit, tools=tools)
+
+    def prepare_constraint(self, constraint: Any) -> Any:
+        raise ValueError("the remote text engine does not take constraints (json_schema, regex, choices, "
+                         "grammar, tools) yet; the built-in engine does")
 
     def prepare_adapter(self, files: AdapterFiles) -> PreparedAdapter:
         """Validate a PEFT LoRA against the base model's shapes, and check the remote can be given it."""

@@ -31,6 +31,7 @@ from ..base import EngineError, EngineErrorCode, EngineInfo, EventSink, Prepared
 from ..device import dtype_name, resolve_device, resolve_dtype
 from .blocks import BlockPool
 from .config import LORA_TARGETS
+from .constraints import Constraint, Grammar, Grammars
 from .detok import byte_table
 from .graphs import StepGraphs
 from .kernels import select_kernels
@@ -63,6 +64,7 @@ class TextEngine:
         self.prompts = PromptEncoder(tokenizer)
         self.tokenizer = tokenizer
         self.eos_ids = frozenset({*self.spec.eos_token_ids, *self.prompts.eos_ids})
+        self.grammars = Grammars(tokenizer, self.spec.vocab_size, self.eos_ids)
         self.byte_table = byte_table(tokenizer)
         self.max_context = min(cfg.max_context, self.spec.max_position_embeddings)
         model.ensure_rope(self.max_context)
@@ -138,9 +140,14 @@ class TextEngine:
                           capabilities=frozenset({"mixes", "streaming", "seeds", "stop_strings"}))
 
     def encode_prompt(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, *,
-                      limit: int | None = None) -> list[int]:
-        """Token ids of a raw prompt or of chat messages (the chat template); PromptTooLong past `limit`."""
-        return self.prompts.encode(prompt, messages, limit=limit)
+                      limit: int | None = None, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a raw prompt or of chat messages (the chat template, with `tools` where it
+        renders them); PromptTooLong past `limit`."""
+        return self.prompts.encode(prompt, messages, limit=limit, tools=tools)
+
+    def prepare_constraint(self, constraint: Constraint) -> Grammar:
+        """The compiled grammar a request carries (any thread; cached); ConstraintError if invalid."""
+        return self.grammars.compile(constraint)
 
     def prepare_adapter(self, files: AdapterFiles) -> PreparedAdapter:
         """Validate a PEFT LoRA against this base model (raises ValueError with the reason)."""
@@ -201,6 +208,9 @@ class TextEngine:
                 "prefix_cache_hit_tokens": pool.hits, "prefix_cache_evictions": pool.evictions,
                 "slot_loads": self.slots.stats.loads, "slot_evictions": self.slots.stats.evictions,
                 "resident_adapters": len(self.slots.resident()),
+                "grammars_compiled": self.grammars.stats["compiled"],
+                "grammar_cache_hits": self.grammars.stats["cache_hits"],
+                "constrained_tokens": self.runner.masks.masked_rows if self.runner.masks else 0,
                 # pool rows a dense LoRA step reads (resident adapters from the front, holes included), pool size
                 "lora_rows_in_use": self.storage.used, "lora_pool_rows": self.storage.pool_rows,
                 "lora_pool_compactions": self.storage.compactions, **self.kernels.stats()}
@@ -265,6 +275,8 @@ class TextEngine:
             self._end(seq, "cancelled")
         started, plan = self.scheduler.schedule()
         for seq in started:
+            if seq.request.constraint is not None:
+                seq.grammar = seq.request.constraint.start()
             self._outputs[seq.serial] = SequenceOutput(seq, self.tokenizer, self.byte_table, eos_ids=self.eos_ids,
                                                        max_context=self.max_context)
         if plan is None:

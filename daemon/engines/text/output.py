@@ -24,6 +24,7 @@ class SequenceOutput:
         self.decoder = IncrementalDecoder(tokenizer, table)
         self.eos_ids = eos_ids
         self.max_context = max_context
+        self.grammar = seq.grammar  # the constraint's matcher, or None
         self.text = ""  # all text so far (cut before a stop string once one appears)
         self.sent = 0  # characters of `text` already streamed
         self._longest_stop = max((len(x) for x in self.params.stop), default=0)
@@ -50,7 +51,8 @@ class SequenceOutput:
             completion_tokens=len(seq.tokens), adapter_versions={v.name: v.number for v in seq.versions},
             queued_ms=((seq.started or now) - req.arrival) * 1000, cached_tokens=seq.cached_tokens,
             first_token_ms=None if seq.first_token is None else (seq.first_token - req.arrival) * 1000,
-            total_ms=(now - req.arrival) * 1000, token_ids=tuple(seq.tokens)))
+            total_ms=(now - req.arrival) * 1000, token_ids=tuple(seq.tokens),
+            constraint=None if self.grammar is None else "satisfied" if self.grammar.is_accepting() else "incomplete"))
         return events
 
     def push(self, token: int) -> str | None:
@@ -60,6 +62,11 @@ class SequenceOutput:
             return "stop"
         seq.tokens.append(token)
         self.text += self.decoder.push(token)
+        if self.grammar is not None:
+            if not self.grammar.consume_token(token):  # the mask allowed only what it accepts: a bug if so
+                raise RuntimeError(f"the constraint refused token {token}: {self.grammar.get_error()}")
+            if self.grammar.is_stopped():  # complete, and nothing more can follow
+                return "stop"
         if self._longest_stop:
             base = max(0, self.sent - self._longest_stop)
             window = self.text[base:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..base import EngineErrorCode
 from .config import LORA_TARGETS
@@ -67,6 +67,7 @@ class TextRequest:
     adapters: list[tuple[AdapterVersion, float]] = field(default_factory=list)
     stream: bool = True
     priority: str = "normal"  # player | normal | background (scheduler.PRIORITIES)
+    constraint: Any = None  # what the output must match (constraints.Grammar, from engine.prepare_constraint)
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -90,6 +91,7 @@ class TextDoneEvent:
     total_ms: float
     token_ids: tuple[int, ...] = ()
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    constraint: str | None = None  # with a constraint: satisfied, or incomplete (it ended first)
 
 
 def check_request(req: TextRequest, config: EngineConfig, *, max_context: int,

@@ -1,8 +1,8 @@
 """One step on the device: a `StepPlan` -> tensors -> a CUDA graph or the eager forward -> logits
--> one sampled token per sequence that needs one.
+(-> constrained rows masked) -> one sampled token per sequence that needs one.
 
-Decode-only steps on CUDA replay a recorded graph (`graphs`); steps with prompt chunks, and every
-step on a CPU, run `TextModel.forward` eagerly. Each token's keys and values go to the slot its
+Steps on CUDA replay a recorded graph (`graphs`: decode rows and up to four prompt chunks); other
+steps, and every step on a CPU, run `TextModel.forward` eagerly. Each token's keys and values go to the slot its
 sequence's block table gives its position. The LoRA plan of a step (`lora_plan.LoraBatch`) comes
 from each sequence's per-slot scales, kept here for as long as the sequence runs.
 """
@@ -10,6 +10,7 @@ from each sequence's per-slot scales, kept here for as long as the sequence runs
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from .model import StepInput, TextModel
 from .request import EngineConfig
 from .sampler import sample
 from .scheduler import Sequence, StepPlan
+
+if TYPE_CHECKING:
+    from .constraints import RowMasks
 
 __all__ = ["ModelRunner"]
 
@@ -41,6 +45,7 @@ class ModelRunner:
         self.last_batch_size = 0
         # Test and debugging hook: called with (request keys, float32 logits) after every forward.
         self.on_logits: Callable[[list[Hashable], torch.Tensor], None] | None = None
+        self.masks: RowMasks | None = None  # created with the first constrained row
         # (sequence serial, its slots) -> its scale per slot (float32, host); a paused sequence may come
         # back in other slots.
         self._weights: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
@@ -51,10 +56,18 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> list[int]:
         """Run the step; the next token of each sequence in `plan.sample`, in that order."""
-        logits = self._forward(plan)
+        logits = self._forward(plan)  # on CUDA still running while the masks are computed
         sample_seqs = plan.sample
         if not sample_seqs:  # only prompt chunks that end mid-prompt
             return []
+        constrained = [i for i, s in enumerate(sample_seqs) if s.grammar is not None]
+        if constrained:
+            if self.masks is None:
+                from .constraints import RowMasks
+
+                self.masks = RowMasks(logits.shape[1], logits.device)
+            bitmask = self.masks.compute([sample_seqs[i].grammar for i in constrained])
+            logits = self.masks.apply(logits, constrained, bitmask)
         if self.on_logits is not None:
             self.on_logits([s.key for s in sample_seqs], logits)
         params = [s.request.sampling for s in sample_seqs]

@@ -26,7 +26,7 @@ import itertools
 import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import NULL_BLOCK, BlockPool, block_key, mix_key
 from .request import TextRequest
@@ -67,6 +67,7 @@ class Sequence:
     cancelled: bool = False
     started: float | None = None
     first_token: float | None = None
+    grammar: Any = None  # its constraint's matcher (constraints.Grammar.start()); None: unconstrained
 
     @property
     def key(self) -> Hashable:

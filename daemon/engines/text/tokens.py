@@ -51,10 +51,24 @@ class PromptEncoder:
         # space marker (SentencePiece): their UTF-8 length bounds the bytes a token covers.
         self.longest_token = max((len(t.encode("utf-8")) for t in vocab), default=1) or 1
 
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template lays out function definitions itself (`tools=`)."""
+        return self.chat and "tools" in str(self.tokenizer.chat_template)
+
+    @property
+    def tool_call_tags(self) -> tuple[str, str]:
+        """How this model's template marks a tool call: Hermes/Qwen-style `<tool_call>` tags, or a
+        bare JSON object."""
+        if self.renders_tools and "<tool_call>" in str(self.tokenizer.chat_template):
+            return "<tool_call>\n", "\n</tool_call>"
+        return "", ""
+
     def encode(self, prompt: str | None = None, messages: Sequence[dict[str, str]] | None = None, *,
-               limit: int | None = None) -> list[int]:
-        """Token ids of a raw prompt, or of chat messages rendered with the model's chat template;
-        PromptTooLong when there are more than `limit`."""
+               limit: int | None = None, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a raw prompt, or of chat messages rendered with the model's chat template
+        (with `tools`, OpenAI-style function definitions, where the template renders them: the
+        caller describes them in a message otherwise); PromptTooLong when there are more than `limit`."""
         if limit is not None:
             raw = sum(len(m["content"].encode("utf-8")) for m in messages) if messages is not None \
                 else len((prompt or "").encode("utf-8"))
@@ -64,7 +78,8 @@ class PromptEncoder:
         tok = self.tokenizer
         if messages is not None:
             if self.chat:
-                text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+                extra = {"tools": list(tools)} if tools and self.renders_tools else {}
+                text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True, **extra)
                 ids = list(tok.encode(text, add_special_tokens=False))
             else:
                 ids = list(tok.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"))

@@ -173,6 +173,9 @@ const SUBSCRIBE_TOPIC_ADAPTERS := "adapters"
 const FINISH_REASON_STOP := "stop"
 const FINISH_REASON_LENGTH := "length"
 const FINISH_REASON_CANCELLED := "cancelled"
+## The known values of [code]Result.constraint[/code].
+const RESULT_CONSTRAINT_SATISFIED := "satisfied"
+const RESULT_CONSTRAINT_INCOMPLETE := "incomplete"
 ## The known values of [code]AdapterEvent.event[/code].
 const ADAPTER_EVENT_KIND_ADDED := "added"
 const ADAPTER_EVENT_KIND_UPDATED := "updated"
@@ -305,6 +308,52 @@ const GENERATE_FIELDS := {
 				"turns (never system messages, never part of a turn); `result.dropped_messages` says " +
 				"how many",
 	},
+	"json_schema": {
+		"kind": "map",
+		"nullable": true,
+		"item": {"kind": "any"},
+		"doc": "the output is JSON valid against this JSON Schema; `result.json` holds it parsed (at " +
+				"most one of json_schema, regex, choices, grammar)",
+	},
+	"regex": {
+		"kind": "str",
+		"nullable": true,
+		"min_length": 1,
+		"max_length": 16384,
+		"doc": "the output matches this regular expression (Rust `regex` syntax)",
+	},
+	"choices": {
+		"kind": "list",
+		"nullable": true,
+		"min_length": 1,
+		"max_length": 1024,
+		"item": {"kind": "str", "min_length": 1, "max_length": 4096},
+		"doc": "the output is exactly one of these strings",
+	},
+	"grammar": {
+		"kind": "str",
+		"nullable": true,
+		"min_length": 1,
+		"max_length": 65536,
+		"doc": "the output matches this Lark grammar (llguidance's Lark dialect)",
+	},
+	"tools": {
+		"kind": "list",
+		"nullable": true,
+		"min_length": 1,
+		"max_length": 128,
+		"item": {"kind": "model", "model": "Tool"},
+		"doc": "functions the model may call (needs `messages`); a call comes back in " +
+				"`result.tool_calls`",
+	},
+	"tool_choice": {
+		"kind": "str",
+		"default": "auto",
+		"min_length": 1,
+		"max_length": 64,
+		"doc": "with `tools`: auto (text or one call), required (one call), none (text; the tools are " +
+				"not shown), or a tool's name (a call of that tool)",
+	},
 }
 ## Its fields that have a default, and the default.
 const GENERATE_DEFAULTS := {
@@ -318,6 +367,7 @@ const GENERATE_DEFAULTS := {
 	"stream": true,
 	"priority": "normal",
 	"trim_history": false,
+	"tool_choice": "auto",
 }
 ## [code]generate_image[/code]: Generate images on the image model plus a per-request mix of image
 ## adapters.
@@ -501,9 +551,28 @@ const RESULT_FIELDS := {
 		"doc": "with `trim_history`: how many messages after the system messages were left out to " +
 				"fit, counted from the oldest",
 	},
+	"constraint": {
+		"kind": "str",
+		"values": ["satisfied", "incomplete"],
+		"nullable": true,
+		"doc": "with a constraint or tools: satisfied, or incomplete when the output ended first " +
+				"(max_tokens, the context, a stop string or cancel)",
+	},
+	"json": {"kind": "any", "doc": "with `json_schema`: the output parsed (absent when incomplete)"},
+	"tool_calls": {
+		"kind": "list",
+		"default": [],
+		"item": {"kind": "model", "model": "ToolCall"},
+		"doc": "with `tools`: the call the model made, if any",
+	},
 }
 ## Its fields that have a default, and the default.
-const RESULT_DEFAULTS := {"adapter_versions": {}, "cached_tokens": 0, "dropped_messages": 0}
+const RESULT_DEFAULTS := {
+	"adapter_versions": {},
+	"cached_tokens": 0,
+	"dropped_messages": 0,
+	"tool_calls": [],
+}
 ## [code]error[/code]: A refused frame or a failed request.
 const ERROR_FIELDS := {
 	"type": {"kind": "str", "values": ["error"], "default": "error"},
@@ -614,6 +683,29 @@ const CHAT_MESSAGE_FIELDS := {
 }
 ## Its fields that have a default, and the default.
 const CHAT_MESSAGE_DEFAULTS := {}
+## The part [code]Tool[/code]: A function the model may call ([code]generate.tools[/code]).
+const TOOL_FIELDS := {
+	"name": {
+		"kind": "str",
+		"required": true,
+		"pattern": "^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
+		"doc": "what the game calls it: a letter or _, then letters, digits, _ . - (at most 64)",
+	},
+	"description": {
+		"kind": "str",
+		"default": "",
+		"max_length": 4096,
+		"doc": "what it does, for the model",
+	},
+	"parameters": {
+		"kind": "map",
+		"default": {"type": "object"},
+		"item": {"kind": "any"},
+		"doc": "a JSON Schema object for its arguments",
+	},
+}
+## Its fields that have a default, and the default.
+const TOOL_DEFAULTS := {"description": "", "parameters": {"type": "object"}}
 ## The part [code]ModelInfo[/code]: A loaded model, as announced in the handshake.
 const MODEL_INFO_FIELDS := {
 	"name": {"kind": "str", "required": true},
@@ -727,6 +819,18 @@ const TIMINGS_FIELDS := {
 }
 ## Its fields that have a default, and the default.
 const TIMINGS_DEFAULTS := {}
+## The part [code]ToolCall[/code]: A call the model made ([code]result.tool_calls[/code]).
+const TOOL_CALL_FIELDS := {
+	"name": {"kind": "str", "required": true, "doc": "one of the request's tools"},
+	"arguments": {
+		"kind": "map",
+		"default": {},
+		"item": {"kind": "any"},
+		"doc": "the arguments, valid against its parameters",
+	},
+}
+## Its fields that have a default, and the default.
+const TOOL_CALL_DEFAULTS := {"arguments": {}}
 ## Every message's fields, by type name.
 const MESSAGES := {
 	HELLO: HELLO_FIELDS,
@@ -750,8 +854,10 @@ const MESSAGES := {
 const PARTS := {
 	"AdapterRef": ADAPTER_REF_FIELDS,
 	"ChatMessage": CHAT_MESSAGE_FIELDS,
+	"Tool": TOOL_FIELDS,
 	"ModelInfo": MODEL_INFO_FIELDS,
 	"AdapterInfo": ADAPTER_INFO_FIELDS,
 	"Limits": LIMITS_FIELDS,
 	"Timings": TIMINGS_FIELDS,
+	"ToolCall": TOOL_CALL_FIELDS,
 }

@@ -98,6 +98,31 @@ namespace Loraloom.Core
         /// system messages, never part of a turn); <c>result.dropped_messages</c> says how many.
         /// </summary>
         public bool TrimHistory = false;
+        /// <summary>
+        /// The output is JSON valid against this JSON Schema; <c>result.json</c> holds it parsed (at most one of
+        /// json_schema, regex, choices, grammar).
+        /// </summary>
+        public Dictionary<string, object> JsonSchema;
+        /// <summary>
+        /// The output matches this regular expression (Rust <c>regex</c> syntax). 1 to 16384 characters.
+        /// </summary>
+        public string Regex;
+        /// <summary>
+        /// The output is exactly one of these strings. 1 to 1024 items; each item: 1 to 4096 characters.
+        /// </summary>
+        public List<string> Choices;
+        /// <summary>The output matches this Lark grammar (llguidance's Lark dialect). 1 to 65536 characters.</summary>
+        public string Grammar;
+        /// <summary>
+        /// Functions the model may call (needs <c>messages</c>); a call comes back in <c>result.tool_calls</c>. 1 to
+        /// 128 items.
+        /// </summary>
+        public List<Tool> Tools;
+        /// <summary>
+        /// With <c>tools</c>: auto (text or one call), required (one call), none (text; the tools are not shown), or a
+        /// tool's name (a call of that tool). 1 to 64 characters.
+        /// </summary>
+        public string ToolChoice = "auto";
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -115,7 +140,13 @@ namespace Loraloom.Core
                 + Wire.Field(w, "stop", Stop, (w1, v1) => Wire.WriteList(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
                 + Wire.Field(w, "stream", Stream)
                 + Wire.Field(w, "priority", Priority)
-                + Wire.Field(w, "trim_history", TrimHistory);
+                + Wire.Field(w, "trim_history", TrimHistory)
+                + Wire.Field(w, "json_schema", JsonSchema, (w1, v1) => Wire.WriteDict(w1, v1, (w2, v2) => w2.WriteValue(v2)))
+                + Wire.Field(w, "regex", Regex)
+                + Wire.Field(w, "choices", Choices, (w1, v1) => Wire.WriteList(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
+                + Wire.Field(w, "grammar", Grammar)
+                + Wire.Field(w, "tools", Tools, (w1, v1) => Wire.WriteList(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
+                + Wire.Field(w, "tool_choice", ToolChoice);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -137,6 +168,12 @@ namespace Loraloom.Core
                 case "stream": Stream = r.ReadBool(); return true;
                 case "priority": Priority = r.ReadString(); return true;
                 case "trim_history": TrimHistory = r.ReadBool(); return true;
+                case "json_schema": JsonSchema = (r.TryReadNil() ? null : Wire.ReadDict(r, r1 => r1.ReadValue())); return true;
+                case "regex": Regex = r.ReadStringOrNull(); return true;
+                case "choices": Choices = (r.TryReadNil() ? null : Wire.ReadList(r, r1 => r1.ReadString())); return true;
+                case "grammar": Grammar = r.ReadStringOrNull(); return true;
+                case "tools": Tools = (r.TryReadNil() ? null : Wire.ReadList(r, r1 => Wire.Read(r1, new Tool()))); return true;
+                case "tool_choice": ToolChoice = r.ReadString(); return true;
                 default: return false;
             }
         }
@@ -398,6 +435,16 @@ namespace Loraloom.Core
         public const string Cancelled = "cancelled";
     }
 
+    /// <summary>
+    /// The known values of <c>Result.constraint</c>. They stay strings on the messages, so a value a newer daemon adds
+    /// never breaks an older client.
+    /// </summary>
+    public static class ResultConstraint
+    {
+        public const string Satisfied = "satisfied";
+        public const string Incomplete = "incomplete";
+    }
+
     /// <summary>The end of a text request: the whole text and why it stopped.</summary>
     public sealed partial class Result : RequestMessage
     {
@@ -425,6 +472,15 @@ namespace Loraloom.Core
         /// oldest.
         /// </summary>
         public int DroppedMessages = 0;
+        /// <summary>
+        /// With a constraint or tools: satisfied, or incomplete when the output ended first (max_tokens, the context, a
+        /// stop string or cancel). One of <see cref="Loraloom.Core.ResultConstraint"/>.
+        /// </summary>
+        public string Constraint;
+        /// <summary>With <c>json_schema</c>: the output parsed (absent when incomplete).</summary>
+        public object Json;
+        /// <summary>With <c>tools</c>: the call the model made, if any.</summary>
+        public List<ToolCall> ToolCalls = new List<ToolCall>();
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -437,7 +493,10 @@ namespace Loraloom.Core
                 + Wire.Field(w, "adapter_versions", AdapterVersions, (w1, v1) => Wire.WriteDict(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
                 + Wire.Field(w, "timings", Timings)
                 + Wire.Field(w, "cached_tokens", CachedTokens)
-                + Wire.Field(w, "dropped_messages", DroppedMessages);
+                + Wire.Field(w, "dropped_messages", DroppedMessages)
+                + Wire.Field(w, "constraint", Constraint)
+                + Wire.Field(w, "json", Json, (w1, v1) => w1.WriteValue(v1))
+                + Wire.Field(w, "tool_calls", ToolCalls, (w1, v1) => Wire.WriteList(w1, v1, (w2, v2) => Wire.Write(w2, v2)));
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -454,6 +513,9 @@ namespace Loraloom.Core
                 case "timings": Timings = Wire.Read(r, new Timings()); return true;
                 case "cached_tokens": CachedTokens = r.ReadInt32(); return true;
                 case "dropped_messages": DroppedMessages = r.ReadInt32(); return true;
+                case "constraint": Constraint = r.ReadStringOrNull(); return true;
+                case "json": Json = r.ReadValue(); return true;
+                case "tool_calls": ToolCalls = Wire.ReadList(r, r1 => Wire.Read(r1, new ToolCall())); return true;
                 default: return false;
             }
         }

@@ -67,6 +67,38 @@ namespace Loraloom.Core
         }
     }
 
+    /// <summary>A function the model may call (<c>generate.tools</c>).</summary>
+    public sealed partial class Tool : WireMap
+    {
+        /// <summary>
+        /// What the game calls it: a letter or _, then letters, digits, _ . - (at most 64). Matches
+        /// <c>^[A-Za-z_][A-Za-z0-9_.-]{0,63}$</c>.
+        /// </summary>
+        public string Name;
+        /// <summary>What it does, for the model. At most 4096 characters.</summary>
+        public string Description = "";
+        /// <summary>A JSON Schema object for its arguments.</summary>
+        public Dictionary<string, object> Parameters = new Dictionary<string, object> { { "type", "object" } };
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return Wire.Field(w, "name", Name)
+                + Wire.Field(w, "description", Description)
+                + Wire.Field(w, "parameters", Parameters, (w1, v1) => Wire.WriteDict(w1, v1, (w2, v2) => w2.WriteValue(v2)));
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "name": Name = r.ReadString(); return true;
+                case "description": Description = r.ReadString(); return true;
+                case "parameters": Parameters = Wire.ReadDict(r, r1 => r1.ReadValue()); return true;
+                default: return false;
+            }
+        }
+    }
+
     /// <summary>
     /// The known values of <c>ModelInfo.kind</c> and <c>AdapterInfo.kind</c>. They stay strings on the messages, so a
     /// value a newer daemon adds never breaks an older client.
@@ -255,6 +287,31 @@ namespace Loraloom.Core
                 case "first_token_ms": FirstTokenMs = Wire.NullableDouble(r); return true;
                 case "total_ms": TotalMs = r.ReadDouble(); return true;
                 case "tokens_per_s": TokensPerS = Wire.NullableDouble(r); return true;
+                default: return false;
+            }
+        }
+    }
+
+    /// <summary>A call the model made (<c>result.tool_calls</c>).</summary>
+    public sealed partial class ToolCall : WireMap
+    {
+        /// <summary>One of the request's tools.</summary>
+        public string Name;
+        /// <summary>The arguments, valid against its parameters.</summary>
+        public Dictionary<string, object> Arguments = new Dictionary<string, object>();
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return Wire.Field(w, "name", Name)
+                + Wire.Field(w, "arguments", Arguments, (w1, v1) => Wire.WriteDict(w1, v1, (w2, v2) => w2.WriteValue(v2)));
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "name": Name = r.ReadString(); return true;
+                case "arguments": Arguments = Wire.ReadDict(r, r1 => r1.ReadValue()); return true;
                 default: return false;
             }
         }
