@@ -104,6 +104,14 @@ class Grammars:
                     self._hf, n_vocab=self.vocab_size, eos_token=self._eos or None)
             return self._tokenizer
 
+    def warm(self) -> None:
+        """Convert the tokenizer now (a background thread at start), if llguidance is installed."""
+        if available():
+            try:
+                self.tokenizer()
+            except Exception:  # the first constraint reports it
+                pass
+
     def compile(self, constraint: Constraint) -> Grammar:
         """The grammar of `constraint` (cached); ConstraintError with the library's reason if invalid."""
         if not available():

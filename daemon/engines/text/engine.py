@@ -181,6 +181,8 @@ class TextEngine:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="loraloom-text", daemon=True)
             self._thread.start()
+            # The first constraint would pay for the tokenizer's conversion (~0.4 s for SmolLM2).
+            threading.Thread(target=self.grammars.warm, name="loraloom-grammars", daemon=True).start()
 
     def stop(self, message: str = "the daemon is shutting down") -> None:
         """Stop the worker; every queued and running request ends with STOPPED. Idempotent."""
