@@ -35,10 +35,13 @@ from .messages import (
     AdapterInfo,
     AdapterRef,
     Adapters,
+    Budget,
     Cancel,
     ChatMessage,
     Chunk,
     Error,
+    Frame,
+    FrameSync,
     Generate,
     GenerateImage,
     Hello,
@@ -49,7 +52,9 @@ from .messages import (
     Pong,
     Result,
     ServerMessage,
+    SetBudget,
     Subscribe,
+    TokenRates,
     Tool,
     Welcome,
 )
@@ -344,6 +349,25 @@ class Client:
         assert isinstance(reply, Pong)
         return time.perf_counter() - start
 
+    async def set_budget(self, *, duty_cap: float | None = None,
+                         tokens_per_s: TokenRates | dict[str, float] | None = None,
+                         frame_sync: FrameSync | dict[str, float] | None = None,
+                         max_step_ms: float | None = None) -> Budget:
+        """Limit the GPU time the daemon takes while this client is connected (nothing given: no
+        budget). With `frame_sync`, call `frame()` at the start of every frame."""
+        reply = await self._call(SetBudget(
+            id=self.new_id(), duty_cap=duty_cap, max_step_ms=max_step_ms,
+            tokens_per_s=TokenRates.model_validate(tokens_per_s) if isinstance(tokens_per_s, dict) else tokens_per_s,
+            frame_sync=FrameSync.model_validate(frame_sync) if isinstance(frame_sync, dict) else frame_sync))
+        assert isinstance(reply, Budget)
+        return reply
+
+    async def frame(self) -> None:
+        """A frame of the game starts now (for a `frame_sync` budget; no answer)."""
+        if self._closed is not None:
+            raise self._closed
+        await self._ws.send(encode(Frame()))
+
     def events(self) -> AdapterEvents:
         """Adapter events from this call on (subscribes on first use): `async for e in client.events()`."""
         return AdapterEvents(self)
@@ -372,7 +396,7 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    async def _start(self, message: Generate | GenerateImage | ListAdapters | Ping | Subscribe) -> _Request:
+    async def _start(self, message: Generate | GenerateImage | ListAdapters | Ping | Subscribe | SetBudget) -> _Request:
         if self._closed is not None:
             raise self._closed
         request = _Request(message.id)
@@ -384,7 +408,7 @@ class Client:
             raise ConnectionClosed(f"connection to the daemon closed: {exc}") from None
         return request
 
-    async def _call(self, message: ListAdapters | Ping | Subscribe) -> ServerMessage:
+    async def _call(self, message: ListAdapters | Ping | Subscribe | SetBudget) -> ServerMessage:
         request = await self._start(message)
         try:
             return await self._next_event(request)

@@ -31,11 +31,14 @@ __all__ = [
     "AdapterInfo",
     "AdapterRef",
     "Adapters",
+    "Budget",
     "Cancel",
     "ChatMessage",
     "Chunk",
     "ClientMessage",
     "Error",
+    "Frame",
+    "FrameSync",
     "Generate",
     "GenerateImage",
     "Hello",
@@ -48,8 +51,10 @@ __all__ = [
     "Pong",
     "Result",
     "ServerMessage",
+    "SetBudget",
     "Subscribe",
     "Timings",
+    "TokenRates",
     "Tool",
     "ToolCall",
     "Welcome",
@@ -287,6 +292,42 @@ class Ping(_Message):
     id: RequestId = Field(description=_id())
 
 
+class TokenRates(_Message):
+    """Tokens per second a priority class may generate, at most (null: no cap)."""
+
+    player: float | None = Field(default=None, gt=0.0, le=1e6)
+    normal: float | None = Field(default=None, gt=0.0, le=1e6)
+    background: float | None = Field(default=None, gt=0.0, le=1e6)
+
+
+class FrameSync(_Message):
+    """The game's frame: the daemon's GPU work runs in the part of each frame the game leaves free."""
+
+    period_ms: float = Field(ge=1.0, le=1000.0, description="frame time (16.7 at 60 Hz); `frame` messages mark starts")
+    game_ms: float = Field(ge=0.0, le=1000.0, description="GPU time the game's own work takes from a frame's start")
+    margin_ms: float = Field(default=0.5, ge=0.0, le=100.0, description="kept free before the next frame")
+
+
+class SetBudget(_Message):
+    """Limit the GPU time the daemon takes (all limits off: no budget). Answered by `budget`. The
+    budget holds until it is set again or this connection closes (then the settings' budget returns)."""
+
+    type: Literal["set_budget"] = "set_budget"
+    id: RequestId = Field(description=_id())
+    duty_cap: float | None = Field(default=None, gt=0.0, le=1.0,
+                                   description="the fraction of wall time the daemon's GPU work may occupy")
+    tokens_per_s: TokenRates | None = Field(default=None, description="generated tokens per second per priority")
+    frame_sync: FrameSync | None = Field(default=None, description="run in the free part of the game's frames")
+    max_step_ms: float | None = Field(default=None, ge=0.5, le=10000.0,
+                                      description="the longest step while a budget is set (prompt chunks shrink)")
+
+
+class Frame(_Message):
+    """A frame of the game started now (with `frame_sync`; no answer). A few bytes a frame."""
+
+    type: Literal["frame"] = "frame"
+
+
 # ---------------------------------------------------------------- daemon -> client
 
 
@@ -374,6 +415,18 @@ class Pong(_Message):
     server_time: float = Field(description="the daemon's wall clock, seconds since 1970")
 
 
+class Budget(_Message):
+    """The GPU budget in force (the answer to `set_budget`)."""
+
+    type: Literal["budget"] = "budget"
+    id: RequestId
+    duty_cap: float | None = None
+    tokens_per_s: TokenRates | None = None
+    frame_sync: FrameSync | None = None
+    max_step_ms: float | None = None
+    set_by_client: bool = Field(default=False, description="false: the daemon's settings' budget")
+
+
 class ImageProgress(_Message):
     """One denoising step of an image request finished."""
 
@@ -398,7 +451,7 @@ class ImageResult(_Message):
 
 
 ClientMessage = Annotated[
-    Hello | Generate | GenerateImage | Cancel | ListAdapters | Subscribe | Ping,
+    Hello | Generate | GenerateImage | Cancel | ListAdapters | Subscribe | Ping | SetBudget | Frame,
     Field(discriminator="type"),
 ]
 ServerMessage = Annotated[
@@ -409,6 +462,7 @@ ServerMessage = Annotated[
     | Adapters
     | AdapterEvent
     | Pong
+    | Budget
     | ImageProgress
     | ImageResult,
     Field(discriminator="type"),

@@ -31,7 +31,7 @@ from bridge import messages as m
 from bridge.codec import encode
 
 from .service import Service
-from .session import Action, Close, Send, Session, Start, Stop
+from .session import Action, Budget, Close, FrameStart, Send, Session, Start, Stop
 
 __all__ = ["DaemonServer"]
 
@@ -193,6 +193,12 @@ class DaemonServer:
                 self.service.submit(action.key, action.message, lambda make: inbox.put(conn_id, make))
             elif isinstance(action, Stop):
                 self.service.cancel(action.key, action.kind)
+            elif isinstance(action, FrameStart):
+                self.service.budget.frame()
+            elif isinstance(action, Budget):
+                reply = self.service.set_budget(action.conn, action.message)
+                if reply is not None:
+                    self._perform(conn_id, c, c.session.deliver(reply))
 
     def _drain(self, items: list[tuple[int, Any]]) -> None:
         """On the loop: what engines and the intake posted."""

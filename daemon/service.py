@@ -34,6 +34,7 @@ from .adapters.loader import AdapterFiles
 from .adapters.registry import AdapterChange, AdapterRegistry
 from .adapters.version import AdapterKind, AdapterVersion
 from .adapters.watcher import AdapterWatcher
+from .budget import BudgetSpec, FrameSync, GpuBudget
 from .conversation import DoesNotFit, fit_messages
 from .engines.base import Engine, TextEngineLike
 from .replies import ImageReplies, TextReplies, cancelled_before_start, error_message
@@ -73,6 +74,11 @@ class Service:
             on_change=self._adapter_changed, on_retire=self._retire, on_live=self._publish,
             capacity=settings.adapter_capacity, pinned=settings.pinned_adapters)
         self.watcher: AdapterWatcher | None = None
+        # One GPU budget for both engines: they share the GPU with the game and with each other.
+        self.budget = GpuBudget(budget_from_settings(settings))
+        for engine in (self.text, self.image):
+            if engine is not None and hasattr(engine, "budget"):
+                engine.budget = self.budget
         self._intake = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loraloom-intake")
         self._pending: dict[RequestKey, _Intake] = {}
         self._lock = threading.Lock()
@@ -179,6 +185,7 @@ class Service:
                 "adapters": len(self.registry.list()), "requests_in_intake": intake,
                 "text_engine": self.text.stats() if self.text is not None else None,
                 "image_engine": self.image.stats() if self.image is not None else None,
+                "gpu_budget": self.budget.describe(),
                 "host_cache": {"capacity": self.registry.capacity, "warm": self.registry.warm_count(),
                                **self.registry.stats}}
 
@@ -198,6 +205,22 @@ class Service:
         engine = self.text if version.kind == "text" else self.image
         if engine is not None:
             engine.publish(version)
+
+    def set_budget(self, conn: int, msg: m.SetBudget | None) -> m.Budget | None:
+        """A client sets the GPU budget (until it sets another or disconnects), or its budget ends
+        (None: the settings' budget returns). The answer says what is in force."""
+        if msg is None:
+            if self.budget.release(conn):
+                log.info("connection %d closed: the GPU budget is the settings' again", conn)
+            return None
+        rates = msg.tokens_per_s.model_dump(exclude_none=True) if msg.tokens_per_s else {}
+        sync = msg.frame_sync
+        spec = BudgetSpec(duty_cap=msg.duty_cap, tokens_per_s=rates, max_step_ms=msg.max_step_ms,
+                          frame_sync=None if sync is None else FrameSync(sync.period_ms, sync.game_ms, sync.margin_ms))
+        self.budget.set(spec, owner=conn if spec.active else None)
+        log.info("connection %d set the GPU budget: %s", conn, self.budget.describe())
+        return m.Budget(id=msg.id, duty_cap=spec.duty_cap, tokens_per_s=msg.tokens_per_s, frame_sync=sync,
+                        max_step_ms=spec.max_step_ms, set_by_client=spec.active)
 
     def _retire(self, version: AdapterVersion) -> None:
         engine = self.text if version.kind == "text" else self.image
@@ -344,3 +367,9 @@ def _load_image_engine(settings: Settings) -> Engine[Any]:
     return ImageEngine.from_folder(model, ImageConfig(device=settings.device, dtype=settings.dtype,
                                                       max_batch=settings.image_max_batch),
                                    cache_dir=settings.cache_dir or default_cache_dir())
+
+
+def budget_from_settings(settings: Settings) -> BudgetSpec:
+    rates = {c: r for c, r in (("player", settings.tokens_per_s_player), ("normal", settings.tokens_per_s_normal),
+                               ("background", settings.tokens_per_s_background)) if r is not None}
+    return BudgetSpec(duty_cap=settings.gpu_duty_cap, tokens_per_s=rates, max_step_ms=settings.max_step_ms)

@@ -5,9 +5,10 @@
     actions = session.closed()            # the connection is gone
 
 Each call returns the actions it calls for: `Send` a message, `Close` the connection, `Start` or
-`Stop` a request. The server performs them (moving bytes, calling the service); the session only
-decides, from what it knows: the handshake, the requests in flight, the subscription. Nothing here
-blocks, reads a file or tokenises, and it is only ever called from the server's event loop.
+`Stop` a request, set or release the GPU budget (`Budget`), mark a game frame (`FrameStart`). The
+server performs them (moving bytes, calling the service); the session only decides, from what it
+knows: the handshake, the requests in flight, the subscription. Nothing here blocks, reads a file
+or tokenises, and it is only ever called from the server's event loop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from bridge import messages as m
 from bridge.codec import FrameError, decode_client
 from bridge.errors import ErrorCode
 
-__all__ = ["CLOSE_POLICY", "Action", "Close", "RequestKey", "Send", "Session", "SessionView", "Start", "Stop"]
+__all__ = ["CLOSE_POLICY", "Action", "Budget", "Close", "FrameStart", "RequestKey", "Send", "Session", "SessionView",
+           "Start", "Stop"]
 
 log = logging.getLogger("loraloom.session")
 
@@ -63,7 +65,22 @@ class Stop:
     kind: Kind
 
 
-Action = Send | Close | Start | Stop
+@dataclass(frozen=True)
+class Budget:
+    """Set the daemon's GPU budget for this connection (`message`), or release it (None)."""
+
+    conn: int
+    message: m.SetBudget | None
+
+
+@dataclass(frozen=True)
+class FrameStart:
+    """A frame of the game started (a `frame` message)."""
+
+    conn: int
+
+
+Action = Send | Close | Start | Stop | Budget | FrameStart
 
 
 class SessionView(Protocol):
@@ -89,6 +106,7 @@ class Session:
         self.authenticated = False
         self.subscribed = False
         self.inflight: dict[str, Kind] = {}  # request id -> its kind
+        self.set_budget = False  # this connection set the GPU budget (released when it closes)
         self._closed = False
 
     def receive(self, frame: bytes | str) -> list[Action]:
@@ -115,7 +133,9 @@ class Session:
         """The connection is gone: stop its requests. Idempotent."""
         self._closed = True
         pending, self.inflight = self.inflight, {}
-        return [Stop(RequestKey(self.conn_id, rid), kind) for rid, kind in pending.items()]
+        release: list[Action] = [Budget(self.conn_id, None)] if self.set_budget else []
+        self.set_budget = False
+        return [*release, *(Stop(RequestKey(self.conn_id, rid), kind) for rid, kind in pending.items())]
 
     # ---------------------------------------------------------------- frames
 
@@ -147,6 +167,11 @@ class Session:
             return [Send(m.Adapters(id=msg.id, adapters=self.view.adapter_list()))]
         if isinstance(msg, m.Ping):
             return [Send(m.Pong(id=msg.id, server_time=time.time()))]
+        if isinstance(msg, m.Frame):
+            return [FrameStart(self.conn_id)]
+        if isinstance(msg, m.SetBudget):
+            self.set_budget = True
+            return [Budget(self.conn_id, msg)]
         return [_error(ErrorCode.BAD_MESSAGE, "'hello' was already received on this connection")]
 
     def _refuse(self, code: ErrorCode | str, message: str) -> list[Action]:

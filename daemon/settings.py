@@ -109,6 +109,20 @@ class Settings(BaseSettings):
         "compiled kernels where installed: Triton on CUDA, a numba loop for CPU decode steps "
         "(false: PyTorch ops only; the startup log names the LoRA kernel in use)"))
 
+    gpu_duty_cap: float | None = Field(default=None, gt=0.0, le=1.0, description=(
+        "the fraction of wall time the engines' GPU work may occupy, so the game keeps the rest (a client's "
+        "`set_budget` replaces the budget while it is connected)"), json_schema_extra={"unset": "no cap"})
+    tokens_per_s_player: float | None = Field(default=None, gt=0.0, description=(
+        "generated tokens per second of `player` requests, at most"), json_schema_extra={"unset": "no cap"})
+    tokens_per_s_normal: float | None = Field(default=None, gt=0.0, description=(
+        "generated tokens per second of `normal` requests, at most"), json_schema_extra={"unset": "no cap"})
+    tokens_per_s_background: float | None = Field(default=None, gt=0.0, description=(
+        "generated tokens per second of `background` requests (ambient chatter), at most"),
+        json_schema_extra={"unset": "no cap"})
+    max_step_ms: float | None = Field(default=None, ge=0.5, description=(
+        "while a budget is set: the longest engine step (prompt chunks shrink to fit; a frame-synced budget "
+        "also bounds it by the free part of a frame)"), json_schema_extra={"unset": "no bound"})
+
     remote_url: str | None = Field(default=None, description=(
         "the remote engine's OpenAI-compatible server, e.g. `http://127.0.0.1:8000` (with `text_engine` "
         "`remote`)"), json_schema_extra={"unset": "none"})
@@ -182,6 +196,7 @@ GROUP_STARTS: dict[str, str] = {
     "text_model": "models",
     "text_adapters": "adapters",
     "max_seqs": "text engine capacity",
+    "gpu_duty_cap": "GPU budget (sharing the GPU with the game)",
     "remote_url": "remote text engine",
     "image_max_batch": "image engine capacity",
     "max_frame_bytes": "limits",

@@ -66,6 +66,8 @@ def sample(name: str) -> list[str]:
         return ["/x/first" if typing.get_args(kind)[0] is Path else "first", "second"]
     if typing.get_origin(kind) is typing.Literal:
         return [next(c for c in typing.get_args(kind) if c != field.default)]
+    if kind is float:
+        return ["0.5"]
     if kind is int:
         low = next((m.ge for m in field.metadata if hasattr(m, "ge")), 0)
         return [str((field.default if field.default is not None else low) + 1)]

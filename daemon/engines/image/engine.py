@@ -23,6 +23,7 @@ import torch
 
 from ...adapters.loader import AdapterFiles
 from ...adapters.version import AdapterVersion
+from ...budget import GpuBudget
 from ..base import EngineError, EngineErrorCode, EngineInfo, EventSink, PreparedAdapter
 from ..device import dtype_name, resolve_device
 from .batching import FairQueue, free_seed, home_row
@@ -62,6 +63,8 @@ class ImageEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._queue: FairQueue[Image] = FairQueue(cfg.max_batch)  # worker thread only
+        self.budget: GpuBudget | None = None  # the GPU budget the daemon shares between its engines
+        self._step_mark = 0.0  # when the last denoising step ended (the budget times steps)
         log.info("image model %s%s loaded on %s (%s)", name, " (a placeholder that draws noise)" if placeholder else "",
                  device, self._dtype)
 
@@ -250,6 +253,7 @@ class ImageEngine:
         r = lead.request
         rows = [CallRow(i.job.key, i.job.request.prompt, i.job.request.negative_prompt, i.seed) if i else None
                 for i in call]
+        self._step_mark = time.perf_counter()
         try:
             out = self._call_pipeline(rows, r, lambda pipe, i: self._after_step(pipe, i, jobs))
         except Exception as exc:
@@ -295,6 +299,22 @@ class ImageEngine:
             for job in live:
                 self._emit(job, job.progress(i, per_call, now))
         self._reap_cancelled()  # cancelled requests still waiting are answered now, not after this call
+        if self.budget is not None and self.budget.spec.active:
+            self._keep_budget()
+
+    def _keep_budget(self) -> None:
+        """Between denoising steps: record the step's time and wait while the GPU budget says so."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)  # the step's time is the device's
+        now = time.perf_counter()
+        step = now - self._step_mark
+        assert self.budget is not None
+        self.budget.record(step)
+        wait = self.budget.delay(step * 1000)
+        if wait > 0:
+            time.sleep(min(wait, 1.0))
+            self.budget.record(0.0, waited=wait)
+        self._step_mark = time.perf_counter()
 
     # ------------------------------------------------------------ endings
 

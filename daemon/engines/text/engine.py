@@ -27,6 +27,7 @@ import torch
 
 from ...adapters.loader import AdapterFiles
 from ...adapters.version import AdapterVersion
+from ...budget import GpuBudget, StepTimer
 from ..base import EngineError, EngineErrorCode, EngineInfo, EventSink, PreparedAdapter
 from ..device import dtype_name, resolve_device, resolve_dtype
 from .blocks import BlockPool
@@ -100,6 +101,8 @@ class TextEngine:
         self._stopping = False
         self.steps = 0
         self.failed_steps = 0
+        self.budget: GpuBudget | None = None  # the GPU budget the daemon shares between its engines
+        self.step_timer = StepTimer()  # predicts a step's time (the budget's frame windows, chunk sizes)
         mb = 2**20
         log.info("text model %s: %d layers, %.0fM parameters, %s %s, %d sequences of up to %d tokens, %d LoRA "
                  "slots, %s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
@@ -236,7 +239,20 @@ class TextEngine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+                wait = self.budget.delay(self.step_timer.predict(self._step_tokens() or 0)) if self.budget else 0.0
+                if wait > 0:  # held back by the GPU budget (a command wakes the loop early)
+                    self._wake.wait(wait)
+                    continue
+            if not self.step() and self.has_work():  # every running class is over its tokens/s budget
+                with self._wake:
+                    self._wake.wait(0.002)
+
+    def _step_tokens(self) -> int | None:
+        """The step's token budget while a GPU budget bounds step time (None: the configured one)."""
+        limit = self.budget.step_ms_limit() if self.budget else None
+        if limit is None:
+            return None
+        return min(self.config.max_step_tokens, self.step_timer.tokens_for(limit))
 
     def _command(self, kind: str, arg: Any) -> None:
         with self._wake:
@@ -275,7 +291,8 @@ class TextEngine:
         self._drain_commands()
         for seq in self.scheduler.take_cancelled():
             self._end(seq, "cancelled")
-        started, plan = self.scheduler.schedule()
+        held = self.budget.held_classes() if self.budget else frozenset()
+        started, plan = self.scheduler.schedule(hold=held, step_tokens=self._step_tokens())
         for seq in started:
             if seq.request.constraint is not None:
                 seq.grammar = seq.request.constraint.start()
@@ -283,7 +300,16 @@ class TextEngine:
                                                        max_context=self.max_context)
         if plan is None:
             return False
+        started_at = time.perf_counter()
         self._run_isolated(plan)
+        seconds = time.perf_counter() - started_at  # sampling ends the step on the host: the device's time too
+        chunk_tokens = sum(c.length for c in plan.chunks)
+        self.step_timer.observe(seconds * 1000, chunk_tokens)
+        if self.budget is not None:
+            tokens: dict[str, int] = {}
+            for seq in plan.sample:
+                tokens[seq.request.priority] = tokens.get(seq.request.priority, 0) + 1
+            self.budget.record(seconds, tokens)
         self.steps += 1
         return True
 

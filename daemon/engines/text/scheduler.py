@@ -187,19 +187,23 @@ class Scheduler:
 
     # ---------------------------------------------------------------- scheduling
 
-    def schedule(self) -> tuple[list[Sequence], StepPlan | None]:
+    def schedule(self, *, hold: frozenset[str] = frozenset(),
+                 step_tokens: int | None = None) -> tuple[list[Sequence], StepPlan | None]:
         """Admit what may start; plan the next step. (the sequences that started for the first
-        time, the plan or None when nothing runs)"""
+        time, the plan or None when nothing runs.) Sequences of the priority classes in `hold` sit
+        this step out (a tokens/s budget); `step_tokens` bounds this step's tokens instead of
+        `max_step_tokens` (a step-time budget: prompt chunks shrink)."""
         started = self._admit()
         if not self.running:
             return started, None
+        active = [s for s in self.running if s.request.priority not in hold] if hold else self.running
         decode: list[Sequence] = []
-        for seq in sorted((s for s in self.running if not s.in_prefill), key=self._order):
+        for seq in sorted((s for s in active if not s.in_prefill), key=self._order):
             if seq in self.running and self._reserve(seq, seq.fed + 1):
                 decode.append(seq)
-        budget = max(self.max_step_tokens - len(decode), 1)
+        budget = max((step_tokens or self.max_step_tokens) - len(decode), 1)
         chunks: list[Chunk] = []
-        for seq in sorted((s for s in self.running if s.in_prefill), key=self._order):
+        for seq in sorted((s for s in active if s.in_prefill), key=self._order):
             if budget <= 0 or seq not in self.running:
                 continue
             n = min(seq.context_len - seq.fed, self.prefill_chunk, budget)

@@ -38,6 +38,12 @@ const LIST_ADAPTERS := "list_adapters"
 const SUBSCRIBE := "subscribe"
 ## Answered by [code]pong[/code] with the same id.
 const PING := "ping"
+## Limit the GPU time the daemon takes (all limits off: no budget). Answered by [code]budget[/code].
+## The budget holds until it is set again or this connection closes (then the settings' budget
+## returns).
+const SET_BUDGET := "set_budget"
+## A frame of the game started now (with [code]frame_sync[/code]; no answer). A few bytes a frame.
+const FRAME := "frame"
 ## The answer to a valid [code]hello[/code].
 const WELCOME := "welcome"
 ## New text of a streaming request.
@@ -52,12 +58,24 @@ const ADAPTERS := "adapters"
 const ADAPTER_EVENT := "adapter_event"
 ## The answer to [code]ping[/code].
 const PONG := "pong"
+## The GPU budget in force (the answer to [code]set_budget[/code]).
+const BUDGET := "budget"
 ## One denoising step of an image request finished.
 const IMAGE_PROGRESS := "image_progress"
 ## The end of an image request: PNG files as msgpack bin, plus the seed that made them.
 const IMAGE_RESULT := "image_result"
 ## The message types a client sends.
-const CLIENT_TYPES := [HELLO, GENERATE, GENERATE_IMAGE, CANCEL, LIST_ADAPTERS, SUBSCRIBE, PING]
+const CLIENT_TYPES := [
+	HELLO,
+	GENERATE,
+	GENERATE_IMAGE,
+	CANCEL,
+	LIST_ADAPTERS,
+	SUBSCRIBE,
+	PING,
+	SET_BUDGET,
+	FRAME,
+]
 ## The message types the daemon sends.
 const SERVER_TYPES := [
 	WELCOME,
@@ -67,6 +85,7 @@ const SERVER_TYPES := [
 	ADAPTERS,
 	ADAPTER_EVENT,
 	PONG,
+	BUDGET,
 	IMAGE_PROGRESS,
 	IMAGE_RESULT,
 ]
@@ -493,6 +512,55 @@ const PING_FIELDS := {
 }
 ## Its fields that have a default, and the default.
 const PING_DEFAULTS := {}
+## [code]set_budget[/code]: Limit the GPU time the daemon takes (all limits off: no budget).
+## Answered by [code]budget[/code]. The budget holds until it is set again or this connection closes
+## (then the settings' budget returns).
+const SET_BUDGET_FIELDS := {
+	"type": {"kind": "str", "values": ["set_budget"], "default": "set_budget"},
+	"id": {
+		"kind": "str",
+		"required": true,
+		"min_length": 1,
+		"max_length": 64,
+		"doc": "the request's id (client-chosen, 1-64 characters, unique among the connection's " +
+				"requests in flight)",
+	},
+	"duty_cap": {
+		"kind": "float",
+		"nullable": true,
+		"gt": 0.0,
+		"le": 1.0,
+		"doc": "the fraction of wall time the daemon's GPU work may occupy",
+	},
+	"tokens_per_s": {
+		"kind": "model",
+		"model": "TokenRates",
+		"nullable": true,
+		"doc": "generated tokens per second per priority",
+	},
+	"frame_sync": {
+		"kind": "model",
+		"model": "FrameSync",
+		"nullable": true,
+		"doc": "run in the free part of the game's frames",
+	},
+	"max_step_ms": {
+		"kind": "float",
+		"nullable": true,
+		"ge": 0.5,
+		"le": 10000.0,
+		"doc": "the longest step while a budget is set (prompt chunks shrink)",
+	},
+}
+## Its fields that have a default, and the default.
+const SET_BUDGET_DEFAULTS := {}
+## [code]frame[/code]: A frame of the game started now (with [code]frame_sync[/code]; no answer). A
+## few bytes a frame.
+const FRAME_FIELDS := {
+	"type": {"kind": "str", "values": ["frame"], "default": "frame"},
+}
+## Its fields that have a default, and the default.
+const FRAME_DEFAULTS := {}
 ## [code]welcome[/code]: The answer to a valid [code]hello[/code].
 const WELCOME_FIELDS := {
 	"type": {"kind": "str", "values": ["welcome"], "default": "welcome"},
@@ -618,6 +686,18 @@ const PONG_FIELDS := {
 }
 ## Its fields that have a default, and the default.
 const PONG_DEFAULTS := {}
+## [code]budget[/code]: The GPU budget in force (the answer to [code]set_budget[/code]).
+const BUDGET_FIELDS := {
+	"type": {"kind": "str", "values": ["budget"], "default": "budget"},
+	"id": {"kind": "str", "required": true, "min_length": 1, "max_length": 64},
+	"duty_cap": {"kind": "float", "nullable": true},
+	"tokens_per_s": {"kind": "model", "model": "TokenRates", "nullable": true},
+	"frame_sync": {"kind": "model", "model": "FrameSync", "nullable": true},
+	"max_step_ms": {"kind": "float", "nullable": true},
+	"set_by_client": {"kind": "bool", "default": false, "doc": "false: the daemon's settings' budget"},
+}
+## Its fields that have a default, and the default.
+const BUDGET_DEFAULTS := {"set_by_client": false}
 ## [code]image_progress[/code]: One denoising step of an image request finished.
 const IMAGE_PROGRESS_FIELDS := {
 	"type": {"kind": "str", "values": ["image_progress"], "default": "image_progress"},
@@ -706,6 +786,42 @@ const TOOL_FIELDS := {
 }
 ## Its fields that have a default, and the default.
 const TOOL_DEFAULTS := {"description": "", "parameters": {"type": "object"}}
+## The part [code]TokenRates[/code]: Tokens per second a priority class may generate, at most (null:
+## no cap).
+const TOKEN_RATES_FIELDS := {
+	"player": {"kind": "float", "nullable": true, "gt": 0.0, "le": 1000000.0},
+	"normal": {"kind": "float", "nullable": true, "gt": 0.0, "le": 1000000.0},
+	"background": {"kind": "float", "nullable": true, "gt": 0.0, "le": 1000000.0},
+}
+## Its fields that have a default, and the default.
+const TOKEN_RATES_DEFAULTS := {}
+## The part [code]FrameSync[/code]: The game's frame: the daemon's GPU work runs in the part of each
+## frame the game leaves free.
+const FRAME_SYNC_FIELDS := {
+	"period_ms": {
+		"kind": "float",
+		"required": true,
+		"ge": 1.0,
+		"le": 1000.0,
+		"doc": "frame time (16.7 at 60 Hz); `frame` messages mark starts",
+	},
+	"game_ms": {
+		"kind": "float",
+		"required": true,
+		"ge": 0.0,
+		"le": 1000.0,
+		"doc": "GPU time the game's own work takes from a frame's start",
+	},
+	"margin_ms": {
+		"kind": "float",
+		"default": 0.5,
+		"ge": 0.0,
+		"le": 100.0,
+		"doc": "kept free before the next frame",
+	},
+}
+## Its fields that have a default, and the default.
+const FRAME_SYNC_DEFAULTS := {"margin_ms": 0.5}
 ## The part [code]ModelInfo[/code]: A loaded model, as announced in the handshake.
 const MODEL_INFO_FIELDS := {
 	"name": {"kind": "str", "required": true},
@@ -840,6 +956,8 @@ const MESSAGES := {
 	LIST_ADAPTERS: LIST_ADAPTERS_FIELDS,
 	SUBSCRIBE: SUBSCRIBE_FIELDS,
 	PING: PING_FIELDS,
+	SET_BUDGET: SET_BUDGET_FIELDS,
+	FRAME: FRAME_FIELDS,
 	WELCOME: WELCOME_FIELDS,
 	CHUNK: CHUNK_FIELDS,
 	RESULT: RESULT_FIELDS,
@@ -847,6 +965,7 @@ const MESSAGES := {
 	ADAPTERS: ADAPTERS_FIELDS,
 	ADAPTER_EVENT: ADAPTER_EVENT_FIELDS,
 	PONG: PONG_FIELDS,
+	BUDGET: BUDGET_FIELDS,
 	IMAGE_PROGRESS: IMAGE_PROGRESS_FIELDS,
 	IMAGE_RESULT: IMAGE_RESULT_FIELDS,
 }
@@ -855,6 +974,8 @@ const PARTS := {
 	"AdapterRef": ADAPTER_REF_FIELDS,
 	"ChatMessage": CHAT_MESSAGE_FIELDS,
 	"Tool": TOOL_FIELDS,
+	"TokenRates": TOKEN_RATES_FIELDS,
+	"FrameSync": FRAME_SYNC_FIELDS,
 	"ModelInfo": MODEL_INFO_FIELDS,
 	"AdapterInfo": ADAPTER_INFO_FIELDS,
 	"Limits": LIMITS_FIELDS,

@@ -345,6 +345,72 @@ namespace Loraloom.Core
         }
     }
 
+    /// <summary>
+    /// Limit the GPU time the daemon takes (all limits off: no budget). Answered by <c>budget</c>. The budget holds
+    /// until it is set again or this connection closes (then the settings' budget returns).
+    /// </summary>
+    public sealed partial class SetBudget : RequestMessage
+    {
+        public const string TypeName = "set_budget";
+        public override string Type { get { return TypeName; } }
+
+        /// <summary>The fraction of wall time the daemon's GPU work may occupy. More than 0.0, at most 1.0.</summary>
+        public double? DutyCap;
+        /// <summary>Generated tokens per second per priority.</summary>
+        public TokenRates TokensPerS;
+        /// <summary>Run in the free part of the game's frames.</summary>
+        public FrameSync FrameSync;
+        /// <summary>
+        /// The longest step while a budget is set (prompt chunks shrink). At least 0.5, at most 10000.0.
+        /// </summary>
+        public double? MaxStepMs;
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return TypeField(w)
+                + Wire.Field(w, "id", Id)
+                + Wire.Field(w, "duty_cap", DutyCap)
+                + Wire.Field(w, "tokens_per_s", TokensPerS)
+                + Wire.Field(w, "frame_sync", FrameSync)
+                + Wire.Field(w, "max_step_ms", MaxStepMs);
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "type": r.Skip(); return true;
+                case "id": Id = r.ReadString(); return true;
+                case "duty_cap": DutyCap = Wire.NullableDouble(r); return true;
+                case "tokens_per_s": TokensPerS = (r.TryReadNil() ? null : Wire.Read(r, new TokenRates())); return true;
+                case "frame_sync": FrameSync = (r.TryReadNil() ? null : Wire.Read(r, new FrameSync())); return true;
+                case "max_step_ms": MaxStepMs = Wire.NullableDouble(r); return true;
+                default: return false;
+            }
+        }
+    }
+
+    /// <summary>A frame of the game started now (with <c>frame_sync</c>; no answer). A few bytes a frame.</summary>
+    public sealed partial class Frame : ProtocolMessage
+    {
+        public const string TypeName = "frame";
+        public override string Type { get { return TypeName; } }
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return TypeField(w);
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "type": r.Skip(); return true;
+                default: return false;
+            }
+        }
+    }
+
     // ------------------------------------------------------------------ daemon -> client
 
     /// <summary>The answer to a valid <c>hello</c>.</summary>
@@ -655,6 +721,46 @@ namespace Loraloom.Core
                 case "type": r.Skip(); return true;
                 case "id": Id = r.ReadString(); return true;
                 case "server_time": ServerTime = r.ReadDouble(); return true;
+                default: return false;
+            }
+        }
+    }
+
+    /// <summary>The GPU budget in force (the answer to <c>set_budget</c>).</summary>
+    public sealed partial class Budget : RequestMessage
+    {
+        public const string TypeName = "budget";
+        public override string Type { get { return TypeName; } }
+
+        public double? DutyCap;
+        public TokenRates TokensPerS;
+        public FrameSync FrameSync;
+        public double? MaxStepMs;
+        /// <summary>False: the daemon's settings' budget.</summary>
+        public bool SetByClient = false;
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return TypeField(w)
+                + Wire.Field(w, "id", Id)
+                + Wire.Field(w, "duty_cap", DutyCap)
+                + Wire.Field(w, "tokens_per_s", TokensPerS)
+                + Wire.Field(w, "frame_sync", FrameSync)
+                + Wire.Field(w, "max_step_ms", MaxStepMs)
+                + Wire.Field(w, "set_by_client", SetByClient);
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "type": r.Skip(); return true;
+                case "id": Id = r.ReadString(); return true;
+                case "duty_cap": DutyCap = Wire.NullableDouble(r); return true;
+                case "tokens_per_s": TokensPerS = (r.TryReadNil() ? null : Wire.Read(r, new TokenRates())); return true;
+                case "frame_sync": FrameSync = (r.TryReadNil() ? null : Wire.Read(r, new FrameSync())); return true;
+                case "max_step_ms": MaxStepMs = Wire.NullableDouble(r); return true;
+                case "set_by_client": SetByClient = r.ReadBool(); return true;
                 default: return false;
             }
         }

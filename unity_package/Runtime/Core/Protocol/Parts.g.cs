@@ -99,6 +99,66 @@ namespace Loraloom.Core
         }
     }
 
+    /// <summary>Tokens per second a priority class may generate, at most (null: no cap).</summary>
+    public sealed partial class TokenRates : WireMap
+    {
+        /// <summary>More than 0.0, at most 1000000.0.</summary>
+        public double? Player;
+        /// <summary>More than 0.0, at most 1000000.0.</summary>
+        public double? Normal;
+        /// <summary>More than 0.0, at most 1000000.0.</summary>
+        public double? Background;
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return Wire.Field(w, "player", Player)
+                + Wire.Field(w, "normal", Normal)
+                + Wire.Field(w, "background", Background);
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "player": Player = Wire.NullableDouble(r); return true;
+                case "normal": Normal = Wire.NullableDouble(r); return true;
+                case "background": Background = Wire.NullableDouble(r); return true;
+                default: return false;
+            }
+        }
+    }
+
+    /// <summary>The game's frame: the daemon's GPU work runs in the part of each frame the game leaves free.</summary>
+    public sealed partial class FrameSync : WireMap
+    {
+        /// <summary>
+        /// Frame time (16.7 at 60 Hz); <c>frame</c> messages mark starts. At least 1.0, at most 1000.0.
+        /// </summary>
+        public double PeriodMs;
+        /// <summary>GPU time the game's own work takes from a frame's start. At least 0.0, at most 1000.0.</summary>
+        public double GameMs;
+        /// <summary>Kept free before the next frame. At least 0.0, at most 100.0.</summary>
+        public double MarginMs = 0.5;
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return Wire.Field(w, "period_ms", PeriodMs)
+                + Wire.Field(w, "game_ms", GameMs)
+                + Wire.Field(w, "margin_ms", MarginMs);
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "period_ms": PeriodMs = r.ReadDouble(); return true;
+                case "game_ms": GameMs = r.ReadDouble(); return true;
+                case "margin_ms": MarginMs = r.ReadDouble(); return true;
+                default: return false;
+            }
+        }
+    }
+
     /// <summary>
     /// The known values of <c>ModelInfo.kind</c> and <c>AdapterInfo.kind</c>. They stay strings on the messages, so a
     /// value a newer daemon adds never breaks an older client.

@@ -15,22 +15,23 @@ namespace Loraloom.Core
         public static readonly string[] ClientTypeNames =
         {
             Hello.TypeName, Generate.TypeName, GenerateImage.TypeName, Cancel.TypeName, ListAdapters.TypeName,
-            Subscribe.TypeName, Ping.TypeName
+            Subscribe.TypeName, Ping.TypeName, SetBudget.TypeName, Frame.TypeName
         };
 
         /// <summary>The message types the daemon sends.</summary>
         public static readonly string[] ServerTypeNames =
         {
             Welcome.TypeName, Chunk.TypeName, Result.TypeName, Error.TypeName, AdapterList.TypeName,
-            AdapterEvent.TypeName, Pong.TypeName, ImageProgress.TypeName, ImageResult.TypeName
+            AdapterEvent.TypeName, Pong.TypeName, Budget.TypeName, ImageProgress.TypeName, ImageResult.TypeName
         };
 
         /// <summary>Every message type name of this protocol version: the client's, then the daemon's.</summary>
         public static readonly string[] TypeNames =
         {
             Hello.TypeName, Generate.TypeName, GenerateImage.TypeName, Cancel.TypeName, ListAdapters.TypeName,
-            Subscribe.TypeName, Ping.TypeName, Welcome.TypeName, Chunk.TypeName, Result.TypeName, Error.TypeName,
-            AdapterList.TypeName, AdapterEvent.TypeName, Pong.TypeName, ImageProgress.TypeName, ImageResult.TypeName
+            Subscribe.TypeName, Ping.TypeName, SetBudget.TypeName, Frame.TypeName, Welcome.TypeName, Chunk.TypeName,
+            Result.TypeName, Error.TypeName, AdapterList.TypeName, AdapterEvent.TypeName, Pong.TypeName,
+            Budget.TypeName, ImageProgress.TypeName, ImageResult.TypeName
         };
 
         /// <summary>A new, empty message for a type name, or null when the type is unknown.</summary>
@@ -45,6 +46,8 @@ namespace Loraloom.Core
                 case ListAdapters.TypeName: return new ListAdapters();
                 case Subscribe.TypeName: return new Subscribe();
                 case Ping.TypeName: return new Ping();
+                case SetBudget.TypeName: return new SetBudget();
+                case Frame.TypeName: return new Frame();
                 case Welcome.TypeName: return new Welcome();
                 case Chunk.TypeName: return new Chunk();
                 case Result.TypeName: return new Result();
@@ -52,6 +55,7 @@ namespace Loraloom.Core
                 case AdapterList.TypeName: return new AdapterList();
                 case AdapterEvent.TypeName: return new AdapterEvent();
                 case Pong.TypeName: return new Pong();
+                case Budget.TypeName: return new Budget();
                 case ImageProgress.TypeName: return new ImageProgress();
                 case ImageResult.TypeName: return new ImageResult();
                 default: return null;

@@ -1,0 +1,187 @@
+"""The GPU budget: duty caps, tokens per second per priority and frame-synchronised steps, on a
+simulated clock, on the real engine, and through a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from daemon_helpers import health, raw_connect, recv, send
+from support import LiveDaemon
+
+import bridge
+from daemon.budget import BudgetSpec, FrameSync, GpuBudget, StepTimer
+from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.request import EngineConfig, SamplingParams, TextChunkEvent, TextRequest
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(budget: GpuBudget, clock: Clock, seconds: float, step_s: float,
+             on_step: object = None) -> list[tuple[float, float]]:
+    """An engine loop on the simulated clock: wait as told, then a step of `step_s`."""
+    steps = []
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += budget.delay(step_s * 1000)
+        start = clock.now
+        clock.now += step_s
+        budget.record(step_s)
+        steps.append((start, clock.now))
+        if callable(on_step):
+            on_step(clock.now)
+    return steps
+
+
+@pytest.mark.parametrize("cap", [0.25, 0.5, 0.75])
+def test_a_duty_cap_holds_over_seconds(cap: float) -> None:
+    clock = Clock()
+    budget = GpuBudget(BudgetSpec(duty_cap=cap), clock=clock)
+    start = clock.now
+    steps = simulate(budget, clock, 3.0, 0.004)
+    busy = sum(e - s for s, e in steps)
+    assert busy / (clock.now - start) == pytest.approx(cap, rel=0.03)
+    # Spread out, not in one burst: no stretch of 100 ms takes more than the cap plus one burst.
+    for t0 in (start + 0.5, start + 1.5, start + 2.5):
+        window = sum(min(e, t0 + 0.1) - max(s, t0) for s, e in steps if e > t0 and s < t0 + 0.1)
+        assert window <= 0.1 * cap + 0.025
+
+
+def test_tokens_per_second_per_class() -> None:
+    clock = Clock()
+    budget = GpuBudget(BudgetSpec(tokens_per_s={"background": 40.0, "normal": 200.0}), clock=clock)
+    made = {"background": 0, "normal": 0, "player": 0}
+    for _ in range(1000):  # 5 s of 5 ms steps
+        held = budget.held_classes()
+        tokens = {c: 4 for c in made if c not in held}  # four sequences of each class decode
+        clock.now += 0.005
+        budget.record(0.005, tokens)
+        for c, n in tokens.items():
+            made[c] += n
+    assert made["background"] / 5.0 == pytest.approx(40.0, rel=0.1)
+    assert made["normal"] / 5.0 == pytest.approx(200.0, rel=0.1)
+    assert made["player"] == 4 * 1000  # no cap: every step
+
+
+def test_frame_sync_runs_steps_in_the_free_part_of_each_frame() -> None:
+    clock = Clock()
+    sync = FrameSync(period_ms=8.33, game_ms=3.5, margin_ms=0.5)
+    budget = GpuBudget(BudgetSpec(frame_sync=sync), clock=clock)
+    frames = [clock.now + i * 0.00833 for i in range(240)]
+    budget.frame()  # the first frame starts now
+    reported = [frames[0]]
+
+    def report(now: float) -> None:
+        while len(reported) < len(frames) and frames[len(reported)] <= now:
+            reported.append(frames[len(reported)])
+            saved, clock.now = clock.now, reported[-1]
+            budget.frame()
+            clock.now = saved
+
+    steps = simulate(budget, clock, 1.9, 0.0012, report)
+    assert len(steps) > 600  # about four steps in each frame's 4.3 ms of free time
+    for s, e in steps[1:]:
+        frame = max(f for f in frames if f <= s + 1e-9)
+        assert s - frame >= 0.0035 - 1e-6 and e - frame <= 0.00833 - 0.0005 + 1e-6, (s - frame, e - frame)
+    assert budget.step_ms_limit() == pytest.approx(8.33 - 3.5 - 0.5)
+
+
+def test_without_frames_the_frame_sync_stops_waiting_and_no_budget_never_waits() -> None:
+    clock = Clock()
+    budget = GpuBudget(BudgetSpec(frame_sync=FrameSync(period_ms=10.0, game_ms=9.0)), clock=clock)
+    budget.frame()
+    clock.now += 0.001
+    assert budget.delay(2.0) > 0  # inside the game's part of the frame
+    clock.now += 0.05  # five periods without a frame report: the game paused
+    assert budget.delay(2.0) == 0
+    free = GpuBudget(clock=clock)
+    assert not free.spec.active and free.delay(50.0) == 0 and free.held_classes() == frozenset()
+    assert free.step_ms_limit() is None
+
+
+def test_step_timer_shrinks_prompt_chunks_to_fit() -> None:
+    timer = StepTimer()
+    for _ in range(10):
+        timer.observe(2.0, 0)
+        timer.observe(6.0, 256)
+    assert timer.predict(0) == pytest.approx(2.0, rel=0.05)
+    assert timer.tokens_for(4.0) == pytest.approx(128, rel=0.1)
+    assert timer.tokens_for(1.0) == 16  # never below the floor: prompts still make progress
+
+
+def test_the_engine_keeps_a_duty_cap_and_a_background_token_rate(tiny_model_dir: Path) -> None:
+    """The real engine on its own thread: over ~3 s its steps take the capped share of wall time,
+    and background streams get their tokens per second while normal ones run freely."""
+    engine = TextEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", max_seqs=8, max_context=512))
+    budget = engine.budget = GpuBudget(BudgetSpec(duty_cap=0.3, tokens_per_s={"background": 30.0}))
+    times: dict[str, list[float]] = {"background": [], "normal": []}
+
+    def on_event(kind: str):
+        return lambda e: times[kind].append(time.monotonic()) if isinstance(e, TextChunkEvent) else None
+
+    ids = engine.encode_prompt("Ahoy")
+    engine.start()
+    try:
+        for i in range(4):
+            kind = "background" if i % 2 else "normal"
+            engine.submit(TextRequest(key=i, prompt_ids=ids, priority=kind, sampling=SamplingParams(
+                temperature=0.0, max_tokens=480, ignore_eos=True)), on_event(kind))
+        time.sleep(0.5)
+        busy0, t0 = budget.busy_s, time.monotonic()
+        time.sleep(3.0)
+        busy1, t1 = budget.busy_s, time.monotonic()
+    finally:
+        engine.stop()
+    assert (busy1 - busy0) / (t1 - t0) == pytest.approx(0.3, abs=0.04)
+    background = sum(1 for t in times["background"] if t0 <= t <= t1) / (t1 - t0)
+    assert background == pytest.approx(30.0, rel=0.15)
+    normal = sum(1 for t in times["normal"] if t0 <= t <= t1) / (t1 - t0)
+    assert normal > 2 * background
+
+
+async def test_clients_set_and_release_the_budget(live_daemon: LiveDaemon) -> None:
+    assert health(live_daemon.url)["gpu_budget"]["active"] is False
+    async with bridge.connect(live_daemon.url, live_daemon.token) as game:
+        reply = await game.set_budget(duty_cap=0.5, tokens_per_s={"background": 20.0},
+                                      frame_sync={"period_ms": 16.7, "game_ms": 6.0})
+        assert reply.set_by_client and reply.duty_cap == 0.5 and reply.tokens_per_s.background == 20.0
+        started = time.perf_counter()
+        for _ in range(600):  # ten seconds of 60 Hz frames, sent as fast as they go
+            await game.frame()
+        sent = time.perf_counter() - started
+        h = health(live_daemon.url)["gpu_budget"]
+        assert h["active"] and h["set_by_client"] and h["duty_cap"] == 0.5
+        await asyncio.sleep(0.2)
+        assert health(live_daemon.url)["gpu_budget"]["frames"] >= 600
+        assert sent < 1.5, f"600 frame reports took {sent:.2f} s"
+        result = await game.complete("Ahoy", max_tokens=8, temperature=0.0)  # still served under the budget
+        assert result.completion_tokens == 8
+    for _ in range(50):  # the connection closed: back to the settings' budget (none)
+        if not health(live_daemon.url)["gpu_budget"]["active"]:
+            break
+        await asyncio.sleep(0.05)
+    assert health(live_daemon.url)["gpu_budget"]["active"] is False
+
+
+async def test_bad_budgets_are_refused(live_daemon: LiveDaemon) -> None:
+    ws = await raw_connect(live_daemon.url, live_daemon.token)
+    for i, fields in enumerate([{"duty_cap": 0.0}, {"duty_cap": 1.5}, {"frame_sync": {"period_ms": 0.1, "game_ms": 1}},
+                                {"tokens_per_s": {"ambient": 3}}, {"max_step_ms": float("inf")}]):
+        await send(ws, {"type": "set_budget", "id": f"b{i}", **fields})
+        error = await recv(ws)
+        assert (error.type, error.id, error.code) == ("error", f"b{i}", "bad_message"), error
+    await send(ws, {"type": "frame", "extra": 1})
+    error = await recv(ws)
+    assert error.code == "bad_message"
+    await send(ws, {"type": "ping", "id": "still-here"})
+    assert (await recv(ws)).type == "pong"
+    await ws.close()
+    assert health(live_daemon.url)["gpu_budget"]["active"] is False
