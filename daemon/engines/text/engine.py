@@ -239,10 +239,6 @@ class TextEngine:
                     self._wake.wait()
                 if self._stopping:
                     return
-                wait = self.budget.delay(self.step_timer.predict(self._step_tokens() or 0)) if self.budget else 0.0
-                if wait > 0:  # held back by the GPU budget (a command wakes the loop early)
-                    self._wake.wait(wait)
-                    continue
             if not self.step() and self.has_work():  # every running class is over its tokens/s budget
                 with self._wake:
                     self._wake.wait(0.002)
@@ -300,10 +296,15 @@ class TextEngine:
                                                        max_context=self.max_context)
         if plan is None:
             return False
+        chunk_tokens = sum(c.length for c in plan.chunks)
+        if self.budget is not None:  # held back by the GPU budget: the step as planned, predicted from recent ones
+            wait = self.budget.delay(self.step_timer.predict(chunk_tokens))
+            if wait > 0:
+                time.sleep(wait)
+                self.budget.record(0.0, waited=wait)
         started_at = time.perf_counter()
         self._run_isolated(plan)
         seconds = time.perf_counter() - started_at  # sampling ends the step on the host: the device's time too
-        chunk_tokens = sum(c.length for c in plan.chunks)
         self.step_timer.observe(seconds * 1000, chunk_tokens)
         if self.budget is not None:
             tokens: dict[str, int] = {}
