@@ -147,9 +147,14 @@ class GpuBudget:
         with self._lock:
             self.busy_s += seconds
             self.waited_s += waited
-            if self._spec.duty_cap is not None:
-                self._accrue(self._clock())
-                self._credit -= seconds
+            cap = self._spec.duty_cap
+            if cap is not None:
+                now = self._clock()
+                # Credit saved up while idle is capped at the burst; what accrues during the step itself is
+                # not (capping it would take more than the step back from a step longer than the burst).
+                self._accrue(max(now - seconds, self._credit_at))
+                self._credit += (now - self._credit_at) * cap - seconds
+                self._credit_at = now
             if tokens and self._buckets:
                 self._refill(self._clock())
                 for c, n in tokens.items():

@@ -41,18 +41,19 @@ def simulate(budget: GpuBudget, clock: Clock, seconds: float, step_s: float,
     return steps
 
 
-@pytest.mark.parametrize("cap", [0.25, 0.5, 0.75])
-def test_a_duty_cap_holds_over_seconds(cap: float) -> None:
+@pytest.mark.parametrize(("cap", "step_s"), [(0.25, 0.004), (0.5, 0.004), (0.75, 0.004), (0.3, 0.06)])
+def test_a_duty_cap_holds_over_seconds(cap: float, step_s: float) -> None:
+    """Short steps and steps far longer than the credit a cap may save up (a slow machine's)."""
     clock = Clock()
     budget = GpuBudget(BudgetSpec(duty_cap=cap), clock=clock)
     start = clock.now
-    steps = simulate(budget, clock, 3.0, 0.004)
+    steps = simulate(budget, clock, 3.0, step_s)
     busy = sum(e - s for s, e in steps)
-    assert busy / (clock.now - start) == pytest.approx(cap, rel=0.03)
+    assert busy / (clock.now - start) == pytest.approx(cap, abs=max(0.01, step_s / 3.0))  # one step of slack
     # Spread out, not in one burst: no stretch of 100 ms takes more than the cap plus one burst.
     for t0 in (start + 0.5, start + 1.5, start + 2.5):
         window = sum(min(e, t0 + 0.1) - max(s, t0) for s, e in steps if e > t0 and s < t0 + 0.1)
-        assert window <= 0.1 * cap + 0.025
+        assert window <= 0.1 * cap + max(0.025, step_s)
 
 
 def test_tokens_per_second_per_class() -> None:
