@@ -5,8 +5,8 @@
             print(text, end="")
 
 Leaving the `async for` early cancels the request on the daemon. Errors raise the typed exceptions
-of `bridge.errors`, each carrying the protocol error code. `Conversation` is a chat that keeps a
-persona and as many recent turns as the daemon's context holds (see its docstring).
+of `bridge.errors`, each carrying the protocol error code. `Conversation` (bridge/conversation.py)
+is a chat that keeps a persona and as many recent turns as the daemon's context holds.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -27,6 +26,7 @@ from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.exceptions import InvalidStatus
 
 from .codec import FrameError, decode_server, encode
+from .conversation import Conversation
 from .discovery import read_runtime_file
 from .errors import AuthError, ConnectionClosed, DaemonNotFound, LoraloomError, error_for_code
 from .messages import (
@@ -38,15 +38,12 @@ from .messages import (
     Budget,
     Cancel,
     ChatMessage,
-    Chunk,
     Error,
     Frame,
     FrameSync,
     Generate,
     GenerateImage,
     Hello,
-    ImageProgress,
-    ImageResult,
     ListAdapters,
     Ping,
     Pong,
@@ -58,13 +55,12 @@ from .messages import (
     Tool,
     Welcome,
 )
+from .streams import AdapterEvents, ImageStream, PendingRequest, TextStream
 
 __all__ = ["AdapterEvents", "AdapterSpec", "Client", "Conversation", "ImageStream", "TextStream", "connect",
            "parse_adapter"]
 
 AdapterSpec = str | tuple[str, float] | AdapterRef
-E = TypeVar("E", Chunk, ImageProgress)
-F = TypeVar("F", Result, ImageResult)
 
 
 def parse_adapter(spec: AdapterSpec) -> AdapterRef:
@@ -85,137 +81,6 @@ def parse_adapter(spec: AdapterSpec) -> AdapterRef:
     return AdapterRef(name=name, scale=value)
 
 
-class _Request:
-    """The client side of one in-flight request: a queue of its events."""
-
-    def __init__(self, request_id: str) -> None:
-        self.id = request_id
-        self.queue: asyncio.Queue[ServerMessage | LoraloomError] = asyncio.Queue()
-        self.done = False
-
-
-class _Stream(Generic[E, F]):
-    """One request's events: iterate for the progress events (E); `result` (F) once it ended."""
-
-    _progress: type[E]
-    _final: type[F]
-
-    def __init__(self, client: Client, message: Generate | GenerateImage) -> None:
-        self._client = client
-        self._message = message
-        self._request: _Request | None = None
-        self.result: F | None = None
-
-    @property
-    def id(self) -> str:
-        return self._message.id
-
-    async def _next(self) -> E:
-        if self.result is not None:
-            raise StopAsyncIteration
-        if self._request is None:
-            self._request = await self._client._start(self._message)
-        event = await self._client._next_event(self._request)
-        if isinstance(event, self._progress):
-            return event
-        if isinstance(event, self._final):
-            self.result = event
-            self._client._finish(self._request)
-            raise StopAsyncIteration
-        raise LoraloomError(f"unexpected event {event.type!r} for a {self._message.type!r} request")
-
-    async def cancel(self) -> None:
-        """Ask the daemon to stop; keep iterating to receive the `cancelled` result."""
-        if self._request is not None and not self._request.done:
-            await self._client._send_quietly(Cancel(id=self._request.id))
-
-    async def aclose(self) -> None:
-        """Cancel the request on the daemon if it is still running, and stop listening."""
-        request = self._request
-        if request is not None and not request.done and self.result is None:
-            self._client._finish(request)
-            await self._client._send_quietly(Cancel(id=request.id))
-
-    async def _wait(self) -> F:
-        while True:
-            try:
-                await self._next()
-            except StopAsyncIteration:
-                break
-        assert self.result is not None
-        return self.result
-
-
-class TextStream(_Stream[Chunk, Result]):
-    """The text of one generation as it arrives. Iterate for text pieces; `result` once done."""
-
-    _progress = Chunk
-    _final = Result
-
-    def __init__(self, client: Client, message: Generate) -> None:
-        super().__init__(client, message)
-        self.chunks: list[Chunk] = []
-
-    def __aiter__(self) -> TextStream:
-        return self
-
-    async def __anext__(self) -> str:
-        chunk = await self._next()
-        self.chunks.append(chunk)
-        return chunk.text
-
-    async def text(self) -> str:
-        """Wait for the end and return the whole text."""
-        async for _ in self:
-            pass
-        assert self.result is not None
-        return self.result.text
-
-
-class ImageStream(_Stream[ImageProgress, ImageResult]):
-    """Progress events of one image request; `await` it (or iterate to the end) for the images."""
-
-    _progress = ImageProgress
-    _final = ImageResult
-
-    def __aiter__(self) -> ImageStream:
-        return self
-
-    async def __anext__(self) -> ImageProgress:
-        return await self._next()
-
-    def __await__(self) -> Generator[Any, None, ImageResult]:
-        return self._wait().__await__()
-
-
-class AdapterEvents:
-    """Adapter events of one connection, queued from creation on; `aclose()` stops queueing."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self._queue: asyncio.Queue[AdapterEvent | LoraloomError] = asyncio.Queue()
-        client._subscribers.append(self._queue)
-        # Subscribe on the daemon right away (at the next await), not at the first iteration.
-        self._subscription: asyncio.Future[Any] | None = None
-        if not client._subscribed:
-            client._subscribed = True
-            self._subscription = asyncio.ensure_future(client._call(Subscribe(id=client.new_id())))
-
-    def __aiter__(self) -> AdapterEvents:
-        return self
-
-    async def __anext__(self) -> AdapterEvent:
-        if self._subscription is not None:
-            subscription, self._subscription = self._subscription, None
-            await subscription
-        item = await self._queue.get()
-        if isinstance(item, LoraloomError):
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        if self._queue in self._client._subscribers:
-            self._client._subscribers.remove(self._queue)
 
 
 class Client:
@@ -224,7 +89,7 @@ class Client:
     def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
         self._ws = ws
         self.welcome = welcome
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, PendingRequest] = {}
         self._subscribers: list[asyncio.Queue[AdapterEvent | LoraloomError]] = []
         self._subscribed = False
         self._ids = itertools.count(1)
@@ -396,10 +261,11 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    async def _start(self, message: Generate | GenerateImage | ListAdapters | Ping | Subscribe | SetBudget) -> _Request:
+    async def _start(
+            self, message: Generate | GenerateImage | ListAdapters | Ping | Subscribe | SetBudget) -> PendingRequest:
         if self._closed is not None:
             raise self._closed
-        request = _Request(message.id)
+        request = PendingRequest(message.id)
         self._requests[message.id] = request
         try:
             await self._ws.send(encode(message))
@@ -415,14 +281,14 @@ class Client:
         finally:
             self._finish(request)
 
-    async def _next_event(self, request: _Request) -> ServerMessage:
+    async def _next_event(self, request: PendingRequest) -> ServerMessage:
         item = await request.queue.get()
         if isinstance(item, LoraloomError):
             self._finish(request)
             raise item
         return item
 
-    def _finish(self, request: _Request) -> None:
+    def _finish(self, request: PendingRequest) -> None:
         request.done = True
         self._requests.pop(request.id, None)
 
@@ -465,106 +331,6 @@ class Client:
             request.queue.put_nowait(event)
 
 
-_ROLES = ("system", "user", "assistant")
-# Client.generate arguments a conversation sets itself.
-_CONVERSATION_OWN = frozenset({"prompt", "messages", "system", "trim_history", "stream", "request_id"})
-
-
-def _chat_message(message: ChatMessage | dict[str, str]) -> dict[str, str]:
-    if isinstance(message, ChatMessage):
-        return {"role": message.role, "content": message.content}
-    role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
-    if role not in _ROLES or not isinstance(content, str):
-        raise ValueError(f"not a chat message: {message!r} (expected {{'role': {'|'.join(_ROLES)}, 'content': str}})")
-    return {"role": str(role), "content": content}
-
-
-class Conversation:
-    """A persona (system prompt) and the recent turns of one chat, for a game script.
-
-        meg = Conversation(client, system_prompt="You are Meg, a pirate.", adapters=["pirate"], max_tokens=64)
-        reply = await meg.ask("Where is the rum?")
-        save["meg"] = meg.to_json()                  # {"system_prompt": ..., "history": [...]}
-        meg.load_json(save["meg"])
-
-    `ask` sends the persona, the whole history and the new line with `trim_history=True`. When they
-    do not fit the daemon's context with room for the reply, the daemon leaves out the oldest whole
-    turns, counted in its own tokens, cutting down to 3/4 of the budget so the following turns keep
-    the same prefix (and its cached keys and values); the conversation then forgets the same
-    messages (`result.dropped_messages`, counted after the leading system messages). The persona
-    and system messages at the start of the history are never dropped. Asks on one conversation run
-    one at a time in the order they were made, each sent with the exchanges before it. A failed or
-    cancelled ask leaves the history as it was; so does an answer that arrives after `history` was
-    replaced (a save game loaded meanwhile). Keyword arguments are `Client.generate`'s (adapters,
-    max_tokens, temperature, priority, ...), used for every ask.
-    """
-
-    def __init__(self, client: Client, *, system_prompt: str = "",
-                 history: Iterable[ChatMessage | dict[str, str]] = (), **settings: Any) -> None:
-        if clash := sorted(_CONVERSATION_OWN & settings.keys()):
-            raise TypeError(f"a Conversation sets {clash} itself")
-        self.client = client
-        self.system_prompt = system_prompt
-        self.settings = settings
-        self.last_result: Result | None = None
-        self._history: list[dict[str, str]] = []
-        self._generation = 0
-        self._turn = asyncio.Lock()
-        self.history = list(history)
-
-    @property
-    def history(self) -> list[dict[str, str]]:
-        """The turns so far, oldest first, as `{"role": ..., "content": ...}` (a copy)."""
-        return [dict(m) for m in self._history]
-
-    @history.setter
-    def history(self, messages: Iterable[ChatMessage | dict[str, str]]) -> None:
-        self._history = [_chat_message(m) for m in messages]
-        self._generation += 1
-
-    def messages(self, text: str) -> list[dict[str, str]]:
-        """What `ask(text)` sends: the persona, the history and the new line."""
-        persona = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*persona, *self.history, {"role": "user", "content": text}]
-
-    async def ask(self, text: str, *, on_chunk: Callable[[str], None] | None = None) -> str:
-        """Say `text` and return the reply; `on_chunk` gets its text as it streams."""
-        async with self._turn:
-            generation = self._generation
-            stream = self.client.generate(messages=self.messages(text), trim_history=True,
-                                          stream=on_chunk is not None, **self.settings)
-            try:
-                async for chunk in stream:
-                    if on_chunk is not None:
-                        on_chunk(chunk)
-            finally:
-                await stream.aclose()
-            result = stream.result
-            assert result is not None
-            self.last_result = result
-            if generation == self._generation:
-                lead = next((i for i, m in enumerate(self._history) if m["role"] != "system"), len(self._history))
-                del self._history[lead:lead + result.dropped_messages]
-                self._history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
-            return result.text
-
-    def clear(self) -> None:
-        """Forget the turns (the persona stays)."""
-        self.history = []
-
-    def to_json(self) -> str:
-        """The persona and the history as plain JSON, for a save game (the plugins read the same form)."""
-        return json.dumps({"system_prompt": self.system_prompt, "history": self._history}, ensure_ascii=False)
-
-    def load_json(self, text: str) -> None:
-        """Restore what `to_json` wrote; ValueError (and nothing changed) when `text` is not such a save."""
-        data = json.loads(text)
-        if (not isinstance(data, dict) or not isinstance(data.get("history"), list)
-                or not isinstance(data.get("system_prompt", ""), str)):
-            raise ValueError('not a saved conversation: expected {"system_prompt": str, "history": [...]}')
-        history = [_chat_message(m) for m in data["history"]]
-        self.system_prompt = data.get("system_prompt", "")
-        self.history = history
 
 
 class _Connect:
