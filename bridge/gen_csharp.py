@@ -17,11 +17,26 @@ reflection, so IL2CPP keeps all of it. `meta_text` gives the Unity .meta file of
 from __future__ import annotations
 
 import hashlib
-import math
 import textwrap
-from typing import Any
 
-from .gen_schema import FieldSpec, ModelSpec, ProtocolSpec, Shape, Unsupported, bounds_phrases, identifier, pascal
+from .gen_csharp_types import (
+    CLASS_NAMES,
+    I1,
+    I2,
+    I3,
+    I4,
+    WIDTH,
+    class_name,
+    cs_str,
+    cs_type,
+    doc_comment,
+    initializer,
+    read_value,
+    sentence,
+    write_field,
+    xml_text,
+)
+from .gen_schema import FieldSpec, ModelSpec, ProtocolSpec, Unsupported, bounds_phrases, identifier, pascal
 
 __all__ = ["CLASS_NAMES", "FILES", "HEADER_MARK", "NAMESPACE", "meta_text", "render"]
 
@@ -35,8 +50,6 @@ HEADER = (
     "// </auto-generated>\n"
 )
 
-# C# names that differ from the model's: the names the package's public API has always had.
-CLASS_NAMES = {"Adapters": "AdapterList"}
 # Integers read as long although no bound says so: the daemon echoes a 63-bit seed.
 LONG_FIELDS = {("ImageResult", "seed")}
 # Cross-references that a field's description cannot make itself.
@@ -45,61 +58,6 @@ SEE_ALSO = {("Error", "code"): "ErrorCodes"}
 _RESERVED_IN_PARTS = {"WriteTo", "WriteFields", "ReadField", "ToString", "Equals", "GetHashCode", "GetType",
                       "MemberwiseClone"}
 _RESERVED_IN_MESSAGES = _RESERVED_IN_PARTS | {"Type", "TypeName", "RequestId", "Id", "WithId", "TypeField"}
-_INT32 = (-(2**31), 2**31 - 1)
-_WIDTH = 120
-_I1, _I2, _I3, _I4 = "    ", "        ", "            ", "                "
-
-
-# ---------------------------------------------------------------- text
-
-
-def _cs_str(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch in "\n\r\t":
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
-        elif ord(ch) < 0x20 or ord(ch) > 0x7E:
-            out += [f"\\u{unit:04x}" for unit in _utf16(ch)]
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _utf16(ch: str) -> list[int]:
-    data = ch.encode("utf-16-be")
-    return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
-
-
-def _xml(text: str) -> str:
-    """Plain text (with `code` spans) as the body of an XML doc comment, in ASCII."""
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    pieces = text.split("`")
-    if len(pieces) % 2 == 1:
-        text = "".join(p if i % 2 == 0 else f"<c>{p}</c>" for i, p in enumerate(pieces))
-    return "".join(ch if ord(ch) < 0x80 else f"&#x{ord(ch):x};" for ch in text)
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    if not text:
-        return ""
-    text = text[0].upper() + text[1:]
-    return text if text.endswith((".", "!", "?")) else text + "."
-
-
-def _doc(xml: str, indent: str) -> list[str]:
-    if not xml:
-        return []
-    one = f"{indent}/// <summary>{xml}</summary>"
-    if len(one) <= _WIDTH:
-        return [one]
-    # A tag is never split across lines: its inner spaces are held back while wrapping.
-    held = xml.replace("<see cref=", "<see\0cref=").replace("<paramref name=", "<paramref\0name=")
-    lines = [line.replace("\0", " ") for line in textwrap.wrap(
-        held, width=_WIDTH - len(indent) - 4, break_long_words=False, break_on_hyphens=False)]
-    return [f"{indent}/// <summary>", *(f"{indent}/// {line}" for line in lines), f"{indent}/// </summary>"]
 
 
 def _file(body: list[str], usings: tuple[str, ...], namespace: str) -> str:
@@ -107,148 +65,6 @@ def _file(body: list[str], usings: tuple[str, ...], namespace: str) -> str:
     lines = [*head, *([""] if head else []), f"namespace {namespace}", "{", *body, "}"]
     return HEADER + "\n" + "\n".join(lines) + "\n"
 
-
-# ---------------------------------------------------------------- types, reads and writes
-
-
-def class_name(model: str) -> str:
-    return CLASS_NAMES.get(model, model)
-
-
-def _wide(shape: Shape) -> bool:
-    b = shape.bounds
-    lows = [v for v in (b.ge, b.gt) if v is not None]
-    highs = [v for v in (b.le, b.lt) if v is not None]
-    return any(v < _INT32[0] for v in lows) or any(v > _INT32[1] for v in highs)
-
-
-def _value_type(shape: Shape, wide: bool) -> str:
-    if shape.kind == "int":
-        return "long" if wide or _wide(shape) else "int"
-    return {"float": "double", "bool": "bool"}.get(shape.kind, "")
-
-
-def cs_type(shape: Shape, wide: bool = False) -> str:
-    """The C# type of a value of `shape` (`wide`: an int field read as long)."""
-    value = _value_type(shape, wide)
-    if value:
-        return value + "?" if shape.nullable else value
-    if shape.kind in ("list", "dict"):
-        assert shape.item is not None
-        inner = cs_type(shape.item)
-        return f"List<{inner}>" if shape.kind == "list" else f"Dictionary<string, {inner}>"
-    if shape.kind == "model":
-        return class_name(shape.model)
-    return {"str": "string", "bytes": "byte[]", "any": "object"}[shape.kind]
-
-
-_VALUE_READS = {"int": ("ReadInt32", "NullableInt"), "long": ("ReadInt64", "NullableLong"),
-                "double": ("ReadDouble", "NullableDouble"), "bool": ("ReadBool", "NullableBool")}
-
-
-def _read(shape: Shape, r: str, depth: int, wide: bool = False) -> str:
-    """A C# expression reading a value of `shape` from the reader `r` (nil only where nullable)."""
-    value = _value_type(shape, wide)
-    if value:
-        strict, nullable = _VALUE_READS[value]
-        return f"Wire.{nullable}({r})" if shape.nullable else f"{r}.{strict}()"
-    if shape.kind == "any":
-        return f"{r}.ReadValue()"
-    if shape.kind == "str":
-        return f"{r}.ReadStringOrNull()" if shape.nullable else f"{r}.ReadString()"
-    if shape.kind == "bytes":
-        strict = f"{r}.ReadBinary()"
-    elif shape.kind == "model":
-        strict = f"Wire.Read({r}, new {class_name(shape.model)}())"
-    else:
-        assert shape.item is not None
-        inner = f"r{depth + 1}"
-        helper = "ReadList" if shape.kind == "list" else "ReadDict"
-        strict = f"Wire.{helper}({r}, {inner} => {_read(shape.item, inner, depth + 1)})"
-    return f"({r}.TryReadNil() ? null : {strict})" if shape.nullable else strict
-
-
-def _writer(shape: Shape, depth: int) -> str:
-    """A C# lambda writing one value of `shape` (a null as nil)."""
-    w, v = f"w{depth}", f"v{depth}"
-    if shape.kind == "any":
-        body = f"{w}.WriteValue({v})"
-    elif shape.kind in ("list", "dict"):
-        assert shape.item is not None
-        helper = "WriteList" if shape.kind == "list" else "WriteDict"
-        body = f"Wire.{helper}({w}, {v}, {_writer(shape.item, depth + 1)})"
-    else:
-        body = f"Wire.Write({w}, {v})"
-    return f"({w}, {v}) => {body}"
-
-
-def _write_field(f: FieldSpec, member: str) -> str:
-    if f.shape.kind in ("list", "dict", "any"):
-        return f"Wire.Field(w, {_cs_str(f.name)}, {member}, {_writer(f.shape, 1)})"
-    return f"Wire.Field(w, {_cs_str(f.name)}, {member})"
-
-
-# ---------------------------------------------------------------- defaults
-
-
-def _cs_double(value: float) -> str:
-    if not math.isfinite(value):
-        raise Unsupported(f"default {value!r}: C# has no literal for it")
-    text = repr(float(value))
-    return text if any(c in text for c in ".eE") else text + ".0"
-
-
-def _object_literal(value: Any) -> str:
-    """A default of an `Any` field, typed the way MsgPackReader.ReadValue gives values back."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return f"{value}L"
-    if isinstance(value, float):
-        return _cs_double(value)
-    if isinstance(value, str):
-        return _cs_str(value)
-    if isinstance(value, list):
-        return "new List<object> { " + ", ".join(_object_literal(v) for v in value) + " }"
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        entries = ", ".join(f"{{ {_cs_str(k)}, {_object_literal(v)} }}" for k, v in value.items())
-        return "new Dictionary<string, object> { " + entries + " }"
-    raise Unsupported(f"default {value!r} of an Any field")
-
-
-def _literal(shape: Shape, value: Any) -> str:
-    kind = shape.kind
-    if value is None:
-        return "null"
-    if kind == "str":
-        return _cs_str(value)
-    if kind == "bool":
-        return "true" if value else "false"
-    if kind == "int":
-        return str(int(value))
-    if kind == "float":
-        return _cs_double(value)
-    if kind == "any":
-        return _object_literal(value)
-    if kind in ("list", "dict") and shape.item is not None:
-        item = shape.item
-        if kind == "list":
-            items = [_literal(item, v) for v in value]
-        else:
-            items = [f"{{ {_cs_str(k)}, {_literal(item, v)} }}" for k, v in value.items()]
-        return f"new {cs_type(shape)}()" if not items else f"new {cs_type(shape)} {{ {', '.join(items)} }}"
-    raise Unsupported(f"default {value!r} of a {kind} field has no C# literal here")
-
-
-def _initializer(f: FieldSpec) -> str:
-    # Required lists and maps start empty rather than null, as the hand-written classes did.
-    if f.required:
-        if f.shape.kind in ("list", "dict") and not f.shape.nullable:
-            return f"new {cs_type(f.shape)}()"
-        return ""
-    return "" if f.default is None else _literal(f.shape, f.default)
 
 
 # ---------------------------------------------------------------- classes
@@ -278,7 +94,7 @@ def _member(model: ModelSpec, f: FieldSpec, base: str) -> str:
 
 
 def _field_doc(spec: ProtocolSpec, model: ModelSpec, f: FieldSpec, namespace: str) -> str:
-    parts = [_xml(_sentence(f.description))] if f.description else []
+    parts = [xml_text(sentence(f.description))] if f.description else []
     group = spec.group_of(model.name, f.name)
     if group is not None:
         what = "One of" if f.shape.values else "Each item is one of"
@@ -287,40 +103,41 @@ def _field_doc(spec: ProtocolSpec, model: ModelSpec, f: FieldSpec, namespace: st
         parts.append(f'See <see cref="{namespace}.{SEE_ALSO[model.name, f.name]}"/>.')
     bounds = bounds_phrases(f.shape)
     if bounds:
-        parts.append(_xml(_sentence("; ".join(bounds))))
+        parts.append(xml_text(sentence("; ".join(bounds))))
     return " ".join(p for p in parts if p)
 
 
 def _write_fields(model: ModelSpec, members: dict[str, str]) -> list[str]:
-    terms = ["TypeField(w)" if model.type_name and f.name == "type" else _write_field(f, members[f.name])
+    terms = ["TypeField(w)" if model.type_name and f.name == "type" else write_field(f, members[f.name])
              for f in model.fields]
-    lines = [f"{_I2}internal override int WriteFields(MsgPackWriter w)", f"{_I2}{{"]
+    lines = [f"{I2}internal override int WriteFields(MsgPackWriter w)", f"{I2}{{"]
     if not terms:
-        lines.append(f"{_I3}return 0;")
+        lines.append(f"{I3}return 0;")
     else:
-        lines.append(f"{_I3}return {terms[0]}" + (";" if len(terms) == 1 else ""))
-        lines += [f"{_I4}+ {t}" + (";" if i == len(terms) - 2 else "") for i, t in enumerate(terms[1:])]
-    return [*lines, f"{_I2}}}"]
+        lines.append(f"{I3}return {terms[0]}" + (";" if len(terms) == 1 else ""))
+        lines += [f"{I4}+ {t}" + (";" if i == len(terms) - 2 else "") for i, t in enumerate(terms[1:])]
+    return [*lines, f"{I2}}}"]
 
 
 def _read_field(model: ModelSpec, members: dict[str, str]) -> list[str]:
-    lines = [f"{_I2}internal override bool ReadField(string key, MsgPackReader r)", f"{_I2}{{",
-             f"{_I3}switch (key)", f"{_I3}{{"]
+    lines = [f"{I2}internal override bool ReadField(string key, MsgPackReader r)", f"{I2}{{",
+             f"{I3}switch (key)", f"{I3}{{"]
     for f in model.fields:
         if model.type_name and f.name == "type":
-            lines.append(f'{_I4}case "type": r.Skip(); return true;')
+            lines.append(f'{I4}case "type": r.Skip(); return true;')
             continue
         wide = (model.name, f.name) in LONG_FIELDS
-        lines.append(f"{_I4}case {_cs_str(f.name)}: {members[f.name]} = {_read(f.shape, 'r', 0, wide)}; return true;")
-    return [*lines, f"{_I4}default: return false;", f"{_I3}}}", f"{_I2}}}"]
+        value = read_value(f.shape, "r", 0, wide)
+        lines.append(f"{I4}case {cs_str(f.name)}: {members[f.name]} = {value}; return true;")
+    return [*lines, f"{I4}default: return false;", f"{I3}}}", f"{I2}}}"]
 
 
 def _class(spec: ProtocolSpec, model: ModelSpec, namespace: str) -> list[str]:
     name, base = class_name(model.name), _base(model)
-    lines = [*_doc(_xml(model.doc), _I1), f"{_I1}public sealed partial class {name} : {base}", f"{_I1}{{"]
+    lines = [*doc_comment(xml_text(model.doc), I1), f"{I1}public sealed partial class {name} : {base}", f"{I1}{{"]
     if model.type_name:
-        lines += [f"{_I2}public const string TypeName = {_cs_str(model.type_name)};",
-                  f"{_I2}public override string Type {{ get {{ return TypeName; }} }}"]
+        lines += [f"{I2}public const string TypeName = {cs_str(model.type_name)};",
+                  f"{I2}public override string Type {{ get {{ return TypeName; }} }}"]
     members: dict[str, str] = {}
     for f in model.fields:
         if model.type_name and f.name == "type":
@@ -329,15 +146,15 @@ def _class(spec: ProtocolSpec, model: ModelSpec, namespace: str) -> list[str]:
         if f.name == "id" and _inherits_id(base):
             continue
         wide = (model.name, f.name) in LONG_FIELDS
-        init = _initializer(f)
+        init = initializer(f)
         if lines[-1].endswith("}"):  # the first field after the type members
             lines.append("")
-        lines += _doc(_field_doc(spec, model, f, namespace), _I2)
-        lines.append(f"{_I2}public {cs_type(f.shape, wide)} {members[f.name]}" + (f" = {init};" if init else ";"))
+        lines += doc_comment(_field_doc(spec, model, f, namespace), I2)
+        lines.append(f"{I2}public {cs_type(f.shape, wide)} {members[f.name]}" + (f" = {init};" if init else ";"))
     own_id = model.field("id")
     if model.type_name and not _inherits_id(base) and own_id is not None and own_id.shape.kind == "str":
-        lines += ["", f"{_I2}public override string RequestId {{ get {{ return Id; }} }}"]
-    lines += ["", *_write_fields(model, members), "", *_read_field(model, members), f"{_I1}}}"]
+        lines += ["", f"{I2}public override string RequestId {{ get {{ return Id; }} }}"]
+    lines += ["", *_write_fields(model, members), "", *_read_field(model, members), f"{I1}}}"]
     return lines
 
 
@@ -346,13 +163,13 @@ def _group_class(spec: ProtocolSpec, name: str) -> list[str]:
     users = " and ".join(f"<c>{class_name(model)}.{field_name}</c>" for model, field_name in group.users)
     doc = (f"The known values of {users}. They stay strings on the messages, so a value a newer daemon "
            "adds never breaks an older client.")
-    lines = [*_doc(doc, _I1), f"{_I1}public static class {name}", f"{_I1}{{"]
+    lines = [*doc_comment(doc, I1), f"{I1}public static class {name}", f"{I1}{{"]
     for value in group.values:
         member = identifier(value, name)
         if member == name:
             raise Unsupported(f"{name}: the value {value!r} would be named like its class")
-        lines.append(f"{_I2}public const string {member} = {_cs_str(value)};")
-    return [*lines, f"{_I1}}}"]
+        lines.append(f"{I2}public const string {member} = {cs_str(value)};")
+    return [*lines, f"{I1}}}"]
 
 
 def _classes(spec: ProtocolSpec, models: tuple[ModelSpec, ...], namespace: str,
@@ -369,7 +186,7 @@ def _classes(spec: ProtocolSpec, models: tuple[ModelSpec, ...], namespace: str,
 
 
 def _banner(title: str) -> str:
-    return f"{_I1}// " + "-" * 66 + f" {title}"
+    return f"{I1}// " + "-" * 66 + f" {title}"
 
 
 def _messages_file(spec: ProtocolSpec, namespace: str, placed: set[str]) -> str:
@@ -385,24 +202,25 @@ def _parts_file(spec: ProtocolSpec, namespace: str, placed: set[str]) -> str:
 def _error_codes_file(spec: ProtocolSpec, namespace: str) -> str:
     doc = ("The stable codes of the protocol's <c>error</c> event and the codes clients raise themselves, "
            "with what each means. Codes are never renamed, only added.")
-    body = [*_doc(doc, _I1), f"{_I1}public static partial class ErrorCodes", f"{_I1}{{"]
+    body = [*doc_comment(doc, I1), f"{I1}public static partial class ErrorCodes", f"{I1}{{"]
     names = {e.code: pascal(e.name.lower()) for e in spec.errors}
     for i, error in enumerate(spec.errors):
         if error.client_only and not (i and spec.errors[i - 1].client_only):
-            body += ["", f"{_I2}// Raised by clients, never sent by the daemon."]
-        body += [*_doc(_xml(_sentence(error.meaning)), _I2),
-                 f"{_I2}public const string {names[error.code]} = {_cs_str(error.code)};"]
-    body += ["", *_doc("What each code means (bridge/errors.py's table, which PROTOCOL.md shows too).", _I2),
-             f"{_I2}public static readonly IReadOnlyDictionary<string, string> Meanings = "
-             "new Dictionary<string, string>", f"{_I2}{{"]
-    body += [f"{_I3}{{ {names[e.code]}, {_cs_str(e.meaning)} }}," for e in spec.errors]
+            body += ["", f"{I2}// Raised by clients, never sent by the daemon."]
+        body += [*doc_comment(xml_text(sentence(error.meaning)), I2),
+                 f"{I2}public const string {names[error.code]} = {cs_str(error.code)};"]
+    body += ["", *doc_comment("What each code means (bridge/errors.py's table, which PROTOCOL.md shows too).", I2),
+             f"{I2}public static readonly IReadOnlyDictionary<string, string> Meanings = "
+             "new Dictionary<string, string>", f"{I2}{{"]
+    body += [f"{I3}{{ {names[e.code]}, {cs_str(e.meaning)} }}," for e in spec.errors]
     client_only = ", ".join(names[e.code] for e in spec.errors if e.client_only)
-    body += [f"{_I2}}};", "", *_doc("The codes that clients raise themselves; the daemon never sends them.", _I2),
-             f"{_I2}public static readonly IReadOnlyList<string> ClientOnly = new string[] {{ {client_only} }};",
-             "", *_doc("What <paramref name=\"code\"/> means, or null for a code this package does not know.", _I2),
-             f"{_I2}public static string MeaningOf(string code)", f"{_I2}{{", f"{_I3}string meaning;",
-             f"{_I3}return code != null && Meanings.TryGetValue(code, out meaning) ? meaning : null;",
-             f"{_I2}}}", f"{_I1}}}"]
+    body += [f"{I2}}};", "", *doc_comment("The codes that clients raise themselves; the daemon never sends them.", I2),
+             f"{I2}public static readonly IReadOnlyList<string> ClientOnly = new string[] {{ {client_only} }};",
+             "", *doc_comment(
+                 "What <paramref name=\"code\"/> means, or null for a code this package does not know.", I2),
+             f"{I2}public static string MeaningOf(string code)", f"{I2}{{", f"{I3}string meaning;",
+             f"{I3}return code != null && Meanings.TryGetValue(code, out meaning) ? meaning : null;",
+             f"{I2}}}", f"{I1}}}"]
     return _file(body, ("System.Collections.Generic",), namespace)
 
 
@@ -411,26 +229,26 @@ def _names(models: tuple[ModelSpec, ...]) -> str:
 
 
 def _array(doc: str, name: str, models: tuple[ModelSpec, ...]) -> list[str]:
-    items = textwrap.wrap(_names(models), width=_WIDTH - len(_I3), break_long_words=False, break_on_hyphens=False)
-    return [*_doc(doc, _I2), f"{_I2}public static readonly string[] {name} =", f"{_I2}{{",
-            *(f"{_I3}{line}" for line in items), f"{_I2}}};"]
+    items = textwrap.wrap(_names(models), width=WIDTH - len(I3), break_long_words=False, break_on_hyphens=False)
+    return [*doc_comment(doc, I2), f"{I2}public static readonly string[] {name} =", f"{I2}{{",
+            *(f"{I3}{line}" for line in items), f"{I2}}};"]
 
 
 def _protocol_file(spec: ProtocolSpec, namespace: str) -> str:
-    body = [*_doc("Frames to messages and back (the C# side of bridge/codec.py).", _I1),
-            f"{_I1}public static partial class Protocol", f"{_I1}{{",
-            *_doc("The protocol version this package speaks (<c>hello.protocol</c>).", _I2),
-            f"{_I2}public const int Version = {spec.version};", "",
+    body = [*doc_comment("Frames to messages and back (the C# side of bridge/codec.py).", I1),
+            f"{I1}public static partial class Protocol", f"{I1}{{",
+            *doc_comment("The protocol version this package speaks (<c>hello.protocol</c>).", I2),
+            f"{I2}public const int Version = {spec.version};", "",
             *_array("The message types a client sends.", "ClientTypeNames", spec.client), "",
             *_array("The message types the daemon sends.", "ServerTypeNames", spec.server), "",
             *_array("Every message type name of this protocol version: the client's, then the daemon's.",
                     "TypeNames", spec.messages), "",
-            *_doc("A new, empty message for a type name, or null when the type is unknown.", _I2),
-            f"{_I2}public static ProtocolMessage Create(string type)", f"{_I2}{{", f"{_I3}switch (type)", f"{_I3}{{"]
+            *doc_comment("A new, empty message for a type name, or null when the type is unknown.", I2),
+            f"{I2}public static ProtocolMessage Create(string type)", f"{I2}{{", f"{I3}switch (type)", f"{I3}{{"]
     for model in spec.messages:
         name = class_name(model.name)
-        body.append(f"{_I4}case {name}.TypeName: return new {name}();")
-    body += [f"{_I4}default: return null;", f"{_I3}}}", f"{_I2}}}", f"{_I1}}}"]
+        body.append(f"{I4}case {name}.TypeName: return new {name}();")
+    body += [f"{I4}default: return null;", f"{I3}}}", f"{I2}}}", f"{I1}}}"]
     return _file(body, (), namespace)
 
 
