@@ -64,7 +64,9 @@ EXAMPLES: dict[str, BaseModel] = {
                                dtype="float32", context_length=8192),
         image_model=m.ModelInfo(name="tiny-sd (placeholder: draws noise)", kind="image",
                                 device="cpu", dtype="float32", placeholder=True),
-        adapters=[_ADAPTER], limits=_LIMITS),
+        adapters=[_ADAPTER], limits=_LIMITS,
+        memory=m.Memory(device="cuda", budget_mb=2048, reserved_mb=1911, used_mb=302, measured_mb=1986,
+                        weights_mb=258, kv_cache_mb=1440, lora_pool_mb=163, workspace_mb=40, image_mb=10)),
     "generate": m.Generate(id="npc-1", prompt="Ahoy! Who goes there?",
                            adapters=[m.AdapterRef(name="pirate")], max_tokens=64, seed=7),
     "generate_chat": m.Generate(

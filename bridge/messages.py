@@ -19,7 +19,9 @@ from __future__ import annotations
 import warnings
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, model_validator
+
+from .info import AdapterInfo, Limits, Memory, ModelInfo, Timings, _Message
 
 __all__ = [
     "ADAPTER_NAME_PATTERN",
@@ -46,6 +48,7 @@ __all__ = [
     "ImageResult",
     "Limits",
     "ListAdapters",
+    "Memory",
     "ModelInfo",
     "Ping",
     "Pong",
@@ -76,10 +79,6 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 def _id(what: str = "the request's id") -> str:
     return f"{what} (client-chosen, 1-64 characters, unique among the connection's requests in flight)"
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- shared parts
@@ -114,55 +113,6 @@ class ToolCall(_Message):
 
     name: str = Field(description="one of the request's tools")
     arguments: dict[str, Any] = Field(default={}, description="the arguments, valid against its parameters")
-
-
-class AdapterInfo(_Message):
-    """What the daemon knows about one adapter."""
-
-    name: str
-    kind: Literal["text", "image"]
-    status: Literal["ready", "loading", "failed", "removed"] = Field(
-        description="loading: its files are being read (first time, or again after it left host memory)")
-    version: int | None = Field(default=None, description="the live version's number, counting from 1")
-    hash: str | None = Field(default=None, description="sha256 of the live version's files, hex, first 16 digits")
-    rank: int | None = None
-    targets: list[str] = Field(default=[], description="the projections it changes (q_proj, v_proj, ...)")
-    error: str | None = Field(
-        default=None, description="why the newest version was rejected (the previous one may still serve)")
-
-
-class ModelInfo(_Message):
-    """A loaded model, as announced in the handshake."""
-
-    name: str
-    kind: Literal["text", "image"]
-    device: str = Field(description="cpu, cuda, cuda:1, ...")
-    dtype: str = Field(description="float32, bfloat16 or float16")
-    context_length: int | None = Field(default=None, description="text: tokens per sequence, prompt included")
-    placeholder: bool = Field(default=False, description="true for the built-in image model that draws noise")
-
-
-class Limits(_Message):
-    """The limits this daemon enforces, so clients can check before sending."""
-
-    max_frame_bytes: int = Field(description="larger frames are refused with frame_too_large")
-    max_inflight_per_connection: int = Field(description="requests in flight at once on one connection")
-    max_prompt_tokens: int = Field(description="tokens of a text prompt after the chat template")
-    max_new_tokens: int = Field(description="the largest max_tokens a generate may ask for")
-    max_adapters_per_request: int = Field(description="adapters in one request's mix")
-    max_image_pixels: int | None = Field(default=None, description="width x height of one image (null: no image model)")
-    max_image_steps: int | None = Field(default=None, description="denoising steps of one image request")
-    max_image_count: int | None = Field(default=None, description="images of one image request")
-
-
-class Timings(_Message):
-    """Where the time of one request went, in milliseconds."""
-
-    queued_ms: float = Field(description="from arrival to the first engine step that worked on it")
-    first_token_ms: float | None = Field(
-        default=None, description="from arrival to the first generated token (or image step)")
-    total_ms: float
-    tokens_per_s: float | None = Field(default=None, description="generated tokens per second after the first")
 
 
 # ---------------------------------------------------------------- client -> daemon
@@ -341,6 +291,7 @@ class Welcome(_Message):
     image_model: ModelInfo | None = None
     adapters: list[AdapterInfo] = []
     limits: Limits
+    memory: Memory | None = Field(default=None, description="what the engines take on their device at start")
 
 
 class Chunk(_Message):

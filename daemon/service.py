@@ -37,6 +37,7 @@ from .adapters.watcher import AdapterWatcher
 from .budget import BudgetSpec, FrameSync, GpuBudget
 from .conversation import DoesNotFit, fit_messages
 from .engines.base import Engine, TextEngineLike
+from .memory import MemoryPlan, plan_for_settings
 from .replies import ImageReplies, TextReplies, cancelled_before_start, error_message
 from .session import RequestKey
 from .settings import Settings
@@ -84,12 +85,19 @@ class Service:
         self._lock = threading.Lock()
         self._limits: m.Limits | None = None
         self._infos: tuple[m.ModelInfo | None, m.ModelInfo | None] | None = None
+        self.memory: MemoryPlan | None = None  # what the engines take on their device (from_settings plans it)
 
     # ---------------------------------------------------------------- life cycle
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
         """Load the models the settings name (this takes a while for real models)."""
+        if settings.pack is not None:  # a game pack: its model, adapters and settings, checked first
+            from .pack import open_pack
+
+            settings = open_pack(settings)
+        text_folder = _local_text_model(settings)
+        memory = plan_for_settings(settings, text_folder)  # OverBudget before anything is allocated
         text: TextEngineLike | None = None
         image: Engine[Any] | None = None
         image_off = None
@@ -101,14 +109,16 @@ class Service:
             from .engines.text.engine import TextEngine
             from .engines.text.request import EngineConfig
 
+            fitted = memory.text
+            assert fitted is not None and text_folder is not None
             cfg = EngineConfig(
                 device=settings.device, dtype=settings.dtype, max_seqs=settings.max_seqs,
-                max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb, lora_slots=settings.lora_slots,
+                max_context=settings.max_context, kv_cache_mb=fitted.kv_cache_mb, lora_slots=fitted.lora_slots,
                 max_lora_rank=settings.max_lora_rank, max_adapters_per_request=settings.max_adapters_per_request,
                 prefill_chunk=settings.prefill_chunk, pinned_adapters=tuple(settings.pinned_adapters),
                 kernels=settings.kernels, max_step_tokens=settings.step_tokens, prefix_cache=settings.prefix_cache,
                 priorities=settings.priorities)
-            text = TextEngine.from_folder(settings.text_model, cfg, cache_dir=settings.cache_dir)
+            text = TextEngine.from_folder(text_folder, cfg, cache_dir=settings.cache_dir)
         if settings.image_model != "none":
             if settings.image_model == "default" and importlib.util.find_spec("diffusers") is None:
                 # The placeholder is a convenience, not a reason to refuse to serve text.
@@ -118,7 +128,9 @@ class Service:
                             "(pip install -e '.[image]', or pass --image-model none to silence this)")
             else:
                 image = _load_image_engine(settings)
-        return cls(settings, text_engine=text, image_engine=image, image_off=image_off)
+        service = cls(settings, text_engine=text, image_engine=image, image_off=image_off)
+        service.memory = memory
+        return service
 
     def start(self) -> None:
         self.registry.scan()
@@ -163,13 +175,26 @@ class Service:
                 max_prompt_tokens=min(s.max_prompt_tokens or context - 1, context - 1),
                 max_new_tokens=s.max_new_tokens, max_adapters_per_request=s.max_adapters_per_request,
                 max_image_pixels=image.get("max_pixels"), max_image_steps=image.get("max_steps"),
-                max_image_count=image.get("max_count"))
+                max_image_count=image.get("max_count"),
+                lora_slots=self.memory.text.lora_slots if self.memory and self.memory.text else None,
+                kv_cache_tokens=self.memory.text.kv_cache_tokens if self.memory and self.memory.text else None)
         return self._limits
 
     def welcome(self) -> m.Welcome:
         text, image = self.model_infos()
         return m.Welcome(protocol=m.PROTOCOL_VERSION, server=__version__, text_model=text, image_model=image,
-                         adapters=self.registry.list(), limits=self.limits())
+                         adapters=self.registry.list(), limits=self.limits(), memory=self.memory_info())
+
+    def memory_report(self) -> dict[str, Any] | None:
+        """What the engines take on their device (daemon/memory.py), for /healthz; None without a plan."""
+        if self.memory is None:
+            return None
+        stats = self.text.stats() if self.memory.text is not None and self.text is not None else None
+        return self.memory.describe(stats)
+
+    def memory_info(self) -> m.Memory | None:
+        report = self.memory_report()
+        return None if report is None else m.Memory(**{k: v for k, v in report.items() if k in m.Memory.model_fields})
 
     def adapter_list(self) -> list[m.AdapterInfo]:
         return self.registry.list()
@@ -186,6 +211,7 @@ class Service:
                 "text_engine": self.text.stats() if self.text is not None else None,
                 "image_engine": self.image.stats() if self.image is not None else None,
                 "gpu_budget": self.budget.describe(),
+                "memory": self.memory_report(),
                 "host_cache": {"capacity": self.registry.capacity, "warm": self.registry.warm_count(),
                                **self.registry.stats}}
 
@@ -367,6 +393,17 @@ def _load_image_engine(settings: Settings) -> Engine[Any]:
     return ImageEngine.from_folder(model, ImageConfig(device=settings.device, dtype=settings.dtype,
                                                       max_batch=settings.image_max_batch),
                                    cache_dir=settings.cache_dir or default_cache_dir())
+
+
+def _local_text_model(settings: Settings) -> Path | None:
+    """The folder of the text model this process runs (`default` converted first), None for none or remote."""
+    if settings.text_model == "none" or settings.text_engine != "builtin":
+        return None
+    if settings.text_model == "default":
+        from .engines.text.default_model import ensure_default_text_model
+
+        return ensure_default_text_model(settings.cache_dir)
+    return Path(settings.text_model)
 
 
 def budget_from_settings(settings: Settings) -> BudgetSpec:

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     image_model: str = Field(default="default", description=(
         "a diffusers folder, `default` (a tiny placeholder that draws noise; off without the `image` extra) "
         "or `none`"))
+    pack: Path | None = Field(default=None, description=(
+        "a game pack folder (`loraloom pack`): its model, adapters and settings, checked against its manifest "
+        "before anything loads (options given here win over the pack's settings)"), json_schema_extra={"unset": "none"})
     cache_dir: Path | None = Field(default=None, description="where converted and generated models are kept",
                                    json_schema_extra={"unset": "`$XDG_CACHE_HOME/loraloom` or `~/.cache/loraloom`"})
     device: str = Field(default="auto", description="`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`")
@@ -108,6 +111,11 @@ class Settings(BaseSettings):
     kernels: bool = Field(default=True, description=(
         "compiled kernels where installed: Triton on CUDA, a numba loop for CPU decode steps "
         "(false: PyTorch ops only; the startup log names the LoRA kernel in use)"))
+
+    gpu_memory_mb: int | None = Field(default=None, ge=1, description=(
+        "the most memory the engines may take on their device (GPU memory; on the CPU, RAM): weights, KV cache, "
+        "LoRA pool, step workspace, image model; unset `kv_cache_mb` and `lora_slots` are fitted into it, and "
+        "a model that does not fit is refused at start"), json_schema_extra={"unset": "no cap"})
 
     gpu_duty_cap: float | None = Field(default=None, gt=0.0, le=1.0, description=(
         "the fraction of wall time the engines' GPU work may occupy, so the game keeps the rest (a client's "
@@ -196,6 +204,7 @@ GROUP_STARTS: dict[str, str] = {
     "text_model": "models",
     "text_adapters": "adapters",
     "max_seqs": "text engine capacity",
+    "gpu_memory_mb": "memory budget",
     "gpu_duty_cap": "GPU budget (sharing the GPU with the game)",
     "remote_url": "remote text engine",
     "image_max_batch": "image engine capacity",

@@ -570,6 +570,12 @@ const WELCOME_FIELDS := {
 	"image_model": {"kind": "model", "model": "ModelInfo", "nullable": true},
 	"adapters": {"kind": "list", "default": [], "item": {"kind": "model", "model": "AdapterInfo"}},
 	"limits": {"kind": "model", "model": "Limits", "required": true},
+	"memory": {
+		"kind": "model",
+		"model": "Memory",
+		"nullable": true,
+		"doc": "what the engines take on their device at start",
+	},
 }
 ## Its fields that have a default, and the default.
 const WELCOME_DEFAULTS := {"adapters": []}
@@ -911,9 +917,64 @@ const LIMITS_FIELDS := {
 		"doc": "denoising steps of one image request",
 	},
 	"max_image_count": {"kind": "int", "nullable": true, "doc": "images of one image request"},
+	"lora_slots": {
+		"kind": "int",
+		"nullable": true,
+		"doc": "text adapters resident in compute memory at once (a request's mix needs at most this " +
+				"many distinct ones)",
+	},
+	"kv_cache_tokens": {
+		"kind": "int",
+		"nullable": true,
+		"doc": "token positions of the KV cache, shared by every running sequence and the prefix cache",
+	},
 }
 ## Its fields that have a default, and the default.
 const LIMITS_DEFAULTS := {}
+## The part [code]Memory[/code]: What the engines take on their device (GPU memory; RAM on a CPU),
+## in MiB: reserved at start (what [code]gpu_memory_mb[/code] caps), holding data now, and measured.
+const MEMORY_FIELDS := {
+	"device": {"kind": "str", "required": true, "doc": "cpu, cuda, cuda:1, ..."},
+	"budget_mb": {"kind": "int", "nullable": true, "doc": "the daemon's gpu_memory_mb (null: no cap)"},
+	"reserved_mb": {
+		"kind": "int",
+		"required": true,
+		"doc": "weights + KV cache + LoRA pool + step workspace + image model",
+	},
+	"used_mb": {
+		"kind": "int",
+		"required": true,
+		"doc": "of that, what holds data now: the weights, the image model, KV blocks in use or " +
+				"cached, the LoRA rows of resident adapters",
+	},
+	"measured_mb": {
+		"kind": "int",
+		"required": true,
+		"doc": "what the device's allocator holds (CUDA), or the process's resident memory (CPU, " +
+				"libraries included)",
+	},
+	"weights_mb": {"kind": "int", "default": 0, "doc": "the text model's weights"},
+	"kv_cache_mb": {"kind": "int", "default": 0, "doc": "the KV cache pool"},
+	"lora_pool_mb": {
+		"kind": "int",
+		"default": 0,
+		"doc": "the LoRA pool: lora_slots x max_lora_rank rank rows",
+	},
+	"workspace_mb": {
+		"kind": "int",
+		"default": 0,
+		"doc": "one engine step's activations and logits (an estimate)",
+	},
+	"image_mb": {"kind": "int", "default": 0, "doc": "the image model's weights"},
+}
+## Its fields that have a default, and the default.
+const MEMORY_DEFAULTS := {
+	"weights_mb": 0,
+	"kv_cache_mb": 0,
+	"lora_pool_mb": 0,
+	"workspace_mb": 0,
+	"image_mb": 0,
+}
 ## The part [code]Timings[/code]: Where the time of one request went, in milliseconds.
 const TIMINGS_FIELDS := {
 	"queued_ms": {
@@ -979,6 +1040,7 @@ const PARTS := {
 	"ModelInfo": MODEL_INFO_FIELDS,
 	"AdapterInfo": ADAPTER_INFO_FIELDS,
 	"Limits": LIMITS_FIELDS,
+	"Memory": MEMORY_FIELDS,
 	"Timings": TIMINGS_FIELDS,
 	"ToolCall": TOOL_CALL_FIELDS,
 }

@@ -426,6 +426,8 @@ namespace Loraloom.Core
         public ModelInfo ImageModel;
         public List<AdapterInfo> Adapters = new List<AdapterInfo>();
         public Limits Limits;
+        /// <summary>What the engines take on their device at start.</summary>
+        public Memory Memory;
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -435,7 +437,8 @@ namespace Loraloom.Core
                 + Wire.Field(w, "text_model", TextModel)
                 + Wire.Field(w, "image_model", ImageModel)
                 + Wire.Field(w, "adapters", Adapters, (w1, v1) => Wire.WriteList(w1, v1, (w2, v2) => Wire.Write(w2, v2)))
-                + Wire.Field(w, "limits", Limits);
+                + Wire.Field(w, "limits", Limits)
+                + Wire.Field(w, "memory", Memory);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -449,6 +452,7 @@ namespace Loraloom.Core
                 case "image_model": ImageModel = (r.TryReadNil() ? null : Wire.Read(r, new ModelInfo())); return true;
                 case "adapters": Adapters = Wire.ReadList(r, r1 => Wire.Read(r1, new AdapterInfo())); return true;
                 case "limits": Limits = Wire.Read(r, new Limits()); return true;
+                case "memory": Memory = (r.TryReadNil() ? null : Wire.Read(r, new Memory())); return true;
                 default: return false;
             }
         }

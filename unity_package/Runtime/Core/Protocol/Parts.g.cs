@@ -290,6 +290,12 @@ namespace Loraloom.Core
         public int? MaxImageSteps;
         /// <summary>Images of one image request.</summary>
         public int? MaxImageCount;
+        /// <summary>
+        /// Text adapters resident in compute memory at once (a request's mix needs at most this many distinct ones).
+        /// </summary>
+        public int? LoraSlots;
+        /// <summary>Token positions of the KV cache, shared by every running sequence and the prefix cache.</summary>
+        public int? KvCacheTokens;
 
         internal override int WriteFields(MsgPackWriter w)
         {
@@ -300,7 +306,9 @@ namespace Loraloom.Core
                 + Wire.Field(w, "max_adapters_per_request", MaxAdaptersPerRequest)
                 + Wire.Field(w, "max_image_pixels", MaxImagePixels)
                 + Wire.Field(w, "max_image_steps", MaxImageSteps)
-                + Wire.Field(w, "max_image_count", MaxImageCount);
+                + Wire.Field(w, "max_image_count", MaxImageCount)
+                + Wire.Field(w, "lora_slots", LoraSlots)
+                + Wire.Field(w, "kv_cache_tokens", KvCacheTokens);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -315,6 +323,73 @@ namespace Loraloom.Core
                 case "max_image_pixels": MaxImagePixels = Wire.NullableInt(r); return true;
                 case "max_image_steps": MaxImageSteps = Wire.NullableInt(r); return true;
                 case "max_image_count": MaxImageCount = Wire.NullableInt(r); return true;
+                case "lora_slots": LoraSlots = Wire.NullableInt(r); return true;
+                case "kv_cache_tokens": KvCacheTokens = Wire.NullableInt(r); return true;
+                default: return false;
+            }
+        }
+    }
+
+    /// <summary>
+    /// What the engines take on their device (GPU memory; RAM on a CPU), in MiB: reserved at start (what
+    /// <c>gpu_memory_mb</c> caps), holding data now, and measured.
+    /// </summary>
+    public sealed partial class Memory : WireMap
+    {
+        /// <summary>Cpu, cuda, cuda:1, ...</summary>
+        public string Device;
+        /// <summary>The daemon's gpu_memory_mb (null: no cap).</summary>
+        public int? BudgetMb;
+        /// <summary>Weights + KV cache + LoRA pool + step workspace + image model.</summary>
+        public int ReservedMb;
+        /// <summary>
+        /// Of that, what holds data now: the weights, the image model, KV blocks in use or cached, the LoRA rows of
+        /// resident adapters.
+        /// </summary>
+        public int UsedMb;
+        /// <summary>
+        /// What the device's allocator holds (CUDA), or the process's resident memory (CPU, libraries included).
+        /// </summary>
+        public int MeasuredMb;
+        /// <summary>The text model's weights.</summary>
+        public int WeightsMb = 0;
+        /// <summary>The KV cache pool.</summary>
+        public int KvCacheMb = 0;
+        /// <summary>The LoRA pool: lora_slots x max_lora_rank rank rows.</summary>
+        public int LoraPoolMb = 0;
+        /// <summary>One engine step's activations and logits (an estimate).</summary>
+        public int WorkspaceMb = 0;
+        /// <summary>The image model's weights.</summary>
+        public int ImageMb = 0;
+
+        internal override int WriteFields(MsgPackWriter w)
+        {
+            return Wire.Field(w, "device", Device)
+                + Wire.Field(w, "budget_mb", BudgetMb)
+                + Wire.Field(w, "reserved_mb", ReservedMb)
+                + Wire.Field(w, "used_mb", UsedMb)
+                + Wire.Field(w, "measured_mb", MeasuredMb)
+                + Wire.Field(w, "weights_mb", WeightsMb)
+                + Wire.Field(w, "kv_cache_mb", KvCacheMb)
+                + Wire.Field(w, "lora_pool_mb", LoraPoolMb)
+                + Wire.Field(w, "workspace_mb", WorkspaceMb)
+                + Wire.Field(w, "image_mb", ImageMb);
+        }
+
+        internal override bool ReadField(string key, MsgPackReader r)
+        {
+            switch (key)
+            {
+                case "device": Device = r.ReadString(); return true;
+                case "budget_mb": BudgetMb = Wire.NullableInt(r); return true;
+                case "reserved_mb": ReservedMb = r.ReadInt32(); return true;
+                case "used_mb": UsedMb = r.ReadInt32(); return true;
+                case "measured_mb": MeasuredMb = r.ReadInt32(); return true;
+                case "weights_mb": WeightsMb = r.ReadInt32(); return true;
+                case "kv_cache_mb": KvCacheMb = r.ReadInt32(); return true;
+                case "lora_pool_mb": LoraPoolMb = r.ReadInt32(); return true;
+                case "workspace_mb": WorkspaceMb = r.ReadInt32(); return true;
+                case "image_mb": ImageMb = r.ReadInt32(); return true;
                 default: return false;
             }
         }
