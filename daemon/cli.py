@@ -1,4 +1,4 @@
-"""The `loraloom` command: serve, ask, adapters, demo (and more subcommands as they land).
+"""The `loraloom` command: serve, ask, adapters, demo, pack and bundle (daemon/pack.py, daemon/bundle.py).
 
 Exit codes: 0 success; 1 the daemon refused or failed the request; 2 bad usage; 3 no daemon
 reachable (or it went away); 4 the model's answer was empty.
@@ -19,7 +19,7 @@ from typing import Any
 
 from bridge.errors import ConnectionClosed, DaemonNotFound, LoraloomError
 
-from . import __version__
+from . import __version__, bundle, pack
 
 __all__ = ["main"]
 
@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-model", default="default")
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_demo)
+    pack.add_command(sub, _add_serve_options, _settings_from_args)
+    bundle.add_command(sub)
     return parser
 
 
