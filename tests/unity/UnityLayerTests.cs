@@ -249,6 +249,146 @@ namespace Loraloom.Unity.Tests
             Assert.AreEqual(0, other.History.Count);
         }
 
+        public enum LayerAction { attack, flee, talk }
+
+        public sealed class LayerQuest
+        {
+            [JsonField(MaxLength = 16)] public string title;
+            [JsonField(Minimum = 5, Maximum = 250)] public int reward;
+            public LayerAction action;
+        }
+
+        public sealed class GiveArgs
+        {
+            [JsonField(MaxLength = 12)] public string item;
+            [JsonField(Minimum = 1, Maximum = 5)] public int count;
+        }
+
+        /// <summary>Records an NPC's events in order, and whether any ran off the main thread.</summary>
+        sealed class NpcLog
+        {
+            public readonly List<string> Order = new List<string>();
+            public readonly List<object> Json = new List<object>();
+            public readonly List<string> Calls = new List<string>();
+            public readonly List<string> Failures = new List<string>();
+            public bool OffLoop;
+
+            public NpcLog(LoraloomNpc npc, FrameLoop loop)
+            {
+                npc.ResponseUpdated.AddListener(chunk => Add(loop, "updated"));
+                npc.ResponseFinished.AddListener(text => Add(loop, "finished"));
+                npc.RequestFailed.AddListener((code, message) => { Failures.Add(code); Add(loop, "failed"); });
+                npc.JsonReceived.AddListener(json => { Json.Add(json); Add(loop, "json"); });
+                npc.ToolCalled.AddListener((name, arguments) => { Calls.Add(name); Add(loop, "tool"); });
+            }
+
+            public void Add(FrameLoop loop, string what)
+            {
+                OffLoop |= !loop.OnLoop;
+                Order.Add(what);
+            }
+
+            /// <summary>The order with the run of chunks folded into one "updated".</summary>
+            public List<string> Folded()
+            {
+                var folded = new List<string>();
+                foreach (string e in Order)
+                    if (e != "updated" || folded.Count == 0 || folded[folded.Count - 1] != "updated") folded.Add(e);
+                Order.Clear();
+                return folded;
+            }
+        }
+
+        [Test]
+        public void NpcStructuredAsksFireTheirEventsBeforeTheAwaitResumes()
+        {
+            LoraloomNpc npc = Npc(Daemon(Env("LORALOOM_TEST_URL"), Env("LORALOOM_TEST_TOKEN")), "beta", 200);
+            npc.seed = 11;
+            var log = new NpcLog(npc, _loop);
+            LayerQuest quest = _loop.Await(async () =>
+            {
+                LayerQuest value = await npc.AskJsonAsync<LayerQuest>("A quest, please.");
+                log.Add(_loop, "resumed");
+                return value;
+            });
+            CollectionAssert.AreEqual(new[] { "updated", "json", "finished", "resumed" }, log.Folded());
+            Assert.LessOrEqual(quest.title.Count(c => !char.IsLowSurrogate(c)), 16, "code points: " + quest.title);
+            Assert.That(quest.reward, Is.InRange(5, 250));
+            var tree = (Dictionary<string, object>)log.Json.Single();
+            Assert.AreEqual((long)quest.reward, tree["reward"]);
+            Assert.AreEqual(quest.action.ToString(), tree["action"]);
+
+            // Short replies from here on, so that the daemon's 256-token context holds the whole
+            // history (it would trim the oldest turns, and the NPC forget them, otherwise).
+            npc.maxTokens = 16;
+            LayerAction action = _loop.Await(() => npc.AskChoiceAsync<LayerAction>("The goblin attacks!"));
+            Assert.IsTrue(Enum.IsDefined(typeof(LayerAction), action));
+            string time = _loop.Await(() => npc.AskRegexAsync("What time is it?", "[0-9]{2}:[0-9]{2}"));
+            StringAssert.IsMatch("^[0-9]{2}:[0-9]{2}$", time);
+            CollectionAssert.AreEqual(new[] { "updated", "finished", "updated", "finished" }, log.Folded(), "no json without a schema");
+            Assert.AreEqual(6, npc.History.Count, "constrained lines are recorded like any other");
+            Assert.AreEqual(action.ToString(), npc.History[3].Content);
+
+            // Cut short: the line fails with the code "incomplete" and is not recorded.
+            npc.maxTokens = 3;
+            LoraloomException cut = _loop.Await(async () =>
+            {
+                try
+                {
+                    await npc.AskJsonAsync("Another quest.", JsonSchema.For<LayerQuest>());
+                    return null;
+                }
+                catch (LoraloomException e)
+                {
+                    return e;
+                }
+            });
+            Assert.IsNotNull(cut, "AskJsonAsync faults");
+            Assert.AreEqual(ResultConstraint.Incomplete, cut.Code);
+            CollectionAssert.AreEqual(new[] { ResultConstraint.Incomplete }, log.Failures);
+            CollectionAssert.AreEqual(new[] { "updated", "failed" }, log.Folded());
+            Assert.AreEqual(6, npc.History.Count);
+            Assert.IsFalse(log.OffLoop, "events run on the main thread");
+        }
+
+        [Test]
+        public void NpcToolCallsFireToolCalledAndComeBack()
+        {
+            LoraloomNpc npc = Npc(Daemon(Env("LORALOOM_TEST_TOOLS_URL"), Env("LORALOOM_TEST_TOKEN")), "alpha", 80);
+            npc.seed = 3;
+            npc.temperature = 1f;
+            // Tool definitions are long in the tiny model's 384-token vocabulary, and the daemon's
+            // trim_history does not count them: lines go out without the history.
+            npc.keepHistory = false;
+            var door = new Tool("open_door", "Open a door", new Dictionary<string, object>
+            {
+                { "type", "object" },
+                { "required", new List<object> { "door" } },
+                { "properties", new Dictionary<string, object> { { "door", new Dictionary<string, object> { { "enum", new List<object> { "gate", "tower" } } } } } },
+            });
+            npc.Tools = new List<Tool> { door, Tool.For<GiveArgs>("give_item", "Give an item") };
+            npc.toolChoice = ToolChoice.Required;
+            var log = new NpcLog(npc, _loop);
+            IList<ToolCall> calls = _loop.Await(() => npc.AskToolCallsAsync("Open the tower and give me a sword."));
+            Assert.AreEqual(1, calls.Count);
+            CollectionAssert.Contains(new[] { "open_door", "give_item" }, calls[0].Name);
+            CollectionAssert.AreEqual(new[] { calls[0].Name }, log.Calls);
+            CollectionAssert.AreEqual(new[] { "updated", "tool", "finished" }, log.Folded());
+
+            npc.toolChoice = "give_item";
+            string text = _loop.Await(() => npc.AskAsync("A sword, please."));
+            CollectionAssert.AreEqual(new[] { calls[0].Name, "give_item" }, log.Calls);
+            StringAssert.Contains("give_item", text, "the reply's text is the call");
+            CollectionAssert.AreEqual(new[] { "updated", "tool", "finished" }, log.Folded());
+
+            // A schema line of an NPC with tools goes out without them (one constraint per line).
+            npc.maxTokens = 200;
+            LayerQuest quest = _loop.Await(() => npc.AskJsonAsync<LayerQuest>("And a quest."));
+            Assert.That(quest.reward, Is.InRange(5, 250));
+            Assert.AreEqual(2, log.Calls.Count);
+            Assert.IsFalse(log.OffLoop);
+        }
+
         [Test]
         public void DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents()
         {

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,16 @@ SINGLE = {
         "AHistoryReplacedDuringALineIsKept",
         "MaxHistoryTurnsAndKeepHistoryBoundWhatIsSent",
     ],
+    "StructuredTests": [
+        "SchemasDescribeThePublicFieldsOfAClass",
+        "TheMapperFillsFieldsTheWayJsonUtilityDoes",
+        "ASchemaCallReturnsJsonValidAgainstIt",
+        "ATypedCallFillsTheClassWithinItsBounds",
+        "ChoicesRegexesAndGrammarsShapeTheText",
+        "ToolCallsComeBackAsData",
+        "AnInvalidConstraintFaultsWithInvalidParameterAndTheConnectionGoesOn",
+        "CancellingAConstrainedCallCancelsTheTaskAndTheRequest",
+    ],
     "LifecycleTests": [
         "ALineAskedBeforeTheDaemonIsUpIsAnswered",
         "ALineWaitsOnlyAsLongAsRequestConnectWait",
@@ -101,6 +112,7 @@ SINGLE = {
     ],
 }
 LONG_CONTEXT = 8192
+TOOLS_CONTEXT = 2048
 # The only test allowed not to run, and only when the daemon has no image model.
 IMAGE_TEST = "LiveDaemonTests.GeneratesAnImageWhenTheDaemonHasAnImageModel"
 NAMESPACE = "Loraloom.Core.Tests."
@@ -108,6 +120,31 @@ NAMESPACE = "Loraloom.Core.Tests."
 # the daemon never answers generate_image: daemon/service.py reads `event.queued_ms` where the image
 # engine's ImageDoneEvent has `event.timings.queued_ms`, and the request then hangs without an error.
 RUN_IMAGE_DAEMON = True
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a long context (the same shapes, so the test adapters fit it)."""
+    from tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "model", "llama", max_positions=LONG_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def tools_url(live_daemon, long_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A daemon on the test adapters (same token) with a 2048-token context: two tool definitions
+    take ~450 tokens of the tiny model's small vocabulary, more than the session daemon's 256."""
+    from support import serve_command, start_daemon, stop_daemon
+
+    base = tmp_path_factory.mktemp("tools-daemon")
+    runtime = base / "daemon.json"
+    argv = serve_command(long_model, live_daemon.text_adapter_dir, runtime, token=live_daemon.token,
+                         extra=["--max-context", str(TOOLS_CONTEXT)])
+    proc = start_daemon(argv, runtime, base / "daemon.log")
+    try:
+        yield json.loads(runtime.read_text())["url"]
+    finally:
+        stop_daemon(proc)
 
 
 def _tool(name: str) -> str:
@@ -160,12 +197,14 @@ LAYER_TESTS = {
     "NpcEventsArriveOnTheMainThreadBeforeTheAwaitResumes",
     "NpcRequestFailedCarriesTheCodeAndAMessageWithoutIt",
     "NpcConversationSavesAndLoads",
+    "NpcStructuredAsksFireTheirEventsBeforeTheAwaitResumes",
+    "NpcToolCallsFireToolCalledAndComeBack",
     "DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents",
     "ALaunchedDaemonIsStoppedWithoutBlockingTheMainThread",
 }
 
 
-def test_unity_layer_behaves_against_a_live_daemon(live_daemon, tmp_path: Path,
+def test_unity_layer_behaves_against_a_live_daemon(live_daemon, tools_url: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Runtime/Unity, compiled against the stubs (whose UnityEvents call their listeners), runs its
     NUnit suite under mono on a stand-in main thread: event order, error codes, the daemon
@@ -186,7 +225,7 @@ def test_unity_layer_behaves_against_a_live_daemon(live_daemon, tmp_path: Path,
     shutil.copy(framework, build / "nunit.framework.dll")
     serve = live_daemon.serve_command(runtime_file=Path("{runtime_file}"))
     env = dict(os.environ, LORALOOM_TEST_URL=live_daemon.url, LORALOOM_TEST_TOKEN=live_daemon.token,
-               LORALOOM_TEST_SERVE_ARGV="\n".join(serve))
+               LORALOOM_TEST_TOOLS_URL=tools_url, LORALOOM_TEST_SERVE_ARGV="\n".join(serve))
     env.pop("LORALOOM_RUNTIME_FILE", None)
     ran, failed, not_run, output, code = _nunit(nunit, tests, build, tmp_path / "layer-result.xml", env)
     with capsys.disabled():
@@ -233,7 +272,8 @@ def _expected_tests() -> set[str]:
     return names
 
 
-def test_unity_core_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unity_core_suite(live_daemon, long_model: Path, tools_url: str, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
     """Core compiles with mcs (C# 7.2) and its whole NUnit suite passes against the live daemon."""
     mcs = _tool("mcs")
     nunit = _tool("nunit-console")
@@ -258,21 +298,20 @@ def test_unity_core_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFix
         info = json.loads(image_runtime.read_text())
         image_env = {"LORALOOM_TEST_IMAGE_URL": info["url"], "LORALOOM_TEST_IMAGE_TOKEN": info["token"]}
     try:
-        _run_suite(live_daemon, tmp_path, capsys, build, tests, nunit, image_env)
+        _run_suite(live_daemon, long_model, tmp_path, capsys, build, tests, nunit,
+                   {**image_env, "LORALOOM_TEST_TOOLS_URL": tools_url})
     finally:
         if image_proc is not None:
             stop_daemon(image_proc)
 
 
-def _run_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], build: Path, tests: Path,
-               nunit: str, image_env: dict[str, str]) -> None:
+def _run_suite(live_daemon, long_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], build: Path,
+               tests: Path, nunit: str, extra_env: dict[str, str]) -> None:
     serve = live_daemon.serve_command(runtime_file=Path("{runtime_file}"))
     # The tiny model with a long context, for lines that must still be streaming when a daemon is
     # stopped under them (LifecycleTests).
     from support import serve_command
-    from tiny import build_tiny_model
 
-    long_model = build_tiny_model(tmp_path / "tiny-long", "llama", max_positions=LONG_CONTEXT)
     long_serve = serve_command(long_model, live_daemon.text_adapter_dir, Path("{runtime_file}"),
                                token=live_daemon.token,
                                extra=["--max-context", str(LONG_CONTEXT), "--max-new-tokens", str(LONG_CONTEXT)])
@@ -285,7 +324,7 @@ def _run_suite(live_daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         LORALOOM_TEST_FRAMES=str(FRAMES),
         LORALOOM_TEST_SERVE_COMMAND=json.dumps(serve),
         LORALOOM_TEST_LONG_SERVE_COMMAND=json.dumps(long_serve),
-        **image_env,
+        **extra_env,
     )
     env.pop("LORALOOM_RUNTIME_FILE", None)
     ran, failed, not_run, output, code = _nunit(nunit, tests, build, tmp_path / "nunit-result.xml", env)

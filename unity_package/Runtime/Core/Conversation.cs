@@ -23,7 +23,8 @@ namespace Loraloom.Core
     /// time, in the order they were asked, each with the exchanges before it.</para>
     /// <para>What is recorded: a finished line adds the user's text and the reply. A line stopped
     /// with <see cref="StopGeneration"/> ends normally with the text generated until then (finish
-    /// reason <c>cancelled</c>) and is recorded unless that text is empty. A failed line, one whose
+    /// reason <c>cancelled</c>) and is recorded unless that text is empty. A constrained line cut
+    /// short (result constraint <c>incomplete</c>) is not recorded. A failed line, one whose
     /// CancellationToken fired, and a line answered after <see cref="History"/> was replaced (a save
     /// loaded meanwhile) change nothing.</para>
     /// <para>Saving: <see cref="ToJson"/> gives plain JSON,
@@ -317,6 +318,9 @@ namespace Loraloom.Core
             int lead = LeadingSystemMessages(_history);
             _history.RemoveRange(lead, Math.Min(Math.Max(0, done.DroppedMessages), _history.Count - lead));
             if (done.FinishReason == FinishReason.Cancelled && string.IsNullOrEmpty(done.Text)) return;
+            // Constrained output cut short (JSON without its end, half a call): the line failed, and
+            // a broken example in the history would only teach the model to break it again.
+            if (done.Constraint == ResultConstraint.Incomplete) return;
             _history.Add(new ChatMessage(ChatRole.User, text));
             _history.Add(new ChatMessage(ChatRole.Assistant, done.Text ?? ""));
             if (_maxHistoryTurns <= 0) return;

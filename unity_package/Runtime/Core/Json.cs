@@ -22,6 +22,66 @@ namespace Loraloom.Core
             return value;
         }
 
+        /// <summary>
+        /// <paramref name="value"/> (a tree as <see cref="Parse"/> or the msgpack reader give) as compact
+        /// JSON, map keys in their order.
+        /// </summary>
+        public static string Write(object value)
+        {
+            var sb = new StringBuilder();
+            Write(sb, value, 0);
+            return sb.ToString();
+        }
+
+        static void Write(StringBuilder sb, object value, int depth)
+        {
+            if (depth > 64) throw new ArgumentException("nested too deeply for JSON");
+            if (value == null) { sb.Append("null"); return; }
+            var text = value as string;
+            if (text != null) { sb.Append(Quote(text)); return; }
+            if (value is bool) { sb.Append((bool)value ? "true" : "false"); return; }
+            if (value is double || value is float)
+            {
+                double d = Convert.ToDouble(value, CultureInfo.InvariantCulture);
+                if (double.IsNaN(d) || double.IsInfinity(d)) throw new ArgumentException("JSON has no " + d);
+                sb.Append(d.ToString("R", CultureInfo.InvariantCulture));
+                return;
+            }
+            var map = value as System.Collections.IDictionary;
+            if (map != null)
+            {
+                sb.Append('{');
+                bool first = true;
+                foreach (System.Collections.DictionaryEntry entry in map)
+                {
+                    if (!first) sb.Append(',');
+                    first = false;
+                    sb.Append(Quote(Convert.ToString(entry.Key, CultureInfo.InvariantCulture))).Append(':');
+                    Write(sb, entry.Value, depth + 1);
+                }
+                sb.Append('}');
+                return;
+            }
+            var items = value as System.Collections.IList;
+            if (items != null)
+            {
+                sb.Append('[');
+                for (int i = 0; i < items.Count; i++)
+                {
+                    if (i > 0) sb.Append(',');
+                    Write(sb, items[i], depth + 1);
+                }
+                sb.Append(']');
+                return;
+            }
+            if (value is IFormattable && (value.GetType().IsPrimitive || value is decimal))
+            {
+                sb.Append(((IFormattable)value).ToString(null, CultureInfo.InvariantCulture));
+                return;
+            }
+            throw new ArgumentException("a " + value.GetType().Name + " has no JSON form");
+        }
+
         /// <summary>A JSON string literal for <paramref name="value"/>.</summary>
         public static string Quote(string value)
         {

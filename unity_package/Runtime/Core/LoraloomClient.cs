@@ -23,7 +23,7 @@ namespace Loraloom.Core
     /// was already seen). Requests made while it is not connected wait for the connection, up to
     /// <see cref="LoraloomClientOptions.RequestConnectWait"/>.
     /// </remarks>
-    public sealed class LoraloomClient : IDisposable
+    public sealed partial class LoraloomClient : IDisposable
     {
         readonly LoraloomClientOptions _options;
         readonly object _gate = new object();

@@ -24,6 +24,36 @@ namespace Loraloom.Core
         public int DroppedMessages;
         /// <summary>How many chunk events arrived (0 when not streaming).</summary>
         public int Chunks;
+        /// <summary>
+        /// With a constraint or tools: <see cref="ResultConstraint.Satisfied"/>, or
+        /// <see cref="ResultConstraint.Incomplete"/> when the output ended first (max_tokens, the
+        /// context, a stop string, a stop); null without one.
+        /// </summary>
+        public string Constraint;
+        /// <summary>
+        /// With <c>Generate.JsonSchema</c>: the output parsed, as the tree msgpack gives (null,
+        /// bool, long, double, string, List&lt;object&gt;, Dictionary&lt;string, object&gt;); null
+        /// when incomplete.
+        /// </summary>
+        public object Json;
+        /// <summary>With <c>Generate.Tools</c>: the call the model made (empty when it answered in text).</summary>
+        public List<ToolCall> ToolCalls = new List<ToolCall>();
+
+        /// <summary>True when the output is whole under its constraint or tools.</summary>
+        public bool Satisfied { get { return Constraint == ResultConstraint.Satisfied; } }
+
+        /// <summary>
+        /// Throws <see cref="LoraloomException"/> with the code <see cref="ResultConstraint.Incomplete"/>
+        /// unless the constrained output is whole; returns this completion.
+        /// </summary>
+        public Completion EnsureSatisfied()
+        {
+            if (Satisfied) return this;
+            if (Constraint == null)
+                throw new LoraloomException(ResultConstraint.Incomplete, "the result carries no constraint state (the request had no constraint)", Id);
+            throw new LoraloomException(ResultConstraint.Incomplete, "the output ended (finish reason " + FinishReason + ", "
+                + CompletionTokens + " tokens) before its constraint was satisfied", Id);
+        }
 
         public override string ToString() { return "[" + FinishReason + ", " + CompletionTokens + " tokens] " + Text; }
     }
@@ -161,6 +191,9 @@ namespace Loraloom.Core
                     CachedTokens = result.CachedTokens,
                     DroppedMessages = result.DroppedMessages,
                     Chunks = _chunks,
+                    Constraint = result.Constraint,
+                    Json = result.Json,
+                    ToolCalls = result.ToolCalls ?? new List<ToolCall>(),
                 });
                 return true;
             }

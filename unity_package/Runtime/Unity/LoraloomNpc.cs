@@ -30,9 +30,15 @@ namespace Loraloom.Unity
     /// forgets the same ones. See <see cref="Conversation"/>.</para>
     /// <para>Lines asked while one is being answered wait and go out in order, each with the
     /// exchanges before it. Events fire on the main thread, in order: every
-    /// <see cref="ResponseUpdated"/> of a line, then its <see cref="ResponseFinished"/> (or
+    /// <see cref="ResponseUpdated"/> of a line, then its <see cref="ToolCalled"/> and
+    /// <see cref="JsonReceived"/> if any, then its <see cref="ResponseFinished"/> (or
     /// <see cref="RequestFailed"/>), then the awaiting code resumes. After the component is
     /// destroyed nothing fires and the line in flight is cancelled on the daemon.</para>
+    /// <para>Structured replies: <see cref="AskJsonAsync"/> (a JSON Schema, or a C# class with
+    /// <see cref="AskJsonAsync{T}(string, CancellationToken)"/>), <see cref="AskChoiceAsync"/>,
+    /// <see cref="AskRegexAsync"/>, <see cref="AskGrammarAsync"/>; and <see cref="Tools"/> with
+    /// <see cref="AskToolCallsAsync"/>. A constrained line is recorded in the history like any
+    /// other (its text is the JSON, the choice, the call).</para>
     /// </remarks>
     [AddComponentMenu("Loraloom/Loraloom NPC")]
     public sealed class LoraloomNpc : MonoBehaviour
@@ -72,6 +78,10 @@ namespace Loraloom.Unity
         [Tooltip("Player lines are scheduled first, background chatter last.")]
         public LinePriority priority = LinePriority.Normal;
 
+        [Header("Tools")]
+        [Tooltip("With Tools set: auto (text or one call), required (one call), none (text), or a tool's name (a call of it).")]
+        public string toolChoice = ToolChoice.Auto;
+
         [Header("Events (main thread)")]
         [Tooltip("Each new chunk of text as it streams in.")]
         public UnityEvent<string> ResponseUpdated = new UnityEvent<string>();
@@ -79,8 +89,13 @@ namespace Loraloom.Unity
         public UnityEvent<string> ResponseFinished = new UnityEvent<string>();
         [Tooltip("Why a line failed: the error code and the message.")]
         public UnityEvent<string, string> RequestFailed = new UnityEvent<string, string>();
+        [Tooltip("A call of one of the NPC's Tools: its name and arguments (before ResponseFinished).")]
+        public UnityEvent<string, Dictionary<string, object>> ToolCalled = new UnityEvent<string, Dictionary<string, object>>();
+        [Tooltip("The parsed JSON of a line asked with a schema (before ResponseFinished).")]
+        public UnityEvent<object> JsonReceived = new UnityEvent<object>();
 
         readonly Conversation _conversation = new Conversation();
+        List<Tool> _tools = new List<Tool>();
         readonly CancellationTokenSource _lifetime = new CancellationTokenSource();
         bool _destroyed;
 
@@ -100,6 +115,17 @@ namespace Loraloom.Unity
         /// <summary>True while a line is being answered or waits for its turn.</summary>
         public bool IsBusy { get { return _conversation.IsBusy; } }
 
+        /// <summary>
+        /// Functions the character may call (the game's actions), sent with every line that has no
+        /// other constraint, with <see cref="toolChoice"/>. A call fires <see cref="ToolCalled"/>;
+        /// <see cref="AskToolCallsAsync"/> returns them. Empty: none.
+        /// </summary>
+        public List<Tool> Tools
+        {
+            get { return _tools; }
+            set { _tools = value ?? new List<Tool>(); }
+        }
+
         public LoraloomDaemon Daemon
         {
             get { return daemon != null ? daemon : LoraloomDaemon.Instance; }
@@ -110,19 +136,124 @@ namespace Loraloom.Unity
         /// Says <paramref name="text"/> to the character and returns its reply. It waits for the
         /// lines asked before it, and for the daemon (see <see cref="LoraloomDaemon.Ready"/>). Faults
         /// with <see cref="LoraloomException"/> (after <see cref="RequestFailed"/> fired); ends
-        /// cancelled when <paramref name="cancellationToken"/> fires or the NPC is destroyed.
+        /// cancelled when <paramref name="cancellationToken"/> fires or the NPC is destroyed. With
+        /// <see cref="Tools"/>, the reply may be a call: <see cref="ToolCalled"/> fires and the text
+        /// is the call as the model wrote it.
         /// </summary>
         public Task<string> AskAsync(string text, CancellationToken cancellationToken = default(CancellationToken))
         {
+            return AskLineAsync(text, null, done => done.Text, cancellationToken);
+        }
+
+        /// <summary>
+        /// Says <paramref name="text"/> and returns the reply as JSON valid against
+        /// <paramref name="schema"/> (a JSON Schema), parsed: null, bool, long, double, string,
+        /// List&lt;object&gt; or Dictionary&lt;string, object&gt;. <see cref="JsonReceived"/> fires
+        /// with it. Faults as <see cref="AskAsync"/> does, and with the code
+        /// <see cref="ResultConstraint.Incomplete"/> when the reply ended before the JSON did
+        /// (raise <see cref="maxTokens"/>, bound strings and numbers in the schema).
+        /// </summary>
+        public Task<object> AskJsonAsync(string text, IDictionary<string, object> schema,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (schema == null) throw new ArgumentNullException("schema");
+            var copy = new Dictionary<string, object>(schema);
+            return AskLineAsync(text, request => request.JsonSchema = copy, done => done.EnsureSatisfied().Json, cancellationToken);
+        }
+
+        /// <summary>
+        /// The reply as a <typeparamref name="T"/>: the schema is <see cref="JsonSchema.For{T}"/>
+        /// (public fields, bounded with <see cref="JsonFieldAttribute"/>), the JSON is read back
+        /// with <see cref="JsonMapper"/>.
+        /// </summary>
+        public Task<T> AskJsonAsync<T>(string text, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            Dictionary<string, object> schema = JsonSchema.For<T>();
+            return AskLineAsync(text, request => request.JsonSchema = schema,
+                done => JsonMapper.ToObject<T>(done.EnsureSatisfied().Json), cancellationToken);
+        }
+
+        /// <summary>The reply under <paramref name="schema"/>, read into a <typeparamref name="T"/>.</summary>
+        public Task<T> AskJsonAsync<T>(string text, IDictionary<string, object> schema,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (schema == null) throw new ArgumentNullException("schema");
+            var copy = new Dictionary<string, object>(schema);
+            return AskLineAsync(text, request => request.JsonSchema = copy,
+                done => JsonMapper.ToObject<T>(done.EnsureSatisfied().Json), cancellationToken);
+        }
+
+        /// <summary>
+        /// The reply is exactly one of <paramref name="choices"/> (the game's actions, say); faults
+        /// with <see cref="ResultConstraint.Incomplete"/> when it ended before one was complete.
+        /// </summary>
+        public Task<string> AskChoiceAsync(string text, IEnumerable<string> choices,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (choices == null) throw new ArgumentNullException("choices");
+            var copy = new List<string>(choices);
+            return AskLineAsync(text, request => request.Choices = copy, done => done.EnsureSatisfied().Text, cancellationToken);
+        }
+
+        /// <summary>The reply is the name of one of <typeparamref name="TEnum"/>'s values, returned as that value.</summary>
+        public Task<TEnum> AskChoiceAsync<TEnum>(string text, CancellationToken cancellationToken = default(CancellationToken))
+            where TEnum : struct
+        {
+            if (!typeof(TEnum).IsEnum) throw new ArgumentException(typeof(TEnum).Name + " is not an enum");
+            var names = new List<string>(Enum.GetNames(typeof(TEnum)));
+            return AskLineAsync(text, request => request.Choices = names,
+                done => (TEnum)Enum.Parse(typeof(TEnum), done.EnsureSatisfied().Text), cancellationToken);
+        }
+
+        /// <summary>The reply matches <paramref name="pattern"/> (Rust regex syntax, the whole reply).</summary>
+        public Task<string> AskRegexAsync(string text, string pattern,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (pattern == null) throw new ArgumentNullException("pattern");
+            return AskLineAsync(text, request => request.Regex = pattern, done => done.EnsureSatisfied().Text, cancellationToken);
+        }
+
+        /// <summary>The reply matches <paramref name="grammar"/> (Lark syntax, llguidance's dialect).</summary>
+        public Task<string> AskGrammarAsync(string text, string grammar,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (grammar == null) throw new ArgumentNullException("grammar");
+            return AskLineAsync(text, request => request.Grammar = grammar, done => done.EnsureSatisfied().Text, cancellationToken);
+        }
+
+        /// <summary>
+        /// Says <paramref name="text"/> with <see cref="Tools"/> and returns the calls the character
+        /// made (empty when it answered in text, which <see cref="toolChoice"/> auto allows); each
+        /// also fires <see cref="ToolCalled"/>. Faults with <see cref="ResultConstraint.Incomplete"/>
+        /// when the reply ended before the call did.
+        /// </summary>
+        public Task<IList<ToolCall>> AskToolCallsAsync(string text, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (_tools.Count == 0) throw new InvalidOperationException(name + " has no Tools");
+            return AskLineAsync<IList<ToolCall>>(text, null, done => done.EnsureSatisfied().ToolCalls.AsReadOnly(), cancellationToken);
+        }
+
+        // One line: its place in the conversation's order now, its end read on the main thread.
+        // constrain sets the line's constraint; without one the NPC's tools go out.
+        Task<T> AskLineAsync<T>(string text, Action<Generate> constrain, Func<Completion, T> read,
+            CancellationToken cancellationToken)
+        {
             if (_destroyed) throw new ObjectDisposedException(name);
-            var outcome = new TaskCompletionSource<string>();
+            var outcome = new TaskCompletionSource<T>();
             LoraloomDaemon owner = Daemon;
             Task<LoraloomClient> client = owner != null ? owner.Ready
                 : FaultedClient(new LoraloomException(ErrorCodes.DaemonNotFound, "no LoraloomDaemon in the scene"));
             SyncConversation();
+            Generate settings = BuildSettings();
+            if (constrain != null) constrain(settings);
+            else if (_tools.Count > 0)
+            {
+                settings.Tools = new List<Tool>(_tools);
+                settings.ToolChoice = string.IsNullOrEmpty(toolChoice) ? ToolChoice.Auto : toolChoice;
+            }
+            bool json = settings.JsonSchema != null;
             var cancel = CancellationTokenSource.CreateLinkedTokenSource(_lifetime.Token, cancellationToken);
-            // The line takes its place in the conversation's order now, on the caller's frame.
-            Task<Completion> line = _conversation.AskAsync(client, text, BuildSettings(), chunk => MainThreadDispatcher.Post(() =>
+            Task<Completion> line = _conversation.AskAsync(client, text, settings, chunk => MainThreadDispatcher.Post(() =>
             {
                 if (!_destroyed) ResponseUpdated.Invoke(chunk);
             }), cancel.Token);
@@ -131,7 +262,7 @@ namespace Loraloom.Unity
             line.ContinueWith(t =>
             {
                 cancel.Dispose();
-                MainThreadDispatcher.Post(() => Finish(t, outcome));
+                MainThreadDispatcher.Post(() => Finish(t, read, json, outcome));
             }, TaskContinuationOptions.ExecuteSynchronously);
             return outcome.Task;
         }
@@ -200,7 +331,7 @@ namespace Loraloom.Unity
             return request;
         }
 
-        void Finish(Task<Completion> line, TaskCompletionSource<string> outcome)
+        void Finish<T>(Task<Completion> line, Func<Completion, T> read, bool json, TaskCompletionSource<T> outcome)
         {
             if (_destroyed || line.IsCanceled)
             {
@@ -209,14 +340,31 @@ namespace Loraloom.Unity
             }
             if (line.IsFaulted)
             {
-                Exception error = line.Exception.GetBaseException();
-                var known = error as LoraloomException;
-                RequestFailed.Invoke(known != null ? known.Code : ErrorCodes.Internal, known != null ? known.Reason : error.Message);
-                outcome.TrySetException(error);
+                Fail(line.Exception.GetBaseException(), outcome);
                 return;
             }
-            ResponseFinished.Invoke(line.Result.Text);
-            outcome.TrySetResult(line.Result.Text);
+            Completion done = line.Result;
+            T value;
+            try
+            {
+                value = read(done);
+            }
+            catch (Exception e)
+            {
+                Fail(e, outcome);
+                return;
+            }
+            foreach (ToolCall call in done.ToolCalls) ToolCalled.Invoke(call.Name, call.Arguments);
+            if (json) JsonReceived.Invoke(done.Json);
+            ResponseFinished.Invoke(done.Text);
+            outcome.TrySetResult(value);
+        }
+
+        void Fail<T>(Exception error, TaskCompletionSource<T> outcome)
+        {
+            var known = error as LoraloomException;
+            RequestFailed.Invoke(known != null ? known.Code : ErrorCodes.Internal, known != null ? known.Reason : error.Message);
+            outcome.TrySetException(error);
         }
 
         static string PriorityName(LinePriority priority)

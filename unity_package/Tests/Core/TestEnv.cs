@@ -26,6 +26,12 @@ namespace Loraloom.Core.Tests
         public static string Token { get { return Require("LORALOOM_TEST_TOKEN"); } }
         public static string AdapterDir { get { return Require("LORALOOM_TEST_ADAPTER_DIR"); } }
 
+        /// <summary>
+        /// A daemon on the test adapters (same token) with a 2048-token context: tool definitions are
+        /// long in the tiny model's 384-token vocabulary.
+        /// </summary>
+        public static string ToolsUrl { get { return Require("LORALOOM_TEST_TOOLS_URL"); } }
+
         public static string FramesDir
         {
             get

@@ -43,4 +43,15 @@ namespace Loraloom.Core
     {
         public override string ToString() { return Event + " " + Adapter + (Reason != null ? ": " + Reason : ""); }
     }
+
+    /// <summary>The values of <c>Generate.ToolChoice</c> besides a tool's name.</summary>
+    public static class ToolChoice
+    {
+        /// <summary>The model answers in text or makes one call.</summary>
+        public const string Auto = "auto";
+        /// <summary>The model makes one call, of any of the tools.</summary>
+        public const string Required = "required";
+        /// <summary>The model answers in text; the tools are not shown to it.</summary>
+        public const string None = "none";
+    }
 }

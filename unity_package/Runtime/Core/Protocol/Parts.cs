@@ -1,3 +1,4 @@
+using System.Collections.Generic;
 using System.Globalization;
 
 namespace Loraloom.Core
@@ -52,5 +53,32 @@ namespace Loraloom.Core
         {
             return Name + " (" + Kind + ", " + Status + (Version.HasValue ? ", v" + Version.Value : "") + ")";
         }
+    }
+
+    public sealed partial class Tool
+    {
+        public Tool() { }
+
+        /// <summary>A function the model may call; <paramref name="parameters"/> is a JSON Schema object (null: any object).</summary>
+        public Tool(string name, string description, Dictionary<string, object> parameters = null)
+        {
+            Name = name;
+            Description = description ?? "";
+            if (parameters != null) Parameters = parameters;
+        }
+
+        /// <summary>A tool whose arguments are a <typeparamref name="T"/> (see <see cref="JsonSchema.For{T}"/>); read them with <see cref="ToolCall.ArgumentsAs{T}"/>.</summary>
+        public static Tool For<T>(string name, string description = "")
+        {
+            return new Tool(name, description, JsonSchema.For<T>());
+        }
+    }
+
+    public sealed partial class ToolCall
+    {
+        /// <summary>The arguments read into a <typeparamref name="T"/> (see <see cref="JsonMapper"/>).</summary>
+        public T ArgumentsAs<T>() { return JsonMapper.ToObject<T>(Arguments); }
+
+        public override string ToString() { return Name + " " + Json.Write(Arguments); }
     }
 }
