@@ -111,3 +111,99 @@ def write_text_adapter(
             shutil.rmtree(final)
         work.rename(final)
     return final
+
+
+# -- AWQ and GPTQ checkpoints packed offline, by the formats' own rules (tests of quant_formats) --------------
+
+QUANT_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: the code at bits 4i of a word is output column ORDER[i]
+
+
+def quantize_4bit_groups(w: torch.Tensor, *, sym: bool, group: int = 128,
+                         zero_floor: int = 0) -> tuple[torch.Tensor, ...]:
+    """W [out, in] -> codes [out, in], zeros [out, in/group], scales [out, in/group] (fp16) the way
+    GPTQ's and AWQ's quantizers compute them: sym puts the zero at 8 and the scale at 2*max|w|/15;
+    asym maps [min, max] of a group onto 0..15 with zero = round(-min/scale), at least `zero_floor`
+    (1 for GPTQ's v1 format, which cannot store a zero point of 0)."""
+    out, inp = w.shape
+    g = w.double().view(out, inp // group, group)
+    if sym:
+        scale = (g.abs().amax(-1) * 2 / 15).clamp(min=1e-6)
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        zero = (-lo / scale).round().clamp(zero_floor, 15)
+    scale = scale.half()
+    q = (g / scale.double().unsqueeze(-1)).round().add(zero.unsqueeze(-1)).clamp(0, 15)
+    return q.long().view(out, inp), zero.long(), scale
+
+
+def dequantize_4bit_groups(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """The float32 weight [out, in] the codes stand for: (q - zero) * scale, group by group."""
+    out, inp = q.shape
+    deq = (q.view(out, -1, group) - zero.unsqueeze(-1)).double() * scale.double().unsqueeze(-1)
+    return deq.view(out, inp).float()
+
+
+def _words(nibbles: torch.Tensor) -> torch.Tensor:
+    """int64 [..., 8] codes, nibble k at bits 4k -> int32 [...] (two's complement, as the formats store them)."""
+    word = sum(((nibbles[..., k] & 0xF) << (4 * k) for k in range(8)), torch.zeros_like(nibbles[..., 0]))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def pack_awq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AutoAWQ's WQLinear_GEMM tensors: qweight [in, out/8], qzeros [in/128, out/8] (int32, eight
+    output columns per word in AWQ_PACK_ORDER), scales [in/128, out] fp16."""
+    order = list(AWQ_PACK_ORDER)
+
+    def pack(m: torch.Tensor) -> torch.Tensor:  # [rows, cols] -> [rows, cols/8]
+        rows, cols = m.shape
+        return _words(m.view(rows, cols // 8, 8)[..., order])
+
+    return {"qweight": pack(q.t()), "qzeros": pack(zero.t()), "scales": scale.t().contiguous()}
+
+
+def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, *, v1: bool = True) -> dict[str, torch.Tensor]:
+    """AutoGPTQ's tensors: qweight [in/8, out] (eight input rows per word, row 8r+j at bits 4j),
+    qzeros [in/128, out/8] (eight output columns per word; v1 stores zero - 1), scales
+    [in/128, out] fp16, g_idx [in] = i // 128 (desc_act false)."""
+    out, inp = q.shape
+    qt = q.t().contiguous()  # [in, out]
+    qweight = _words(qt.view(inp // 8, 8, out).permute(0, 2, 1))
+    z = zero.t().contiguous() - (1 if v1 else 0)  # [in/128, out]
+    qzeros = _words(z.view(z.shape[0], out // 8, 8))
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scale.t().contiguous(),
+            "g_idx": (torch.arange(inp) // 128).to(torch.int32)}
+
+
+def write_quantized_model(src: Path, dst: Path, reference: Path, *, method: str, sym: bool = True,
+                          v1: bool = True, config: dict | None = None) -> tuple[Path, Path]:
+    """From a dense folder `src`: an AWQ or GPTQ checkpoint in `dst` (its projections packed, the
+    rest as is) and `reference`, the same model with the projections' dequantized float32 weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    packed, dense = dict(tensors), dict(tensors)
+    for key in [k for k in tensors if k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)]:
+        prefix = key.removesuffix("weight")
+        q, zero, scale = quantize_4bit_groups(tensors[key], sym=method == "gptq" and sym,
+                                              zero_floor=1 if method == "gptq" and v1 else 0)
+        del packed[key]
+        parts = pack_awq(q, zero, scale) if method == "awq" else pack_gptq(q, zero, scale, v1=v1)
+        packed.update({prefix + k: v for k, v in parts.items()})
+        dense[key] = dequantize_4bit_groups(q, zero, scale)
+    quant = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"} \
+        if method == "awq" else {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                 "sym": sym, "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    quant.update(config or {})
+    for folder, weights in ((dst, packed), (reference, dense)):
+        shutil.copytree(src, folder, dirs_exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = quant
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst, reference

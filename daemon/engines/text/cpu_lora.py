@@ -88,7 +88,7 @@ def apply_group(y: torch.Tensor, x: torch.Tensor, group: GroupSlots, weights: to
     """y[T, base_out] += the LoRA update of every member of `group` for inputs x[T, d_in], where
     `weights` [T, K] is each row's scale per pool row of the prefix [0, K) (0: not read) and
     `block` is the A rows' block size (lora.ROW_BLOCK)."""
-    _kernel()(y.numpy(), x.contiguous().numpy(), group.fused[group.base_out:].numpy(),
+    _kernel()(y.numpy(), x.contiguous().numpy(), group.fused[group.a_start:].numpy(),
               weights.contiguous().numpy(), group.b_cat.numpy(), _columns(group.out_cols, group.b_cols),
               len(group.members), block)
 

@@ -108,9 +108,9 @@ class TextEngine:
                  "slots, %s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
                  self.device, dtype_name(self.dtype), cfg.max_seqs, self.max_context, cfg.lora_slots,
                  self.kernels.name)
-        log.info("text engine memory: weights %d MB, KV cache %d MB (%d tokens in blocks of %d: kv_cache_mb), "
+        log.info("text engine memory: weights %d MB (%s), KV cache %d MB (%d tokens in blocks of %d: kv_cache_mb), "
                  "LoRA pool %d MB (lora_slots %d x max_lora_rank %d); lower those settings to use less",
-                 self.model.nbytes() // mb, self.kv.nbytes() // mb, (blocks - 1) * bs, bs,
+                 self.model.nbytes() // mb, self.model.scheme.label, self.kv.nbytes() // mb, (blocks - 1) * bs, bs,
                  self.storage.pool_nbytes() // mb, cfg.lora_slots, cfg.max_lora_rank)
 
     @classmethod
@@ -126,7 +126,8 @@ class TextEngine:
         folder = Path(model)
         log.info("loading the text model from %s", folder)
         text_model = TextModel.from_folder(folder, device=device,
-                                           dtype=resolve_dtype(cfg.dtype, device, half=torch.bfloat16))
+                                           dtype=resolve_dtype(cfg.dtype, device, half=torch.bfloat16),
+                                           quantize=cfg.quantize)
         return cls(text_model, load_tokenizer(folder), cfg, model_dir=folder)
 
     # ------------------------------------------------------------------ the contract (base.Engine)
@@ -218,7 +219,8 @@ class TextEngine:
                 "constrained_tokens": self.runner.masks.masked_rows if self.runner.masks else 0,
                 # pool rows a dense LoRA step reads (resident adapters from the front, holes included), pool size
                 "lora_rows_in_use": self.storage.used, "lora_pool_rows": self.storage.pool_rows,
-                "lora_pool_compactions": self.storage.compactions, **self.kernels.stats()}
+                "lora_pool_compactions": self.storage.compactions, "weights": self.model.scheme.label,
+                "weight_bytes": self.model.nbytes(), **self.kernels.stats()}
 
     # ------------------------------------------------------------------ the loop
 

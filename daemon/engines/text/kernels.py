@@ -10,6 +10,10 @@ Three sets behind one interface, picked by `select_kernels` when the engine star
   whole group in one launch (`triton_lora`), decode attention read straight from the paged cache
   (`triton_attention`).
 
+Over a quantized base weight (`quant.QuantWeight`) every set takes the same LoRA math with the
+shrink as its own matmul (`lora.project_prefix_quant`); Triton's expand reads the base output and
+the shrinks laid out as the fused GEMM gives them (`lora.prefix_product_quant`).
+
 A compiled kernel that fails at run time is logged, listed in `failures` (and /healthz), and the
 set falls back to the PyTorch ops for the rest of its life; nothing else changes.
 """
@@ -22,8 +26,9 @@ from typing import Any
 import torch
 
 from . import cpu_lora
-from .lora import linear, lora_expand_fused, project_prefix
+from .lora import linear, lora_expand_fused, prefix_product_quant, project_prefix, project_prefix_quant
 from .lora_pool import ROW_BLOCK, GroupSlots
+from .quant import QuantWeight, Weight
 
 __all__ = ["Kernels", "NumbaKernels", "TorchKernels", "TritonKernels", "rms_norm_reference", "rope_reference",
            "select_kernels"]
@@ -82,9 +87,11 @@ class TorchKernels:
         gathers (`kv.prefill_attention`)."""
         return False
 
-    def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
+    def project_prefix(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T (+ bias) plus every row's LoRA update over the pool prefix (+ residual): [T, out]."""
+        if isinstance(weight, QuantWeight):
+            return project_prefix_quant(x, weight, bias, group, weights, residual)
         return project_prefix(x, group, weights, residual)
 
     def stats(self) -> dict[str, object]:
@@ -104,7 +111,7 @@ class NumbaKernels(TorchKernels):
     def prefers_prefix(self, tokens: int) -> bool:
         return tokens <= cpu_lora.MAX_ROWS  # the loop reads only the rows each token uses
 
-    def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
+    def project_prefix(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if not self.failures and cpu_lora.usable(x):
             y = linear(x, weight, bias)
@@ -172,12 +179,15 @@ class TritonKernels(TorchKernels):
                 self._fail("RoPE", exc)
         return super().rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
 
-    def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
+    def project_prefix(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if not self.failures:
-            end = group.base_out + weights.shape[1] * len(group.members)
-            fused_bias = None if group.fused_bias is None else group.fused_bias[:end]
-            y = torch.nn.functional.linear(x, group.fused[:end], fused_bias)
+            if isinstance(weight, QuantWeight):  # the base and the shrinks in the fused GEMM's layout
+                y = prefix_product_quant(x, weight, bias, group, weights.shape[1])
+            else:
+                end = group.base_out + weights.shape[1] * len(group.members)
+                fused_bias = None if group.fused_bias is None else group.fused_bias[:end]
+                y = torch.nn.functional.linear(x, group.fused[:end], fused_bias)
             try:
                 done = self._lora.expand_fused(y, group, weights, residual=residual)
             except Exception as exc:  # e.g. a GPU with less shared memory than the tiles need

@@ -12,7 +12,8 @@ adapters and mixes.
 `lora_reference` is the plain loop every path is tested against. The paths (see `lora_plan`):
 `project_prefix` (dense over the pool prefix: the fused GEMM, then the expand as a multiply and a
 GEMM per member; `kernels` has the compiled versions), `lora_apply_group` (gathered rows or
-bgmv). The pool layout they read is `lora_pool`'s.
+bgmv). The pool layout they read is `lora_pool`'s. Over a quantized base weight (`quant`) the
+shrink is a matmul of its own (`project_prefix_quant`); the expand is the same.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ import torch.nn.functional as F
 
 from .lora_plan import LoraBatch
 from .lora_pool import ROW_BLOCK, GroupSlots
+from .quant import QuantWeight, Weight
 
 __all__ = ["PrefixProjector", "linear", "lora_apply", "lora_apply_group", "lora_expand_fused", "lora_project",
-           "lora_reference", "project_prefix"]
+           "lora_reference", "prefix_product_quant", "project_prefix", "project_prefix_quant"]
 
 
 class PrefixProjector(Protocol):
     """What computes the dense update over the pool prefix (a kernel set of `kernels`)."""
 
-    def project_prefix(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots,
+    def project_prefix(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor: ...
 
 
@@ -90,15 +92,17 @@ def _left_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.addmm(bias.unsqueeze(1), weight, x.t())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias): [T, out], contiguous (attention and the LoRA expand are 2x slower on a
     transposed view, so the left-operand form pays for one transposing copy)."""
+    if isinstance(weight, QuantWeight):
+        return weight.linear(x, bias)
     if _left_operand(x):
         return _left_product(x, weight, bias).t().contiguous()
     return F.linear(x, weight, bias)
 
 
-def lora_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: GroupSlots | None,
+def lora_project(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots | None,
                  batch: LoraBatch, kernels: PrefixProjector, *, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) plus every row's LoRA update of the group's members (plus `residual`,
     the caller's residual stream, where given): [T, out]. Dense over the prefix goes to
@@ -129,6 +133,24 @@ def project_prefix(x: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
     y = F.linear(x, fused, fused_bias)
     lora_expand_fused(y, group, weights, residual=residual)
     return y[:, :group.base_out]
+
+
+def project_prefix_quant(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, group: GroupSlots,
+                         weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """`project_prefix` over a quantized base: its matmul, the shrink of pool rows [0, K) of every
+    member as a matmul with the A rows (`group.fused`, which holds only them), the same expand."""
+    y = weight.linear(x, bias)
+    shrink = linear(x, group.fused[:weights.shape[1] * len(group.members)])
+    lora_expand_fused(y, group, weights, shrink=shrink, residual=residual)
+    return y
+
+
+def prefix_product_quant(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, group: GroupSlots,
+                         width: int) -> torch.Tensor:
+    """[T, base_out + width * n]: the base output then the shrinks, laid out as the fused GEMM of a
+    dense base gives them (for kernels that read that layout, `triton_lora.expand_fused`)."""
+    shrink = F.linear(x, group.fused[:width * len(group.members)])
+    return torch.cat([weight.linear(x, bias), shrink], dim=1)
 
 
 def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor, *,

@@ -51,7 +51,9 @@ class GroupSlots:
     `fused` is the model's weight for the group followed by the A rows in blocks of ROW_BLOCK pool
     rows per member: pool row p of member j is fused row `row_index(j, p)`, so a prefix of pool rows
     (a multiple of ROW_BLOCK) is a prefix of `fused`, and the shrink of one member comes in
-    contiguous runs. The B's of the members sit side by side in `b_cat` [pool rows, their widths]."""
+    contiguous runs. The B's of the members sit side by side in `b_cat` [pool rows, their widths].
+    Where the base weight is quantized (`quant`), `fused` holds the A rows only: `a_start` is 0
+    instead of `base_out`, and the shrink runs as its own matmul."""
 
     key: str  # the model weight it extends: qkv, o, gate_up or down (the same layout in every layer)
     members: tuple[str, ...]
@@ -61,11 +63,12 @@ class GroupSlots:
     fused: torch.Tensor
     fused_bias: torch.Tensor | None
     b_cat: torch.Tensor
+    a_start: int  # the first A row of `fused`: base_out, or 0 where the base weight is not in it
 
     def row_index(self, j: int, rows: torch.Tensor) -> torch.Tensor:
         """Rows of `fused` that hold member j's A for the given pool rows (any shape)."""
         g, n = ROW_BLOCK, len(self.members)
-        return self.base_out + (rows // g) * (g * n) + j * g + rows % g
+        return self.a_start + (rows // g) * (g * n) + j * g + rows % g
 
     def b(self, j: int) -> torch.Tensor:
         """Member j's B rows: [pool rows, d_out] (a view of `b_cat`)."""
@@ -113,11 +116,13 @@ class LoraSlotStorage:
                 for lo, hi in out_cols:
                     b_cols.append((col, col + hi - lo))
                     col += hi - lo
+                base_out = sum(target_dims[t][1] for t in group)
                 fused, bias = model.fuse_rows(i, key, len(members) * rows)
-                base_out = fused.shape[0] - len(members) * rows
+                a_start = fused.shape[0] - len(members) * rows  # base_out, or 0 (A rows apart from the base)
+                assert a_start in (0, base_out), (key, a_start, base_out)
                 b_cat = torch.zeros(rows, col, device=device, dtype=dtype)
                 layer_groups[key] = GroupSlots(key, members, out_cols, tuple(b_cols), base_out, fused, bias,
-                                               b_cat)
+                                               b_cat, a_start)
             self.groups.append(layer_groups)
 
     # -- which rows are in use ------------------------------------------------------------------
@@ -145,7 +150,7 @@ class LoraSlotStorage:
 
     def pool_nbytes(self) -> int:
         """Bytes the pool takes whether used or not: every slot's A rows and B rows at max_rank."""
-        return sum((g.fused.shape[0] - g.base_out) * g.fused.shape[1] * g.fused.element_size()
+        return sum((g.fused.shape[0] - g.a_start) * g.fused.shape[1] * g.fused.element_size()
                    + g.b_cat.numel() * g.b_cat.element_size() for layer in self.groups for g in layer.values())
 
     def nbytes(self) -> int:

@@ -23,6 +23,8 @@ from .kv import PagedKV, PrefillChunk, PrefillPack, decode_attention, gather_ind
 from .lora import linear, lora_project
 from .lora_plan import LoraBatch
 from .lora_pool import GroupSlots, LoraSlotStorage
+from .quant import QuantWeight, Weight, cat_weights, weight_nbytes
+from .quant_formats import DENSE, QuantScheme, load_linear, scheme_for
 
 __all__ = ["StepInput", "TextModel"]
 
@@ -63,13 +65,17 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 class TextModel:
-    """Weights of one base model, fused for speed (qkv, gate_up), and its forward step."""
+    """Weights of one base model, fused for speed (qkv, gate_up), and its forward step.
+
+    The projections' weights are dense tensors, or `quant.QuantWeight`s where the folder is an AWQ
+    or GPTQ checkpoint or the engine quantizes at load (`scheme`); everything else stays dense."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], *, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, scheme: QuantScheme = DENSE) -> None:
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.scheme = scheme
         self.kernels: Kernels = TorchKernels(device)  # the engine sets its choice (kernels.select_kernels)
 
         def take(name: str) -> torch.Tensor:
@@ -83,22 +89,25 @@ class TextModel:
             self.lm_head = take("lm_head.weight")
         else:
             self.lm_head = self.embed  # tied embeddings
-        self.layers: list[dict[str, torch.Tensor | None]] = []
+        def proj(name: str) -> Weight:
+            return load_linear(tensors, name + ".", scheme, device=device, dtype=dtype)
+
+        self.layers: list[dict[str, Weight | None]] = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
-            q, k, v = (take(p + f"self_attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj"))
+            qkv = [proj(p + f"self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")]
             bias = None
             if p + "self_attn.q_proj.bias" in tensors:
                 bias = torch.cat([take(p + f"self_attn.{n}.bias") for n in ("q_proj", "k_proj", "v_proj")])
-            gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
+            gate_up = [proj(p + "mlp.gate_proj"), proj(p + "mlp.up_proj")]
             self.layers.append({
                 "ln1": take(p + "input_layernorm.weight"),
-                "qkv": torch.cat([q, k, v]).contiguous(),
+                "qkv": cat_weights(qkv, dtype),
                 "qkv_bias": bias,
-                "o": take(p + "self_attn.o_proj.weight"),
+                "o": proj(p + "self_attn.o_proj"),
                 "ln2": take(p + "post_attention_layernorm.weight"),
-                "gate_up": torch.cat([gate, up]).contiguous(),
-                "down": take(p + "mlp.down_proj.weight"),
+                "gate_up": cat_weights(gate_up, dtype),
+                "down": proj(p + "mlp.down_proj"),
             })
         inv_freq = torch.tensor(spec.rope_inv_freq(), dtype=torch.float64)
         self._inv_freq = inv_freq
@@ -107,16 +116,20 @@ class TextModel:
         self.ensure_rope(min(spec.max_position_embeddings, 4096))
 
     @classmethod
-    def from_folder(cls, path: Path, *, device: torch.device, dtype: torch.dtype) -> TextModel:
+    def from_folder(cls, path: Path, *, device: torch.device, dtype: torch.dtype,
+                    quantize: str | None = None) -> TextModel:
+        """Load a folder (dense, AWQ or GPTQ); `quantize` (int8 | int4 | fp8) quantizes a dense one."""
         spec = ModelSpec.from_folder(path)
-        return cls(spec, _load_tensors(path), device=device, dtype=dtype)
+        scheme = scheme_for(path, quantize)
+        return cls(spec, _load_tensors(path), device=device, dtype=dtype, scheme=scheme)
 
     def nbytes(self) -> int:
         """Bytes of the base weights (the fused LoRA rows, views past them, are the pool's)."""
-        tensors = [self.embed, self.norm, *(t for layer in self.layers for t in layer.values() if t is not None)]
+        weights: list[Weight] = [self.embed, self.norm,
+                                 *(t for layer in self.layers for t in layer.values() if t is not None)]
         if self.lm_head is not self.embed:
-            tensors.append(self.lm_head)
-        return sum(t.numel() * t.element_size() for t in tensors)
+            weights.append(self.lm_head)
+        return sum(weight_nbytes(w) for w in weights)
 
     def ensure_rope(self, length: int) -> None:
         """RoPE tables for positions up to `length` (the engine asks for its context once)."""
@@ -136,15 +149,19 @@ class TextModel:
         """Append `rows` zero rows to weight `key` of a layer (LoRA A's go there: see `lora.GroupSlots`).
 
         Returns the fused weight and bias; the layer's own weight becomes a view of its first rows,
-        so the base model costs no extra memory and base-only steps read exactly what they did."""
+        so the base model costs no extra memory and base-only steps read exactly what they did.
+        A quantized weight cannot take rows: the A rows get a tensor of their own (and no bias)."""
         params = self.layers[layer]
         weight = params[key]
         assert weight is not None
+        if isinstance(weight, QuantWeight):
+            return torch.zeros(rows, weight.in_features, device=self.device, dtype=self.dtype), None
         out = weight.shape[0]
         fused = torch.zeros(out + rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
         fused[:out].copy_(weight)
         params[key] = fused[:out]
         bias = params.get(key + "_bias")
+        assert not isinstance(bias, QuantWeight)
         fused_bias = None
         if bias is not None:
             fused_bias = torch.cat([bias, torch.zeros(rows, device=bias.device, dtype=bias.dtype)])

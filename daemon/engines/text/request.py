@@ -27,6 +27,7 @@ class EngineConfig:
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    quantize: str | None = None  # None | int8 | int4 | fp8: weight-only quantization of a dense folder at load
     max_seqs: int = 16  # sequences running at once
     max_context: int = 2048  # tokens per sequence, prompt included
     kv_cache_mb: int | None = None  # the KV pool (default: room for max_seqs sequences of max_context / 2)
