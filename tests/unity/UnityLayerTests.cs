@@ -389,6 +389,96 @@ namespace Loraloom.Unity.Tests
             Assert.IsFalse(log.OffLoop);
         }
 
+        /// <summary>The daemon's /healthz gpu_budget.</summary>
+        static Dictionary<string, object> GpuBudget(string wsUrl)
+        {
+            var uri = new Uri(wsUrl);
+            using (var web = new System.Net.WebClient())
+            {
+                var health = (Dictionary<string, object>)MiniJson(web.DownloadString("http://" + uri.Host + ":" + uri.Port + "/healthz"));
+                return (Dictionary<string, object>)health["gpu_budget"];
+            }
+        }
+
+        // Loraloom.Core's JSON reader is internal to it; its tests' assembly is the one it trusts.
+        static object MiniJson(string text)
+        {
+            return typeof(LoraloomClient).Assembly.GetType("Loraloom.Core.Json")
+                .GetMethod("Parse", BindingFlags.Public | BindingFlags.Static).Invoke(null, new object[] { text });
+        }
+
+        /// <summary>One frame of the player loop: every system's update, depth first, as Unity runs them.</summary>
+        static void RunPlayerLoop(UnityEngine.LowLevel.PlayerLoopSystem system)
+        {
+            if (system.updateDelegate != null) system.updateDelegate();
+            if (system.subSystemList == null) return;
+            foreach (UnityEngine.LowLevel.PlayerLoopSystem child in system.subSystemList) RunPlayerLoop(child);
+        }
+
+        static int BudgetSystems(UnityEngine.LowLevel.PlayerLoopSystem system)
+        {
+            int count = system.type == typeof(LoraloomGpuBudget) ? 1 : 0;
+            if (system.subSystemList != null)
+                foreach (UnityEngine.LowLevel.PlayerLoopSystem child in system.subSystemList) count += BudgetSystems(child);
+            return count;
+        }
+
+        [Test]
+        public void GpuBudgetGoesOutOnConnectAndThePlayerLoopReportsFrames()
+        {
+            SetBudget none = new LoraloomGpuBudget().ToMessage();
+            Assert.IsTrue(none.DutyCap == null && none.TokensPerS == null && none.FrameSync == null && none.MaxStepMs == null,
+                "off by default");
+            string url = Env("LORALOOM_TEST_URL");
+            LoraloomDaemon daemon = Daemon(url, Env("LORALOOM_TEST_TOKEN"));
+            var budget = new LoraloomGpuBudget
+            {
+                enabled = true, dutyCap = 0.5f, backgroundTokensPerSecond = 30f,
+                frameSync = true, framePeriodMs = 8.3f, gameGpuMs = 3.5f,
+            };
+            budget.Daemon = daemon;
+            var applied = new List<Budget>();
+            bool offLoop = false;
+            budget.BudgetApplied.AddListener(b => { offLoop |= !_loop.OnLoop; applied.Add(b); });
+            _loop.Run(() => Call(budget, "OnEnable"));
+            Assert.IsTrue(WaitOnLoop(() => budget.InForce != null && applied.Count == 1), "the budget was applied once connected");
+            Assert.IsTrue(budget.InForce.SetByClient);
+            Dictionary<string, object> health = GpuBudget(url);
+            Assert.AreEqual(true, health["set_by_client"]);
+            Assert.AreEqual(0.5, Convert.ToDouble(health["duty_cap"]));
+            Assert.AreEqual(30.0, Convert.ToDouble(((Dictionary<string, object>)health["tokens_per_s"])["background"]));
+            var sync = (Dictionary<string, object>)health["frame_sync"];
+            Assert.AreEqual(8.3, Convert.ToDouble(sync["period_ms"]), 1e-4);
+            Assert.AreEqual(3.5, Convert.ToDouble(sync["game_ms"]), 1e-4);
+            Assert.AreEqual(1, BudgetSystems(UnityEngine.LowLevel.PlayerLoop.GetCurrentPlayerLoop()), "one system in the player loop");
+
+            LoraloomClient client = daemon.Client;
+            long frames = Convert.ToInt64(health["frames"]);
+            long sent = client.FramesSent, skipped = client.FramesSkipped;
+            for (int i = 0; i < 40; i++)
+            {
+                _loop.Run(() => RunPlayerLoop(UnityEngine.LowLevel.PlayerLoop.GetCurrentPlayerLoop()));
+                Thread.Sleep(4);
+            }
+            Assert.IsTrue(WaitOnLoop(() => client.FramesSent - sent + client.FramesSkipped - skipped == 40), "every frame reported or skipped");
+            long reported = client.FramesSent - sent;
+            Assert.GreaterOrEqual(reported, 30, "a frame is skipped only while the last one is still being sent");
+            Assert.IsTrue(WaitOnLoop(() => Convert.ToInt64(GpuBudget(url)["frames"]) - frames == reported),
+                "the daemon counted every frame sent: " + (Convert.ToInt64(GpuBudget(url)["frames"]) - frames) + " of " + reported);
+
+            // Without frame sync the loop reports nothing.
+            budget.frameSync = false;
+            long now = client.FramesSent;
+            for (int i = 0; i < 5; i++) _loop.Run(() => RunPlayerLoop(UnityEngine.LowLevel.PlayerLoop.GetCurrentPlayerLoop()));
+            Assert.AreEqual(now, client.FramesSent);
+
+            // Disabling lifts the budget and takes the system out of the loop.
+            _loop.Run(() => Call(budget, "OnDisable"));
+            Assert.AreEqual(0, BudgetSystems(UnityEngine.LowLevel.PlayerLoop.GetCurrentPlayerLoop()));
+            Assert.IsTrue(WaitOnLoop(() => false.Equals(GpuBudget(url)["active"])), "lifted on the daemon");
+            Assert.IsFalse(offLoop, "BudgetApplied fires on the main thread");
+        }
+
         [Test]
         public void DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents()
         {

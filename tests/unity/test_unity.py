@@ -103,6 +103,13 @@ SINGLE = {
         "AnInvalidConstraintFaultsWithInvalidParameterAndTheConnectionGoesOn",
         "CancellingAConstrainedCallCancelsTheTaskAndTheRequest",
     ],
+    "BudgetTests": [
+        "ABudgetIsAnsweredKeptAndInForceUntilLifted",
+        "FramesReportedAreCountedByTheDaemon",
+        "ABudgetEndsWithItsConnection",
+        "OutOfRangeValuesAreRefusedBeforeAnythingIsSent",
+        "TheKeptBudgetGoesOutAgainAfterTheDaemonRestarts",
+    ],
     "LifecycleTests": [
         "ALineAskedBeforeTheDaemonIsUpIsAnswered",
         "ALineWaitsOnlyAsLongAsRequestConnectWait",
@@ -199,6 +206,7 @@ LAYER_TESTS = {
     "NpcConversationSavesAndLoads",
     "NpcStructuredAsksFireTheirEventsBeforeTheAwaitResumes",
     "NpcToolCallsFireToolCalledAndComeBack",
+    "GpuBudgetGoesOutOnConnectAndThePlayerLoopReportsFrames",
     "DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents",
     "ALaunchedDaemonIsStoppedWithoutBlockingTheMainThread",
 }

@@ -1,7 +1,9 @@
 // Signatures of the UnityEngine API that unity_package uses, as documented for Unity 2021.3 (and
 // FindFirstObjectByType, Unity 2023.1+, behind UNITY_2023_1_OR_NEWER in the package), with
-// no behaviour, except that UnityEvents keep and call their listeners as Unity's do, so that
-// tests/unity/UnityLayerTests.cs can watch the components' events. They let mcs type-check
+// no behaviour, except that UnityEvents keep and call their listeners as Unity's do, PlayerLoop
+// keeps the loop it is given, and Application's paths can be set, so that
+// tests/unity/UnityLayerTests.cs can watch the components' events, run the player loop's systems
+// and play a player build. They let mcs type-check
 // Runtime/Unity, Editor and Samples~ here, where Unity cannot run; they are not a Unity build.
 // Add a member only as Unity's reference documents it.
 #pragma warning disable 0067, 0649, 1591
@@ -38,7 +40,11 @@ namespace UnityEngine
         public T GetComponent<T>() { return default(T); }
     }
 
-    public class Behaviour : Component { public bool enabled { get; set; } }
+    public class Behaviour : Component
+    {
+        public bool enabled { get; set; }
+        public bool isActiveAndEnabled { get { return enabled; } }
+    }
     public class MonoBehaviour : Behaviour { }
 
     public sealed class GameObject : Object
@@ -68,7 +74,17 @@ namespace UnityEngine
     }
 
     public static class Screen { public static int width { get { return 0; } } public static int height { get { return 0; } } }
-    public static class Application { public static bool isPlaying { get { return false; } } }
+    public enum RuntimePlatform { OSXEditor = 0, OSXPlayer = 1, WindowsPlayer = 2, WindowsEditor = 7, LinuxPlayer = 13, LinuxEditor = 16 }
+
+    public static class Application
+    {
+        public static bool isPlaying { get { return false; } }
+        // Settable only here, so that tests can play a player build in a folder of their own.
+        public static bool isEditor { get; set; }
+        public static string streamingAssetsPath { get; set; }
+        public static string dataPath { get; set; }
+        public static RuntimePlatform platform { get; set; }
+    }
 
     public static class Debug
     {
@@ -143,6 +159,49 @@ namespace UnityEngine.Events
         public void AddListener(Action<T0, T1> call) { _calls.Add(call); }
         public void Invoke(T0 arg0, T1 arg1) { foreach (Action<T0, T1> call in _calls.ToArray()) call(arg0, arg1); }
     }
+}
+
+namespace UnityEngine.LowLevel
+{
+    public struct PlayerLoopSystem
+    {
+        public Type type;
+        public PlayerLoopSystem[] subSystemList;
+        public UpdateFunction updateDelegate;
+        public IntPtr updateFunction;
+        public IntPtr loopConditionFunction;
+        public delegate void UpdateFunction();
+    }
+
+    public class PlayerLoop
+    {
+        static PlayerLoopSystem? _current;
+
+        public static PlayerLoopSystem GetDefaultPlayerLoop()
+        {
+            Type[] phases =
+            {
+                typeof(UnityEngine.PlayerLoop.TimeUpdate), typeof(UnityEngine.PlayerLoop.Initialization),
+                typeof(UnityEngine.PlayerLoop.EarlyUpdate), typeof(UnityEngine.PlayerLoop.Update),
+                typeof(UnityEngine.PlayerLoop.PostLateUpdate),
+            };
+            var root = new PlayerLoopSystem { subSystemList = new PlayerLoopSystem[phases.Length] };
+            for (int i = 0; i < phases.Length; i++) root.subSystemList[i] = new PlayerLoopSystem { type = phases[i], subSystemList = new PlayerLoopSystem[0] };
+            return root;
+        }
+
+        public static PlayerLoopSystem GetCurrentPlayerLoop() { return _current ?? GetDefaultPlayerLoop(); }
+        public static void SetPlayerLoop(PlayerLoopSystem loop) { _current = loop; }
+    }
+}
+
+namespace UnityEngine.PlayerLoop
+{
+    public struct TimeUpdate { }
+    public struct Initialization { }
+    public struct EarlyUpdate { }
+    public struct Update { }
+    public struct PostLateUpdate { }
 }
 
 namespace UnityEngine.UI

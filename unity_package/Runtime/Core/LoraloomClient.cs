@@ -430,6 +430,8 @@ namespace Loraloom.Core
                     throw;
                 }
             }
+            // Before the connection is attached, so no request on it runs outside the game's budget.
+            await ApplyKeptBudgetAsync(connection, cancellationToken).ConfigureAwait(false);
             return connection;
         }
 
