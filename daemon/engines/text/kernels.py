@@ -8,7 +8,7 @@ Three sets behind one interface, picked by `select_kernels` when the engine star
   projection group (`cpu_lora`); bigger steps use the PyTorch ops.
 - `TritonKernels` (CUDA): RMSNorm and RoPE as one launch each (`triton_ops`), the LoRA expand of a
   whole group in one launch (`triton_lora`), decode attention read straight from the paged cache
-  (`triton_attention`).
+  (`triton_attention`), int4/int8 base weights dequantized inside the matmul (`triton_quant`).
 
 Over a quantized base weight (`quant.QuantWeight`) every set takes the same LoRA math with the
 shrink as its own matmul (`lora.project_prefix_quant`); Triton's expand reads the base output and
@@ -91,8 +91,16 @@ class TorchKernels:
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T (+ bias) plus every row's LoRA update over the pool prefix (+ residual): [T, out]."""
         if isinstance(weight, QuantWeight):
-            return project_prefix_quant(x, weight, bias, group, weights, residual)
+            return project_prefix_quant(x, self.quant_linear(x, weight, bias), group, weights, residual)
         return project_prefix(x, group, weights, residual)
+
+    def quant_linear(self, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T (+ bias) of a quantized base weight: dequantized group-wise, then a GEMM."""
+        return weight.linear(x, bias)
+
+    def linear(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A projection with no LoRA on it (the vocab head): x @ W^T (+ bias), [T, out] contiguous."""
+        return self.quant_linear(x, weight, bias) if isinstance(weight, QuantWeight) else linear(x, weight, bias)
 
     def stats(self) -> dict[str, object]:
         return {"kernels": self.name, "kernel_failures": list(self.failures)}
@@ -114,7 +122,7 @@ class NumbaKernels(TorchKernels):
     def project_prefix(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if not self.failures and cpu_lora.usable(x):
-            y = linear(x, weight, bias)
+            y = self.quant_linear(x, weight, bias) if isinstance(weight, QuantWeight) else linear(x, weight, bias)
             try:
                 cpu_lora.apply_group(y, x, group, weights, ROW_BLOCK)
             except Exception as exc:  # a numba build that cannot run here
@@ -132,11 +140,22 @@ class TritonKernels(TorchKernels):
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
-        from . import triton_attention, triton_lora, triton_ops
+        from . import triton_attention, triton_lora, triton_ops, triton_quant
 
         self._attention = triton_attention
         self._lora = triton_lora
         self._ops = triton_ops
+        self._quant = triton_quant
+
+    def quant_linear(self, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.failures:
+            try:
+                y = self._quant.matmul(x, weight, bias)
+                if y is not None:
+                    return y
+            except Exception as exc:
+                self._fail("the quantized matmul", exc)
+        return weight.linear(x, bias)
 
     def paged_decode(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, lens: torch.Tensor,
                      window: int | None) -> torch.Tensor | None:
@@ -183,7 +202,7 @@ class TritonKernels(TorchKernels):
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if not self.failures:
             if isinstance(weight, QuantWeight):  # the base and the shrinks in the fused GEMM's layout
-                y = prefix_product_quant(x, weight, bias, group, weights.shape[1])
+                y = prefix_product_quant(x, self.quant_linear(x, weight, bias), group, weights.shape[1])
             else:
                 end = group.base_out + weights.shape[1] * len(group.members)
                 fused_bias = None if group.fused_bias is None else group.fused_bias[:end]
@@ -199,8 +218,14 @@ class TritonKernels(TorchKernels):
         return super().project_prefix(x, weight, bias, group, weights, residual)
 
 
-def select_kernels(device: torch.device, dtype: torch.dtype, *, enabled: bool = True) -> TorchKernels:
-    """The best kernel set installed for this device and dtype (PyTorch ops when `enabled` is False)."""
+def select_kernels(device: torch.device, dtype: torch.dtype, *, enabled: bool = True,
+                   deterministic: bool = False) -> TorchKernels:
+    """The best kernel set installed for this device and dtype (PyTorch ops when `enabled` is False;
+    `invariant.InvariantKernels` in deterministic mode, NotDeterministic where it cannot hold)."""
+    if deterministic:
+        from .invariant import InvariantKernels
+
+        return InvariantKernels(device, dtype)
     if enabled and device.type == "cuda":
         from . import triton_lora
 

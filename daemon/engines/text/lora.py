@@ -37,6 +37,8 @@ class PrefixProjector(Protocol):
     def project_prefix(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots,
                        weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor: ...
 
+    def quant_linear(self, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor: ...
+
 
 def lora_apply(x: torch.Tensor, out: torch.Tensor, group: GroupSlots, j: int, batch: LoraBatch) -> None:
     """out[T, d_out] += the LoRA update of x[T, d_in] for member j of `group` (gathered rows or bgmv)."""
@@ -108,12 +110,12 @@ def lora_project(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gro
     the caller's residual stream, where given): [T, out]. Dense over the prefix goes to
     `kernels.project_prefix`; gathered rows and bgmv to `lora_apply_group`."""
     if group is None or batch.mode == "none":
-        y = linear(x, weight, bias)
+        y = _base(x, weight, bias, kernels)
         return y if residual is None else residual + y
     if batch.mode == "dense" and batch.rows is None:
         assert batch.weights is not None
         return kernels.project_prefix(x, weight, bias, group, batch.weights, residual)
-    y = linear(x, weight, bias)
+    y = _base(x, weight, bias, kernels)
     lora_apply_group(x, [y[:, lo:hi] for lo, hi in group.out_cols], group, batch)
     return y if residual is None else residual + y
 
@@ -135,22 +137,28 @@ def project_prefix(x: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
     return y[:, :group.base_out]
 
 
-def project_prefix_quant(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, group: GroupSlots,
-                         weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """`project_prefix` over a quantized base: its matmul, the shrink of pool rows [0, K) of every
-    member as a matmul with the A rows (`group.fused`, which holds only them), the same expand."""
-    y = weight.linear(x, bias)
+def _base(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, kernels: PrefixProjector) -> torch.Tensor:
+    """The base projection alone: a quantized weight's matmul is the kernel set's."""
+    if isinstance(weight, QuantWeight):
+        return kernels.quant_linear(x, weight, bias)
+    return linear(x, weight, bias)
+
+
+def project_prefix_quant(x: torch.Tensor, y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
+                         residual: torch.Tensor | None) -> torch.Tensor:
+    """`project_prefix` over a quantized base whose output is `y` [T, base_out] (updated in place):
+    the shrink of pool rows [0, K) of every member as a matmul with the A rows (`group.fused`,
+    which holds only them), then the same expand."""
     shrink = linear(x, group.fused[:weights.shape[1] * len(group.members)])
     lora_expand_fused(y, group, weights, shrink=shrink, residual=residual)
     return y
 
 
-def prefix_product_quant(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, group: GroupSlots,
-                         width: int) -> torch.Tensor:
-    """[T, base_out + width * n]: the base output then the shrinks, laid out as the fused GEMM of a
-    dense base gives them (for kernels that read that layout, `triton_lora.expand_fused`)."""
+def prefix_product_quant(x: torch.Tensor, y: torch.Tensor, group: GroupSlots, width: int) -> torch.Tensor:
+    """[T, base_out + width * n]: the base output `y` then the shrinks, laid out as the fused GEMM of
+    a dense base gives them (for kernels that read that layout, `triton_lora.expand_fused`)."""
     shrink = F.linear(x, group.fused[:width * len(group.members)])
-    return torch.cat([weight.linear(x, bias), shrink], dim=1)
+    return torch.cat([y, shrink], dim=1)
 
 
 def lora_expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor, *,
