@@ -479,6 +479,115 @@ namespace Loraloom.Unity.Tests
             Assert.IsFalse(offLoop, "BudgetApplied fires on the main thread");
         }
 
+        /// <summary>
+        /// A stand-in for the `loraloom bundle` runtime folder: an executable `loraloom` script that
+        /// records how it was launched and then execs the real `loraloom` console script of the test
+        /// venv (so the daemon that answers is the real one, started from where a build puts it).
+        /// </summary>
+        static string StandInRuntime()
+        {
+            string folder = Path.Combine(TempDir(), "bundle");
+            Directory.CreateDirectory(folder);
+            string script = Path.Combine(folder, "loraloom");
+            File.WriteAllText(script, "#!/bin/sh\n"
+                + "printf '%s\\n' \"$0\" \"$@\" > \"$(dirname \"$0\")/launched.txt\"\n"
+                + "exec '" + Env("LORALOOM_TEST_LORALOOM") + "' \"$@\"\n");
+            File.WriteAllText(Path.Combine(folder, "_internal.txt"), "the bundle's other files");
+            using (Process chmod = Process.Start("chmod", "755 " + script)) chmod.WaitForExit();
+            return folder;
+        }
+
+        [Test]
+        public void APlayerBuildCarriesTheRuntimeAndPackAndLaunchesThemFromThere()
+        {
+            // Where each desktop build keeps StreamingAssets.
+            string build = TempDir();
+            string streaming = Loraloom.Editor.LoraloomBuildStep.StreamingAssetsOf(UnityEditor.BuildTarget.StandaloneLinux64, Path.Combine(build, "Game.x86_64"));
+            Assert.AreEqual(Path.Combine(build, "Game_Data", "StreamingAssets"), streaming);
+            Assert.AreEqual(Path.Combine(build, "Game_Data", "StreamingAssets"),
+                Loraloom.Editor.LoraloomBuildStep.StreamingAssetsOf(UnityEditor.BuildTarget.StandaloneWindows64, Path.Combine(build, "Game.exe")));
+            Assert.AreEqual(Path.Combine(build, "Game.app", "Contents", "Resources", "Data", "StreamingAssets"),
+                Loraloom.Editor.LoraloomBuildStep.StreamingAssetsOf(UnityEditor.BuildTarget.StandaloneOSX, Path.Combine(build, "Game.app")));
+            Assert.IsNull(Loraloom.Editor.LoraloomBuildStep.StreamingAssetsOf(UnityEditor.BuildTarget.Android, Path.Combine(build, "Game.apk")));
+
+            // The build step: refuses what is not a runtime or a pack, replaces what an older build left.
+            string runtime = StandInRuntime();
+            string pack = Env("LORALOOM_TEST_PACK");
+            Assert.Throws<UnityEditor.Build.BuildFailedException>(() => Loraloom.Editor.LoraloomBuildStep.CopyInto(
+                streaming, UnityEditor.BuildTarget.StandaloneWindows64, runtime, null), "a Windows build needs loraloom.exe");
+            Assert.Throws<UnityEditor.Build.BuildFailedException>(() => Loraloom.Editor.LoraloomBuildStep.CopyInto(
+                streaming, UnityEditor.BuildTarget.StandaloneLinux64, null, runtime), "no manifest.json: not a pack");
+            string stale = Path.Combine(streaming, "Loraloom", "runtime", "stale.txt");
+            Directory.CreateDirectory(Path.GetDirectoryName(stale));
+            File.WriteAllText(stale, "from the last build");
+            string root = Loraloom.Editor.LoraloomBuildStep.CopyInto(streaming, UnityEditor.BuildTarget.StandaloneLinux64, runtime, pack);
+            Assert.AreEqual(Path.Combine(streaming, "Loraloom"), root);
+            Assert.IsTrue(File.Exists(Path.Combine(root, "runtime", "loraloom")));
+            Assert.IsTrue(File.Exists(Path.Combine(root, "runtime", "_internal.txt")));
+            Assert.IsFalse(File.Exists(stale), "the last build's runtime was replaced");
+            Assert.IsTrue(File.Exists(Path.Combine(root, "pack", "manifest.json")));
+            Assert.AreEqual(Directory.GetFiles(pack, "*", SearchOption.AllDirectories).Length,
+                Directory.GetFiles(Path.Combine(root, "pack"), "*", SearchOption.AllDirectories).Length, "the whole pack");
+
+            bool wasEditor = UnityEngine.Application.isEditor;
+            string wasStreaming = UnityEngine.Application.streamingAssetsPath;
+            try
+            {
+                // In the editor: the developer's loraloom, whatever the build carries.
+                UnityEngine.Application.isEditor = true;
+                UnityEngine.Application.streamingAssetsPath = streaming;
+                LoraloomDaemon editor = Daemon();
+                var fromCommand = (DaemonLauncherOptions)Invoke(editor, "LaunchOptions");
+                Assert.AreEqual("loraloom", fromCommand.Executable);
+
+                // In the player: the build's runtime, with its pack.
+                UnityEngine.Application.isEditor = false;
+                string runtimeFile = Path.Combine(TempDir(), "daemon.json");
+                LoraloomDaemon daemon = Daemon(runtimeFile: runtimeFile, connectWait: 60f);
+                Set(daemon, "launchIfNotRunning", true);
+                Set(daemon, "startTimeoutSeconds", 120f);
+                LoraloomNpc npc = Npc(daemon, "alpha", 8);
+                string reply = _loop.Await(() => npc.AskAsync("Who are you?"), TimeSpan.FromSeconds(150));
+                Assert.IsNotNull(reply);
+                Assert.IsTrue(daemon.LaunchedDaemon, "the component started it");
+                string[] launched = File.ReadAllLines(Path.Combine(root, "runtime", "launched.txt"));
+                Assert.AreEqual(Path.Combine(root, "runtime", "loraloom"), launched[0], "the build's runtime ran");
+                CollectionAssert.IsSubsetOf(new[] { "serve", "--port", "0", "--pack", Path.Combine(root, "pack") }, launched.Skip(1).ToList());
+                CollectionAssert.IsSubsetOf(new[] { "alpha", "beta", "gamma" }, daemon.Client.Welcome.Adapters.Select(a => a.Name).ToList(),
+                    "the pack's adapters");
+                RuntimeInfo info;
+                Assert.IsTrue(RuntimeFile.TryRead(runtimeFile, out info));
+
+                // Quitting the player stops it, and waits for that.
+                _loop.Run(() => Call(daemon, "OnApplicationQuit"));
+                Assert.IsFalse(IsAlive(info.Pid), "stopped before the player exits");
+                Assert.IsFalse(File.Exists(runtimeFile));
+
+                // A player that carries no runtime, with no loraloom to fall back on, says so.
+                UnityEngine.Application.streamingAssetsPath = TempDir();
+                LoraloomDaemon bare = Daemon(runtimeFile: Path.Combine(TempDir(), "daemon.json"));
+                Set(bare, "launchIfNotRunning", true);
+                Set(bare, "command", "loraloom-not-installed serve --port 0");
+                string why = _loop.Await(async () =>
+                {
+                    try { await bare.Ready; return "connected"; }
+                    catch (LoraloomException e) { return e.Code + ": " + e.Message; }
+                });
+                StringAssert.StartsWith(ErrorCodes.DaemonNotFound, why);
+                StringAssert.Contains("carries no runtime at " + Path.Combine(UnityEngine.Application.streamingAssetsPath, "Loraloom", "runtime", "loraloom"), why);
+            }
+            finally
+            {
+                UnityEngine.Application.isEditor = wasEditor;
+                UnityEngine.Application.streamingAssetsPath = wasStreaming;
+            }
+        }
+
+        static object Invoke(object target, string method)
+        {
+            return target.GetType().GetMethod(method, BindingFlags.NonPublic | BindingFlags.Instance).Invoke(target, null);
+        }
+
         [Test]
         public void DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents()
         {

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,9 @@ SINGLE = {
         "OutOfRangeValuesAreRefusedBeforeAnythingIsSent",
         "TheKeptBudgetGoesOutAgainAfterTheDaemonRestarts",
     ],
+    "BundledRuntimeTests": [
+        "TheRuntimeStartsWithThePackTheBuildCarries",
+    ],
     "LifecycleTests": [
         "ALineAskedBeforeTheDaemonIsUpIsAnswered",
         "ALineWaitsOnlyAsLongAsRequestConnectWait",
@@ -152,6 +156,20 @@ def tools_url(live_daemon, long_model: Path, tmp_path_factory: pytest.TempPathFa
         yield json.loads(runtime.read_text())["url"]
     finally:
         stop_daemon(proc)
+
+
+@pytest.fixture(scope="module")
+def game_pack(live_daemon, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A game pack (`loraloom pack`) of the tiny model and the test adapters, with the session
+    daemon's settings: what a player build carries in StreamingAssets/Loraloom/pack."""
+    pack = tmp_path_factory.mktemp("game-pack") / "pack"
+    cmd = [sys.executable, "-m", "daemon", "pack", "--model", str(live_daemon.model_dir),
+           "--adapters", str(live_daemon.text_adapter_dir), "--out", str(pack), "--image-model", "none",
+           "--max-context", "256", "--max-seqs", "8", "--lora-slots", "4", "--max-lora-rank", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"loraloom pack failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (pack / "manifest.json").is_file()
+    return pack
 
 
 def _tool(name: str) -> str:
@@ -207,12 +225,13 @@ LAYER_TESTS = {
     "NpcStructuredAsksFireTheirEventsBeforeTheAwaitResumes",
     "NpcToolCallsFireToolCalledAndComeBack",
     "GpuBudgetGoesOutOnConnectAndThePlayerLoopReportsFrames",
+    "APlayerBuildCarriesTheRuntimeAndPackAndLaunchesThemFromThere",
     "DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents",
     "ALaunchedDaemonIsStoppedWithoutBlockingTheMainThread",
 }
 
 
-def test_unity_layer_behaves_against_a_live_daemon(live_daemon, tools_url: str, tmp_path: Path,
+def test_unity_layer_behaves_against_a_live_daemon(live_daemon, tools_url: str, game_pack: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Runtime/Unity, compiled against the stubs (whose UnityEvents call their listeners), runs its
     NUnit suite under mono on a stand-in main thread: event order, error codes, the daemon
@@ -224,16 +243,22 @@ def test_unity_layer_behaves_against_a_live_daemon(live_daemon, tools_url: str, 
     build.mkdir()
     stubs = Path(__file__).parent / "stubs"
     engine, core, unity = build / "UnityEngine.dll", build / "Loraloom.Core.dll", build / "Loraloom.Unity.dll"
+    editor_stub, editor = build / "UnityEditor.dll", build / "Loraloom.Editor.dll"
     tests = build / "Loraloom.Unity.Tests.dll"
     _compile(mcs, engine, stubs / "UnityEngine.cs", [])
+    _compile(mcs, editor_stub, stubs / "UnityEditor.cs", [str(engine)])
     _compile(mcs, core, PACKAGE / "Runtime" / "Core", ["System.Net.Http"])
     _compile(mcs, unity, PACKAGE / "Runtime" / "Unity", [str(core), str(engine), "System.Core"])
+    _compile(mcs, editor, PACKAGE / "Editor", [str(core), str(unity), str(engine), str(editor_stub), "System.Core"])
     _compile(mcs, tests, Path(__file__).parent / "UnityLayerTests.cs",
-             [str(core), str(unity), str(engine), str(framework), "System.Core"])
+             [str(core), str(unity), str(editor), str(engine), str(editor_stub), str(framework), "System.Core"])
     shutil.copy(framework, build / "nunit.framework.dll")
     serve = live_daemon.serve_command(runtime_file=Path("{runtime_file}"))
+    loraloom = Path(sys.executable).with_name("loraloom")
+    assert loraloom.is_file(), f"no `loraloom` console script beside {sys.executable} (pip install -e .)"
     env = dict(os.environ, LORALOOM_TEST_URL=live_daemon.url, LORALOOM_TEST_TOKEN=live_daemon.token,
-               LORALOOM_TEST_TOOLS_URL=tools_url, LORALOOM_TEST_SERVE_ARGV="\n".join(serve))
+               LORALOOM_TEST_TOOLS_URL=tools_url, LORALOOM_TEST_SERVE_ARGV="\n".join(serve),
+               LORALOOM_TEST_PACK=str(game_pack), LORALOOM_TEST_LORALOOM=str(loraloom))
     env.pop("LORALOOM_RUNTIME_FILE", None)
     ran, failed, not_run, output, code = _nunit(nunit, tests, build, tmp_path / "layer-result.xml", env)
     with capsys.disabled():

@@ -8,6 +8,22 @@ namespace UnityEditor
 {
     public enum SerializedPropertyType { Generic = -1, Integer = 0, Boolean = 1, Float = 2, String = 3 }
     public enum MessageType { None, Info, Warning, Error }
+    public enum BuildTarget { StandaloneOSX = 2, StandaloneWindows = 5, iOS = 9, Android = 13, StandaloneWindows64 = 19, WebGL = 20, StandaloneLinux64 = 24 }
+    public enum SettingsScope { User, Project }
+
+    public class SettingsProvider
+    {
+        public SettingsProvider(string path, SettingsScope scopes, System.Collections.Generic.IEnumerable<string> keywords = null) { }
+        public Action<string> guiHandler { get; set; }
+    }
+
+    [AttributeUsage(AttributeTargets.Method)]
+    public sealed class SettingsProviderAttribute : Attribute { }
+
+    public sealed class EditorUtility
+    {
+        public static string OpenFolderPanel(string title, string folder, string defaultName) { return ""; }
+    }
 
     public class SerializedProperty
     {
@@ -68,6 +84,8 @@ namespace UnityEditor
         public static Vector2 BeginScrollView(Vector2 scrollPosition, params GUILayoutOption[] options) { return scrollPosition; }
         public static void EndScrollView() { }
         public static void HelpBox(string message, MessageType type) { }
+        public static bool Toggle(string label, bool value, params GUILayoutOption[] options) { return value; }
+        public static string TextField(string label, string text, params GUILayoutOption[] options) { return text; }
 
         public class HorizontalScope : IDisposable
         {
@@ -76,6 +94,24 @@ namespace UnityEditor
             public void Dispose() { }
         }
     }
+}
+
+namespace UnityEditor.Build
+{
+    public interface IOrderedCallback { int callbackOrder { get; } }
+    public interface IPostprocessBuildWithReport : IOrderedCallback { void OnPostprocessBuild(UnityEditor.Build.Reporting.BuildReport report); }
+    public class BuildFailedException : Exception { public BuildFailedException(string message) : base(message) { } }
+}
+
+namespace UnityEditor.Build.Reporting
+{
+    public struct BuildSummary
+    {
+        public string outputPath { get { return null; } }
+        public BuildTarget platform { get { return BuildTarget.StandaloneLinux64; } }
+    }
+
+    public sealed class BuildReport { public BuildSummary summary { get { return new BuildSummary(); } } }
 }
 
 namespace UnityEngine

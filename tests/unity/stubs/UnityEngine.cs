@@ -86,9 +86,16 @@ namespace UnityEngine
         public static RuntimePlatform platform { get; set; }
     }
 
+    public static class JsonUtility
+    {
+        public static string ToJson(object obj, bool prettyPrint) { return "{}"; }
+        public static void FromJsonOverwrite(string json, object objectToOverwrite) { }
+    }
+
     public static class Debug
     {
         public static void Log(object message) { }
+        public static void LogWarning(object message) { }
         public static void LogWarning(object message, Object context) { }
         public static void LogError(object message, Object context) { }
         public static void LogException(Exception exception) { }

@@ -21,6 +21,12 @@ namespace Loraloom.Unity
     /// fail with <c>shutting_down</c> or <c>connection_closed</c>, the others (not yet sent, or not
     /// yet answered at all) wait and go out on the new connection. A failed start is not final: the
     /// next <see cref="Ready"/> tries again.
+    /// <para>Which daemon it starts: in the editor, the command's program (the developer's
+    /// <c>loraloom</c> on PATH). In a player build, the runtime the build carries
+    /// (<c>StreamingAssets/Loraloom/runtime/loraloom[.exe] serve --pack StreamingAssets/Loraloom/pack</c>
+    /// plus the command's other words; see Loraloom.Editor's build step), else the command's program
+    /// as in the editor. When the game quits, a daemon this component started is stopped (SIGTERM,
+    /// then a kill after <c>stopGraceSeconds</c>); a player waits for that before it exits.</para>
     /// </remarks>
     [DisallowMultipleComponent]
     [AddComponentMenu("Loraloom/Loraloom Daemon")]
@@ -45,6 +51,8 @@ namespace Loraloom.Unity
         [SerializeField] float startTimeoutSeconds = 120f;
         [Tooltip("Seconds a started daemon gets to stop after SIGTERM before it is killed.")]
         [SerializeField] float stopGraceSeconds = 10f;
+        [Tooltip("In a player build, start the runtime the build carries (StreamingAssets/Loraloom/runtime) with its pack, instead of the command's program.")]
+        [SerializeField] bool useBundledRuntime = true;
 
         [Header("Or connect explicitly")]
         [Tooltip("ws://host:port of a daemon (a remote one, for mobile); empty uses the runtime file.")]
@@ -180,7 +188,7 @@ namespace Loraloom.Unity
                     SetStatus("looking for the daemon");
                     if (_launcher == null)
                     {
-                        var launchOptions = DaemonLauncherOptions.FromCommandLine(command);
+                        DaemonLauncherOptions launchOptions = LaunchOptions();
                         launchOptions.RuntimeFile = options.RuntimeFile;
                         launchOptions.StartTimeout = TimeSpan.FromSeconds(startTimeoutSeconds);
                         launchOptions.StopGrace = TimeSpan.FromSeconds(Math.Max(0f, stopGraceSeconds));
@@ -188,7 +196,17 @@ namespace Loraloom.Unity
                     }
                     // Off the main thread: waiting for a model to load must not freeze the game.
                     DaemonLauncher launcher = _launcher;
-                    RuntimeInfo info = await Task.Run(() => launcher.EnsureRunningAsync(_lifetime.Token));
+                    RuntimeInfo info;
+                    try
+                    {
+                        info = await Task.Run(() => launcher.EnsureRunningAsync(_lifetime.Token));
+                    }
+                    catch (LoraloomException e)
+                    {
+                        if (e.Code != ErrorCodes.DaemonNotFound || Application.isEditor || !useBundledRuntime) throw;
+                        throw new LoraloomException(e.Code, e.Reason + " (this build carries no runtime at "
+                            + BundledRuntime.ExecutablePath(BundledRuntimeRoot) + ": set the runtime and pack folders in Project Settings > Loraloom and build again)", null, e);
+                    }
                     options.RuntimeFile = launcher.RuntimeFilePath;
                     SetStatus(launcher.OwnsProcess ? "started the daemon (pid " + info.Pid + ")" : "found the daemon at " + info.Url);
                 }
@@ -207,6 +225,20 @@ namespace Loraloom.Unity
             }
             await _client.WaitUntilConnectedAsync(_lifetime.Token);
             return _client;
+        }
+
+        /// <summary>Where a player build carries the runtime and the pack.</summary>
+        public static string BundledRuntimeRoot { get { return BundledRuntime.Root(Application.streamingAssetsPath); } }
+
+        /// <summary>The daemon this component starts: the build's runtime in a player, else the command.</summary>
+        DaemonLauncherOptions LaunchOptions()
+        {
+            DaemonLauncherOptions fromCommand = DaemonLauncherOptions.FromCommandLine(command);
+            if (Application.isEditor || !useBundledRuntime) return fromCommand;
+            DaemonLauncherOptions bundled = BundledRuntime.LaunchOptions(BundledRuntimeRoot, fromCommand.Arguments);
+            if (bundled == null) return fromCommand;
+            Remember("starting the bundled runtime " + bundled.Executable);
+            return bundled;
         }
 
         void Observe(Task<LoraloomClient> ready)
@@ -264,15 +296,17 @@ namespace Loraloom.Unity
             }
         }
 
-        void OnApplicationQuit() { Shutdown(); }
+        // The game ends here: a player waits for the daemon it started to be gone (the editor only
+        // leaves play mode, and must not freeze for the grace period).
+        void OnApplicationQuit() { Shutdown(!Application.isEditor); }
 
         void OnDestroy()
         {
-            Shutdown();
+            Shutdown(false);
             if (_instance == this) _instance = null;
         }
 
-        void Shutdown()
+        void Shutdown(bool waitForExit)
         {
             _lifetime.Cancel();
             if (_client != null)
@@ -286,7 +320,8 @@ namespace Loraloom.Unity
                 // its exit (a kill after the grace period) on a pool thread, never on the main thread.
                 DaemonLauncher launcher = _launcher;
                 _launcher = null;
-                launcher.StopAsync().ContinueWith(t => launcher.Dispose());
+                Task stopped = launcher.StopAsync().ContinueWith(t => launcher.Dispose());
+                if (waitForExit) stopped.Wait(TimeSpan.FromSeconds(Math.Max(0f, stopGraceSeconds) + 6));
             }
         }
     }
