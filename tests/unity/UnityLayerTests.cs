@@ -352,6 +352,22 @@ namespace Loraloom.Unity.Tests
         }
 
         [Test]
+        public void AThrowingListenerDoesNotStrandTheAwaitingCode()
+        {
+            LoraloomNpc npc = Npc(Daemon(Env("LORALOOM_TEST_URL"), Env("LORALOOM_TEST_TOKEN")), "gamma", 8);
+            npc.ResponseFinished.AddListener(text => { throw new InvalidOperationException("a game script's bug"); });
+            npc.RequestFailed.AddListener((failure, message) => { throw new InvalidOperationException("another one"); });
+            string choice = _loop.Await(() => npc.AskChoiceAsync("Yes or no?", new[] { "yes", "no" }), TimeSpan.FromSeconds(60));
+            CollectionAssert.Contains(new[] { "yes", "no" }, choice);
+            string code = _loop.Await(async () =>
+            {
+                try { await npc.AskRegexAsync("Hi", "[a-"); return null; }
+                catch (LoraloomException e) { return e.Code; }
+            }, TimeSpan.FromSeconds(60));
+            Assert.AreEqual(ErrorCodes.InvalidParameter, code, "the fault still reaches the awaiting code");
+        }
+
+        [Test]
         public void NpcToolCallsFireToolCalledAndComeBack()
         {
             LoraloomNpc npc = Npc(Daemon(Env("LORALOOM_TEST_TOOLS_URL"), Env("LORALOOM_TEST_TOKEN")), "alpha", 80);

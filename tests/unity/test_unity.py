@@ -224,6 +224,7 @@ LAYER_TESTS = {
     "NpcConversationSavesAndLoads",
     "NpcStructuredAsksFireTheirEventsBeforeTheAwaitResumes",
     "NpcToolCallsFireToolCalledAndComeBack",
+    "AThrowingListenerDoesNotStrandTheAwaitingCode",
     "GpuBudgetGoesOutOnConnectAndThePlayerLoopReportsFrames",
     "APlayerBuildCarriesTheRuntimeAndPackAndLaunchesThemFromThere",
     "DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents",

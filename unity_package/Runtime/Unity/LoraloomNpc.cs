@@ -354,17 +354,30 @@ namespace Loraloom.Unity
                 Fail(e, outcome);
                 return;
             }
-            foreach (ToolCall call in done.ToolCalls) ToolCalled.Invoke(call.Name, call.Arguments);
-            if (json) JsonReceived.Invoke(done.Json);
-            ResponseFinished.Invoke(done.Text);
-            outcome.TrySetResult(value);
+            // A listener that throws (the dispatcher logs it) must not leave the awaiting code hanging.
+            try
+            {
+                foreach (ToolCall call in done.ToolCalls) ToolCalled.Invoke(call.Name, call.Arguments);
+                if (json) JsonReceived.Invoke(done.Json);
+                ResponseFinished.Invoke(done.Text);
+            }
+            finally
+            {
+                outcome.TrySetResult(value);
+            }
         }
 
         void Fail<T>(Exception error, TaskCompletionSource<T> outcome)
         {
             var known = error as LoraloomException;
-            RequestFailed.Invoke(known != null ? known.Code : ErrorCodes.Internal, known != null ? known.Reason : error.Message);
-            outcome.TrySetException(error);
+            try
+            {
+                RequestFailed.Invoke(known != null ? known.Code : ErrorCodes.Internal, known != null ? known.Reason : error.Message);
+            }
+            finally
+            {
+                outcome.TrySetException(error);
+            }
         }
 
         static string PriorityName(LinePriority priority)
