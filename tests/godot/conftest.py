@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import godot_web
+from godot_cases import structured_config
 from godot_suite import (
     ADDON_PROJECT,
     SUITE_TIMEOUT,
@@ -138,6 +139,7 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             "new_adapter": f"godot_{os.urandom(3).hex()}",
             "python_conversation": python_conversation(),
         }
+        config["structured"] = structured_config()
     if cold is not None:
         config["cold"] = {"url": cold.url, "token": cold.token, "adapter": "alpha"}
     godot_web.stage_site(site, engine_dir, pack, config)

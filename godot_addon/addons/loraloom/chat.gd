@@ -24,7 +24,18 @@ extends LoraloomRequester
 ## they are about the line being answered.[br]
 ## [b]Bounds[/b]: every line ends. It waits for the connection up to the client's
 ## [member LoraloomClient.request_connect_wait] and, once sent, for its answer up to
-## [member answer_timeout]; then it fails ([code]not_connected[/code], [code]timeout[/code]).
+## [member answer_timeout]; then it fails ([code]not_connected[/code], [code]timeout[/code]).[br]
+## [b]Structured replies[/b] (the daemon constrains the tokens, so the reply is always valid):
+## [method ask_json] (a JSON Schema; the parsed [Dictionary]), [method ask_choice] (one of the
+## game's actions), [method ask_regex], [method ask_grammar]; and [member tools] (functions the
+## NPC may call) with [signal tool_called] and [method ask_tool_calls]. A constrained line waits
+## its turn and is recorded in the history like any other (its text is the JSON, the choice or
+## the call). One that ended before its output matched fails with
+## [constant LoraloomRequest.ERROR_INCOMPLETE] ([code]incomplete[/code]).
+## [codeblock]
+## var action := await npc.ask_choice("A wolf!", PackedStringArray(["attack", "flee", "talk"]))
+## var quest := await giver.ask_json("A quest, please.", QUEST_SCHEMA)   # {} when it failed
+## [/codeblock]
 
 ## Emitted for every piece of text of the line being answered, as it arrives. [param chunk] is
 ## the new text only.
@@ -36,6 +47,15 @@ signal response_finished(text: String)
 ## [code]unknown_adapter[/code]) or a client-side one ([code]not_connected[/code],
 ## [code]connection_closed[/code], [code]timeout[/code]); [param message] says why.
 signal request_failed(code: String, message: String)
+## Emitted, before [signal response_finished], for a line asked with a JSON Schema: the reply
+## parsed ([Dictionary] for an object schema, [Array], String, number or bool for others).
+signal json_received(value: Variant)
+## Emitted, before [signal response_finished], for the call the model made with [member tools]:
+## the tool's name and its arguments (valid against its [code]parameters[/code] schema).
+signal tool_called(tool_name: String, arguments: Dictionary)
+
+## The keys of a constraint (see [method ask_request]).
+const CONSTRAINTS := ["json_schema", "regex", "choices", "grammar", "tools"]
 
 # The protocol's defaults, as constants so that the inspector shows them.
 const _DEFAULTS := LoraloomProtocol.GENERATE_DEFAULTS
@@ -73,6 +93,15 @@ const _ADAPTER_DEFAULTS := LoraloomProtocol.ADAPTER_REF_DEFAULTS
 ## Seconds a line may take once sent before it fails with [code]timeout[/code].
 @export_range(1.0, 600.0, 1.0) var answer_timeout: float = 120.0
 
+@export_group("Tools")
+## Functions this NPC may call (the game's actions), each
+## [code]{"name": ..., "description": ..., "parameters": {JSON Schema}}[/code]; sent with every
+## line that has no other constraint. A call emits [signal tool_called]. Empty: none.
+@export var tools: Array[Dictionary] = []
+## With [member tools]: [code]auto[/code] (text or one call), [code]required[/code] (one call),
+## [code]none[/code] (text; the tools are not shown) or a tool's name (a call of that tool).
+@export var tool_choice: String = _DEFAULTS["tool_choice"]
+
 ## The persona and the turns; [member system_prompt], [member keep_history] and
 ## [member max_history_turns] are copied into it before each line.
 var conversation := LoraloomConversation.new()
@@ -108,8 +137,12 @@ func ask(text: String) -> String:
 
 ## [method ask] as a [LoraloomRequest], for code that wants its id, finish reason or result:
 ## [code]var line := chat.ask_request("Hi"); await line.wait()[/code]. Failures, even
-## immediate ones, arrive after this returns.
-func ask_request(text: String) -> LoraloomRequest:
+## immediate ones, arrive after this returns. [param constraint] holds at most one of
+## [code]json_schema[/code] (a [Dictionary]), [code]regex[/code], [code]choices[/code] (strings),
+## [code]grammar[/code] (Lark) or [code]tools[/code] (with [code]tool_choice[/code]); without one
+## the line goes out with [member tools], if any. The request's [member LoraloomRequest.json],
+## [member LoraloomRequest.tool_calls] and [member LoraloomRequest.constraint] hold the outcome.
+func ask_request(text: String, constraint: Dictionary = {}) -> LoraloomRequest:
 	var connection := _client()
 	var request_id := "gd-orphan-%d" % Time.get_ticks_usec()
 	if connection != null:
@@ -118,15 +151,58 @@ func ask_request(text: String) -> LoraloomRequest:
 	_requests[request.id] = request
 	request.event_received.connect(_on_event)
 	request.finished.connect(_on_finished)
-	_waiting.append({"request": request, "text": text})
+	_waiting.append({"request": request, "text": text, "constraint": constraint.duplicate(true)})
 	_send_next()
 	return request
 
 
-## The [code]generate[/code] frame a line saying [param text] would go out with now (no id).
-func build_request(text: String) -> Dictionary:
+## Says [param text] and returns the reply as JSON valid against [param schema] (a JSON Schema),
+## parsed: the [Dictionary] of an object schema ([code]{}[/code] when the line failed:
+## [signal request_failed] says why). [signal json_received] carries it too (and any other JSON
+## value, for schemas that are not objects: see [member LoraloomRequest.json]). Bound the strings,
+## arrays and numbers of the schema so that a reply fits [member max_tokens].
+func ask_json(text: String, schema: Dictionary) -> Dictionary:
+	var request := await _ask_until_done(text, {"json_schema": schema})
+	return request.json if request.ok and request.json is Dictionary else {}
+
+
+## Says [param text] and returns exactly one of [param choices] (the game's actions, say), or an
+## empty string when the line failed.
+func ask_choice(text: String, choices: PackedStringArray) -> String:
+	var request := await _ask_until_done(text, {"choices": Array(choices)})
+	return request.text if request.ok else ""
+
+
+## Says [param text] and returns a reply that matches [param pattern] as a whole (Rust
+## [code]regex[/code] syntax), or an empty string when the line failed.
+func ask_regex(text: String, pattern: String) -> String:
+	var request := await _ask_until_done(text, {"regex": pattern})
+	return request.text if request.ok else ""
+
+
+## Says [param text] and returns a reply that matches [param grammar] (Lark, llguidance's
+## dialect), or an empty string when the line failed.
+func ask_grammar(text: String, grammar: String) -> String:
+	var request := await _ask_until_done(text, {"grammar": grammar})
+	return request.text if request.ok else ""
+
+
+## Says [param text] with [param line_tools] (or else [member tools]) and [param choice] (or else
+## [member tool_choice]) and returns the calls the model made
+## ([code][{"name": ..., "arguments": {...}}][/code]; empty when it answered in words or the line
+## failed). Each call also emits [signal tool_called].
+func ask_tool_calls(text: String, line_tools: Array = [], choice: String = "") -> Array:
+	var offered: Array = line_tools if not line_tools.is_empty() else Array(tools)
+	var request := await _ask_until_done(text, {
+		"tools": offered, "tool_choice": choice if not choice.is_empty() else tool_choice})
+	return request.tool_calls if request.ok else []
+
+
+## The [code]generate[/code] frame a line saying [param text] would go out with now (no id), with
+## [param constraint] as in [method ask_request].
+func build_request(text: String, constraint: Dictionary = {}) -> Dictionary:
 	_sync_conversation()
-	return LoraloomFrames.build(LoraloomProtocol.GENERATE, {
+	var fields := {
 		"adapters": [] if adapter.is_empty() else [{"name": adapter, "scale": adapter_scale}],
 		"messages": conversation.build_messages(text),
 		"max_tokens": max_tokens,
@@ -139,7 +215,14 @@ func build_request(text: String) -> Dictionary:
 		"stream": true,
 		"priority": priority,
 		"trim_history": true,
-	})
+	}
+	var chosen := CONSTRAINTS.filter(func(key: String) -> bool: return constraint.get(key) != null)
+	if chosen.is_empty() and not tools.is_empty():
+		constraint = {"tools": Array(tools), "tool_choice": tool_choice}
+	for key: String in CONSTRAINTS + ["tool_choice"]:
+		if constraint.get(key) != null:
+			fields[key] = _json_numbers(constraint[key])
+	return LoraloomFrames.build(LoraloomProtocol.GENERATE, fields)
 
 
 ## Ends the line being answered now: it finishes with what was said so far (the daemon stops
@@ -202,7 +285,8 @@ func _send_next() -> void:
 		return
 	_current = _waiting.pop_front()
 	var request: LoraloomRequest = _current["request"]
-	var frame := build_request(_current["text"])
+	var frame := build_request(_current["text"], _current["constraint"])
+	request.require_constraint = _requires_match(frame)
 	_current["generation"] = conversation.generation
 	var connection := _client()
 	if connection == null:
@@ -214,6 +298,43 @@ func _send_next() -> void:
 	if tree != null:
 		tree.create_timer(answer_timeout, true, false, true).timeout.connect(
 				_on_answer_timeout.bind(request))
+
+
+func _ask_until_done(text: String, constraint: Dictionary) -> LoraloomRequest:
+	var request := ask_request(text, constraint)
+	if not request.done:
+		await request.finished  # bounded, as in ask()
+	return request
+
+
+## Whether a line must match its constraint to succeed: any constraint, and tools that must be
+## called (auto may answer in words, which can end anywhere).
+static func _requires_match(frame: Dictionary) -> bool:
+	for key: String in ["json_schema", "regex", "choices", "grammar"]:
+		if frame.has(key):
+			return true
+	return frame.has("tools") and not frame.get("tool_choice") in ["auto", "none"]
+
+
+## [param value] with whole floats turned into ints, in nested dictionaries and arrays too: JSON
+## parsed by Godot has only floats, and a schema's [code]maxItems: 3.0[/code] must go out as 3.
+static func _json_numbers(value: Variant) -> Variant:
+	match typeof(value):
+		TYPE_FLOAT:
+			var number: float = value
+			if is_finite(number) and number == floorf(number) and absf(number) < 9.0e15:
+				return int(number)
+		TYPE_DICTIONARY:
+			var out := {}
+			for key: Variant in value:
+				out[key] = _json_numbers(value[key])
+			return out
+		TYPE_ARRAY:
+			var items: Array = []
+			for item: Variant in value:
+				items.append(_json_numbers(item))
+			return items
+	return value
 
 
 func _on_answer_timeout(request: LoraloomRequest) -> void:
@@ -235,6 +356,11 @@ func _on_finished(request: LoraloomRequest) -> void:
 	if request.ok:
 		conversation.record(str(line.get("text", "")), request.text, request.finish_reason,
 				int(request.result.get("dropped_messages", 0)), int(line.get("generation", -1)))
+		for call: Variant in request.tool_calls:
+			if call is Dictionary:
+				tool_called.emit(str(call.get("name", "")), call.get("arguments", {}))
+		if request.message.has("json_schema") and request.json != null:
+			json_received.emit(request.json)
 		response_finished.emit(request.text)
 	else:
 		request_failed.emit(request.error_code, request.error_message)

@@ -26,6 +26,10 @@ const ERROR_TIMEOUT := LoraloomProtocol.ERROR_TIMEOUT
 ## Kept for older code: a request stopped before it was sent now ends like one stopped on the
 ## daemon, with its result (finish reason [code]cancelled[/code]), not with this code.
 const ERROR_CANCELLED := LoraloomProtocol.ERROR_CANCELLED
+## A constrained line ([member require_constraint]) ended before its output matched the constraint
+## (it ran into [code]max_tokens[/code], the context, a stop string or was cancelled); its
+## [member result] and [member text] are kept.
+const ERROR_INCOMPLETE := LoraloomProtocol.RESULT_CONSTRAINT_INCOMPLETE
 
 ## The client-chosen id; every event about this request carries it.
 var id: String = ""
@@ -46,6 +50,16 @@ var answered: bool = false
 var result: Dictionary = {}
 ## Why a text request stopped: [code]stop[/code], [code]length[/code] or [code]cancelled[/code].
 var finish_reason: String = ""
+## With [code]json_schema[/code]: the output parsed (null when it failed or was incomplete).
+var json: Variant = null
+## With [code]tools[/code]: the calls the model made, each
+## [code]{"name": ..., "arguments": {...}}[/code].
+var tool_calls: Array = []
+## With a constraint or tools: [code]satisfied[/code] or [code]incomplete[/code]; empty otherwise.
+var constraint: String = ""
+## Fail with [constant ERROR_INCOMPLETE] when the result says the constraint is incomplete
+## (instead of succeeding with a partial output); [LoraloomChat] sets it on constrained lines.
+var require_constraint: bool = false
 ## The error code when the request failed.
 var error_code: String = ""
 ## The error message when the request failed.
@@ -99,9 +113,7 @@ func handle_event(event: Dictionary) -> void:
 		LoraloomProtocol.ERROR:
 			fail(str(event.get("code", LoraloomProtocol.ERROR_INTERNAL)), str(event.get("message", "")))
 		LoraloomProtocol.RESULT:
-			text = str(event.get("text", text))
-			finish_reason = str(event.get("finish_reason", ""))
-			_succeed(event)
+			_take_result(event)
 		LoraloomProtocol.IMAGE_RESULT:
 			var default_reason: String = LoraloomProtocol.IMAGE_RESULT_DEFAULTS["finish_reason"]
 			finish_reason = str(event.get("finish_reason", default_reason))
@@ -118,6 +130,21 @@ func fail(code: String, reason: String) -> void:
 	error_code = code
 	error_message = reason
 	finished.emit(self)
+
+
+func _take_result(event: Dictionary) -> void:
+	text = str(event.get("text", text))
+	finish_reason = str(event.get("finish_reason", ""))
+	json = event.get("json")
+	var calls: Variant = event.get("tool_calls", [])
+	tool_calls = calls if calls is Array else []
+	constraint = str(event.get("constraint", "")) if event.get("constraint") != null else ""
+	if require_constraint and constraint == LoraloomProtocol.RESULT_CONSTRAINT_INCOMPLETE:
+		result = event
+		fail(ERROR_INCOMPLETE, "the reply ended (%s) before it matched its constraint: raise " % [
+				finish_reason] + "max_tokens, or bound the strings, arrays and numbers of the schema")
+		return
+	_succeed(event)
 
 
 func _succeed(event: Dictionary) -> void:
