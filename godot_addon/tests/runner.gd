@@ -5,8 +5,8 @@ extends Node
 ## and reads the lines back. This script references no addon class on purpose: a broken addon
 ## script must show up as a failed result, not keep the runner itself from loading.[br]
 ## Lines: [code]LORALOOM_TEST {json}[/code] per result, [code]LORALOOM_ACTION {json}[/code] when
-## the suite needs pytest to do something (edit the adapter folder; start, freeze, stop or
-## restart the life-cycle suite's daemon), and
+## the suite needs pytest to do something (edit the adapter folder; read the daemon's /healthz;
+## start, freeze, stop or restart the life-cycle suite's daemon), and
 ## [code]LORALOOM_DONE {json}[/code] at the end. Release builds ignore assert(), so every check
 ## is an explicit comparison and every wait has a timeout.
 
@@ -16,6 +16,7 @@ const SUITES := [
 	"res://tests/suite_discovery.gd",
 	"res://tests/suite_daemon.gd",
 	"res://tests/suite_structured.gd",
+	"res://tests/suite_budget.gd",
 	"res://tests/suite_life.gd",
 ]
 

@@ -16,6 +16,10 @@ extends Node
 ## out on the new connection, together with the text and image requests the daemon had said
 ## nothing about yet; those that had started streaming fail ([code]shutting_down[/code] or
 ## [code]connection_closed[/code]): their output was already seen.[br]
+## GPU budget: with [code]loraloom/budget/enabled[/code] (off by default) the client sends the
+## budget of Project Settings ([LoraloomBudget]) after every handshake, the first and each
+## reconnection, and in frame sync reports each frame start from [method Node._process]
+## ([member process_priority] is low, so that comes first in the frame).[br]
 ## Settings (Project Settings, under [code]loraloom/[/code]) are read once, in [method Node._ready];
 ## the matching properties can be changed before [method connect_to_daemon].
 
@@ -39,6 +43,9 @@ signal adapter_changed(adapter_name: String, event: String, adapter: Dictionary)
 signal adapters_updated(adapters: Dictionary)
 ## Emitted for every frame received, after it was handled; for tools and debugging.
 signal message_received(message: Dictionary)
+## Emitted when the daemon answered a budget this client sent (after each handshake with a
+## budget set, and after [method set_budget]): the [code]budget[/code] in force now.
+signal budget_changed(budget: Dictionary)
 
 enum State { DISCONNECTED, CONNECTING, HANDSHAKING, READY }
 
@@ -131,6 +138,12 @@ var adapters: Dictionary = {}
 var daemon_pid: int = -1
 ## Why the last attempt to connect failed; empty after a success.
 var last_error: String = ""
+## The GPU budget this client sends (from Project Settings; see [method set_budget]).
+var budget := LoraloomBudget.new()
+## The daemon's last answer to it ([code]budget[/code]); empty until one came.
+var budget_in_force: Dictionary = {}
+## Frame starts reported to the daemon (frame sync) since the game started.
+var frames_sent: int = 0
 
 var _peer: WebSocketPeer
 var _codec := LoraloomMsgpack.new()
@@ -147,6 +160,7 @@ var _subscribe_id: String = ""
 var _daemon_start_tried: bool = false
 var _ever_connected: bool = false
 var _going_away: bool = false
+var _frame_bytes := PackedByteArray()
 
 
 func _ready() -> void:
@@ -165,6 +179,9 @@ func _ready() -> void:
 	daemon_arguments = PackedStringArray(_setting("daemon/arguments"))
 	stop_daemon_on_exit = _setting("daemon/stop_on_exit")
 	daemon_stop_grace = _setting("daemon/stop_grace")
+	budget = LoraloomBudget.from_project_settings(SETTING_PREFIX)
+	# First in each frame's process pass: a frame start is reported when the frame starts.
+	process_priority = -1000
 	if auto_connect:
 		connect_to_daemon()
 
@@ -176,6 +193,8 @@ func _exit_tree() -> void:
 
 
 func _process(_delta: float) -> void:
+	if state == State.READY and budget.reports_frames():
+		_report_frame_start()
 	var now := _now()
 	if _peer == null:
 		if _retry_at >= 0.0 and now >= _retry_at:
@@ -355,6 +374,15 @@ func ping() -> LoraloomRequest:
 	return send_request({"type": LoraloomProtocol.PING})
 
 
+## Makes [param new_budget] this client's budget: sent now when connected (a disabled or empty
+## one clears the budget this connection set) and after every later handshake. Returns the
+## request (its result is the [code]budget[/code] in force, also in [signal budget_changed]), or
+## null when not connected (it goes out on connecting).
+func set_budget(new_budget: LoraloomBudget) -> LoraloomRequest:
+	budget = new_budget
+	return _send_budget(true) if is_ready() else null
+
+
 ## The game's client: the autoload (named [constant AUTOLOAD_NAME] by the plugin, or any other
 ## [LoraloomClient] that is a child of the root); null when there is none.
 static func find(from: Node = null) -> LoraloomClient:
@@ -480,6 +508,7 @@ func _handle_handshake(kind: String, frame: Dictionary) -> void:
 		_set_adapters(frame.get("adapters", []))
 		_subscribe_id = new_id()
 		_send_frame(LoraloomFrames.build(LoraloomProtocol.SUBSCRIBE, {"id": _subscribe_id}))
+		_send_budget(false)
 		var waiting := _queued.duplicate()
 		_queued.clear()
 		_queued_since.clear()
@@ -536,6 +565,34 @@ func _send_frame(frame: Dictionary) -> void:
 			_requeue(request)  # the connection is closing: nothing went out
 		elif request != null:
 			request.fail(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "cannot send to the daemon")
+
+
+## Sends the budget ([param always]: even when it sets no limit, which clears one set before).
+func _send_budget(always: bool) -> LoraloomRequest:
+	if not always and not budget.is_active():
+		return null
+	var fields := budget.set_budget_fields() if budget.enabled else {}
+	fields["type"] = LoraloomProtocol.SET_BUDGET
+	var request := send_request(fields)
+	request.finished.connect(_on_budget_answered)
+	return request
+
+
+func _on_budget_answered(request: LoraloomRequest) -> void:
+	if request.ok:
+		budget_in_force = request.result
+		budget_changed.emit(request.result)
+	elif request.error_code != LoraloomProtocol.ERROR_CONNECTION_CLOSED:
+		push_warning("loraloom: the GPU budget was refused: %s: %s" % [
+				request.error_code, request.error_message])
+
+
+func _report_frame_start() -> void:
+	# The same few bytes every frame: encoded once.
+	if _frame_bytes.is_empty():
+		_frame_bytes = _codec.encode(LoraloomFrames.build(LoraloomProtocol.FRAME))
+	if _peer != null and not _going_away and _peer.send(_frame_bytes) == OK:
+		frames_sent += 1
 
 
 func _on_closed(code: int, reason: String) -> void:

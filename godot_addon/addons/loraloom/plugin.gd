@@ -46,9 +46,11 @@ func _exit_tree() -> void:
 
 func _register_settings() -> void:
 	# Registered each session so they show in Project Settings; only changed values are saved.
-	for key: String in LoraloomClient.SETTINGS:
+	var settings := LoraloomClient.SETTINGS.duplicate()
+	settings.merge(LoraloomBudget.SETTINGS)
+	for key: String in settings:
 		var setting_name: String = LoraloomClient.SETTING_PREFIX + key
-		var default: Variant = LoraloomClient.SETTINGS[key]
+		var default: Variant = settings[key]
 		if not ProjectSettings.has_setting(setting_name):
 			ProjectSettings.set_setting(setting_name, default)
 		ProjectSettings.set_initial_value(setting_name, default)
@@ -59,4 +61,7 @@ func _register_settings() -> void:
 		elif key == "connection/runtime_file":
 			info["hint"] = PROPERTY_HINT_GLOBAL_FILE
 			info["hint_string"] = "*.json"
+		elif key == "budget/duty_cap":
+			info["hint"] = PROPERTY_HINT_RANGE
+			info["hint_string"] = "0,1,0.01"
 		ProjectSettings.add_property_info(info)

@@ -118,7 +118,7 @@ func handle_event(event: Dictionary) -> void:
 			var default_reason: String = LoraloomProtocol.IMAGE_RESULT_DEFAULTS["finish_reason"]
 			finish_reason = str(event.get("finish_reason", default_reason))
 			_succeed(event)
-		LoraloomProtocol.ADAPTERS, LoraloomProtocol.PONG:
+		LoraloomProtocol.ADAPTERS, LoraloomProtocol.PONG, LoraloomProtocol.BUDGET:
 			_succeed(event)
 
 

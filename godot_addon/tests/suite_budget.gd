@@ -1,0 +1,164 @@
+extends Node
+## The GPU budget against the real daemon: off by default, set from a [LoraloomBudget] (the
+## daemon's answer), frame starts reported from the autoload's _process and counted by the
+## daemon, sent again after a reconnection, cleared, and a budget out of bounds refused before it
+## is sent. pytest reads the daemon's /healthz (gpu_budget) when asked (a "healthz" action) while
+## the budget is in force. Runs after suite_structured.gd, on the autoload.
+
+## How long the budget stays as it is after asking pytest to read /healthz: the action is done
+## when pytest reads the line (a loopback POST, then a loopback GET), long before this.
+const HOLD_S := 3.0
+const FRAMES := 30
+
+var _runner: Node
+var _client: LoraloomClient
+var _answers: Array = []
+
+
+## Runs the suite, reporting through [param runner].
+func run(runner: Node) -> void:
+	_runner = runner
+	_client = get_node_or_null("/root/Loraloom") as LoraloomClient
+	if runner.get("config").get("daemon") == null or _client == null:
+		_report("budget:configured", false, "no daemon or autoload")
+		return
+	if not await _until(func() -> bool: return _client.is_ready(), 30.0):
+		_report("budget:configured", false, "the autoload is not connected")
+		return
+	_client.budget_changed.connect(func(answer: Dictionary) -> void: _answers.append(answer))
+	await _check_off_by_default()
+	if await _check_set():
+		await _check_reconnect()
+	await _check_cleared()
+	await _check_refused()
+
+
+func _report(test_name: String, ok: bool, detail: String, data: Dictionary = {}) -> void:
+	_runner.call("report", test_name, ok, detail, data)
+
+
+func _until(condition: Callable, timeout_s: float) -> bool:
+	var deadline := Time.get_ticks_msec() + int(timeout_s * 1000.0)
+	while not condition.call():
+		if Time.get_ticks_msec() > deadline:
+			return false
+		await get_tree().process_frame
+	return true
+
+
+## Asks pytest to read /healthz now (under [param label]) and keeps things as they are meanwhile.
+## A ping first: the daemon handles a connection's frames in order, so every frame reported
+## before it has been counted when its pong comes back.
+func _read_healthz(label: String) -> Dictionary:
+	var pong := await _client.ping().wait(10.0)
+	var sent := _client.frames_sent
+	_runner.call("request_action", "healthz", {"label": label, "frames_sent": sent})
+	await get_tree().create_timer(HOLD_S).timeout
+	return {"pong": pong.ok, "frames_sent_before": sent}
+
+
+func _budget() -> LoraloomBudget:
+	var budget := LoraloomBudget.new()
+	budget.enabled = true
+	budget.duty_cap = 0.8
+	budget.tokens_per_s = {"player": 500, "background": 50.5}
+	budget.frame_sync = true
+	budget.frame_period_ms = 16.0
+	budget.game_ms = 4.0
+	budget.max_step_ms = 8.0
+	return budget
+
+
+func _check_off_by_default() -> void:
+	var from_settings := LoraloomBudget.from_project_settings()
+	var automatic := LoraloomBudget.new()
+	automatic.frame_sync = true
+	automatic.enabled = true
+	var read := await _read_healthz("default")
+	_report("budget:off_by_default", not _client.budget.is_active(), "", {
+		"enabled": from_settings.enabled,
+		"active": from_settings.is_active(),
+		"reports_frames": from_settings.reports_frames(),
+		"autoload_active": _client.budget.is_active(),
+		"autoload_frames_sent": _client.frames_sent,
+		"in_force": _client.budget_in_force,
+		"settings": LoraloomBudget.SETTINGS,
+		"automatic_period_ms": automatic.period_ms(),
+		"automatic_fields": automatic.set_budget_fields(),
+		"read": read,
+	})
+
+
+func _check_set() -> bool:
+	var budget := _budget()
+	var frames_before := _client.frames_sent
+	var request := _client.set_budget(budget)
+	var answered := await _answer(request)
+	var frames: bool = await _until(func() -> bool:
+		return _client.frames_sent >= frames_before + FRAMES, 30.0)
+	var read := await _read_healthz("set")
+	var ok := answered != null and answered.ok and frames
+	_report("budget:set", ok, answered.error_message if answered != null else "not sent", {
+		"sent": answered.message if answered != null else {},
+		"answer": answered.result if answered != null else {},
+		"signalled": _answers.duplicate(),
+		"in_force": _client.budget_in_force,
+		"frames_before": frames_before,
+		"read": read,
+	})
+	return ok
+
+
+func _check_reconnect() -> void:
+	var answers_before := _answers.size()
+	_client.disconnect_from_daemon()
+	_client.connect_to_daemon()
+	var up: bool = await _until(func() -> bool:
+		return _client.is_ready() and _answers.size() > answers_before, 30.0)
+	var frames_at_connect := _client.frames_sent
+	await _until(func() -> bool: return _client.frames_sent >= frames_at_connect + FRAMES, 30.0)
+	var read := await _read_healthz("reconnected")
+	_report("budget:resent_after_reconnect", up, "state %d" % _client.state, {
+		"answers": _answers.slice(answers_before),
+		"frames_at_connect": frames_at_connect,
+		"read": read,
+	})
+
+
+func _check_cleared() -> void:
+	var request := _client.set_budget(LoraloomBudget.new())
+	var answered := await _answer(request)
+	var frames_after := _client.frames_sent
+	for i in 10:
+		await get_tree().process_frame
+	var read := await _read_healthz("cleared")
+	_report("budget:cleared", answered != null and answered.ok, "", {
+		"sent": answered.message if answered != null else {},
+		"answer": answered.result if answered != null else {},
+		"frames_after_clear": frames_after,
+		"frames_later": _client.frames_sent,
+		"read": read,
+	})
+
+
+func _check_refused() -> void:
+	var budget := _budget()
+	budget.duty_cap = 1.5
+	var request := _client.set_budget(budget)
+	var answered := await _answer(request)
+	# Back to no budget, so that nothing after this suite runs under one.
+	var cleared := _client.set_budget(LoraloomBudget.new())
+	if cleared != null:
+		await cleared.wait(10.0)
+	var pong := await _client.ping().wait(10.0)
+	_report("budget:refused", answered != null and not answered.ok, "", {
+		"code": answered.error_code if answered != null else "",
+		"message": answered.error_message if answered != null else "",
+		"still_usable": pong.ok,
+	})
+
+
+func _answer(request: LoraloomRequest) -> LoraloomRequest:
+	if request == null:
+		return null
+	return await request.wait(10.0)

@@ -1,0 +1,88 @@
+"""The GPU budget through the Godot addon, in the real Godot 4.6 runtime against the real daemon
+(suite_budget.gd of the one page run), checked against the daemon's own /healthz, which pytest reads
+when the page asks (a "healthz" action) while the page holds the budget.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from godot_suite import GodotRun
+
+
+def _result(run: GodotRun, name: str) -> dict[str, Any]:
+    if run.daemon is None:
+        pytest.fail(f"the suite's daemon did not start: {run.daemon_error}")
+    result = run.result(name)
+    assert result["ok"], f"{name}: {result['detail']} {result['data']}"
+    return result["data"]
+
+
+def _health(run: GodotRun, label: str) -> dict[str, Any]:
+    found = [a for a in run.actions if a.get("action") == "healthz" and a.get("label") == label]
+    assert found and found[0].get("done"), run.actions
+    return found[0]
+
+
+def test_budget_is_off_by_default(godot_run: GodotRun) -> None:
+    """With no budget settings nothing is sent: no budget, no frames, the daemon's own settings."""
+    data = _result(godot_run, "budget:off_by_default")
+    assert not data["enabled"] and not data["active"] and not data["reports_frames"]
+    assert not data["autoload_active"] and data["autoload_frames_sent"] == 0 and data["in_force"] == {}
+    assert data["settings"]["budget/enabled"] is False
+    assert 1.0 <= data["automatic_period_ms"] <= 1000.0  # no max FPS, no refresh rate: 60 Hz or the screen's
+    assert data["automatic_fields"]["frame_sync"]["period_ms"] == data["automatic_period_ms"]
+    budget = _health(godot_run, "default")["health"]["gpu_budget"]
+    assert not budget["active"] and not budget["set_by_client"] and budget["frames"] == 0
+
+
+def test_budget_is_set_and_frames_are_counted(godot_run: GodotRun) -> None:
+    """set_budget sends the duty cap, the token rates and frame sync; the daemon's answer (also in
+    budget_changed) and its /healthz hold them; every frame start the autoload reported is counted."""
+    data = _result(godot_run, "budget:set")
+    sent, answer = data["sent"], data["answer"]
+    assert sent["type"] == "set_budget" and answer["type"] == "budget"
+    expected = {"duty_cap": 0.8, "max_step_ms": 8.0, "tokens_per_s": {"player": 500.0, "background": 50.5},
+                "frame_sync": {"period_ms": 16.0, "game_ms": 4.0, "margin_ms": 0.5}}
+    for key, value in expected.items():
+        assert sent[key] == value and answer[key] == value, key
+    assert answer["set_by_client"] is True
+    assert data["signalled"] == [answer] and data["in_force"] == answer
+    action = _health(godot_run, "set")
+    budget = action["health"]["gpu_budget"]
+    assert budget["active"] and budget["set_by_client"] and budget["duty_cap"] == 0.8
+    assert budget["tokens_per_s"] == {"player": 500.0, "background": 50.5}
+    assert budget["frame_sync"]["period_ms"] == 16.0 and budget["max_step_ms"] == 8.0
+    assert data["read"]["pong"]
+    assert action["frames_sent"] >= data["frames_before"] + 30
+    assert budget["frames"] >= action["frames_sent"] > 0
+
+
+def test_budget_is_sent_again_after_a_reconnection(godot_run: GodotRun) -> None:
+    """The daemon drops a budget with its connection; the autoload sends it again after the next
+    handshake, and keeps reporting frames on the new connection."""
+    data = _result(godot_run, "budget:resent_after_reconnect")
+    assert len(data["answers"]) == 1 and data["answers"][0]["duty_cap"] == 0.8
+    action = _health(godot_run, "reconnected")
+    budget = action["health"]["gpu_budget"]
+    assert budget["set_by_client"] and budget["duty_cap"] == 0.8
+    assert budget["frames"] >= action["frames_sent"] >= data["frames_at_connect"] + 30
+
+
+def test_budget_cleared_and_out_of_bounds(godot_run: GodotRun) -> None:
+    """A disabled budget clears the one in force and stops the frame reports; a duty cap above 1
+    fails with bad_message before it is sent, the connection untouched."""
+    data = _result(godot_run, "budget:cleared")
+    assert set(data["sent"]) == {"type", "id"}
+    assert data["answer"]["set_by_client"] is False and data["answer"].get("duty_cap") is None
+    assert data["frames_later"] == data["frames_after_clear"]
+    assert not _health(godot_run, "cleared")["health"]["gpu_budget"]["active"]
+    refused = _result(godot_run, "budget:refused")
+    assert refused["code"] == "bad_message" and "duty_cap" in refused["message"]
+    assert refused["still_usable"]
