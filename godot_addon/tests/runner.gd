@@ -14,6 +14,7 @@ const SUITES := [
 	"res://tests/suite_codec.gd",
 	"res://tests/suite_protocol.gd",
 	"res://tests/suite_discovery.gd",
+	"res://tests/suite_shipping.gd",
 	"res://tests/suite_daemon.gd",
 	"res://tests/suite_structured.gd",
 	"res://tests/suite_budget.gd",

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import godot_web
 from daemon_helpers import health
-from godot_cases import structured_config
+from godot_cases import shipping_config, structured_config
 from godot_suite import (
     ADDON_PROJECT,
     SUITE_TIMEOUT,
@@ -133,6 +133,7 @@ def godot_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         "discovery_cases": discovery,
         "protocol": protocol_config(),
         "daemon": None,
+        "shipping": shipping_config(),
     }
     if daemon is not None:
         config["daemon"] = {

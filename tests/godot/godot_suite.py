@@ -61,6 +61,7 @@ EDITOR_SCRIPTS = {
     "addons/loraloom/plugin.gd",
     "addons/loraloom/dock.gd",
     "addons/loraloom/debugger_plugin.gd",
+    "addons/loraloom/export_plugin.gd",
 }
 SUITE_TIMEOUT = 420.0
 UNKNOWN_ADAPTER = "ghost"

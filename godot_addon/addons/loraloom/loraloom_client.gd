@@ -66,6 +66,7 @@ const SETTINGS := {
 	"connection/client_name": "godot",
 	"connection/max_frame_bytes": 16777216,
 	"daemon/auto_start": false,
+	"daemon/auto_start_shipped": true,
 	"daemon/executable": "loraloom",
 	"daemon/arguments": ["serve"],
 	"daemon/stop_on_exit": true,
@@ -118,7 +119,9 @@ var request_connect_wait: float = 30.0
 var client_name: String = "godot"
 ## Largest frame accepted; image results need room.
 var max_frame_bytes: int = 16777216
-## Start a local daemon with [member daemon_executable] when none is found.
+## Start a local daemon with [member daemon_executable] when none is found. An exported game
+## that carries the runtime ([LoraloomShipping]) starts it unless
+## [code]loraloom/daemon/auto_start_shipped[/code] is off.
 var auto_start_daemon: bool = false
 ## The program [method start_daemon] runs.
 var daemon_executable: String = "loraloom"
@@ -180,6 +183,12 @@ func _ready() -> void:
 	stop_daemon_on_exit = _setting("daemon/stop_on_exit")
 	daemon_stop_grace = _setting("daemon/stop_grace")
 	budget = LoraloomBudget.from_project_settings(SETTING_PREFIX)
+	if LoraloomShipping.carries_runtime(OS.has_feature("editor") or OS.has_feature("web"),
+			OS.get_executable_path(), OS.get_name()):
+		# Its own daemon, found through its own runtime file: never another game's.
+		auto_start_daemon = auto_start_daemon or bool(_setting("daemon/auto_start_shipped"))
+		if runtime_file.is_empty():
+			runtime_file = LoraloomShipping.SHIPPED_RUNTIME_FILE
 	# First in each frame's process pass: a frame start is reported when the frame starts.
 	process_priority = -1000
 	if auto_connect:
@@ -261,17 +270,35 @@ func get_adapter_names(kind: String = "") -> PackedStringArray:
 	return names
 
 
-## Starts the daemon as a child process (with [code]--runtime-file[/code] when
-## [member runtime_file] is set, so that it publishes itself there); returns its pid, or -1
-## (always on the web).
+## Starts the daemon as a child process and returns its pid, or -1 ([member last_error] and a
+## warning say why; always -1 on the web, which cannot start processes). In an exported game that
+## is the shipped runtime, [code]loraloom/runtime/loraloom serve --pack loraloom/pack[/code] next
+## to the executable (see [LoraloomShipping]), publishing itself in its own runtime file
+## ([constant LoraloomShipping.SHIPPED_RUNTIME_FILE] unless [member runtime_file] is set); in the
+## editor [member daemon_executable] (looked up on PATH) with [member daemon_arguments]. With
+## [member runtime_file] set, [code]--runtime-file[/code] is passed so it publishes itself there.
 func start_daemon() -> int:
 	if OS.has_feature("web") or daemon_executable.is_empty():
 		return -1
-	var arguments := daemon_arguments.duplicate()
+	var plan := LoraloomShipping.launch_plan(OS.has_feature("editor"),
+			LoraloomShipping.shipped_root(OS.get_executable_path()), OS.get_name(),
+			daemon_executable, daemon_arguments, OS.get_environment("PATH"))
+	if not plan["error"].is_empty():
+		last_error = "cannot start the loraloom daemon: %s" % plan["error"]
+		push_warning("loraloom: " + last_error)
+		return -1
+	if plan["source"] == "shipped" and runtime_file.is_empty():
+		runtime_file = LoraloomShipping.SHIPPED_RUNTIME_FILE
+	var arguments: PackedStringArray = plan["arguments"]
 	if not runtime_file.is_empty() and not "--runtime-file" in arguments:
+		DirAccess.make_dir_recursive_absolute(
+				ProjectSettings.globalize_path(runtime_file).get_base_dir())
 		arguments.append("--runtime-file")
 		arguments.append(ProjectSettings.globalize_path(runtime_file))
-	daemon_pid = OS.create_process(daemon_executable, arguments)
+	daemon_pid = OS.create_process(str(plan["executable"]), arguments)
+	if daemon_pid < 0:
+		last_error = "cannot start %s" % plan["executable"]
+		push_warning("loraloom: " + last_error)
 	return daemon_pid
 
 

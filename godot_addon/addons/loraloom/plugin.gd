@@ -1,7 +1,8 @@
 @tool
 extends EditorPlugin
-## Editor side of loraloom: the [code]Loraloom[/code] autoload, the project settings and a dock
-## that shows what the running game's connection sees.
+## Editor side of loraloom: the [code]Loraloom[/code] autoload, the project settings, a dock
+## that shows what the running game's connection sees, and the export plugin that puts the
+## runtime and the game pack next to an exported game's executable.
 ##
 ## Editor-only: nothing here exists in an exported game, which only needs the autoload script.
 
@@ -9,9 +10,11 @@ const AUTOLOAD_NAME := "Loraloom"
 const AUTOLOAD_PATH := "res://addons/loraloom/loraloom_client.gd"
 const DockScript := preload("res://addons/loraloom/dock.gd")
 const DebuggerScript := preload("res://addons/loraloom/debugger_plugin.gd")
+const ExportScript := preload("res://addons/loraloom/export_plugin.gd")
 
 var _dock: Control
 var _debugger: EditorDebuggerPlugin
+var _export: EditorExportPlugin
 
 
 func _enable_plugin() -> void:
@@ -32,9 +35,14 @@ func _enter_tree() -> void:
 	_debugger = DebuggerScript.new()
 	_debugger.set("dock", _dock)
 	add_debugger_plugin(_debugger)
+	_export = ExportScript.new()
+	add_export_plugin(_export)
 
 
 func _exit_tree() -> void:
+	if _export != null:
+		remove_export_plugin(_export)
+		_export = null
 	if _debugger != null:
 		remove_debugger_plugin(_debugger)
 		_debugger = null
@@ -48,6 +56,7 @@ func _register_settings() -> void:
 	# Registered each session so they show in Project Settings; only changed values are saved.
 	var settings := LoraloomClient.SETTINGS.duplicate()
 	settings.merge(LoraloomBudget.SETTINGS)
+	settings.merge(LoraloomShipping.SETTINGS)
 	for key: String in settings:
 		var setting_name: String = LoraloomClient.SETTING_PREFIX + key
 		var default: Variant = settings[key]
@@ -61,6 +70,8 @@ func _register_settings() -> void:
 		elif key == "connection/runtime_file":
 			info["hint"] = PROPERTY_HINT_GLOBAL_FILE
 			info["hint_string"] = "*.json"
+		elif key in ["shipping/runtime_folder", "shipping/pack_folder"]:
+			info["hint"] = PROPERTY_HINT_GLOBAL_DIR
 		elif key == "budget/duty_cap":
 			info["hint"] = PROPERTY_HINT_RANGE
 			info["hint_string"] = "0,1,0.01"
