@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -97,7 +98,8 @@ def build_bundle(out: Path, *, with_image: bool = False, work: Path | None = Non
         root = Path(__file__).resolve().parent.parent  # so `daemon` and `bridge` are found from a checkout too
         cmd = [sys.executable, "-m", "PyInstaller", *pyinstaller_args(work, entry, with_image=with_image),
                "--paths", str(root)]
-        subprocess.run(cmd, check=True, cwd=work)
+        # torch's deprecated modules warn as PyInstaller imports each of them: hundreds of lines of noise.
+        subprocess.run(cmd, check=True, cwd=work, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         built = work / "dist" / NAME
         if out.exists():
             shutil.rmtree(out)
