@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -179,16 +180,18 @@ def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, *, v1: b
 
 
 def write_quantized_model(src: Path, dst: Path, reference: Path, *, method: str, sym: bool = True,
-                          v1: bool = True, config: dict | None = None) -> tuple[Path, Path]:
+                          v1: bool = True, keep_dense: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """From a dense folder `src`: an AWQ or GPTQ checkpoint in `dst` (its projections packed, the
-    rest as is) and `reference`, the same model with the projections' dequantized float32 weights."""
+    rest as is) and `reference`, the same model with the projections' dequantized float32 weights.
+    Projections named in `keep_dense` (e.g. "model.layers.0.mlp.down_proj.") stay dense in both."""
     import shutil
 
     from safetensors.torch import load_file
 
     tensors = load_file(str(src / "model.safetensors"))
     packed, dense = dict(tensors), dict(tensors)
-    for key in [k for k in tensors if k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)]:
+    for key in [k for k in tensors if k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)
+                and k.removesuffix("weight") not in keep_dense]:
         prefix = key.removesuffix("weight")
         q, zero, scale = quantize_4bit_groups(tensors[key], sym=method == "gptq" and sym,
                                               zero_floor=1 if method == "gptq" and v1 else 0)
@@ -199,7 +202,6 @@ def write_quantized_model(src: Path, dst: Path, reference: Path, *, method: str,
     quant = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"} \
         if method == "awq" else {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                  "sym": sym, "checkpoint_format": "gptq" if v1 else "gptq_v2"}
-    quant.update(config or {})
     for folder, weights in ((dst, packed), (reference, dense)):
         shutil.copytree(src, folder, dirs_exist_ok=True)
         save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
@@ -207,3 +209,41 @@ def write_quantized_model(src: Path, dst: Path, reference: Path, *, method: str,
     cfg["quantization_config"] = quant
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst, reference
+
+
+def copy_model(src: Path, dst: Path, quantization_config: dict | None = None,
+               edit: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Path:
+    """A copy of a model folder, with `quantization_config` entries changed where given (an empty
+    dict removes it) and `edit` applied to its tensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    if quantization_config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        if quantization_config:
+            cfg["quantization_config"].update(quantization_config)
+        else:
+            del cfg["quantization_config"]
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if edit is not None:
+        tensors = load_file(str(dst / "model.safetensors"))
+        edit(tensors)
+        save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def write_rtn_reference(src: Path, dst: Path, kind: str) -> Path:
+    """`src` with each projection replaced by its round-to-nearest `kind` weights (the engine's
+    `quant.quantize_rtn`, one projection at a time as the loader does), dequantized to float32."""
+    from safetensors.torch import load_file
+
+    from daemon.engines.text.quant import quantize_rtn
+
+    copy_model(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)]:
+        tensors[key] = quantize_rtn(tensors[key], kind, torch.float32).dequantize(torch.float32)  # type: ignore[arg-type]
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst

@@ -76,13 +76,11 @@ def read_quantization_config(path: Path) -> dict[str, Any] | None:
 
 def scheme_for(path: Path, quantize: str | None) -> QuantScheme:
     """The scheme of a folder, or UnsupportedModel saying why it cannot load."""
+    if quantize is not None and quantize not in QUANTIZE_KINDS:
+        raise UnsupportedModel(f"unknown quantize '{quantize}' (supported: {', '.join(QUANTIZE_KINDS)})")
     cfg = read_quantization_config(path)
     if cfg is None:
-        if quantize is None:
-            return DENSE
-        if quantize not in QUANTIZE_KINDS:
-            raise UnsupportedModel(f"unknown quantize '{quantize}' (supported: {', '.join(QUANTIZE_KINDS)})")
-        return QuantScheme("rtn", kind=quantize)  # type: ignore[arg-type]
+        return DENSE if quantize is None else QuantScheme("rtn", kind=quantize)  # type: ignore[arg-type]
     method = str(cfg.get("quant_method", "")).lower()
     if quantize is not None:
         raise UnsupportedModel(f"{path} is already quantized ({method or 'unknown method'}); quantize "

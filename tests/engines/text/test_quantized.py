@@ -1,31 +1,31 @@
 """Quantized base models: AWQ and GPTQ checkpoints packed offline by the formats' own rules
-(tests/tiny.py), and load-time int8 / int4 / fp8, each against its dequantized float32 reference.
-
-The reference of a quantized model is a dense folder whose projections hold the weights the codes
-stand for, (q - zero) * scale in float32: the two engines then compute the same function, so
-their logits agree to float32 rounding (tolerance: max |diff| <= 1e-5 * max |logit| per row and
-step, measured ~1e-6) and greedy tokens are equal, with adapters, mixes and the base on one batch.
-"""
+(tests/tiny.py), and load-time int8 / int4 / fp8, each against its dequantized float32 reference: a
+dense folder holding the weights the codes stand for, (q - zero) * scale. Both compute the same
+function, so logits agree to float32 rounding (max |diff| <= 1e-5 * max |logit| per row and step,
+measured ~1e-6) and greedy tokens are equal, with adapters, mixes and the base in one batch."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from support import make_adapter_dir, serve_command, start_daemon, stop_daemon
 from tiny import (
-    QUANT_PROJECTIONS,
     build_tiny_model,
+    copy_model,
     dequantize_4bit_groups,
     pack_awq,
     pack_gptq,
     quantize_4bit_groups,
     write_quantized_model,
+    write_rtn_reference,
     write_text_adapter,
 )
 
+import bridge
 from daemon.adapters.loader import read_adapter_files
 from daemon.engines.text.config import UnsupportedModel
 from daemon.engines.text.engine import TextEngine
@@ -189,18 +189,9 @@ def test_quantized_base_under_every_lora_layout(layout: str, dense_dirs: dict[st
 def test_modules_left_dense_in_a_checkpoint_load_dense(dense_dirs: dict[str, Path], tmp_path: Path) -> None:
     """A checkpoint that keeps some projections dense (AWQ's modules_to_not_convert): those load as
     they are, a fused group with both kinds is served dense, and the model still matches its reference."""
-    src = dense_dirs["llama"]
-    qdir, ref = write_quantized_model(src, tmp_path / "q", tmp_path / "ref", method="awq")
-    tensors, dense = load_file(str(qdir / "model.safetensors")), load_file(str(src / "model.safetensors"))
-    for key in ("model.layers.0.self_attn.k_proj.", "model.layers.1.mlp.down_proj."):
-        for part in ("qweight", "qzeros", "scales"):
-            del tensors[key + part]
-        tensors[key + "weight"] = dense[key + "weight"]
-    save_file(tensors, str(qdir / "model.safetensors"))
-    ref_tensors = load_file(str(ref / "model.safetensors"))
-    for key in ("model.layers.0.self_attn.k_proj.", "model.layers.1.mlp.down_proj."):
-        ref_tensors[key + "weight"] = dense[key + "weight"]
-    save_file(ref_tensors, str(ref / "model.safetensors"))
+    keep = ("model.layers.0.self_attn.k_proj.", "model.layers.1.mlp.down_proj.")
+    qdir, ref = write_quantized_model(dense_dirs["llama"], tmp_path / "q", tmp_path / "ref", method="awq",
+                                      keep_dense=keep)
     engine = make_engine(qdir, "cpu")
     layers = engine.model.layers
     assert not isinstance(layers[0]["qkv"], QuantWeight) and not isinstance(layers[1]["down"], QuantWeight)
@@ -239,18 +230,13 @@ def quant_fused_error(kernel: str, rows: int = 9) -> float:
     if kernel == "triton":  # record that the kernels ran (they decline shapes they cannot take)
         from daemon.engines.text import triton_lora, triton_quant
 
-        expand, matmul = triton_lora.expand_fused, triton_quant.matmul
+        for module, name in ((triton_lora, "expand_fused"), (triton_quant, "matmul")):
+            def counted(*args: object, _run=getattr(module, name), **kw: object) -> object:
+                out = _run(*args, **kw)
+                launches.append(out is not None and out is not False)
+                return out
 
-        def counted_expand(*args: object, **kw: object) -> bool:
-            launches.append(expand(*args, **kw))  # type: ignore[arg-type]
-            return launches[-1]
-
-        def counted_matmul(*args: object, **kw: object) -> torch.Tensor | None:
-            y = matmul(*args, **kw)  # type: ignore[arg-type]
-            launches.append(y is not None)
-            return y
-
-        triton_lora.expand_fused, triton_quant.matmul = counted_expand, counted_matmul  # type: ignore[assignment]
+            setattr(module, name, counted)
     worst, g = 0.0, torch.Generator().manual_seed(7)
     for key, members in GROUPS:
         x = torch.randn(rows, DIMS[members[0]][0], generator=g)
@@ -271,20 +257,22 @@ def quant_fused_error(kernel: str, rows: int = 9) -> float:
     return worst
 
 
-def triton_matmul_error() -> float:
-    """triton_quant.matmul against QuantWeight.linear (float32: the interpreter's dots take no bf16):
-    int4 and int8, groups of 128, 48 and per row, 1 to 40 rows, with and without bias."""
+def triton_matmul_error(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """triton_quant.matmul against the dequantized float32 product (the interpreter's dots take no
+    bf16): int4 and int8, groups of 128, 48 and per row, 1 to 40 rows, with and without bias."""
     from daemon.engines.text.triton_quant import matmul
 
     g, worst = torch.Generator().manual_seed(0), 0.0
     for kind in ("int4", "int8"):
         for n, k, group in ((96, 256, 128), (80, 48, 48), (40, 384, None)):
-            w = quantize_rtn(torch.randn(n, k, generator=g), kind, torch.float32, group if kind == "int4" else None)
+            w = quantize_rtn(torch.randn(n, k, generator=g).to(device), kind, dtype,  # type: ignore[arg-type]
+                             group if kind == "int4" else None)
             for m in (1, 17, 40):
                 x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g) if m != 17 else None
-                y, want = matmul(x, w, bias), w.linear(x, bias)
+                x, bias = x.to(device, dtype), None if bias is None else bias.to(device, dtype)
+                y, want = matmul(x, w, bias), w.linear(x.float(), None if bias is None else bias.float())
                 assert y is not None, (kind, n, k)
-                worst = max(worst, float((y - want).abs().max() / want.abs().max()))
+                worst = max(worst, float((y.float() - want).abs().max() / want.abs().max()))
     return worst
 
 
@@ -317,33 +305,12 @@ def test_triton_kernels_over_a_quantized_base_under_the_interpreter() -> None:
 
 if torch.cuda.is_available():  # collected only where it can run (like the CUDA cases of test_correctness)
 
-    @pytest.mark.parametrize("kind", ["int4", "int8"])
-    @pytest.mark.parametrize("rows", [1, 16, 100])
-    def test_triton_matmul_on_cuda_equals_reference(kind: str, rows: int) -> None:
+    def test_triton_matmul_on_cuda_equals_reference() -> None:
         """The Triton matmul in bf16 on a GPU against the dequantized float32 product."""
-        from daemon.engines.text.triton_quant import matmul
-
-        w = quantize_rtn(torch.randn(512, 1024, device="cuda"), kind, torch.bfloat16)  # type: ignore[arg-type]
-        x, bias = torch.randn(rows, 1024, device="cuda").bfloat16(), torch.randn(512, device="cuda").bfloat16()
-        y = matmul(x, w, bias)
-        assert y is not None
-        want = x.float() @ w.dequantize(torch.float32).t() + bias.float()
-        assert float((y.float() - want).abs().max() / want.abs().max()) < 2e-2
+        assert triton_matmul_error("cuda", torch.bfloat16) < 2e-2
 
 
 # -- quantizing at load time --------------------------------------------------------------------------------
-
-def rtn_reference(src: Path, dst: Path, kind: str) -> Path:
-    """`src` with each projection replaced by its round-to-nearest weights, dequantized (float32)."""
-    import shutil
-
-    shutil.copytree(src, dst)
-    tensors = load_file(str(src / "model.safetensors"))
-    for key in [k for k in tensors if k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)]:
-        tensors[key] = quantize_rtn(tensors[key], kind, torch.float32).dequantize(torch.float32)  # type: ignore[arg-type]
-    save_file(tensors, str(dst / "model.safetensors"))
-    return dst
-
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
 def test_quantize_at_load_matches_its_dequantized_reference(kind: str, dense_dirs: dict[str, Path],
@@ -356,7 +323,7 @@ def test_quantize_at_load_matches_its_dequantized_reference(kind: str, dense_dir
     qkv = engine.model.layers[0]["qkv"]
     assert isinstance(qkv, QuantWeight) and qkv.kind == kind and engine.stats()["weights"] == kind
     got = run_batch(engine, adapters)
-    assert_same_function(got, run_batch(make_engine(rtn_reference(src, tmp_path / "ref", kind), "cpu"), adapters))
+    assert_same_function(got, run_batch(make_engine(write_rtn_reference(src, tmp_path / "ref", kind), "cpu"), adapters))
     original = run_batch(make_engine(src, "cpu"), adapters)
     assert max(float((g[0] - o[0]).abs().max()) for g, o in zip(got[0], original[0], strict=True)) > 1e-4
 
@@ -386,6 +353,30 @@ def test_load_time_groups_fit_input_widths_that_128_does_not_divide(tmp_path: Pa
     assert len(run_batch(engine, {n: write_text_adapter(tmp_path / n, src, **s) for n, s in ADAPTERS.items()})[1]) == 5
 
 
+async def test_a_daemon_serves_an_awq_checkpoint_as_it_serves_the_reference(dense_dirs: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """A real daemon on an AWQ folder (no setting: the folder's config says what it is) answers the
+    real client, on the base, adapters and a mix, with the very text of a daemon on the reference."""
+    qdir, ref = write_quantized_model(dense_dirs["qwen2"], tmp_path / "q", tmp_path / "ref", method="awq")
+    adapters = make_adapter_dir(tmp_path / "adapters", ref)
+    cases: list[tuple[str, list[object]]] = [("Ahoy there", []), ("Where is the rum?", ["alpha"]),
+                                             ("Tell me of the map", ["beta"]),
+                                             ("Who goes there?", [("alpha", 0.5), ("gamma", 1.5)])]
+    texts: dict[str, list[str]] = {}
+    for name, folder in (("q", qdir), ("ref", ref)):
+        runtime, log, token = tmp_path / f"{name}.json", tmp_path / f"{name}.log", f"token-{name}"
+        proc = start_daemon(serve_command(folder, adapters, runtime, token=token), runtime, log)
+        try:
+            url = json.loads(runtime.read_text())["url"]
+            async with bridge.connect(url, token) as client:
+                texts[name] = [(await client.complete(prompt, adapters=a, temperature=0.0, max_tokens=8)).text
+                               for prompt, a in cases]
+        finally:
+            stop_daemon(proc)
+        assert ("awq-int4-g128" in log.read_text()) == (name == "q")
+    assert texts["q"] == texts["ref"] and len(set(texts["q"])) == len(cases), texts
+
+
 # -- memory ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq", "int8", "int4", "fp8"])
@@ -412,15 +403,31 @@ def test_weight_bytes_per_format(fmt: str, dense_dirs: dict[str, Path], tmp_path
 
 # -- what is refused ------------------------------------------------------------------------------------------
 
-REFUSED = {  # quantization_config changes -> what the error says
-    "desc_act": ({"desc_act": True}, "act-order GPTQ (desc_act true) is not supported"),
-    "8-bit": ({"bits": 8}, "GPTQ with 8-bit weights is not supported"),
-    "group 64": ({"group_size": 64}, "group size 64 is not supported"),
-    "per-channel": ({"group_size": -1}, "per-channel scales (group_size -1) is not supported"),
-    "marlin": ({"checkpoint_format": "marlin"}, "GPTQ checkpoint format 'marlin' is packed for one kernel"),
-    "bitsandbytes": ({"quant_method": "bitsandbytes"}, "quantization method 'bitsandbytes' is not supported"),
-    "awq gemv": ({"quant_method": "awq", "version": "gemv"}, "AWQ version 'gemv' packs its weights for another"),
-    "awq no zero": ({"quant_method": "awq", "zero_point": False}, "AWQ without zero points"),
+def _flip_g_idx(tensors: dict[str, torch.Tensor]) -> None:  # act order: groups no longer input // 128
+    key = "model.layers.0.mlp.down_proj.g_idx"  # 256 inputs: two groups
+    tensors[key] = tensors[key].flip(0)
+
+
+def _exl2(tensors: dict[str, torch.Tensor]) -> None:  # ExLlamaV2's tensor names
+    prefix = "model.layers.0.self_attn.q_proj."
+    tensors[prefix + "q_weight"], tensors[prefix + "q_groups"] = tensors.pop(prefix + "qweight"), torch.zeros(2)
+
+
+REFUSED: dict[str, dict[str, object]] = {  # changes to a GPTQ folder -> what the error says
+    "desc_act": dict(config={"desc_act": True}, message="act-order GPTQ (desc_act true) is not supported"),
+    "8-bit": dict(config={"bits": 8}, message="GPTQ with 8-bit weights is not supported"),
+    "group 64": dict(config={"group_size": 64}, message="group size 64 is not supported"),
+    "per-channel": dict(config={"group_size": -1}, message="per-channel scales (group_size -1) is not supported"),
+    "marlin": dict(config={"checkpoint_format": "marlin"}, message="GPTQ checkpoint format 'marlin' is packed"),
+    "bitsandbytes": dict(config={"quant_method": "bitsandbytes"},
+                         message="quantization method 'bitsandbytes' is not supported"),
+    "awq gemv": dict(config={"quant_method": "awq", "version": "gemv"}, message="AWQ version 'gemv' packs its"),
+    "awq no zero": dict(config={"quant_method": "awq", "zero_point": False}, message="AWQ without zero points"),
+    "g_idx act order": dict(edit=_flip_g_idx, message="g_idx' is not input // 128: an act-order"),
+    "no config": dict(config={}, message="the folder's config names no quantization method"),
+    "exl2": dict(config={}, edit=_exl2, message="holds ExLlamaV2 (EXL2) tensors"),
+    "quantize twice": dict(quantize="int8", message="is already quantized (gptq); quantize 'int8' applies"),
+    "unknown quantize": dict(quantize="int3", message="unknown quantize 'int3' (supported: int8, int4, fp8)"),
 }
 
 
@@ -430,56 +437,11 @@ def gptq_dir(dense_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     return write_quantized_model(dense_dirs["llama"], root / "q", root / "ref", method="gptq")[0]
 
 
-def edited_copy(folder: Path, dst: Path, config: dict | None = None) -> Path:
-    import shutil
-
-    shutil.copytree(folder, dst)
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["quantization_config"].update(config)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_unsupported_layouts_are_refused_with_the_reason(case: str, gptq_dir: Path, tmp_path: Path) -> None:
-    """Each unsupported quantization config is refused at load with a message naming it."""
-    change, message = REFUSED[case]
-    with pytest.raises(UnsupportedModel, match=message.replace("(", r"\(").replace(")", r"\)")):
-        make_engine(edited_copy(gptq_dir, tmp_path / "m", change), "cpu")
-
-
-def test_act_order_indices_without_the_flag_are_refused(gptq_dir: Path, tmp_path: Path) -> None:
-    """A g_idx that is not input // 128 (act order) is refused even where desc_act says false."""
-    folder = edited_copy(gptq_dir, tmp_path / "m")
-    tensors = load_file(str(folder / "model.safetensors"))
-    key = "model.layers.0.mlp.down_proj.g_idx"  # 256 inputs: two groups to permute
-    tensors[key] = tensors[key][torch.randperm(tensors[key].numel(), generator=torch.Generator().manual_seed(0))]
-    save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(UnsupportedModel, match="g_idx' is not input // 128"):
-        make_engine(folder, "cpu")
-
-
-def test_quantized_tensors_without_a_config_and_exl2_are_refused(gptq_dir: Path, tmp_path: Path) -> None:
-    """Packed tensors with no quantization_config, and ExLlamaV2's EXL2 tensors, are refused by name."""
-    folder = edited_copy(gptq_dir, tmp_path / "m")
-    cfg = json.loads((folder / "config.json").read_text())
-    del cfg["quantization_config"]
-    (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModel, match="names no quantization method"):
-        make_engine(folder, "cpu")
-    tensors = load_file(str(folder / "model.safetensors"))
-    prefix = "model.layers.0.self_attn.q_proj."
-    tensors[prefix + "q_weight"] = tensors.pop(prefix + "qweight")
-    tensors[prefix + "q_groups"] = torch.zeros(2, dtype=torch.int16)
-    save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(UnsupportedModel, match="ExLlamaV2"):
-        make_engine(folder, "cpu")
-
-
-def test_quantize_setting_is_checked(gptq_dir: Path, dense_dirs: dict[str, Path]) -> None:
-    """quantize on an already quantized folder, or an unknown kind, is refused with the reason."""
-    with pytest.raises(UnsupportedModel, match="already quantized"):
-        make_engine(gptq_dir, "cpu", quantize="int8")
-    with pytest.raises(UnsupportedModel, match="unknown quantize 'int3'"):
-        make_engine(dense_dirs["llama"], "cpu", quantize="int3")
+    """Each unsupported layout (quantization config, tensors, quantize setting) is refused at load
+    with a message that names it."""
+    c = REFUSED[case]
+    folder = copy_model(gptq_dir, tmp_path / "m", c.get("config"), edit=c.get("edit"))  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedModel, match=re.escape(str(c["message"]))):
+        make_engine(folder, "cpu", quantize=c.get("quantize"))
