@@ -5,8 +5,9 @@ the runtime and the pack next to an exported executable, the launch plan of the 
 and in the editor), the export's file list and its copy on real folders, and that the web build
 starts nothing (a browser cannot start processes). What cannot run here: the EditorExportPlugin
 itself (no editor binary on this machine; the web runtime has no Editor* classes) and
-OS.create_process of a desktop build; those are checked statically below, and the launch plan's
-command line is run against the real daemon by pytest.
+OS.create_process of a desktop build; those are checked statically below, the launch plan's
+command line is run against the real daemon by pytest, and so is the watcher script that stops the
+daemon of a game that crashed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,65 @@ def test_the_plans_command_line_is_served_by_the_daemon(godot_run: GodotRun, shi
         code = stop_daemon(proc)
     assert code == 0, "it exited by itself on SIGTERM"
     assert not runtime_file.exists(), "and removed its runtime file"
+
+
+# ---------------------------------------------------------------- a game that crashes
+# start_daemon() leaves WATCH_SCRIPT running beside the daemon (a detached /bin/sh); the web runtime
+# cannot start it, so it is run here as the addon runs it, with a stand-in for the game.
+
+
+def _script(name: str) -> str:
+    text = (ADDON / "loraloom_client.gd").read_text()
+    match = re.search(rf'^const {name} := """(.*?)"""', text, re.S | re.M)
+    assert match, f"{name} not found in loraloom_client.gd"
+    assert "\\" not in match.group(1), "the script must not need GDScript escapes"
+    return match.group(1)
+
+
+def _watch(game_pid: int, daemon_pid: int, runtime_file: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(["/bin/sh", "-c", _script("WATCH_SCRIPT"), "loraloom-watch", str(game_pid),
+                             _script("STOP_SCRIPT"), str(daemon_pid), "300", str(runtime_file)],
+                            text=True, start_new_session=True)
+
+
+def test_a_crashed_game_does_not_leave_its_daemon_running(live_daemon: Any, tmp_path: Path) -> None:
+    """The game is killed (SIGKILL: no _exit_tree, no stop_daemon): the watcher sees it gone and
+    stops the daemon with SIGTERM, which exits by itself and removes its runtime file."""
+    from support import start_daemon
+
+    runtime = tmp_path / "daemon.json"
+    daemon = start_daemon(live_daemon.serve_command(runtime), runtime, tmp_path / "daemon.log")
+    game = subprocess.Popen(["sleep", "600"])
+    watcher = _watch(game.pid, daemon.pid, runtime)
+    try:
+        time.sleep(1.5)
+        assert daemon.poll() is None and watcher.poll() is None, "both wait while the game runs"
+        game.kill()
+        game.wait()
+        assert daemon.wait(60) == 0, "stopped with SIGTERM, not killed"
+        assert watcher.wait(30) == 0
+        assert not runtime.exists()
+    finally:
+        for proc in (game, daemon, watcher):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_watcher_leaves_when_the_daemon_goes_first(tmp_path: Path) -> None:
+    """A daemon that exits while the game runs ends the watcher, which touches nothing else."""
+    game = subprocess.Popen(["sleep", "600"])
+    daemon = subprocess.Popen(["sleep", "600"])
+    watcher = _watch(game.pid, daemon.pid, tmp_path / "none.json")
+    try:
+        time.sleep(1.5)
+        assert watcher.poll() is None
+        daemon.kill()
+        daemon.wait()
+        assert watcher.wait(30) == 0
+        assert game.poll() is None, "the game is untouched"
+    finally:
+        for proc in (game, daemon, watcher):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -98,6 +98,25 @@ while alive; do
 	sleep 0.1
 done
 """
+## What [method start_daemon] leaves running beside a daemon it started, in a detached
+## [code]/bin/sh[/code], so that a game that crashes or is killed does not leave its daemon
+## running: it waits while both the game ($1) and the daemon ($3) run (a zombie counts as gone);
+## when the game is gone first it runs [constant STOP_SCRIPT] ($2) on the daemon (SIGTERM, the
+## grace period $4, then SIGKILL, and the runtime file $5). [method stop_daemon] ends it first.
+const WATCH_SCRIPT := """game="$1"; stop="$2"; shift 2
+alive() {
+	if [ -d /proc/1 ]; then
+		[ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"
+	else
+		s=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$s" ] && [ "${s#Z}" = "$s" ]
+	fi
+}
+while alive "$game" && alive "$1"; do
+	sleep 1
+done
+alive "$1" || exit 0
+exec /bin/sh -c "$stop" loraloom-stop "$@"
+"""
 const _MAX_RECONNECT_DELAY := 10.0
 
 ## Daemon URL ([code]ws://127.0.0.1:PORT[/code]); empty means "read the runtime file".
@@ -164,6 +183,7 @@ var _daemon_start_tried: bool = false
 var _ever_connected: bool = false
 var _going_away: bool = false
 var _frame_bytes := PackedByteArray()
+var _watcher_pid: int = -1
 
 
 func _ready() -> void:
@@ -299,6 +319,11 @@ func start_daemon() -> int:
 	if daemon_pid < 0:
 		last_error = "cannot start %s" % plan["executable"]
 		push_warning("loraloom: " + last_error)
+	elif OS.get_name() != "Windows":
+		var watch := PackedStringArray(["-c", WATCH_SCRIPT, "loraloom-watch",
+				str(OS.get_process_id()), STOP_SCRIPT])
+		watch.append_array(_stop_arguments(daemon_pid))
+		_watcher_pid = OS.create_process("/bin/sh", watch)
 	return daemon_pid
 
 
@@ -312,19 +337,29 @@ func stop_daemon() -> void:
 	daemon_pid = -1
 	if pid <= 0 or OS.has_feature("web"):
 		return
+	if _watcher_pid > 0 and OS.is_process_running(_watcher_pid):
+		OS.kill(_watcher_pid)  # the stop below does its work
+	_watcher_pid = -1
+	var arguments := _stop_arguments(pid)
+	if OS.get_name() == "Windows":
+		OS.kill(pid)
+		var info := LoraloomDiscovery.read_runtime_file(arguments[2])
+		if int(info.get("pid", -1)) == pid:
+			DirAccess.remove_absolute(arguments[2])
+		return
+	var stop := PackedStringArray(["-c", STOP_SCRIPT, "loraloom-stop"])
+	stop.append_array(arguments)
+	OS.create_process("/bin/sh", stop)
+
+
+## [constant STOP_SCRIPT]'s arguments for the daemon [param pid]: the pid, the grace period in
+## tenths of a second, the runtime file.
+func _stop_arguments(pid: int) -> PackedStringArray:
 	var path := runtime_file
 	if path.is_empty():
 		path = LoraloomDiscovery.default_runtime_file()
-	path = ProjectSettings.globalize_path(path)
-	if OS.get_name() == "Windows":
-		OS.kill(pid)
-		var info := LoraloomDiscovery.read_runtime_file(path)
-		if int(info.get("pid", -1)) == pid:
-			DirAccess.remove_absolute(path)
-		return
 	var steps := maxi(1, int(daemon_stop_grace * 10.0))
-	OS.create_process("/bin/sh",
-			PackedStringArray(["-c", STOP_SCRIPT, "loraloom-stop", str(pid), str(steps), path]))
+	return PackedStringArray([str(pid), str(steps), ProjectSettings.globalize_path(path)])
 
 
 # ---------------------------------------------------------------- requests
