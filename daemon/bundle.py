@@ -118,7 +118,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    if importlib_missing("PyInstaller"):
+    if _missing("PyInstaller"):
         print("loraloom bundle: PyInstaller is not installed (pip install -e '.[bundle]')", file=sys.stderr)
         return 2
     info = build_bundle(args.out, with_image=args.with_image, work=args.work)
@@ -127,7 +127,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def importlib_missing(module: str) -> bool:
+def _missing(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is None

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -274,11 +274,8 @@ class MemoryPlan:
                 "lora_pool_mb": _mib(t.lora_pool) if t else 0, "workspace_mb": _mib(t.workspace) if t else 0,
                 "image_mb": _mib(self.image), "kv_cache_tokens": t.kv_cache_tokens if t else 0,
                 "lora_slots": t.lora_slots if t else 0,
-                "measured_mb": _mib(measured_bytes(self.device))}
-
-    def to_json(self) -> dict[str, Any]:
-        return {"device": self.device, "budget": self.budget, "image": self.image,
-                "text": asdict(self.text) if self.text else None}
+                "measured_mb": _mib(measured_bytes(self.device)),
+                "device_total_mb": None if self.device_total is None else self.device_total // MIB}
 
 
 def measured_bytes(device: str) -> int:

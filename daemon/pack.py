@@ -37,7 +37,8 @@ from . import __version__
 if TYPE_CHECKING:
     from .settings import Settings
 
-__all__ = ["FORMAT", "PackError", "add_command", "build_pack", "model_files", "model_hash", "open_pack"]
+__all__ = ["FORMAT", "PackError", "add_command", "build_pack", "model_files", "model_hash", "open_pack",
+           "packed_model_name"]
 
 log = logging.getLogger("loraloom")
 
@@ -155,6 +156,9 @@ def expected_memory(settings: Settings, folder: Path) -> dict[str, Any]:
     from .engines.text.config import ModelSpec
     from .memory import MIB, fit_text_memory
 
+    def mib(n: int) -> int:
+        return -(-n // MIB)
+
     spec = ModelSpec.from_folder(folder)
     sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
     out: dict[str, Any] = {}
@@ -166,7 +170,6 @@ def expected_memory(settings: Settings, folder: Path) -> dict[str, Any]:
                             max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb,
                             lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank,
                             step_tokens=settings.step_tokens, explicit=explicit)
-        mib = lambda n: -(-n // MIB)  # noqa: E731
         out[device] = {"dtype": dtype, "reserved_mb": mib(t.total), "weights_mb": mib(t.weights),
                        "kv_cache_mb": mib(t.kv_cache), "lora_pool_mb": mib(t.lora_pool),
                        "workspace_mb": mib(t.workspace), "kv_cache_tokens": t.kv_cache_tokens,
@@ -321,6 +324,16 @@ def open_pack(settings: Settings) -> Settings:
     log.info("game pack %s: %s (sha256 %s), %d adapters, checked", pack, manifest["model"]["name"],
              manifest["model"]["hash"][:16], len(manifest.get("adapters", [])))
     return served
+
+
+def packed_model_name(pack: Path, text_model: str, fallback: str) -> str:
+    """The name the pack's manifest gives its model, when the daemon serves that model."""
+    if Path(text_model) != pack / "model":
+        return fallback
+    try:
+        return str(read_manifest(pack)["model"]["name"])
+    except (PackError, KeyError, TypeError):
+        return fallback
 
 
 # ---------------------------------------------------------------------------- the command

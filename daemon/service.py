@@ -159,8 +159,13 @@ class Service:
             infos = []
             for engine in (self.text, self.image):
                 d = engine.describe() if engine is not None else None
+                name = d.name if d is not None else ""
+                if engine is self.text and self.settings.pack is not None and d is not None:
+                    from .pack import packed_model_name  # the pack's folder is model/: say which model it is
+
+                    name = packed_model_name(self.settings.pack, self.settings.text_model, d.name)
                 infos.append(None if d is None else m.ModelInfo(
-                    name=d.name, kind=d.kind, device=d.device, dtype=d.dtype, placeholder=d.placeholder,
+                    name=name, kind=d.kind, device=d.device, dtype=d.dtype, placeholder=d.placeholder,
                     context_length=d.limits.get("context_length")))
             self._infos = (infos[0], infos[1])
         return self._infos

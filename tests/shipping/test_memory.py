@@ -91,6 +91,26 @@ def test_settings_plan_reads_the_model_and_its_dtype(wide_model_dir: Path) -> No
     assert report["budget_mb"] == 64 and report["reserved_mb"] <= 64 and report["measured_mb"] > 0
 
 
+def test_the_image_model_is_planned_from_its_weights(tmp_path: Path) -> None:
+    """The placeholder pipeline's planned bytes are its loaded modules' parameters and buffers."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from daemon.engines.image.default_pipeline import ensure_default_image_model
+
+    folder = ensure_default_image_model(tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    loaded = sum(t.numel() * 4 for part in (pipe.unet, pipe.vae, pipe.text_encoder)
+                 for t in (*part.parameters(), *part.buffers()) if t.is_floating_point())
+    plan = plan_for_settings(Settings(text_model="none", image_model="default", device="cpu", dtype="float32",
+                                      cache_dir=tmp_path), None)
+    assert plan.text is None and plan.image > 0
+    assert abs(plan.image - loaded) <= 0.01 * loaded  # non-persistent buffers (position ids) aside
+    with pytest.raises(OverBudget, match="the image model does not fit in gpu_memory_mb=1"):
+        plan_for_settings(Settings(text_model="none", image_model="default", device="cpu", gpu_memory_mb=1,
+                                   cache_dir=tmp_path), None)
+
+
 def test_a_budget_too_small_is_refused_at_start(tmp_path: Path, wide_model_dir: Path) -> None:
     """The daemon exits before loading anything, saying what it needs and what to change."""
     cmd = [sys.executable, "-m", "daemon", "serve", "--port", "0", "--text-model", str(wide_model_dir),

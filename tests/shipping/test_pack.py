@@ -97,6 +97,7 @@ async def test_serving_a_pack(pack_dir: Path, tmp_path: Path) -> None:
         async with bridge.connect(info["url"], "pk") as client:
             w = client.welcome
             assert w.text_model is not None and w.text_model.context_length == 256  # the pack's max_context
+            assert w.text_model.name == "tiny-llama"  # the manifest's name, not the pack's folder model/
             assert w.image_model is None  # the pack's image_model none
             assert w.memory is not None and w.memory.budget_mb == 64
             assert {a.name: a.hash for a in w.adapters} == {a["name"]: a["hash"] for a in manifest["adapters"]}
