@@ -8,6 +8,7 @@ N concurrent streams on N distinct adapters through our engine, against
   (b) transformers + PEFT mixed-adapter batch generation (`generate(..., adapter_names=[...])`),
   (c) one request at a time per adapter through our engine,
   (with --constrained) the same N streams with every row under its own JSON schema,
+  (with --deterministic) the same N streams on a second engine in deterministic mode (invariant.py),
 plus, on CUDA, the step time against the floor of reading the weights once per step.
 Prints one table, writes JSON. Medians over --repeats runs.
 """
@@ -15,6 +16,7 @@ Prints one table, writes JSON. Medians over --repeats runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="PyTorch ops only (no Triton kernels on CUDA, no numba LoRA loop on the CPU)")
     p.add_argument("--constrained", action="store_true",
                    help="also run every stream under its own JSON schema (and time compiling and masks)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="also time the multi-LoRA streams on an engine in deterministic mode (its price)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -227,21 +231,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.startswith("random:"):
         spec, tensors, tokenizer = random_llama(args.model.split(":", 1)[1], device=device, dtype=dtype)
         peer_model: Any = ("parts", (spec, dict(tensors)))
-        model = TextModel(spec, dict(tensors), device=device, dtype=dtype)
-        engine = TextEngine(model, tokenizer, cfg)
+
+        def build(config: EngineConfig) -> TextEngine:
+            return TextEngine(TextModel(spec, dict(tensors), device=device, dtype=dtype), tokenizer, config)
         name = spec.name
     else:
-        engine = TextEngine.from_folder(args.model, cfg)
+        def build(config: EngineConfig) -> TextEngine:
+            return TextEngine.from_folder(args.model, config)
+    engine = build(cfg)
+    if not args.model.startswith("random:"):
         assert engine.model_dir is not None
         peer_model = ("folder", engine.model_dir)
         name = engine.spec.name
     spec = engine.spec
     adapter_dirs = write_adapters(spec, tmp, n_adapters, ranks, targets)
-    versions = []
-    for i, d in enumerate(adapter_dirs):
-        files = read_adapter_files(d, "text")
-        prepared = engine.prepare_adapter(files)
-        versions.append(files.to_version(d.name, i + 1, prepared.payload, prepared.rank, prepared.targets))
+
+    def load_versions(e: TextEngine) -> list:
+        out = []
+        for i, d in enumerate(adapter_dirs):
+            files = read_adapter_files(d, "text")
+            prepared = e.prepare_adapter(files)
+            out.append(files.to_version(d.name, i + 1, prepared.payload, prepared.rank, prepared.targets))
+        return out
+    versions = load_versions(engine)
     g = torch.Generator().manual_seed(0)
     vocab = min(spec.vocab_size, len(engine.tokenizer))
     prompts = [torch.randint(5, vocab, (args.prompt_tokens,), generator=g).tolist() for _ in range(n)]
@@ -249,12 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     base = [[] for _ in range(n)]
 
     schemas = compile_schemas(engine, n) if args.constrained else None
+    det_engine = build(dataclasses.replace(cfg, deterministic=True)) if args.deterministic else None
+    det_multi = None
+    if det_engine is not None:
+        det_versions = load_versions(det_engine)
+        det_multi = [[(det_versions[i % n_adapters], 1.0)] for i in range(n)]
+        _run_engine(det_engine, prompts, det_multi, 8)
     # Warm up both (load the slots; compile kernels and record decode graphs for either path).
     _run_engine(engine, prompts, multi, 8)
     _run_engine(engine, prompts, base, 8)
     if schemas:
         _run_engine(engine, prompts, multi, 8, schemas["grammars"])
-    rows: dict[str, list[dict]] = {"multi": [], "base": [], "sequential": [], "constrained": []}
+    rows: dict[str, list[dict]] = {"multi": [], "base": [], "sequential": [], "constrained": [], "deterministic": []}
     seq_n = min(args.sequential_streams or n, n)
     for rep in range(args.repeats):
         # Alternate which goes first, so neither always runs on a machine just warmed (or slowed) by the other.
@@ -262,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[kind].append(_run_engine(engine, prompts, adapters, args.new_tokens))
         if schemas:
             rows["constrained"].append(_run_engine(engine, prompts, multi, args.new_tokens, schemas["grammars"]))
+        if det_engine is not None and det_multi is not None:
+            rows["deterministic"].append(_run_engine(det_engine, prompts, det_multi, args.new_tokens))
         seq = [_run_engine(engine, prompts[i:i + 1], multi[i:i + 1], args.new_tokens) for i in range(seq_n)]
         tokens = sum(r["tokens"] for r in seq)
         seconds = sum(r["seconds"] for r in seq)
@@ -301,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         "c_one_at_a_time": {k: med("sequential", k) for k in ("tokens_per_s", "step_ms_median")},
         "constrained": {k: med("constrained", k) for k in ("tokens_per_s", "step_ms_median", "itl_ms_p50",
                                                             "itl_ms_p99")} if schemas else None,
+        "deterministic": {k: med("deterministic", k) for k in ("tokens_per_s", "step_ms_median", "itl_ms_p50",
+                                                                "itl_ms_p99")} if det_engine else None,
         "schema_compile_ms": schemas and {"p50": _pct(schemas["compile_ms"], 0.5),
                                           "p99": _pct(schemas["compile_ms"], 0.99)},
         "mask_us_per_row_token": (1000 * engine.runner.masks.mask_ms / engine.runner.masks.masked_rows
@@ -336,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     line("(b) transformers+PEFT mixed-adapter batch", peft)
     line(f"(c) ours, one request at a time ({seq_n} runs)", result["c_one_at_a_time"])
     line("ours, every row under its own JSON schema", result["constrained"])
+    line("ours, deterministic mode", result["deterministic"])
     lines.append(f"multi-LoRA / base-only = {ours / base_rate:.2f}")
     if schemas:
         c = result["constrained"]["step_ms_median"]
@@ -343,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"; schema compile p50 {result['schema_compile_ms']['p50']:.2f} ms, p99 "
                      f"{result['schema_compile_ms']['p99']:.2f} ms; mask {result['mask_us_per_row_token']:.1f} us "
                      "per row and token (host, on llguidance's threads)")
+    if det_engine is not None:
+        d = result["deterministic"]["step_ms_median"]
+        lines.append(f"deterministic decode step / default = {d / result['ours_multi_lora']['step_ms_median']:.3f}")
     for label, key in (("(a) base only", "paired_ratio_a"), ("(c) one at a time", "paired_ratio_c")):
         vals = result[key]
         lines.append(f"paired within each repeat, ours / {label}: median {statistics.median(vals):.2f}x "

@@ -84,7 +84,8 @@ class TextEngine:
             self.model, num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(),
             targets=tuple(cfg.lora_targets), num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank,
             device=self.device, dtype=self.dtype)
-        self.kernels = model.kernels = select_kernels(self.device, self.dtype, enabled=cfg.kernels)
+        self.kernels = model.kernels = select_kernels(self.device, self.dtype, enabled=cfg.kernels,
+                                                      deterministic=cfg.deterministic)
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
         self.graphs = (StepGraphs(self.model, self.kv, self.storage, max_rows=cfg.max_seqs, table_width=width,
                                     max_context=self.max_context)

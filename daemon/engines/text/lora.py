@@ -39,6 +39,8 @@ class PrefixProjector(Protocol):
 
     def quant_linear(self, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor: ...
 
+    def linear(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
 
 def lora_apply(x: torch.Tensor, out: torch.Tensor, group: GroupSlots, j: int, batch: LoraBatch) -> None:
     """out[T, d_out] += the LoRA update of x[T, d_in] for member j of `group` (gathered rows or bgmv)."""
@@ -138,10 +140,9 @@ def project_prefix(x: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
 
 
 def _base(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, kernels: PrefixProjector) -> torch.Tensor:
-    """The base projection alone: a quantized weight's matmul is the kernel set's."""
-    if isinstance(weight, QuantWeight):
-        return kernels.quant_linear(x, weight, bias)
-    return linear(x, weight, bias)
+    """The base projection alone: the kernel set's (a quantized weight's matmul, or deterministic
+    mode's plain product)."""
+    return kernels.linear(x, weight, bias)
 
 
 def project_prefix_quant(x: torch.Tensor, y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,

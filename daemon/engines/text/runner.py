@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .graphs import StepGraphs, StepRows
+from .invariant import MIN_ROWS
 from .kernels import Kernels
 from .kv import PagedKV, PrefillChunk, gather_index
 from .lora_plan import LoraBatch
@@ -93,6 +94,12 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.takes(len(decode), len(plan.chunks), chunk_tokens):
             return self._replay(plan, ids, pos, slots)
         logit_index = list(range(len(decode)))
+        pad = 0
+        if self.config.deterministic:  # at least MIN_ROWS rows: smaller matmuls take other BLAS paths
+            pad = max(0, MIN_ROWS - len(decode) - chunk_tokens)
+            ids += [0] * pad  # padding rows write position 0 of block 0 (the padding block), as graphs do
+            pos += [0] * pad
+            slots += [0] * pad
         chunks: list[PrefillChunk] = []
         counts = [1] * len(decode)  # tokens of each sequence in this step, in order
         for j, c in enumerate(plan.chunks):
@@ -105,9 +112,13 @@ class ModelRunner:
             if c.completes:
                 logit_index.append(len(ids) - 1)
         dev = self.device
-        d = len(decode)
+        d = len(decode) + pad
         lens = [p + 1 for p in pos[:d]]
-        decode_tables = torch.tensor(self._tables(decode), dtype=torch.long, device=dev).view(d, self.table_width)
+        tables = self._tables(decode) + [[0] * self.table_width] * pad
+        decode_tables = torch.tensor(tables, dtype=torch.long, device=dev).view(d, self.table_width)
+        logits = len(logit_index)
+        if self.config.deterministic and logits < MIN_ROWS:  # the vocab head too; the extra rows are dropped
+            logit_index += [logit_index[-1] if logit_index else 0] * (MIN_ROWS - logits)
         decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)
         index = None
         if d and not self.kernels.reads_pages:
@@ -124,10 +135,11 @@ class ModelRunner:
                                       device=dev) if chunks else None,
             prefill_longest=max((c.end - c.start for c in chunks), default=0),
             logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
-            lora=self._lora_batch(plan.sequences, counts),
+            lora=self._member_batch(plan, pad) if self.config.deterministic else self._lora_batch(plan.sequences,
+                                                                                                   counts),
         )
         self.last_batch_size = len(ids)
-        return self.model.forward(step, self.kv, self.storage)
+        return self.model.forward(step, self.kv, self.storage)[:logits]
 
     def _replay(self, plan: StepPlan, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
         """A decode step, or decode rows and a few prompt chunks, through a recorded graph."""
@@ -176,6 +188,23 @@ class ModelRunner:
                               prefer_prefix=prefix and layout in ("auto", "dense"),
                               force=None if layout == "auto" else layout)
 
+    def _member_batch(self, plan: StepPlan, pad: int) -> LoraBatch:
+        """Deterministic mode's LoRA plan: dense over the whole pool, with weights [members, T, pool
+        rows], one pass per mix member in (name, version, scale) order (`invariant`): a row's sum is
+        then built in an order its request sets, whatever slots its adapters sit in."""
+        rows = [(s, 1) for s in plan.decode] + [(None, 1)] * pad + [(c.seq, c.length) for c in plan.chunks]
+        mixes = [_mix_order(s) if s is not None else [] for s, _ in rows]
+        members = max(1, max(len(m) for m in mixes))
+        weights = torch.zeros(members, sum(n for _, n in rows), self.storage.num_slots)
+        t = 0
+        for (_, n), mix in zip(rows, mixes, strict=True):
+            for j, (slot, scale) in enumerate(mix):
+                weights[j, t:t + n, slot] = scale
+            t += n
+        dev = self.storage.device
+        return LoraBatch(mode="dense", weights=torch.stack(
+            [self.storage.row_weights(w.to(dev, self.dtype), width=self.storage.rows) for w in weights]))
+
     def _uses_lora(self, seq: Sequence) -> bool:
         return any(x != 0.0 for x in seq.scales)
 
@@ -196,3 +225,11 @@ class ModelRunner:
             for slot, scale in zip(seq.slots, seq.scales, strict=True):
                 w[slot] += scale
         return w
+
+
+def _mix_order(seq: Sequence) -> list[tuple[int, float]]:
+    """(slot, scale) of a sequence's adapters by (name, version, scale): the same for the same mix
+    whatever order the request listed it in and whatever slots it got."""
+    adapters = seq.request.adapters
+    order = sorted(range(len(adapters)), key=lambda i: (adapters[i][0].name, adapters[i][0].number, adapters[i][1]))
+    return [(seq.slots[i], adapters[i][1]) for i in order if adapters[i][1] != 0.0]

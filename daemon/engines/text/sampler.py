@@ -2,11 +2,12 @@
 
 Randomness is counter-based: the noise for (seed, step, token id) is a hash, not a generator's
 state, so it does not depend on the batch and rows need no Python loop. What that buys: given
-the same logits, a seeded row draws the same token whatever shares its batch. The logits
-themselves are computed by kernels whose reduction order can depend on the batch's shape: on a
-CPU (float32) the tests find the same tokens alone and in batches; on a GPU (bfloat16) a row's
-logits move in the last bits with its companions, and a sampled or greedy continuation can
-diverge after a few dozen tokens. Only a batch-invariant mode (not built yet) would promise more.
+the same logits, a seeded row draws the same token whatever shares its batch. The logits are
+another matter. By default the kernels' reduction order depends on the batch's shape, so a row's
+logits move in the last bits with its companions (on the CPU as on a GPU), and a sampled or
+greedy continuation can part ways after some tokens. In deterministic mode (`invariant.py`,
+the `deterministic` setting; the CPU only for now) the logits are the same bits whatever shares
+the batch, so a seeded request's tokens are too.
 """
 
 from __future__ import annotations

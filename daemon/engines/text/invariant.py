@@ -1,0 +1,190 @@
+"""Deterministic mode: a row's logits are the same bits whatever shares its batch.
+
+A seeded request must give the same tokens alone, among 31 others, arriving first or last, after
+a prefix-cache hit or a preemption. Counter-based noise (`sampler`) makes sampling independent of
+the batch; this module makes the logits so. A kernel's result for one row can depend on the rest
+of the batch in three ways, each closed here:
+
+- **Which code path runs.** The BLAS takes other paths for matrices of one to three rows, and the
+  engine's own fast paths (the transposed CPU product of `lora.linear`, the LoRA layouts of
+  `lora_plan`, flash attention for a lone prompt) are chosen by the batch's shape. Here a step has
+  at least `MIN_ROWS` rows (the runner pads it), every projection is a plain `F.linear`, and the
+  LoRA layout is always the dense one over the whole pool.
+- **How long a reduction is.** A matmul's sum over K is grouped by the BLAS's panels, which depend
+  on K itself: the same 300 terms padded with zeros to 304 or 320 columns give other bits (checked on
+  MKL). So nothing here reduces over a length that other rows decide. Attention for a query at
+  position p reads exactly the keys of blocks 0 .. p // block_size, whatever the chunk it came in or
+  the longest sequence of the step: the scores and the weighted values are two matmuls of that
+  fixed length (the softmax denominator rides along as a column of ones), the rest is elementwise.
+  Decode and prompt rows take this same road, so the keys a resumed or a prefix-cached sequence
+  reads are the bits it would have computed itself.
+- **Where an adapter sits.** The same adapter can load into any slot, and a mix's members into
+  either order. The expand runs once per mix member, in the order of (name, version, scale): each
+  pass adds one member's update (the other pool rows are exact zeros in its weights), so the sum
+  of a row is built in an order set by the request alone.
+
+`probe` checks the BLAS properties this rests on (row results independent of the row count from
+`MIN_ROWS` on) when the engine starts, and refuses the mode where they do not hold. It runs on
+the CPU; on a GPU, cuBLAS chooses kernels (split-K among them) by the row count, so the same
+guarantee needs fixed-tile kernels of our own: not built yet, and the engine refuses the mode on
+CUDA rather than promise what it cannot keep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import TorchKernels
+from .lora import lora_expand_fused
+from .lora_pool import GroupSlots
+from .quant import QuantWeight, Weight
+
+__all__ = ["MIN_ROWS", "InvariantKernels", "NotDeterministic", "attend_block", "probe"]
+
+MIN_ROWS = 12  # a matmul of fewer rows may take other code paths in the BLAS (`probe` checks from here on)
+
+
+class NotDeterministic(RuntimeError):
+    """This machine or device cannot give batch-invariant results (the message says why)."""
+
+
+def probe(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise NotDeterministic unless every row of the matmuls used here comes out the same with any
+    row count from MIN_ROWS on (plain, with a bias, added into a wider output, batched). MKL, for
+    one, gives rows past a multiple of four other bits when there are fewer than twelve."""
+    if device.type != "cpu":
+        raise NotDeterministic(
+            f"deterministic mode runs on the CPU for now ({device} chooses its matmul kernels by the "
+            "batch's row count; the fixed-tile GPU kernels it needs are not built yet)")
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    w, b, x = rand(384, 160), rand(384), rand(150, 160)
+    k, v, q, u = rand(2, 96, 80), rand(2, 80, 33), rand(2, 150, 96), rand(96, 33)
+
+    def accumulated(m: int) -> torch.Tensor:  # the LoRA expand: a product added into columns of a wider output
+        y = F.linear(x[:m], w)
+        y[:, 16:49].addmm_(x[:m, :96], u)
+        return y
+
+    checks = {
+        "linear": lambda m: F.linear(x[:m], w),
+        "linear with bias": lambda m: F.linear(x[:m], w, b),
+        "accumulating matmul": accumulated,
+        "batched matmul": lambda m: torch.matmul(torch.matmul(q[:, :m], k), v).transpose(0, 1),
+    }
+    for name, f in checks.items():
+        full = f(150)
+        for m in (*range(MIN_ROWS, 40), 64, 65, 149):
+            if not torch.equal(f(m), full[:m]):
+                raise NotDeterministic(
+                    f"this machine's {name} gives rows other bits with {m} rows than with 150 "
+                    f"({dtype}); deterministic mode cannot be promised here")
+
+
+def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 window: int | None) -> torch.Tensor:
+    """Causal attention of queries q [n, heads, dim] at `positions` [n] (all in one KV block) over
+    keys/values [L, kv_heads, dim] of positions 0..L-1, L the end of that block. -> [n, heads, dim]
+
+    Every reduction has length L or dim, fixed by the block: the same bits for a query whatever
+    else is computed beside it."""
+    n, heads, dim = q.shape
+    length, kv_heads = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    rows = n * group
+    qh = q.view(n, kv_heads, group, dim).permute(1, 0, 2, 3).reshape(kv_heads, rows, dim)
+    if rows < MIN_ROWS:
+        qh = torch.cat([qh, qh.new_zeros(kv_heads, MIN_ROWS - rows, dim)], dim=1)
+    k = keys.permute(1, 2, 0).contiguous()  # [kv_heads, dim, L]
+    scores = torch.matmul(qh, k).mul_(dim ** -0.5)  # [kv_heads, R, L]
+    key_pos = torch.arange(length, device=q.device)
+    qpos = positions.repeat_interleave(group)  # row r of each head group is query r // group
+    allowed = key_pos[None, :] <= qpos[:, None]
+    if window is not None:
+        allowed &= key_pos[None, :] > qpos[:, None] - window
+    if qh.shape[1] > rows:  # padding rows see key 0 (a row with no key at all gives NaN)
+        allowed = torch.cat([allowed, key_pos[None, :].expand(qh.shape[1] - rows, -1) == 0])
+    scores.masked_fill_(~allowed[None], float("-inf"))
+    probs = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    ones = values.new_ones(kv_heads, length, 1)
+    v = torch.cat([values.permute(1, 0, 2), ones], dim=-1)  # the denominator as one more column
+    out = torch.matmul(probs, v)[:, :rows]  # [kv_heads, rows, dim + 1]
+    out = out[..., :dim] / out[..., dim:]
+    return out.reshape(kv_heads, n, group, dim).permute(1, 0, 2, 3).reshape(n, heads, dim)
+
+
+def _gather(pool: torch.Tensor, table: list[int], blocks: int, block_size: int) -> torch.Tensor:
+    """[blocks * block_size, kv_heads, dim]: positions 0.. of a sequence from its block table."""
+    ids = torch.tensor(table[:blocks], dtype=torch.long, device=pool.device)
+    index = (ids[:, None] * block_size + torch.arange(block_size, device=pool.device)[None, :]).flatten()
+    return pool[index]
+
+
+class InvariantKernels(TorchKernels):
+    """The kernel set of deterministic mode: PyTorch ops laid out so that no row's result depends
+    on the batch (see the module docstring)."""
+
+    name = "invariant"
+    reads_pages = True
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        probe(device, dtype)
+        super().__init__(device)
+
+    def prefers_prefix(self, tokens: int) -> bool:
+        return True
+
+    def linear(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(weight, QuantWeight):
+            return weight.linear(x, bias)
+        return F.linear(x, weight, bias)
+
+    def paged_decode(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, lens: torch.Tensor,
+                     window: int | None) -> torch.Tensor | None:
+        bs = kv.block_size
+        out = torch.empty_like(q)
+        for i, (table, length) in enumerate(zip(tables.tolist(), lens.tolist(), strict=True)):
+            pos = length - 1
+            blocks = pos // bs + 1
+            keys, values = (_gather(pool, table, blocks, bs) for pool in (kv.k[layer], kv.v[layer]))
+            out[i:i + 1] = attend_block(q[i:i + 1], keys, values, torch.tensor([pos], device=q.device), window)
+        return out
+
+    def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
+                      out: torch.Tensor, window: int | None, longest: int) -> bool:
+        bs = kv.block_size
+        table_rows = tables.tolist()
+        for c, (start, length, pos0) in enumerate(meta.tolist()):
+            p = pos0
+            while p < pos0 + length:  # the chunk's queries, one KV block of positions at a time
+                block = p // bs
+                end = min((block + 1) * bs, pos0 + length)
+                keys, values = (_gather(pool, table_rows[c], block + 1, bs) for pool in (kv.k[layer], kv.v[layer]))
+                rows = slice(start + p - pos0, start + end - pos0)
+                positions = torch.arange(p, end, device=q.device)
+                out[rows] = attend_block(q[rows], keys, values, positions, window)
+                p = end
+        return True
+
+    def project_prefix(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, group: GroupSlots,
+                       weights: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """`weights` [members, T, pool rows]: one expand per mix member, in the request's order."""
+        if weights.dim() == 2:
+            weights = weights[None]
+        width, n = weights.shape[2], len(group.members)
+        if group.a_start == 0:  # a quantized base: its own matmul, then the shrink of the A rows
+            assert isinstance(weight, QuantWeight)
+            y = torch.cat([weight.linear(x, bias), F.linear(x, group.fused[:width * n])], dim=1)
+        else:
+            end = group.base_out + width * n
+            y = F.linear(x, group.fused[:end], None if group.fused_bias is None else group.fused_bias[:end])
+        for member in weights:
+            lora_expand_fused(y, group, member)
+        out = y[:, :group.base_out]
+        return out if residual is None else out.add_(residual)
