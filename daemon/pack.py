@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,6 +178,11 @@ def expected_memory(settings: Settings, folder: Path) -> dict[str, Any]:
     return out
 
 
+def _adapters_mb(entries: list[dict[str, Any]]) -> int:
+    """The adapters' files in MiB: about what the host's adapter cache holds once each was used."""
+    return -(-sum(size for e in entries for size in e["files"].values()) // 2**20)
+
+
 def build_pack(model: str, adapters: list[Path], out: Path, settings: Settings,
                image_adapters: list[Path] | None = None) -> dict[str, Any]:
     """Write the pack folder `out` (replaced when it exists) and return its manifest."""
@@ -220,7 +226,8 @@ def build_pack(model: str, adapters: list[Path], out: Path, settings: Settings,
         "model": {"name": folder.name, "hash": model_hash(digests), "files": digests,
                   "family": spec.family, "parameters": spec.num_parameters(),
                   "context_length": spec.max_position_embeddings},
-        "adapters": text + image, "memory": memory, "settings": packed}
+        "adapters": text + image, "memory": {**memory, "adapters_mb": _adapters_mb(text + image)},
+        "settings": packed}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
@@ -344,7 +351,7 @@ def cmd_pack(args: argparse.Namespace, settings_from_args: Any) -> int:
         manifest = build_pack(args.model, [*args.adapters, *settings.text_adapters], args.out, settings,
                               image_adapters=settings.image_adapters)
     except PackError as exc:
-        print(f"loraloom pack: {exc}")
+        print(f"loraloom pack: {exc}", file=sys.stderr)
         return 2
     cuda, cpu = manifest["memory"]["cuda"], manifest["memory"]["cpu"]
     print(f"wrote {args.out}: {manifest['model']['name']} (sha256 {manifest['model']['hash'][:16]}), "

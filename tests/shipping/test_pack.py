@@ -68,6 +68,8 @@ def test_the_manifest_describes_what_the_pack_holds(pack_dir: Path, tiny_model_d
         assert mem["dtype"] == dtype and 0 < mem["reserved_mb"] <= 64
         assert mem["reserved_mb"] >= mem["weights_mb"] + mem["kv_cache_mb"] + mem["lora_pool_mb"] - 3
     assert manifest["memory"]["cuda"]["weights_mb"] <= manifest["memory"]["cpu"]["weights_mb"]
+    sizes = sum(p.stat().st_size for p in (pack_dir / "adapters").rglob("*") if p.is_file())
+    assert manifest["memory"]["adapters_mb"] == -(-sizes // 2**20)
 
 
 def test_an_adapter_for_another_base_is_not_packed(tmp_path: Path, tiny_model_dir: Path, tiny_qwen_dir: Path) -> None:
@@ -80,7 +82,7 @@ def test_an_adapter_for_another_base_is_not_packed(tmp_path: Path, tiny_model_di
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     done = run_cli("pack", "--model", tmp_path / "model", "--adapters", tmp_path / "adapters", "--out", tmp_path / "p")
     assert done.returncode == 2
-    assert "adapter wide does not fit the base model" in done.stdout
+    assert "adapter wide does not fit the base model" in done.stderr
     assert not (tmp_path / "p").exists()
 
 
