@@ -41,7 +41,7 @@ from .memory import MemoryPlan, plan_for_settings
 from .replies import ImageReplies, TextReplies, cancelled_before_start, error_message
 from .session import RequestKey
 from .settings import Settings
-from .structured import plan_output
+from .structured import OutputPlan, plan_output
 
 __all__ = ["Post", "Service"]
 
@@ -354,12 +354,20 @@ class Service:
         assert text is not None
         dropped = 0
         try:
+            def planned(ms: list[dict[str, str]] | None) -> OutputPlan:
+                return plan_output(msg, ms, renders_tools=text.prompts.renders_tools, tags=text.prompts.tool_call_tags)
+
             if messages is not None and msg.trim_history:
-                # Room for the reply too (up to half the prompt budget), or the answer would be cut short.
+                # Room for the reply too (up to half the prompt budget), or the answer would be cut short;
+                # counted as sent, with the tools' definitions.
                 budget = limit - min(msg.max_tokens, limit // 2)
-                messages, dropped = fit_messages(messages, lambda ms: len(text.encode_prompt(None, ms)), budget)
-            output = plan_output(msg, messages, renders_tools=text.prompts.renders_tools,
-                                 tags=text.prompts.tool_call_tags)
+
+                def measure(ms: list[dict[str, str]]) -> int:
+                    plan = planned(ms)
+                    return len(text.encode_prompt(None, plan.messages, tools=plan.tools or None))
+
+                messages, dropped = fit_messages(messages, measure, budget)
+            output = planned(messages)
             ids = text.encode_prompt(msg.prompt, output.messages, limit=limit, tools=output.tools or None)
         except (PromptTooLong, DoesNotFit) as exc:
             raise LoraloomError(str(exc), code=ErrorCode.PROMPT_TOO_LONG) from None

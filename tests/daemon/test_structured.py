@@ -134,6 +134,20 @@ async def test_tool_calls(roomy_daemon: LiveDaemon) -> None:
         assert none.tool_calls == [] and none.constraint is None
 
 
+async def test_a_long_chat_with_tools_is_trimmed_with_the_tools_counted(roomy_daemon: LiveDaemon) -> None:
+    """trim_history leaves room for the tools' definitions too (they go out with every line)."""
+    history = []
+    for i in range(40):
+        history += [{"role": "user", "content": f"Tell me about the tower, part {i}."},
+                    {"role": "assistant", "content": f"The tower's {i}th floor holds old maps and dust."}]
+    async with bridge.connect(roomy_daemon.url, roomy_daemon.token) as client:
+        result = await client.complete(messages=[*history, {"role": "user", "content": "Open the door."}],
+                                       tools=[DOOR, GIVE], tool_choice="required", trim_history=True,
+                                       max_tokens=80, temperature=0.0)
+    assert result.dropped_messages > 0 and result.constraint == "satisfied" and len(result.tool_calls) == 1
+    assert result.prompt_tokens + 80 <= 512
+
+
 async def test_bad_constraints_are_refused_and_nothing_else_is_touched(live_daemon: LiveDaemon) -> None:
     async with bridge.connect(live_daemon.url, live_daemon.token) as client:
         stream = client.generate("Once upon a time", max_tokens=60, temperature=0.0, seed=1)
