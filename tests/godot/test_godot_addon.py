@@ -447,7 +447,9 @@ def test_a_restart_keeps_the_waiting_lines(godot_run: GodotRun, signal_name: str
     assert stop["code"] == (0 if signal_name == "TERM" else -9)
     assert stop["runtime_file_left"] == (signal_name == "KILL")
     if signal_name == "TERM":
-        assert stop["seconds"] < 5, "SIGTERM with a client attached: no wait on it"
+        # Under websockets' 10 s close timeout, the wait a shutdown that waited on its clients would
+        # show (a loaded 2-core CI machine took 5.3 s once for the exit itself).
+        assert stop["seconds"] < 9, "SIGTERM with a client attached: no wait on it"
 
 
 # ---------------------------------------------------------------- stopping a started daemon
