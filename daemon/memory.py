@@ -12,7 +12,8 @@ device:
 
 Without a budget the settings decide every size (the defaults of `daemon/settings.py`). With one,
 explicit settings are honoured or refused, and the unset ones are fitted: `lora_slots` shrinks
-(down to one slot) until one full-length sequence of KV fits beside it, then the KV cache takes what
+(down to `max_adapters_per_request`, the most slots one request's mix holds at once, or one) until
+one full-length sequence of KV fits beside it, then the KV cache takes what
 is left, up to room for `max_seqs` sequences of `max_context` tokens (beyond that it would only be
 prefix cache). A model whose weights, workspace, one slot and one sequence do not fit is refused
 with the numbers. The formulas mirror `engines/text/engine.py`, `kv.py` and `lora_pool.py`; a test
@@ -41,7 +42,7 @@ __all__ = [
     "MemoryPlan",
     "OverBudget",
     "TextMemory",
-    "fit_text_memory",
+    "fit_for_settings", "fit_text_memory",
     "image_weight_bytes",
     "measured_bytes",
     "plan_for_settings",
@@ -162,9 +163,10 @@ def text_memory(spec: ModelSpec, itemsize: int, *, max_seqs: int, max_context: i
 
 def fit_text_memory(spec: ModelSpec, itemsize: int, *, budget: int | None, other: int = 0, max_seqs: int,
                     max_context: int, kv_cache_mb: int | None, lora_slots: int, max_lora_rank: int,
-                    step_tokens: int, explicit: frozenset[str] = frozenset()) -> TextMemory:
+                    step_tokens: int, explicit: frozenset[str] = frozenset(), min_slots: int = 1) -> TextMemory:
     """The text engine's allocation within `budget` bytes (None: the settings as they are), beside
-    `other` bytes the image model takes on the same device. OverBudget says why not."""
+    `other` bytes the image model takes on the same device; fitted slots stay at `min_slots` or more
+    (a request's mix holds that many adapters in slots at once). OverBudget says why not."""
     def plan(kv_mb: int | None, slots: int) -> TextMemory:
         return text_memory(spec, itemsize, max_seqs=max_seqs, max_context=max_context, kv_cache_mb=kv_mb,
                            lora_slots=slots, max_lora_rank=max_lora_rank, step_tokens=step_tokens)
@@ -174,7 +176,8 @@ def fit_text_memory(spec: ModelSpec, itemsize: int, *, budget: int | None, other
         return asked
     fixed_kv = kv_cache_mb is not None
     fixed_slots = "lora_slots" in explicit
-    smallest = plan(kv_cache_mb if fixed_kv else 0, lora_slots if fixed_slots else 1)  # kv 0: one sequence
+    floor = max(1, min(min_slots, lora_slots))
+    smallest = plan(kv_cache_mb if fixed_kv else 0, lora_slots if fixed_slots else floor)  # kv 0: one sequence
     need = smallest.total + other
     if need > budget:
         parts = [f"weights {_mib(smallest.weights)} MiB", f"step workspace {_mib(smallest.workspace)} MiB",
@@ -190,13 +193,14 @@ def fit_text_memory(spec: ModelSpec, itemsize: int, *, budget: int | None, other
         raise OverBudget(
             f"{what} in gpu_memory_mb={budget // MIB}: it needs {_mib(need)} MiB ({', '.join(parts)}); raise "
             "gpu_memory_mb, or lower max_context / max_lora_rank"
+            + (" / max_adapters_per_request" if not fixed_slots and floor > 1 else "")
             + (", or leave out kv_cache_mb / lora_slots to let them be fitted" if fixed_kv or fixed_slots else "")
             + (", or turn the image model off (image_model none)" if other else "")
             + ", or use a smaller model")
     room = budget - other
     slots = lora_slots
     if not fixed_slots:
-        while slots > 1 and plan(kv_cache_mb if fixed_kv else 0, slots).total > room:
+        while slots > floor and plan(kv_cache_mb if fixed_kv else 0, slots).total > room:
             slots -= 1
         if slots < lora_slots:
             log.warning("memory budget: lora_slots %d -> %d to fit gpu_memory_mb=%d", lora_slots, slots,
@@ -295,6 +299,16 @@ def measured_bytes(device: str) -> int:
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def fit_for_settings(settings: Settings, spec: ModelSpec, itemsize: int, *, other: int = 0) -> TextMemory:
+    """`fit_text_memory` with the sizes, the budget and the explicit choices of `settings`."""
+    return fit_text_memory(
+        spec, itemsize, budget=None if settings.gpu_memory_mb is None else settings.gpu_memory_mb * MIB,
+        other=other, max_seqs=settings.max_seqs, max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb,
+        lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank, step_tokens=settings.step_tokens,
+        explicit=frozenset(n for n in FITTED if n in settings.model_fields_set),
+        min_slots=settings.max_adapters_per_request)
+
+
 def plan_for_settings(settings: Settings, text_folder: Path | None) -> MemoryPlan:
     """The plan of a daemon with these settings (`text_folder`: the resolved local text model, None
     when no text model runs here). Raises OverBudget before anything is allocated."""
@@ -311,11 +325,7 @@ def plan_for_settings(settings: Settings, text_folder: Path | None) -> MemoryPla
     image = _image_bytes(settings, device)
     text = None
     if text_folder is not None:
-        explicit = frozenset(n for n in FITTED if n in settings.model_fields_set)
-        text = fit_text_memory(
-            ModelSpec.from_folder(text_folder), itemsize, budget=budget, other=image, max_seqs=settings.max_seqs,
-            max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb, lora_slots=settings.lora_slots,
-            max_lora_rank=settings.max_lora_rank, step_tokens=settings.step_tokens, explicit=explicit)
+        text = fit_for_settings(settings, ModelSpec.from_folder(text_folder), itemsize, other=image)
     elif budget is not None and image > budget:
         raise OverBudget(f"the image model does not fit in gpu_memory_mb={settings.gpu_memory_mb}: its weights "
                          f"take {_mib(image)} MiB")

@@ -155,7 +155,7 @@ def _image_adapter_entry(folder: Path) -> dict[str, Any]:
 def expected_memory(settings: Settings, folder: Path) -> dict[str, Any]:
     """MiB the engines take with these settings: on a CUDA GPU (VRAM) and on a CPU-only machine (RAM)."""
     from .engines.text.config import ModelSpec
-    from .memory import MIB, fit_text_memory
+    from .memory import MIB, fit_for_settings
 
     def mib(n: int) -> int:
         return -(-n // MIB)
@@ -163,14 +163,9 @@ def expected_memory(settings: Settings, folder: Path) -> dict[str, Any]:
     spec = ModelSpec.from_folder(folder)
     sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
     out: dict[str, Any] = {}
-    explicit = frozenset(n for n in ("kv_cache_mb", "lora_slots") if n in settings.model_fields_set)
     for device, auto in (("cuda", "bfloat16"), ("cpu", "float32")):
         dtype = auto if settings.dtype == "auto" else settings.dtype
-        t = fit_text_memory(spec, sizes[dtype], budget=None if settings.gpu_memory_mb is None
-                            else settings.gpu_memory_mb * MIB, max_seqs=settings.max_seqs,
-                            max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb,
-                            lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank,
-                            step_tokens=settings.step_tokens, explicit=explicit)
+        t = fit_for_settings(settings, spec, sizes[dtype])
         out[device] = {"dtype": dtype, "reserved_mb": mib(t.total), "weights_mb": mib(t.weights),
                        "kv_cache_mb": mib(t.kv_cache), "lora_pool_mb": mib(t.lora_pool),
                        "workspace_mb": mib(t.workspace), "kv_cache_tokens": t.kv_cache_tokens,

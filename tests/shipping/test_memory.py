@@ -58,6 +58,10 @@ def test_unset_sizes_are_fitted_into_the_budget(wide_model_dir: Path) -> None:
     fitted = fit_text_memory(spec, 4, budget=budget, **common)  # type: ignore[arg-type]
     assert fitted.total <= budget
     assert 1 <= fitted.lora_slots < 16
+    # Never fewer slots than one request's mix holds at once (max_adapters_per_request): refused instead.
+    assert fitted.lora_slots < 8
+    with pytest.raises(OverBudget, match=r"LoRA pool \d+ MiB \(8 slot.*/ max_adapters_per_request"):
+        fit_text_memory(spec, 4, budget=budget, min_slots=8, **common)  # type: ignore[arg-type]
     one_sequence = 1024 // 16 * fitted.kv_block_bytes
     assert fitted.kv_cache >= one_sequence
     # A roomy budget leaves the slots alone and caps the KV cache at every sequence at full length.
@@ -141,7 +145,7 @@ async def test_welcome_and_healthz_report_the_budget(tmp_path: Path, wide_model_
             assert mem.weights_mb == 16 and mem.image_mb == 0
             assert mem.measured_mb > mem.weights_mb  # the process's RSS, torch included
             limits = client.welcome.limits
-            assert limits.lora_slots is not None and 1 <= limits.lora_slots < 16
+            assert limits.lora_slots is not None and limits.max_adapters_per_request <= limits.lora_slots < 16
             assert limits.kv_cache_tokens is not None and limits.kv_cache_tokens >= 512
             before = health(info["url"])["memory"]
             assert before["reserved_mb"] == mem.reserved_mb and before["lora_slots"] == limits.lora_slots
