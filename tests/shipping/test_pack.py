@@ -179,3 +179,20 @@ def test_options_win_over_the_pack_and_hashes_are_remembered(pack_dir: Path, tmp
     assert "max_context" in served.model_fields_set  # a packed setting counts as given (the budget honours it)
     remembered = json.loads((cache / "pack-hashes.json").read_text())
     assert str((pack_dir / "model").resolve()) in remembered
+
+
+@pytest.mark.slow
+def test_the_embedded_model_packs_as_converted_safetensors(tmp_path: Path, smollm2_dir: Path) -> None:
+    """`--model default` packs the converted SmolLM2 (bf16 safetensors, tokenizer), never its GGUF."""
+    done = run_cli("pack", "--model", "default", "--adapters", ROOT / "samples" / "adapters", "--out", tmp_path / "p")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["model"]["name"] == "SmolLM2-135M-Instruct" and manifest["model"]["family"] == "llama"
+    files = set(manifest["model"]["files"])
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= files
+    assert not any(f.endswith((".gguf", ".bin")) for f in files)
+    assert {a["name"] for a in manifest["adapters"]} == {p.name for p in (ROOT / "samples" / "adapters").iterdir()
+                                                          if p.is_dir()}
+    assert manifest["memory"]["cuda"]["weights_mb"] == 257  # 134.5M parameters in bfloat16
+    served = open_pack(Settings(pack=tmp_path / "p", cache_dir=tmp_path / "cache"))
+    assert Path(served.text_model).name == "model"
