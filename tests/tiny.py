@@ -180,18 +180,20 @@ def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, *, v1: b
 
 
 def write_quantized_model(src: Path, dst: Path, reference: Path, *, method: str, sym: bool = True,
-                          v1: bool = True, keep_dense: tuple[str, ...] = ()) -> tuple[Path, Path]:
+                          v1: bool = True, keep_dense: tuple[str, ...] = (),
+                          lm_head: bool = False) -> tuple[Path, Path]:
     """From a dense folder `src`: an AWQ or GPTQ checkpoint in `dst` (its projections packed, the
     rest as is) and `reference`, the same model with the projections' dequantized float32 weights.
-    Projections named in `keep_dense` (e.g. "model.layers.0.mlp.down_proj.") stay dense in both."""
+    Projections named in `keep_dense` (e.g. "model.layers.0.mlp.down_proj.") stay dense in both;
+    `lm_head` packs the vocab head too (GPTQModel's lm_head option)."""
     import shutil
 
     from safetensors.torch import load_file
 
     tensors = load_file(str(src / "model.safetensors"))
     packed, dense = dict(tensors), dict(tensors)
-    for key in [k for k in tensors if k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)
-                and k.removesuffix("weight") not in keep_dense]:
+    for key in [k for k in tensors if (k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)
+                and k.removesuffix("weight") not in keep_dense) or (lm_head and k == "lm_head.weight")]:
         prefix = key.removesuffix("weight")
         q, zero, scale = quantize_4bit_groups(tensors[key], sym=method == "gptq" and sym,
                                               zero_floor=1 if method == "gptq" and v1 else 0)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .config import UnsupportedModel
 
 __all__ = ["QUANTIZE_KINDS", "QuantKind", "QuantWeight", "Weight", "cat_weights", "choose_group", "fp8_dtype",
-           "quantize_rtn", "weight_nbytes"]
+           "planned_nbytes", "quantize_rtn", "weight_nbytes"]
 
 QuantKind = Literal["int4", "int8", "fp8"]
 QUANTIZE_KINDS: tuple[QuantKind, ...] = ("int8", "int4", "fp8")
@@ -115,6 +115,17 @@ def weight_nbytes(weight: Weight) -> int:
     if isinstance(weight, QuantWeight):
         return weight.nbytes()
     return weight.numel() * weight.element_size()
+
+
+def planned_nbytes(out_features: int, in_features: int, kind: QuantKind | None, itemsize: int) -> int:
+    """Bytes one projection's weight will hold in a format (what `QuantWeight.nbytes` counts once it
+    is loaded), for planning memory before loading: dense, or codes plus scales of `itemsize` (the
+    compute dtype's) plus int4's one-byte zero points. AWQ and GPTQ load as int4 in groups of 128."""
+    if kind is None:
+        return out_features * in_features * itemsize
+    groups = out_features * (in_features // choose_group(in_features, kind))
+    codes = out_features * in_features // (2 if kind == "int4" else 1)
+    return codes + groups * itemsize + (groups if kind == "int4" else 0)
 
 
 def cat_weights(parts: list[Weight], dtype: torch.dtype) -> Weight:

@@ -14,8 +14,9 @@ Read (Hugging Face layouts, every family `config` supports; see `quant.QuantWeig
   GPTQModel's "gptq_v2" stores it as is.
 
 Refused, with the reason: other methods, bit widths and group sizes, AWQ GEMV/Marlin/ExLlama
-packings, act-order GPTQ (desc_act true: the groups are a permutation of the inputs), GPTQ packed
-for one kernel (Marlin, BitBLAS...), ExLlamaV2's EXL2 tensors, and quantizing a quantized folder.
+packings and llm-awq's, act-order GPTQ (desc_act true: the groups are a permutation of the
+inputs), GPTQ packed for one kernel (Marlin, BitBLAS...), ExLlamaV2's EXL2 tensors, and
+quantizing a quantized folder.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class QuantScheme:
     method: Literal["dense", "awq", "gptq", "rtn"]
     kind: QuantKind | None = None  # rtn: what to quantize into
     zero_offset: int = 0  # gptq: added to each stored zero point (1 for the v1 format)
+
+    @property
+    def weight_kind(self) -> QuantKind | None:
+        """What the projections hold once loaded (None: dense), for `quant.planned_nbytes`."""
+        return "int4" if self.method in ("awq", "gptq") else self.kind
 
     @property
     def label(self) -> str:
@@ -109,6 +115,9 @@ def _awq_scheme(cfg: dict[str, Any]) -> QuantScheme:
     if version != "gemm":
         raise UnsupportedModel(f"AWQ version '{version}' packs its weights for another kernel; only the GEMM "
                                "version is read (re-export the model with version 'gemm')")
+    if str(cfg.get("backend", "")).lower() == "llm-awq":
+        raise UnsupportedModel("AWQ packed by llm-awq (MIT's original kernels) orders its words differently; only "
+                               "AutoAWQ's GEMM layout is read")
     if not cfg.get("zero_point", True):
         raise UnsupportedModel("AWQ without zero points (zero_point false) is not supported; only the "
                                "default zero-point quantization is read")

@@ -29,7 +29,7 @@ import bridge
 from daemon.adapters.loader import read_adapter_files
 from daemon.engines.text.config import UnsupportedModel
 from daemon.engines.text.engine import TextEngine
-from daemon.engines.text.quant import QuantWeight, quantize_rtn
+from daemon.engines.text.quant import QuantWeight, planned_nbytes, quantize_rtn
 from daemon.engines.text.quant_formats import awq_to_quant, gptq_to_quant
 from daemon.engines.text.request import EngineConfig, SamplingParams, TextRequest
 
@@ -49,6 +49,7 @@ FORMATS = {  # name -> write_quantized_model arguments
     "gptq": dict(method="gptq", sym=True, v1=True),
     "gptq-asym": dict(method="gptq", sym=False, v1=True),
     "gptq-v2-asym": dict(method="gptq", sym=False, v1=False),
+    "gptq-head": dict(method="gptq", sym=True, v1=True, lm_head=True),  # GPTQModel's quantized lm_head
 }
 
 
@@ -155,7 +156,7 @@ def test_matmul_in_row_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize(("arch", "fmt", "device"), [
     *((arch, fmt, "cpu") for arch in ("llama", "qwen2", "mistral") for fmt in ("awq", "gptq")),
-    ("llama", "gptq-asym", "cpu"), ("llama", "gptq-v2-asym", "cpu"),
+    ("llama", "gptq-asym", "cpu"), ("llama", "gptq-v2-asym", "cpu"), ("llama", "gptq-head", "cpu"),
     *((arch, fmt, d) for arch, fmt in (("llama", "awq"), ("qwen2", "gptq")) for d in DEVICES if d != "cpu"),
 ])
 def test_checkpoint_matches_its_dequantized_reference(arch: str, fmt: str, device: str, dense_dirs: dict[str, Path],
@@ -166,6 +167,7 @@ def test_checkpoint_matches_its_dequantized_reference(arch: str, fmt: str, devic
     adapters = adapters_for(ref, tmp_path)
     engine = make_engine(qdir, device)
     assert isinstance(engine.model.layers[0]["qkv"], QuantWeight)
+    assert isinstance(engine.model.lm_head, QuantWeight) == ("lm_head" in FORMATS[fmt])  # not taken for tied
     assert engine.stats()["weights"] == f"{FORMATS[fmt]['method']}-int4-g128"
     got = run_batch(engine, adapters)
     assert_same_function(got, run_batch(make_engine(ref, device), adapters))
@@ -381,8 +383,8 @@ async def test_a_daemon_serves_an_awq_checkpoint_as_it_serves_the_reference(dens
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq", "int8", "int4", "fp8"])
 def test_weight_bytes_per_format(fmt: str, dense_dirs: dict[str, Path], tmp_path: Path) -> None:
-    """The weights held: the projections' codes, scales (compute dtype) and zero points, exactly;
-    embeddings, norms and lm_head stay dense."""
+    """The weights held: the projections' codes, scales (compute dtype) and zero points, exactly as
+    `quant.planned_nbytes` predicts; embeddings, norms and lm_head stay dense."""
     src = dense_dirs["llama"]
     if fmt in ("awq", "gptq"):
         folder, _ = write_quantized_model(src, tmp_path / "q", tmp_path / "ref", method=fmt)
@@ -390,14 +392,14 @@ def test_weight_bytes_per_format(fmt: str, dense_dirs: dict[str, Path], tmp_path
     else:
         engine = make_engine(src, "cpu", quantize=fmt)
     dense = make_engine(src, "cpu").model
-    spec, itemsize = dense.spec, 4
-    proj = 0
-    for inp, out in spec.target_dims().values():
-        group = inp if fmt == "int8" else 128
-        codes = {"int8": 1.0, "fp8": 1.0}.get(fmt, 0.5) * inp * out
-        proj += int(codes) + out * (inp // group) * (itemsize + (1 if fmt in ("awq", "gptq", "int4") else 0))
-    rest = dense.nbytes() - sum(inp * out for inp, out in spec.target_dims().values()) * itemsize * spec.num_layers
-    assert engine.model.nbytes() == rest + proj * spec.num_layers
+    spec, kind = dense.spec, engine.model.scheme.weight_kind
+    qkv = engine.model.layers[0]["qkv"]
+    assert isinstance(qkv, QuantWeight) and qkv.kind == kind
+    codes = qkv.codes.numel() * qkv.codes.element_size()
+    assert codes == qkv.out_features * qkv.in_features // (2 if kind == "int4" else 1)
+    proj = sum(planned_nbytes(out, inp, kind, 4) - planned_nbytes(out, inp, None, 4)
+               for inp, out in spec.target_dims().values())
+    assert engine.model.nbytes() == dense.nbytes() + proj * spec.num_layers  # what memory planning can use
     assert engine.model.nbytes() < dense.nbytes()
 
 
@@ -423,6 +425,7 @@ REFUSED: dict[str, dict[str, object]] = {  # changes to a GPTQ folder -> what th
                          message="quantization method 'bitsandbytes' is not supported"),
     "awq gemv": dict(config={"quant_method": "awq", "version": "gemv"}, message="AWQ version 'gemv' packs its"),
     "awq no zero": dict(config={"quant_method": "awq", "zero_point": False}, message="AWQ without zero points"),
+    "llm-awq": dict(config={"quant_method": "awq", "backend": "llm-awq"}, message="AWQ packed by llm-awq"),
     "g_idx act order": dict(edit=_flip_g_idx, message="g_idx' is not input // 128: an act-order"),
     "no config": dict(config={}, message="the folder's config names no quantization method"),
     "exl2": dict(config={}, edit=_exl2, message="holds ExLlamaV2 (EXL2) tensors"),
@@ -439,8 +442,7 @@ def gptq_dir(dense_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_unsupported_layouts_are_refused_with_the_reason(case: str, gptq_dir: Path, tmp_path: Path) -> None:
-    """Each unsupported layout (quantization config, tensors, quantize setting) is refused at load
-    with a message that names it."""
+    """Each unsupported layout (config, tensors, quantize setting) is refused with a message naming it."""
     c = REFUSED[case]
     folder = copy_model(gptq_dir, tmp_path / "m", c.get("config"), edit=c.get("edit"))  # type: ignore[arg-type]
     with pytest.raises(UnsupportedModel, match=re.escape(str(c["message"]))):
