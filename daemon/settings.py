@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     kernels: bool = Field(default=True, description=(
         "compiled kernels where installed: Triton on CUDA, a numba loop for CPU decode steps "
         "(false: PyTorch ops only; the startup log names the LoRA kernel in use)"))
+    deterministic: bool = Field(default=False, description=(
+        "the same model, adapter versions and scales, prompt, sampling settings and seed give the same tokens "
+        "whatever else shares the batch (replays, QA, saves); CPU only for now, refused on CUDA; costs speed "
+        "(docs/BENCHMARKS.md)"))
 
     gpu_memory_mb: int | None = Field(default=None, ge=1, description=(
         "the most memory the engines may take on their device (GPU memory; on the CPU, RAM): weights, KV cache, "

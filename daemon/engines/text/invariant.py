@@ -5,7 +5,8 @@ a prefix-cache hit or a preemption. Counter-based noise (`sampler`) makes sampli
 the batch; this module makes the logits so. A kernel's result for one row can depend on the rest
 of the batch in three ways, each closed here:
 
-- **Which code path runs.** The BLAS takes other paths for matrices of one to three rows, and the
+- **Which code path runs.** The BLAS takes other paths for small matrices (MKL: rows past a
+  multiple of four come out otherwise while there are fewer than twelve), and the
   engine's own fast paths (the transposed CPU product of `lora.linear`, the LoRA layouts of
   `lora_plan`, flash attention for a lone prompt) are chosen by the batch's shape. Here a step has
   at least `MIN_ROWS` rows (the runner pads it), every projection is a plain `F.linear`, and the
