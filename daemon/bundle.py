@@ -8,7 +8,7 @@ and patcher diff it file by file (docs/SHIPPING.md says more, with sizes and sta
 
 The build carries what `serve` needs (torch, tokenizers, transformers, safetensors, llguidance,
 numba, websockets, msgpack, pydantic) and leaves out what only developers use (training, benchmarks,
-the GGUF conversion of the embedded model, triton's compiler, tests); `--with-image` adds diffusers
+the GGUF conversion of the embedded model, triton unless torch is a CUDA build, tests); `--with-image` adds diffusers
 for a real image model. The torch inside is the one installed here: a CUDA torch gives the RTX build.
 `DIR/BUILD.json` records what went in, and the pack's manifest can be checked against it.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -34,10 +33,11 @@ __all__ = ["EXCLUDED", "add_command", "build_bundle", "executable_name", "pyinst
 NAME = "loraloom"
 # Never needed to serve: developer tools, the GGUF conversion, training, GUIs, notebooks.
 EXCLUDED = ("tkinter", "matplotlib", "IPython", "jupyter", "notebook", "pytest", "hypothesis", "mypy", "ruff",
-            "peft", "accelerate", "gguf", "triton", "torch.utils.tensorboard", "tensorboard", "torchvision",
+            "peft", "accelerate", "gguf", "torch.utils.tensorboard", "tensorboard", "torchvision",
             "torchaudio", "pandas", "sklearn", "scipy", "pyte", "jsonschema", "rich", "benchmarks", "tests",
             "daemon.train", "daemon.demo")
 IMAGE_ONLY = ("diffusers", "PIL")
+CUDA_ONLY = ("triton",)  # the CUDA kernels' compiler; a CPU torch never calls it
 # Packages whose data files or metadata transformers and tokenizers read when they start.
 DATA = ("transformers", "tokenizers", "llguidance")
 METADATA = ("transformers", "tokenizers", "safetensors", "huggingface-hub", "torch", "numpy", "tqdm", "regex",
@@ -68,12 +68,12 @@ def _installed(dist: str) -> bool:
     return True
 
 
-def pyinstaller_args(work: Path, entry: Path, *, with_image: bool) -> list[str]:
+def pyinstaller_args(work: Path, entry: Path, *, with_image: bool, cuda: bool) -> list[str]:
     """PyInstaller's command line for the one-folder build (its output lands in `work/dist/loraloom`)."""
     args = [str(entry), "--onedir", "--noconfirm", "--clean", "--log-level", "WARN", "--name", NAME,
             "--distpath", str(work / "dist"), "--workpath", str(work / "build"), "--specpath", str(work),
             "--collect-submodules", "daemon", "--collect-submodules", "bridge", "--console"]
-    excluded = EXCLUDED + (() if with_image else IMAGE_ONLY)
+    excluded = EXCLUDED + (() if with_image else IMAGE_ONLY) + (() if cuda else CUDA_ONLY)
     for mod in excluded:
         args += ["--exclude-module", mod]
     for pkg in DATA:
@@ -96,10 +96,9 @@ def build_bundle(out: Path, *, with_image: bool = False, work: Path | None = Non
         entry = work / "loraloom_entry.py"
         entry.write_text(ENTRY, encoding="utf-8")
         root = Path(__file__).resolve().parent.parent  # so `daemon` and `bridge` are found from a checkout too
-        cmd = [sys.executable, "-m", "PyInstaller", *pyinstaller_args(work, entry, with_image=with_image),
-               "--paths", str(root)]
-        # torch's deprecated modules warn as PyInstaller imports each of them: hundreds of lines of noise.
-        subprocess.run(cmd, check=True, cwd=work, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        args = pyinstaller_args(work, entry, with_image=with_image, cuda=torch.version.cuda is not None)
+        cmd = [sys.executable, "-m", "PyInstaller", *args, "--paths", str(root)]
+        subprocess.run(cmd, check=True, cwd=work)
         built = work / "dist" / NAME
         if out.exists():
             shutil.rmtree(out)

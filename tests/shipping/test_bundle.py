@@ -8,6 +8,7 @@ Never skipped: a bundle that cannot be built or started fails these tests.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -56,6 +57,20 @@ def empty_env_run(bundle: Path, args: list[str], cwd: Path, log: Path) -> subpro
     """The runtime with no environment at all, started in `cwd` (not the repository)."""
     return subprocess.Popen(["env", "-i", str(bundle / "loraloom"), *args], cwd=cwd, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, text=True)
+
+
+def test_what_a_build_leaves_out_depends_on_torch_and_the_image_option(tmp_path: Path) -> None:
+    """A CPU build leaves out triton and diffusers; a CUDA build with --with-image keeps both."""
+    from daemon.bundle import pyinstaller_args
+
+    def excluded(args: list[str]) -> set[str]:
+        return {args[i + 1] for i, a in enumerate(args) if a == "--exclude-module"}
+
+    cpu = pyinstaller_args(tmp_path, tmp_path / "e.py", with_image=False, cuda=False)
+    cuda = pyinstaller_args(tmp_path, tmp_path / "e.py", with_image=True, cuda=True)
+    assert {"triton", "diffusers", "peft", "gguf"} <= excluded(cpu)
+    assert not {"triton", "diffusers"} & excluded(cuda) and {"peft", "gguf"} <= excluded(cuda)
+    assert "--onedir" in cpu and ("--copy-metadata", "transformers") in itertools.pairwise(cpu)
 
 
 def test_the_build_records_what_went_in(bundle_dir: Path, tmp_path: Path) -> None:
