@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,15 +289,42 @@ def measured_bytes(device: str) -> int:
         import torch
 
         return int(torch.cuda.memory_reserved(device))
+    if sys.platform == "win32":
+        return _windows_working_set()
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         import resource
-        import sys
 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak: KiB on Linux, bytes on macOS
         return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _windows_working_set() -> int:
+    """The process's working set on Windows (psapi's GetProcessMemoryInfo), 0 if it cannot be read."""
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                    *((name, ctypes.c_size_t) for name in (
+                        "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                        "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage",
+                        "PeakPagefileUsage"))]
+
+    counters = Counters()
+    counters.cb = ctypes.sizeof(Counters)
+    try:
+        psapi: Any = ctypes.WinDLL("psapi")  # type: ignore[attr-defined]
+        kernel32: Any = ctypes.WinDLL("kernel32")  # type: ignore[attr-defined]
+        kernel32.GetCurrentProcess.restype = wintypes.HANDLE  # a pseudo handle: pointer-sized, not an int
+        psapi.GetProcessMemoryInfo.argtypes = [wintypes.HANDLE, ctypes.POINTER(Counters), wintypes.DWORD]
+        if psapi.GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+            return int(counters.WorkingSetSize)
+    except (OSError, AttributeError):
+        pass
+    return 0
 
 
 def fit_for_settings(settings: Settings, spec: ModelSpec, itemsize: int, *, other: int = 0) -> TextMemory:
