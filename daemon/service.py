@@ -366,7 +366,10 @@ class Service:
                     plan = planned(ms)
                     return len(text.encode_prompt(None, plan.messages, tools=plan.tools or None))
 
-                messages, dropped = fit_messages(messages, measure, budget)
+                try:
+                    messages, dropped = fit_messages(messages, measure, budget)
+                except DoesNotFit:  # not even the persona and the last line leave that room: less for the reply
+                    messages, dropped = fit_messages(messages, measure, limit)
             output = planned(messages)
             ids = text.encode_prompt(msg.prompt, output.messages, limit=limit, tools=output.tools or None)
         except (PromptTooLong, DoesNotFit) as exc:
