@@ -1,4 +1,4 @@
-extends Node
+extends "res://tests/suite_base.gd"
 ## The GPU budget against the real daemon: off by default, set from a [LoraloomBudget] (the
 ## daemon's answer), frame starts reported from the autoload's _process and counted by the
 ## daemon, sent again after a reconnection, cleared, and a budget out of bounds refused before it
@@ -10,7 +10,6 @@ extends Node
 const HOLD_S := 3.0
 const FRAMES := 30
 
-var _runner: Node
 var _client: LoraloomClient
 var _answers: Array = []
 
@@ -31,19 +30,6 @@ func run(runner: Node) -> void:
 		await _check_reconnect()
 	await _check_cleared()
 	await _check_refused()
-
-
-func _report(test_name: String, ok: bool, detail: String, data: Dictionary = {}) -> void:
-	_runner.call("report", test_name, ok, detail, data)
-
-
-func _until(condition: Callable, timeout_s: float) -> bool:
-	var deadline := Time.get_ticks_msec() + int(timeout_s * 1000.0)
-	while not condition.call():
-		if Time.get_ticks_msec() > deadline:
-			return false
-		await get_tree().process_frame
-	return true
 
 
 ## Asks pytest to read /healthz now (under [param label]) and keeps things as they are meanwhile.

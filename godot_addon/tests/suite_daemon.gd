@@ -1,4 +1,4 @@
-extends Node
+extends "res://tests/suite_base.gd"
 ## The addon against a real daemon: connecting through the runtime file, streaming chats on
 ## several adapters at once, stop, errors, history, images, live adapter changes and the demo.
 ##
@@ -9,7 +9,6 @@ const TEXT_TIMEOUT := 120.0
 const PERSONA := "You are Salty Meg, the quartermaster."
 const TURNS := 200
 
-var _runner: Node
 var _daemon: Dictionary
 var _client: LoraloomClient
 
@@ -40,20 +39,6 @@ func run(runner: Node) -> void:
 	await _check_demo()
 	await _check_bad_token()
 	await _check_reconnect()
-
-
-func _report(test_name: String, ok: bool, detail: String, data: Dictionary = {}) -> void:
-	_runner.call("report", test_name, ok, detail, data)
-
-
-## Waits until [param condition] holds, checking every frame; false after [param timeout_s].
-func _until(condition: Callable, timeout_s: float) -> bool:
-	var deadline := Time.get_ticks_msec() + int(timeout_s * 1000.0)
-	while not condition.call():
-		if Time.get_ticks_msec() > deadline:
-			return false
-		await get_tree().process_frame
-	return true
 
 
 func _new_chat(adapter: String, max_tokens: int) -> LoraloomChat:

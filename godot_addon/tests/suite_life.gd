@@ -1,4 +1,4 @@
-extends Node
+extends "res://tests/suite_base.gd"
 ## The connection's life cycle against a daemon pytest starts and stops on request (the "cold"
 ## daemon, on a port fixed in advance): a line asked before the daemon exists, a request
 ## cancelled while it waits for the connection, and the daemon restarted under a conversation,
@@ -9,7 +9,6 @@ const TEXT_TIMEOUT := 120.0
 ## this suite runs an 8192-token context).
 const LONG_LINE := 6000
 
-var _runner: Node
 var _cold: Dictionary
 var _client: LoraloomClient
 var _events: Dictionary = {"connected": 0, "reconnected": 0, "disconnected": [], "failed": 0}
@@ -35,19 +34,6 @@ func run(runner: Node) -> void:
 		await _check_restart("TERM")
 		await _check_restart("KILL")
 	_client.queue_free()
-
-
-func _report(test_name: String, ok: bool, detail: String, data: Dictionary = {}) -> void:
-	_runner.call("report", test_name, ok, detail, data)
-
-
-func _until(condition: Callable, timeout_s: float) -> bool:
-	var deadline := Time.get_ticks_msec() + int(timeout_s * 1000.0)
-	while not condition.call():
-		if Time.get_ticks_msec() > deadline:
-			return false
-		await get_tree().process_frame
-	return true
 
 
 ## True once a ping goes unanswered: the daemon is frozen.

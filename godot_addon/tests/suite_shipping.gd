@@ -1,4 +1,4 @@
-extends Node
+extends "res://tests/suite_base.gd"
 ## Shipping a game with loraloom, the part the web runtime can run: where the runtime and the pack
 ## go next to an exported executable, what the autoload would launch (exported and in the editor,
 ## with what is missing said clearly), the export's file list and its copy on real folders (in
@@ -8,7 +8,6 @@ extends Node
 ## pytest passes the file layout to build (config "shipping") and checks the answers against the
 ## placement the shipping contract gives.
 
-var _runner: Node
 var _config: Dictionary
 var _base: String
 
@@ -27,10 +26,6 @@ func run(runner: Node) -> void:
 	_check_export_files()
 	_check_web_starts_nothing()
 	LoraloomShipping.remove_tree(_base)
-
-
-func _report(test_name: String, ok: bool, detail: String, data: Dictionary = {}) -> void:
-	_runner.call("report", test_name, ok, detail, data)
 
 
 func _write(path: String, text: String) -> bool:

@@ -1,4 +1,4 @@
-extends Node
+extends "res://tests/suite_base.gd"
 ## Structured replies against the real daemon: JSON Schemas (await and signal forms), choices,
 ## regexes, a grammar, tool calls, constrained and free lines on several adapters at once, a reply
 ## cut short, a refused constraint, and the structured demo (the guard's action, the quest).
@@ -9,7 +9,6 @@ extends Node
 
 const TEXT_TIMEOUT := 120.0
 
-var _runner: Node
 var _daemon: Dictionary
 var _config: Dictionary
 var _client: LoraloomClient
@@ -34,19 +33,6 @@ func run(runner: Node) -> void:
 	await _check_incomplete()
 	await _check_bad_constraint()
 	await _check_demo()
-
-
-func _report(test_name: String, ok: bool, detail: String, data: Dictionary = {}) -> void:
-	_runner.call("report", test_name, ok, detail, data)
-
-
-func _until(condition: Callable, timeout_s: float) -> bool:
-	var deadline := Time.get_ticks_msec() + int(timeout_s * 1000.0)
-	while not condition.call():
-		if Time.get_ticks_msec() > deadline:
-			return false
-		await get_tree().process_frame
-	return true
 
 
 func _adapter(index: int) -> String:
