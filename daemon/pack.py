@@ -154,18 +154,16 @@ def _image_adapter_entry(folder: Path) -> dict[str, Any]:
 
 def expected_memory(settings: Settings, folder: Path) -> dict[str, Any]:
     """MiB the engines take with these settings: on a CUDA GPU (VRAM) and on a CPU-only machine (RAM)."""
-    from .engines.text.config import ModelSpec
     from .memory import MIB, fit_for_settings
 
     def mib(n: int) -> int:
         return -(-n // MIB)
 
-    spec = ModelSpec.from_folder(folder)
     sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
     out: dict[str, Any] = {}
     for device, auto in (("cuda", "bfloat16"), ("cpu", "float32")):
         dtype = auto if settings.dtype == "auto" else settings.dtype
-        t = fit_for_settings(settings, spec, sizes[dtype])
+        t = fit_for_settings(settings, folder, sizes[dtype])
         out[device] = {"dtype": dtype, "reserved_mb": mib(t.total), "weights_mb": mib(t.weights),
                        "kv_cache_mb": mib(t.kv_cache), "lora_pool_mb": mib(t.lora_pool),
                        "workspace_mb": mib(t.workspace), "kv_cache_tokens": t.kv_cache_tokens,

@@ -48,6 +48,23 @@ def test_the_plan_is_what_the_engine_allocates(arch: str, kv_cache_mb: int | Non
     assert plan.workspace > 0
 
 
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_a_quantized_checkpoint_is_planned_at_its_int4_size(method: str, tmp_path: Path) -> None:
+    """An AWQ or GPTQ folder's weights as the engine holds them (int4 codes, scales, zero points)."""
+    from tiny import write_quantized_model
+
+    dense = build_tiny_model(tmp_path / "dense", "llama", hidden=128, intermediate=256, heads=4, kv_heads=2)
+    folder, _ = write_quantized_model(dense, tmp_path / "q", tmp_path / "ref", method=method)
+    settings = Settings(text_model=str(folder), image_model="none", device="cpu", dtype="float32", max_context=256,
+                        max_seqs=2, lora_slots=4, max_lora_rank=8)
+    plan = plan_for_settings(settings, folder)
+    engine = TextEngine.from_folder(folder, EngineConfig(device="cpu", dtype="float32", max_seqs=2, max_context=256,
+                                                         lora_slots=4, max_lora_rank=8))
+    assert plan.text is not None and plan.text.weights == engine.model.nbytes()
+    assert plan.text.weights < plan_for_settings(settings, dense).text.weights  # type: ignore[union-attr]
+    assert plan.text.lora_pool == engine.storage.pool_nbytes() and plan.text.kv_cache == engine.kv.nbytes()
+
+
 def test_unset_sizes_are_fitted_into_the_budget(wide_model_dir: Path) -> None:
     """lora_slots shrinks first until one sequence fits, then the KV cache takes what is left."""
     spec = ModelSpec.from_folder(wide_model_dir)
