@@ -117,7 +117,7 @@ class Service:
                 max_lora_rank=settings.max_lora_rank, max_adapters_per_request=settings.max_adapters_per_request,
                 prefill_chunk=settings.prefill_chunk, pinned_adapters=tuple(settings.pinned_adapters),
                 kernels=settings.kernels, max_step_tokens=settings.step_tokens, prefix_cache=settings.prefix_cache,
-                priorities=settings.priorities, deterministic=settings.deterministic)
+                priorities=settings.priorities, deterministic=settings.deterministic, quantize=settings.quantize)
             text = TextEngine.from_folder(text_folder, cfg, cache_dir=settings.cache_dir)
         if settings.image_model != "none":
             if settings.image_model == "default" and importlib.util.find_spec("diffusers") is None:

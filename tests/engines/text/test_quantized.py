@@ -6,8 +6,10 @@ measured ~1e-6) and greedy tokens are equal, with adapters, mixes and the base i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -377,6 +379,25 @@ async def test_a_daemon_serves_an_awq_checkpoint_as_it_serves_the_reference(dens
             stop_daemon(proc)
         assert ("awq-int4-g128" in log.read_text()) == (name == "q")
     assert texts["q"] == texts["ref"] and len(set(texts["q"])) == len(cases), texts
+
+
+def test_serve_quantize_loads_the_folder_quantized(dense_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`loraloom serve --quantize int8` reaches the engine: /healthz names the weights, and it answers."""
+    src = dense_dirs["llama"]
+    runtime, log, token = tmp_path / "d.json", tmp_path / "d.log", "token-q"
+    command = serve_command(src, make_adapter_dir(tmp_path / "adapters", src), runtime, token=token)
+    proc = start_daemon([*command, "--quantize", "int8"], runtime, log)
+    try:
+        url = json.loads(runtime.read_text())["url"]
+        health = json.loads(urllib.request.urlopen(url.replace("ws://", "http://") + "/healthz", timeout=10).read())
+        assert health["text_engine"]["weights"] == "int8"
+
+        async def ask() -> str:
+            async with bridge.connect(url, token) as client:
+                return (await client.complete("Ahoy", adapters=["alpha"], temperature=0.0, max_tokens=6)).text
+        assert asyncio.run(ask())
+    finally:
+        stop_daemon(proc)
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
