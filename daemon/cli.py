@@ -79,15 +79,13 @@ def _serve_option(name: str) -> dict[str, Any]:
 def _settings_from_args(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from .settings import Settings
+    from .settings import Settings, load_settings
 
-    if args.config is not None:
-        if not args.config.exists():
-            raise SystemExit(f"loraloom: config file {args.config} does not exist")
-        os.environ["LORALOOM_CONFIG"] = str(args.config)
+    if args.config is not None and not args.config.exists():
+        raise SystemExit(f"loraloom: config file {args.config} does not exist")
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
-        return Settings(**overrides)
+        return load_settings(args.config, **overrides)
     except ValidationError as exc:
         raise SystemExit(f"loraloom: invalid settings:\n{exc}") from None
 

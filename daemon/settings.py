@@ -32,8 +32,8 @@ from pydantic_settings import (
 
 from bridge.messages import MAX_ADAPTERS
 
-__all__ = ["FLAG_NAMES", "GROUP_STARTS", "Settings", "default_text", "flag", "groups", "readme_table",
-           "update_readme"]
+__all__ = ["FLAG_NAMES", "GROUP_STARTS", "Settings", "default_text", "flag", "groups", "load_settings",
+           "readme_table", "update_readme"]
 
 
 class Settings(BaseSettings):
@@ -227,6 +227,23 @@ FLAG_NAMES: dict[str, str] = {
     "pinned_adapters": "--pin",
     "max_inflight_per_connection": "--max-inflight",
 }
+
+
+def load_settings(config: Path | None = None, **values: Any) -> Settings:
+    """Settings from `values` (strongest), the environment, and the TOML file `config` (None:
+    `$LORALOOM_CONFIG`'s). The file source reads `LORALOOM_CONFIG`, so it is set only meanwhile: a
+    process that loads settings twice (tests, a pack's settings) never sees an old file again."""
+    if config is None:
+        return Settings(**values)
+    before = os.environ.get("LORALOOM_CONFIG")
+    os.environ["LORALOOM_CONFIG"] = str(config)
+    try:
+        return Settings(**values)
+    finally:
+        if before is None:
+            os.environ.pop("LORALOOM_CONFIG", None)
+        else:
+            os.environ["LORALOOM_CONFIG"] = before
 
 
 def groups() -> list[tuple[str, list[str]]]:

@@ -196,3 +196,17 @@ def test_the_embedded_model_packs_as_converted_safetensors(tmp_path: Path, smoll
     assert manifest["memory"]["cuda"]["weights_mb"] == 257  # 134.5M parameters in bfloat16
     served = open_pack(Settings(pack=tmp_path / "p", cache_dir=tmp_path / "cache"))
     assert Path(served.text_model).name == "model"
+
+
+def test_a_config_file_is_read_without_leaking_into_later_settings(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config` once (as `loraloom pack --config` does in-process) must not become every later
+    Settings' file: a pack built afterwards would have packed that file's adapters."""
+    from daemon.settings import load_settings
+
+    monkeypatch.delenv("LORALOOM_CONFIG", raising=False)
+    config = tmp_path / "c.toml"
+    config.write_text('text_adapters = ["/elsewhere/a"]\nmax_seqs = 3\n')
+    assert load_settings(config, port=0).text_adapters == [Path("/elsewhere/a")]
+    assert "LORALOOM_CONFIG" not in os.environ
+    assert Settings().text_adapters == [] and Settings().max_seqs == 16
