@@ -138,7 +138,7 @@ class ModelRunner:
             lora=self._member_batch(plan, pad) if self.config.deterministic else self._lora_batch(plan.sequences,
                                                                                                    counts),
         )
-        self.last_batch_size = len(ids)
+        self.last_batch_size = len(ids) - pad  # the step's own tokens (deterministic mode pads)
         return self.model.forward(step, self.kv, self.storage)[:logits]
 
     def _replay(self, plan: StepPlan, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
