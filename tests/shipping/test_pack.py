@@ -86,6 +86,13 @@ def test_an_adapter_for_another_base_is_not_packed(tmp_path: Path, tiny_model_di
     assert not (tmp_path / "p").exists()
 
 
+def test_a_pack_whose_own_budget_cannot_hold_its_model_is_not_written(tmp_path: Path, tiny_model_dir: Path) -> None:
+    done = run_cli("pack", "--model", tiny_model_dir, "--out", tmp_path / "p", "--gpu-memory-mb", "1")
+    assert done.returncode == 2
+    assert "the pack's own settings do not fit: " in done.stderr and "gpu_memory_mb=1" in done.stderr
+    assert not (tmp_path / "p").exists()
+
+
 async def test_serving_a_pack(pack_dir: Path, tmp_path: Path) -> None:
     """The pack's model, adapters (with the manifest's hashes) and settings; its adapters hot-reload."""
     pack = fresh_copy(pack_dir, tmp_path)
