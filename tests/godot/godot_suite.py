@@ -423,6 +423,14 @@ class GodotRun:
                         f"last lines of the page:\n{self.log_tail()}")
         return self.results[name]
 
+    def passed(self, name: str, *, needs_daemon: bool = True) -> dict[str, Any]:
+        """The data of result `name`, which must have passed (and the suite's daemon started)."""
+        if needs_daemon and self.daemon is None:
+            pytest.fail(f"the suite's daemon did not start: {self.daemon_error}")
+        result = self.result(name)
+        assert result["ok"], f"{name}: {result['detail']} {result['data']}"
+        return result["data"]
+
 
 def parse_lines(lines: list[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     results: dict[str, dict[str, Any]] = {}

@@ -9,19 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
 
 from godot_suite import GodotRun
-
-
-def _result(run: GodotRun, name: str) -> dict[str, Any]:
-    if run.daemon is None:
-        pytest.fail(f"the suite's daemon did not start: {run.daemon_error}")
-    result = run.result(name)
-    assert result["ok"], f"{name}: {result['detail']} {result['data']}"
-    return result["data"]
 
 
 def _health(run: GodotRun, label: str) -> dict[str, Any]:
@@ -32,7 +22,7 @@ def _health(run: GodotRun, label: str) -> dict[str, Any]:
 
 def test_budget_is_off_by_default(godot_run: GodotRun) -> None:
     """With no budget settings nothing is sent: no budget, no frames, the daemon's own settings."""
-    data = _result(godot_run, "budget:off_by_default")
+    data = godot_run.passed("budget:off_by_default")
     assert not data["enabled"] and not data["active"] and not data["reports_frames"]
     assert not data["autoload_active"] and data["autoload_frames_sent"] == 0 and data["in_force"] == {}
     assert data["settings"]["budget/enabled"] is False
@@ -45,7 +35,7 @@ def test_budget_is_off_by_default(godot_run: GodotRun) -> None:
 def test_budget_is_set_and_frames_are_counted(godot_run: GodotRun) -> None:
     """set_budget sends the duty cap, the token rates and frame sync; the daemon's answer (also in
     budget_changed) and its /healthz hold them; every frame start the autoload reported is counted."""
-    data = _result(godot_run, "budget:set")
+    data = godot_run.passed("budget:set")
     sent, answer = data["sent"], data["answer"]
     assert sent["type"] == "set_budget" and answer["type"] == "budget"
     expected = {"duty_cap": 0.8, "max_step_ms": 8.0, "tokens_per_s": {"player": 500.0, "background": 50.5},
@@ -67,7 +57,7 @@ def test_budget_is_set_and_frames_are_counted(godot_run: GodotRun) -> None:
 def test_budget_is_sent_again_after_a_reconnection(godot_run: GodotRun) -> None:
     """The daemon drops a budget with its connection; the autoload sends it again after the next
     handshake, and keeps reporting frames on the new connection."""
-    data = _result(godot_run, "budget:resent_after_reconnect")
+    data = godot_run.passed("budget:resent_after_reconnect")
     assert len(data["answers"]) == 1 and data["answers"][0]["duty_cap"] == 0.8
     action = _health(godot_run, "reconnected")
     budget = action["health"]["gpu_budget"]
@@ -78,11 +68,11 @@ def test_budget_is_sent_again_after_a_reconnection(godot_run: GodotRun) -> None:
 def test_budget_cleared_and_out_of_bounds(godot_run: GodotRun) -> None:
     """A disabled budget clears the one in force and stops the frame reports; a duty cap above 1
     fails with bad_message before it is sent, the connection untouched."""
-    data = _result(godot_run, "budget:cleared")
+    data = godot_run.passed("budget:cleared")
     assert set(data["sent"]) == {"type", "id"}
     assert data["answer"]["set_by_client"] is False and data["answer"].get("duty_cap") is None
     assert data["frames_later"] == data["frames_after_clear"]
     assert not _health(godot_run, "cleared")["health"]["gpu_budget"]["active"]
-    refused = _result(godot_run, "budget:refused")
+    refused = godot_run.passed("budget:refused")
     assert refused["code"] == "bad_message" and "duty_cap" in refused["message"]
     assert refused["still_usable"]

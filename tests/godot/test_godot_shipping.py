@@ -30,16 +30,11 @@ from godot_suite import ADDON_PROJECT, GodotRun
 ADDON = ADDON_PROJECT / "addons" / "loraloom"
 
 
-def _result(run: GodotRun, name: str) -> dict[str, Any]:
-    result = run.result(name)
-    assert result["ok"], f"{name}: {result['detail']} {result['data']}"
-    return result["data"]
-
 
 def test_runtime_and_pack_sit_next_to_the_executable(godot_run: GodotRun) -> None:
     """<folder of the executable>/loraloom/runtime/loraloom[.exe] and .../loraloom/pack, as the
     shipping contract says; a macOS .app export puts them in Contents/MacOS, beside its executable."""
-    data = _result(godot_run, "shipping:paths")
+    data = godot_run.passed("shipping:paths", needs_daemon=False)
     assert [c["executable"] for c in data["cases"]] == list(EXECUTABLES)
     for case in data["cases"]:
         root = EXECUTABLES[case["executable"]]
@@ -57,7 +52,7 @@ def test_launch_plan_exported_and_in_the_editor(godot_run: GodotRun) -> None:
     """An exported game runs runtime/loraloom with --pack added to its arguments, and says clearly
     what is missing (runtime, pack); in the editor the developer's loraloom is looked up on PATH
     (.exe and ';' on Windows) or taken as configured, and its absence is said as clearly."""
-    data = _result(godot_run, "shipping:launch_plan")
+    data = godot_run.passed("shipping:launch_plan", needs_daemon=False)
     plans, root, bin_dir = data["plans"], data["root"], data["bin"]
     exported = plans["exported"]
     assert exported == {"executable": f"{root}/runtime/loraloom", "source": "shipped", "error": "",
@@ -79,7 +74,7 @@ def test_export_adds_every_file_of_the_bundle_and_the_pack(godot_run: GodotRun) 
     """The export's file list holds every file of the runtime folder and the pack (hidden ones
     too) under loraloom/runtime and loraloom/pack; the copy writes them with their contents and
     first removes what an earlier export left; unset or incomplete folders are named clearly."""
-    data = _result(godot_run, "shipping:export_files")
+    data = godot_run.passed("shipping:export_files", needs_daemon=False)
     targets = [t for _, t in data["files"]]
     assert targets == expected_export_targets()
     for source, target in data["files"]:
@@ -100,7 +95,7 @@ def test_export_adds_every_file_of_the_bundle_and_the_pack(godot_run: GodotRun) 
 
 def test_the_web_build_starts_no_process(godot_run: GodotRun) -> None:
     """In a web export start_daemon() does nothing and returns -1 (browsers cannot start processes)."""
-    data = _result(godot_run, "shipping:web_starts_nothing")
+    data = godot_run.passed("shipping:web_starts_nothing", needs_daemon=False)
     assert data == {"pid": -1, "web": True, "editor": False, "daemon_pid": -1}
 
 
@@ -165,7 +160,7 @@ def test_the_plans_command_line_is_served_by_the_daemon(godot_run: GodotRun, shi
 
     import bridge
 
-    data = _result(godot_run, "shipping:launch_plan")
+    data = godot_run.passed("shipping:launch_plan", needs_daemon=False)
     plan, web_root = data["plans"]["exported"], data["root"]
     argv = [plan["executable"].replace(web_root, str(shipped_layout)),
             *(a.replace(web_root, str(shipped_layout)) for a in plan["arguments"])]

@@ -9,10 +9,8 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import jsonschema
-import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -20,20 +18,12 @@ from godot_cases import CHOICES, GRAMMAR_WORDS, REGEXES, SCHEMAS, TOOL
 from godot_suite import GodotRun
 
 
-def _result(run: GodotRun, name: str) -> dict[str, Any]:
-    if run.daemon is None:
-        pytest.fail(f"the suite's daemon did not start: {run.daemon_error}")
-    result = run.result(name)
-    assert result["ok"], f"{name}: {result['detail']} {result['data']}"
-    return result["data"]
-
-
 def test_ask_json_returns_a_valid_dictionary_and_signals_it(godot_run: GodotRun) -> None:
     """ask_json (await) and ask_request with json_schema (signal) give values valid against each
     schema (nested objects, arrays, enums, bounded numbers, a pattern); json_received fires once,
     before response_finished, with the same value; the text is that JSON; the line is recorded;
     whole floats from JSON went out as ints."""
-    outcomes = _result(godot_run, "structured:json")["outcomes"]
+    outcomes = godot_run.passed("structured:json")["outcomes"]
     assert len(outcomes) == len(SCHEMAS)
     for schema, outcome in zip(SCHEMAS, outcomes, strict=True):
         jsonschema.validate(outcome["value"], schema)
@@ -49,13 +39,13 @@ def test_ask_json_returns_a_valid_dictionary_and_signals_it(godot_run: GodotRun)
 
 def test_choices_regex_and_grammar(godot_run: GodotRun) -> None:
     """ask_choice gives one of the choices, ask_regex a whole match, ask_grammar a sentence of the grammar."""
-    picked = _result(godot_run, "structured:choices")["picked"]
+    picked = godot_run.passed("structured:choices")["picked"]
     assert len(picked) == 6 and set(picked) <= set(CHOICES)
-    matched = _result(godot_run, "structured:regex")["matched"]
+    matched = godot_run.passed("structured:regex")["matched"]
     assert [m[0] for m in matched] == REGEXES
     for pattern, text in matched:
         assert re.fullmatch(pattern, text), (pattern, text)
-    said = _result(godot_run, "structured:grammar")["said"]
+    said = godot_run.passed("structured:grammar")["said"]
     assert len(said) == 3 and set(said) <= GRAMMAR_WORDS
 
 
@@ -63,7 +53,7 @@ def test_tool_calls_come_back_as_data_and_as_a_signal(godot_run: GodotRun) -> No
     """tools + required: one call with valid arguments, tool_called fired with it before
     response_finished; a plain ask() on a node with tools sends them (a named tool_choice forces
     the call); tool_choice none answers in words."""
-    data = _result(godot_run, "structured:tools")
+    data = godot_run.passed("structured:tools")
     assert len(data["calls"]) == 1
     call = data["calls"][0]
     assert call["name"] == TOOL["name"]
@@ -81,7 +71,7 @@ def test_tool_calls_come_back_as_data_and_as_a_signal(godot_run: GodotRun) -> No
 def test_constrained_and_free_lines_on_many_adapters_at_once(godot_run: GodotRun) -> None:
     """Eight chats on three adapters in flight together, schemas, choices, regexes and free text
     mixed: every constrained reply is valid, the free ones are plain results."""
-    data = _result(godot_run, "structured:mixed_batch")
+    data = godot_run.passed("structured:mixed_batch")
     assert data["in_flight_together"]
     outcomes = data["outcomes"]
     assert len(outcomes) == 8 and len({a for o in outcomes for a in o["adapters"]}) == 3
@@ -101,7 +91,7 @@ def test_constrained_and_free_lines_on_many_adapters_at_once(godot_run: GodotRun
 def test_a_reply_cut_short_fails_as_incomplete(godot_run: GodotRun) -> None:
     """A schema or choice that cannot finish in max_tokens fails with `incomplete` (the partial
     text kept on the request), emits no json_received, and is not recorded."""
-    data = _result(godot_run, "structured:incomplete")
+    data = godot_run.passed("structured:incomplete")
     assert [f[0] for f in data["failed"]] == ["incomplete", "incomplete"]
     assert "max_tokens" in data["failed"][0][1]
     assert data["json_signals"] == 0 and data["history"] == []
@@ -111,7 +101,7 @@ def test_a_reply_cut_short_fails_as_incomplete(godot_run: GodotRun) -> None:
 
 def test_a_bad_constraint_is_refused_and_the_chat_goes_on(godot_run: GodotRun) -> None:
     """An invalid regex fails with invalid_parameter and the library's reason; the next line works."""
-    data = _result(godot_run, "structured:bad_constraint")
+    data = godot_run.passed("structured:bad_constraint")
     assert len(data["failed"]) == 1
     code, message = data["failed"][0]
     assert code == "invalid_parameter" and "unclosed character class" in message
@@ -121,7 +111,7 @@ def test_a_bad_constraint_is_refused_and_the_chat_goes_on(godot_run: GodotRun) -
 def test_structured_demo_guard_acts_and_quest_giver_gives_a_quest(godot_run: GodotRun) -> None:
     """The sample scene: the guard picks one of the game's actions and the game carries it out;
     the quest giver returns a quest valid against its schema."""
-    data = _result(godot_run, "demo:structured")
+    data = godot_run.passed("demo:structured")
     assert set(data["known_actions"]) == {"open_gate", "keep_shut", "ask_bribe", "call_captain"}
     assert len(data["actions"]) == 2 and set(data["actions"]) <= set(data["known_actions"])
     assert data["acted"] == data["actions"] and data["outcome"]
