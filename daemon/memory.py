@@ -336,12 +336,12 @@ def _windows_working_set() -> int:
 
 
 def fit_for_settings(settings: Settings, folder: Path, itemsize: int, *, other: int = 0) -> TextMemory:
-    """`fit_text_memory` for the model in `folder` (dense, or the int4 of an AWQ/GPTQ checkpoint) with
-    the sizes, the budget and the explicit choices of `settings`."""
+    """`fit_text_memory` for the model in `folder` (dense, quantized at load by `settings.quantize`, or
+    the int4 of an AWQ/GPTQ checkpoint) with the sizes, the budget and the explicit choices of `settings`."""
     from .engines.text.quant_formats import scheme_for
 
     return fit_text_memory(
-        ModelSpec.from_folder(folder), itemsize, quant=scheme_for(folder, None).weight_kind,
+        ModelSpec.from_folder(folder), itemsize, quant=scheme_for(folder, settings.quantize).weight_kind,
         budget=None if settings.gpu_memory_mb is None else settings.gpu_memory_mb * MIB,
         other=other, max_seqs=settings.max_seqs, max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb,
         lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank, step_tokens=settings.step_tokens,

@@ -99,6 +99,21 @@ def test_explicit_sizes_are_honoured_or_refused(wide_model_dir: Path) -> None:
                         explicit=frozenset({"lora_slots"}), **common)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_a_model_quantized_at_load_is_planned_at_that_size(kind: str, tmp_path: Path) -> None:
+    """`quantize` (int8 | int4 | fp8 at load): the plan holds the weights the engine then holds."""
+    dense = build_tiny_model(tmp_path / "dense", "llama", hidden=256, intermediate=512, heads=4, kv_heads=2)
+    sizes = dict(max_context=256, max_seqs=2, lora_slots=4, max_lora_rank=8)
+    settings = Settings(text_model=str(dense), image_model="none", device="cpu", dtype="float32", quantize=kind,
+                        **sizes)  # type: ignore[arg-type]
+    plan = plan_for_settings(settings, dense)
+    engine = TextEngine.from_folder(dense, EngineConfig(device="cpu", dtype="float32", quantize=kind, **sizes))
+    assert plan.text is not None and plan.text.weights == engine.model.nbytes()
+    dense_plan = plan_for_settings(Settings(text_model=str(dense), image_model="none", device="cpu",
+                                            dtype="float32", **sizes), dense)  # type: ignore[arg-type]
+    assert dense_plan.text is not None and plan.text.weights < dense_plan.text.weights
+
+
 def test_settings_plan_reads_the_model_and_its_dtype(wide_model_dir: Path) -> None:
     s = Settings(text_model=str(wide_model_dir), image_model="none", device="cpu", dtype="bfloat16",
                  gpu_memory_mb=64, max_context=512)
