@@ -43,7 +43,7 @@ from .lora import lora_expand_fused
 from .lora_pool import GroupSlots
 from .quant import QuantWeight, Weight
 
-__all__ = ["MIN_ROWS", "InvariantKernels", "NotDeterministic", "attend_block", "probe"]
+__all__ = ["MIN_ROWS", "InvariantKernels", "NotDeterministic", "attend_blocks", "probe"]
 
 MIN_ROWS = 12  # a matmul of fewer rows may take other code paths in the BLAS (`probe` checks from here on)
 
@@ -67,6 +67,7 @@ def probe(device: torch.device, dtype: torch.dtype) -> None:
 
     w, b, x = rand(384, 160), rand(384), rand(150, 160)
     k, v, q, u = rand(2, 96, 80), rand(2, 80, 33), rand(2, 150, 96), rand(96, 33)
+    qs, ks, vs = rand(150, MIN_ROWS, 64), rand(150, 64, 48), rand(150, 48, 65)
 
     def accumulated(m: int) -> torch.Tensor:  # the LoRA expand: a product added into columns of a wider output
         y = F.linear(x[:m], w)
@@ -78,6 +79,8 @@ def probe(device: torch.device, dtype: torch.dtype) -> None:
         "linear with bias": lambda m: F.linear(x[:m], w, b),
         "accumulating matmul": accumulated,
         "batched matmul": lambda m: torch.matmul(torch.matmul(q[:, :m], k), v).transpose(0, 1),
+        # the attention of several sequences at once: one product per (sequence, head), any count of them
+        "batched matmul by batch count": lambda m: torch.matmul(torch.matmul(qs[:m], ks[:m]), vs[:m]),
     }
     for name, f in checks.items():
         full = f(150)
@@ -88,42 +91,45 @@ def probe(device: torch.device, dtype: torch.dtype) -> None:
                     f"({dtype}); deterministic mode cannot be promised here")
 
 
-def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                 window: int | None) -> torch.Tensor:
-    """Causal attention of queries q [n, heads, dim] at `positions` [n] (all in one KV block) over
-    keys/values [L, kv_heads, dim] of positions 0..L-1, L the end of that block. -> [n, heads, dim]
+def attend_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  window: int | None) -> torch.Tensor:
+    """Causal attention, for each of S sequences, of its queries q [S, n, heads, dim] at `positions`
+    [S, n] (all in one KV block, the same block in every sequence) over keys/values [S, L, kv_heads,
+    dim] of positions 0..L-1, L the end of that block. -> [S, n, heads, dim]
 
-    Every reduction has length L or dim, fixed by the block: the same bits for a query whatever
-    else is computed beside it."""
-    n, heads, dim = q.shape
-    length, kv_heads = keys.shape[0], keys.shape[1]
+    Every reduction has length L or dim, fixed by the block, and each (sequence, kv head) is a
+    matrix product of its own shape in the batch: the same bits for a query whatever else is
+    computed beside it (`probe` checks that a batched product does not depend on the batch count)."""
+    seqs, n, heads, dim = q.shape
+    length, kv_heads = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
     rows = n * group
-    qh = q.view(n, kv_heads, group, dim).permute(1, 0, 2, 3).reshape(kv_heads, rows, dim)
-    if rows < MIN_ROWS:
-        qh = torch.cat([qh, qh.new_zeros(kv_heads, MIN_ROWS - rows, dim)], dim=1)
-    k = keys.permute(1, 2, 0).contiguous()  # [kv_heads, dim, L]
-    scores = torch.matmul(qh, k).mul_(dim ** -0.5)  # [kv_heads, R, L]
+    padded = max(rows, MIN_ROWS)
+    qh = q.new_zeros(seqs, kv_heads, padded, dim)
+    qh[:, :, :rows] = q.view(seqs, n, kv_heads, group, dim).permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, rows, dim)
+    k = keys.permute(0, 2, 3, 1).reshape(seqs * kv_heads, dim, length)
+    scores = torch.matmul(qh.view(seqs * kv_heads, padded, dim), k).mul_(dim ** -0.5)
+    scores = scores.view(seqs, kv_heads, padded, length)
     key_pos = torch.arange(length, device=q.device)
-    qpos = positions.repeat_interleave(group)  # row r of each head group is query r // group
-    allowed = key_pos[None, :] <= qpos[:, None]
+    qpos = positions.repeat_interleave(group, dim=1)  # [S, rows]: row r of a head group is query r // group
+    allowed = key_pos <= qpos[..., None]
     if window is not None:
-        allowed &= key_pos[None, :] > qpos[:, None] - window
-    if qh.shape[1] > rows:  # padding rows see key 0 (a row with no key at all gives NaN)
-        allowed = torch.cat([allowed, key_pos[None, :].expand(qh.shape[1] - rows, -1) == 0])
-    scores.masked_fill_(~allowed[None], float("-inf"))
+        allowed &= key_pos > qpos[..., None] - window
+    if padded > rows:  # padding rows see key 0 (a row with no key at all gives NaN)
+        allowed = torch.cat([allowed, (key_pos == 0).expand(seqs, padded - rows, length)], dim=1)
+    scores.masked_fill_(~allowed[:, None], float("-inf"))
     probs = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    ones = values.new_ones(kv_heads, length, 1)
-    v = torch.cat([values.permute(1, 0, 2), ones], dim=-1)  # the denominator as one more column
-    out = torch.matmul(probs, v)[:, :rows]  # [kv_heads, rows, dim + 1]
+    v = torch.cat([values.permute(0, 2, 1, 3), values.new_ones(seqs, kv_heads, length, 1)], dim=-1)  # + denominator
+    out = torch.matmul(probs.view(seqs * kv_heads, padded, length), v.reshape(seqs * kv_heads, length, dim + 1))
+    out = out.view(seqs, kv_heads, padded, dim + 1)[:, :, :rows]
     out = out[..., :dim] / out[..., dim:]
-    return out.reshape(kv_heads, n, group, dim).permute(1, 0, 2, 3).reshape(n, heads, dim)
+    return out.reshape(seqs, kv_heads, n, group, dim).permute(0, 2, 1, 3, 4).reshape(seqs, n, heads, dim)
 
 
-def _gather(pool: torch.Tensor, table: list[int], blocks: int, block_size: int) -> torch.Tensor:
-    """[blocks * block_size, kv_heads, dim]: positions 0.. of a sequence from its block table."""
-    ids = torch.tensor(table[:blocks], dtype=torch.long, device=pool.device)
-    index = (ids[:, None] * block_size + torch.arange(block_size, device=pool.device)[None, :]).flatten()
+def _gather(pool: torch.Tensor, tables: list[list[int]], blocks: int, block_size: int) -> torch.Tensor:
+    """[S, blocks * block_size, kv_heads, dim]: positions 0.. of each sequence from its block table."""
+    ids = torch.tensor([t[:blocks] for t in tables], dtype=torch.long, device=pool.device)
+    index = (ids[:, :, None] * block_size + torch.arange(block_size, device=pool.device)).flatten(1)
     return pool[index]
 
 
@@ -150,11 +156,17 @@ class InvariantKernels(TorchKernels):
                      window: int | None) -> torch.Tensor | None:
         bs = kv.block_size
         out = torch.empty_like(q)
-        for i, (table, length) in enumerate(zip(tables.tolist(), lens.tolist(), strict=True)):
-            pos = length - 1
-            blocks = pos // bs + 1
-            keys, values = (_gather(pool, table, blocks, bs) for pool in (kv.k[layer], kv.v[layer]))
-            out[i:i + 1] = attend_block(q[i:i + 1], keys, values, torch.tensor([pos], device=q.device), window)
+        by_blocks: dict[int, list[int]] = {}  # sequences whose query is in the same block: one batch
+        positions = [length - 1 for length in lens.tolist()]
+        for i, pos in enumerate(positions):
+            by_blocks.setdefault(pos // bs + 1, []).append(i)
+        table_rows = tables.tolist()
+        for blocks, members in by_blocks.items():
+            rows = [table_rows[i] for i in members]
+            keys, values = (_gather(pool, rows, blocks, bs) for pool in (kv.k[layer], kv.v[layer]))
+            index = torch.tensor(members, device=q.device)
+            pos = torch.tensor([[positions[i]] for i in members], device=q.device)
+            out[index] = attend_blocks(q[index][:, None], keys, values, pos, window)[:, 0]
         return out
 
     def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
@@ -166,10 +178,10 @@ class InvariantKernels(TorchKernels):
             while p < pos0 + length:  # the chunk's queries, one KV block of positions at a time
                 block = p // bs
                 end = min((block + 1) * bs, pos0 + length)
-                keys, values = (_gather(pool, table_rows[c], block + 1, bs) for pool in (kv.k[layer], kv.v[layer]))
+                keys, values = (_gather(pool, [table_rows[c]], block + 1, bs) for pool in (kv.k[layer], kv.v[layer]))
                 rows = slice(start + p - pos0, start + end - pos0)
-                positions = torch.arange(p, end, device=q.device)
-                out[rows] = attend_block(q[rows], keys, values, positions, window)
+                positions = torch.arange(p, end, device=q.device)[None]
+                out[rows] = attend_blocks(q[rows][None], keys, values, positions, window)[0]
                 p = end
         return True
 
