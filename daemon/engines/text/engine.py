@@ -35,6 +35,7 @@ from .config import LORA_TARGETS
 from .constraints import Constraint, Grammar, Grammars
 from .detok import byte_table
 from .graphs import StepGraphs
+from .invariant import InvariantKernels
 from .kernels import select_kernels
 from .kv import PagedKV
 from .lora_pool import LoraSlotStorage, PreparedLora
@@ -84,8 +85,8 @@ class TextEngine:
             self.model, num_layers=self.spec.num_layers, target_dims=self.spec.target_dims(),
             targets=tuple(cfg.lora_targets), num_slots=cfg.lora_slots, max_rank=cfg.max_lora_rank,
             device=self.device, dtype=self.dtype)
-        self.kernels = model.kernels = select_kernels(self.device, self.dtype, enabled=cfg.kernels,
-                                                      deterministic=cfg.deterministic)
+        self.kernels = model.kernels = (InvariantKernels(self.device, self.dtype) if cfg.deterministic
+                                        else select_kernels(self.device, self.dtype, enabled=cfg.kernels))
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
         self.graphs = (StepGraphs(self.model, self.kv, self.storage, max_rows=cfg.max_seqs, table_width=width,
                                     max_context=self.max_context)

@@ -218,14 +218,9 @@ class TritonKernels(TorchKernels):
         return super().project_prefix(x, weight, bias, group, weights, residual)
 
 
-def select_kernels(device: torch.device, dtype: torch.dtype, *, enabled: bool = True,
-                   deterministic: bool = False) -> TorchKernels:
+def select_kernels(device: torch.device, dtype: torch.dtype, *, enabled: bool = True) -> TorchKernels:
     """The best kernel set installed for this device and dtype (PyTorch ops when `enabled` is False;
-    `invariant.InvariantKernels` in deterministic mode, NotDeterministic where it cannot hold)."""
-    if deterministic:
-        from .invariant import InvariantKernels
-
-        return InvariantKernels(device, dtype)
+    deterministic mode takes `invariant.InvariantKernels` instead)."""
     if enabled and device.type == "cuda":
         from . import triton_lora
 
