@@ -145,8 +145,9 @@ def _start_daemon(console: Console, model_dir: Path, adapters: Path | None, work
     runtime = work / "daemon.json"
     log_path = work / "daemon.log"
     # A small daemon: 4 sequences of 1,024 tokens and 4 LoRA slots of rank 16 are all the demo uses.
+    # `--token=` joined: a URL-safe token can start with "-", which argparse would take for an option.
     cmd = [sys.executable, "-m", "daemon", "serve", "--port", "0", "--runtime-file", str(runtime),
-           "--token", secrets.token_urlsafe(16), "--text-model", str(model_dir), "--image-model", "none",
+           f"--token={secrets.token_urlsafe(16)}", "--text-model", str(model_dir), "--image-model", "none",
            "--max-seqs", "4", "--max-context", "1024", "--lora-slots", "4", "--max-lora-rank", "16",
            "--log-level", "info"]
     if adapters is not None:

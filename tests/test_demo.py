@@ -89,3 +89,22 @@ def test_demo_on_the_embedded_model_in_an_80x24_terminal(smollm2_dir: Path) -> N
     assert "SmolLM2-135M-Instruct" in "\n".join(run.all_lines)
     texts = check_screen(run, [*samples[:3], "base model"], 80)
     assert all(len(t) > 10 for t in texts.values()), screen
+
+
+def test_the_demo_daemon_starts_with_a_token_that_looks_like_an_option(tiny_model_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL-safe token may start with "-" (1 in 64): the demo must still start its daemon."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from daemon import demo
+
+    monkeypatch.setattr(demo.secrets, "token_urlsafe", lambda n: "-looks-like-an-option")
+    proc = demo._start_daemon(Console(file=io.StringIO()), tiny_model_dir, None, tmp_path)
+    try:
+        assert json.loads((tmp_path / "daemon.json").read_text())["token"] == "-looks-like-an-option"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
