@@ -100,8 +100,12 @@ class Grammars:
             if self._tokenizer is None:
                 import llguidance.hf
 
-                self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf, n_vocab=self.vocab_size, eos_token=self._eos or None)
+                try:
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf, n_vocab=self.vocab_size, eos_token=self._eos or None)
+                except TypeError:  # llguidance before 1.9 takes one end token (pyproject asks for 1.9)
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf, n_vocab=self.vocab_size, eos_token=self._eos[0] if self._eos else None)
             return self._tokenizer
 
     def warm(self) -> None:

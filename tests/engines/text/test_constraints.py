@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 from tiny import write_text_adapter
 
 from daemon.adapters.loader import read_adapter_files
@@ -33,10 +34,15 @@ CHOICES = ["attack", "flee", "talk to the guard", "trade"]
 GRAMMAR = 'start: "say " WORD " to " WORD\nWORD: /[a-z]{2,6}/\n'
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> TextEngine:
-    return TextEngine.from_folder(tiny_model_dir, EngineConfig(device="cpu", dtype="float32", max_seqs=12,
-                                                               max_context=256, lora_slots=4, max_lora_rank=8))
+# CUDA where there is one (bf16, CUDA graphs, Triton kernels: the masks go onto the graph's logits).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> TextEngine:
+    dtype = "float32" if request.param == "cpu" else "bfloat16"
+    return TextEngine.from_folder(tiny_model_dir, EngineConfig(device=request.param, dtype=dtype, max_seqs=12,
+                                                               max_context=512, lora_slots=4, max_lora_rank=8))
 
 
 def versions(engine: TextEngine, model_dir: Path, tmp_path: Path) -> list:
@@ -92,13 +98,15 @@ def test_constrained_rows_in_one_batch_with_free_rows_adapters_and_mixes(engine:
         kind = kinds[i % len(kinds)]
         requests.append(TextRequest(key=(kind, i), prompt_ids=prompt, adapters=mixes[i % 4],
                                     sampling=SamplingParams(temperature=[0.0, 0.8, 1.3][i % 3], seed=i, top_k=i % 7,
-                                                            top_p=[1.0, 0.9][i % 2], max_tokens=160),
+                                                            top_p=[1.0, 0.9][i % 2], max_tokens=320),
                                     constraint=grammars[kind]))
     done = run(engine, requests)
     for key, event in done.items():
         assert isinstance(event, TextDoneEvent), event
         if isinstance(key, str):
-            assert event.token_ids == alone[key] and event.constraint is None  # untouched by its companions
+            assert event.constraint is None
+            if engine.device.type == "cpu":  # on CUDA the batch's shape moves bf16 logits (issue 20's mode)
+                assert event.token_ids == alone[key]  # untouched by its companions
         else:
             assert event.constraint == "satisfied" and event.finish_reason == "stop", (key, event)
             check(key[0], event.text)
