@@ -36,6 +36,8 @@ from daemon.engines.text.config import ModelSpec
 from daemon.engines.text.engine import TextEngine
 from daemon.engines.text.kv import PagedKV
 from daemon.engines.text.model import TextModel
+from daemon.engines.text.quant import weight_nbytes
+from daemon.engines.text.quant_formats import DENSE, QuantScheme
 from daemon.engines.text.request import EngineConfig, SamplingParams, TextRequest
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run every stream under its own JSON schema (and time compiling and masks)")
     p.add_argument("--deterministic", action="store_true",
                    help="also time the multi-LoRA streams on an engine in deterministic mode (its price)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8"],
+                   help="quantize the base weights at load (weight-only, round-to-nearest); LoRA stays in --dtype")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -226,19 +230,28 @@ def main(argv: list[str] | None = None) -> int:
                        max_context=context, lora_slots=n_adapters,
                        max_lora_rank=max(ranks), prefill_chunk=512, max_step_tokens=max(512, n),
                        cuda_graphs=not args.eager, lora_layout=args.lora_kernel,
-                       kernels=not args.no_kernels, kv_cache_mb=kv_mb(args.model, shape_spec, dtype, n * context))
+                       kernels=not args.no_kernels, kv_cache_mb=kv_mb(args.model, shape_spec, dtype, n * context),
+                       quantize=args.quantize)
+    if args.quantize:
+        args.no_peft = True  # the PEFT peer would run the bf16 weights: not the same model
     tmp = Path(tempfile.mkdtemp(prefix="loraloom-bench-"))
     if args.model.startswith("random:"):
         spec, tensors, tokenizer = random_llama(args.model.split(":", 1)[1], device=device, dtype=dtype)
         peer_model: Any = ("parts", (spec, dict(tensors)))
 
         def build(config: EngineConfig) -> TextEngine:
-            return TextEngine(TextModel(spec, dict(tensors), device=device, dtype=dtype), tokenizer, config)
+            scheme = QuantScheme("rtn", kind=config.quantize) if config.quantize else DENSE  # type: ignore[arg-type]
+            return TextEngine(TextModel(spec, dict(tensors), device=device, dtype=dtype, scheme=scheme), tokenizer,
+                              config)
         name = spec.name
     else:
         def build(config: EngineConfig) -> TextEngine:
             return TextEngine.from_folder(args.model, config)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     engine = build(cfg)
+    # What building the engine allocated on the GPU (quantized weights, KV pool, LoRA pool, tables); a dense
+    # random model's weights are the fixture's own tensors, so there it counts only what the engine adds.
+    allocated_mb = None if before is None else (torch.cuda.memory_allocated(device) - before) / 2**20
     if not args.model.startswith("random:"):
         assert engine.model_dir is not None
         peer_model = ("folder", engine.model_dir)
@@ -301,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peft:
         peft = _run_peft(peer_model, adapter_dirs, prompts, args.peft_new_tokens or args.new_tokens, device, dtype)
     bw = _copy_bandwidth(device)
-    weight_bytes = sum(x.numel() * x.element_size() for layer in engine.model.layers for x in layer.values()
-                       if x is not None) + engine.model.lm_head.numel() * engine.model.lm_head.element_size()
+    weight_bytes = sum(weight_nbytes(x) for layer in engine.model.layers for x in layer.values()
+                       if x is not None) + weight_nbytes(engine.model.lm_head)
     slot_bytes = engine.storage.nbytes()
     ours = med("multi", "tokens_per_s")
     assert ours is not None
@@ -311,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                     or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "cuda_graphs": engine.graphs is not None, "lora_kernel": args.lora_kernel, "kernel": engine.kernels.name,
         "model": name, "parameters": spec.num_parameters(), "dtype": str(dtype).removeprefix("torch."),
+        "weights": engine.model.scheme.label, "weights_mb": engine.model.nbytes() / 2**20,
+        "engine_mb": (engine.model.nbytes() + engine.kv.nbytes() + engine.storage.pool_nbytes()) / 2**20,
+        "allocated_mb": allocated_mb,
         "streams": n, "adapters": n_adapters, "ranks": ranks, "targets": list(targets),
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
         "ours_multi_lora": {k: med("multi", k) for k in ("tokens_per_s", "step_ms_median", "itl_ms_p50", "itl_ms_p99",
@@ -337,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     base_rate = result["a_base_only"]["tokens_per_s"]
     lines = [
-        f"loraloom bench text: {name} ({spec.num_parameters() / 1e6:.0f}M params, {result['dtype']}) on "
+        f"loraloom bench text: {name} ({spec.num_parameters() / 1e6:.0f}M params, {result['dtype']}, weights "
+        f"{result['weights']} {result['weights_mb']:.0f} MiB) on "
         f"{result['machine']['device']}; {n} streams on {n_adapters} adapters (ranks {args.ranks}, "
         f"{len(targets)} targets), {args.new_tokens} new tokens, median of {args.repeats}"
         f"{'' if engine.kernels.name == 'torch' else f'; {engine.kernels.name} kernels'}",
@@ -378,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{result['floor_ms_with_adapters']:.3f} ms with adapters; ours "
                      f"{result['ours_multi_lora']['step_ms_median']:.3f} ms, base-only "
                      f"{result['a_base_only']['step_ms_median']:.3f} ms")
+    lines.append(f"engine memory {result['engine_mb']:.0f} MiB (weights + KV + LoRA pool)"
+                 + ("" if allocated_mb is None else f"; building it allocated {allocated_mb:.0f} MiB on the GPU"))
+    lines.extend(f"kernel failure (fell back to PyTorch ops): {f}" for f in engine.kernels.failures)
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

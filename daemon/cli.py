@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", help="benchmarks: `loraloom bench text --help`, `loraloom bench latency --help`")
-    p.add_argument("which", choices=["text", "latency"])
+    p = sub.add_parser("bench", help="benchmarks/bench_WHICH.py: `loraloom bench text --help`, and so on")
+    p.add_argument("which", choices=["text", "latency", "gpu_share", "quant_matmul", "image", "reload", "remote"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     p.set_defaults(func=cmd_bench)
 
