@@ -72,10 +72,11 @@ def _mib(n: int) -> int:
 
 # ---------------------------------------------------------------------------- the text engine
 
-def text_weight_bytes(spec: ModelSpec, itemsize: int, quant: str | None = None) -> int:
+def text_weight_bytes(spec: ModelSpec, itemsize: int, quant: str | None = None, head_quant: str | None = None) -> int:
     """Bytes of the base weights as the engine holds them (`TextModel.nbytes`). `quant`: what the
-    projections hold once loaded (int4 for AWQ/GPTQ folders, `QuantScheme.weight_kind`); embeddings,
-    norms and the vocab head are counted dense (a GPTQ folder's quantized head: an over-estimate)."""
+    projections hold once loaded (int4 for AWQ/GPTQ folders, `QuantScheme.weight_kind`); `head_quant`:
+    what the embedding table and an untied vocab head hold (`QuantScheme.head_kind`: quantizing at load
+    takes them too); norms are dense (a GPTQ folder's quantized head: an over-estimate)."""
     h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
     if quant is None:
         proj = sum(inp * out for inp, out in spec.target_dims().values()) * itemsize
@@ -85,8 +86,11 @@ def text_weight_bytes(spec: ModelSpec, itemsize: int, quant: str | None = None) 
         kind: Any = quant  # one of quant.QuantKind
         proj = sum(planned_nbytes(out, inp, kind, itemsize) for inp, out in spec.target_dims().values())
     per_layer = 2 * h + (q + 2 * kv if spec.attention_bias else 0)
-    embed = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
-    return spec.num_layers * proj + (spec.num_layers * per_layer + embed + h) * itemsize
+    from .engines.text.quant import planned_nbytes
+
+    head_kind: Any = head_quant
+    embed = planned_nbytes(spec.vocab_size, h, head_kind, itemsize) * (1 if spec.tie_word_embeddings else 2)
+    return spec.num_layers * proj + embed + (spec.num_layers * per_layer + h) * itemsize
 
 
 def kv_bytes_per_block(spec: ModelSpec, itemsize: int, block_size: int = BLOCK_SIZE) -> int:
@@ -154,7 +158,8 @@ class TextMemory:
 
 def text_memory(spec: ModelSpec, itemsize: int, *, max_seqs: int, max_context: int, kv_cache_mb: int | None,
                 lora_slots: int, max_lora_rank: int, step_tokens: int,
-                targets: tuple[str, ...] = LORA_TARGETS, quant: str | None = None) -> TextMemory:
+                targets: tuple[str, ...] = LORA_TARGETS, quant: str | None = None,
+                head_quant: str | None = None) -> TextMemory:
     """The allocation of an engine with exactly these settings."""
     context = min(max_context, spec.max_position_embeddings)
     per_block = kv_bytes_per_block(spec, itemsize)
@@ -162,7 +167,8 @@ def text_memory(spec: ModelSpec, itemsize: int, *, max_seqs: int, max_context: i
     rows = lora_pool_rows(lora_slots, max_lora_rank)
     row = lora_row_bytes(spec, itemsize, targets)
     return TextMemory(
-        weights=text_weight_bytes(spec, itemsize, quant), kv_cache=blocks * per_block, lora_pool=rows * row,
+        weights=text_weight_bytes(spec, itemsize, quant, head_quant), kv_cache=blocks * per_block,
+        lora_pool=rows * row,
         workspace=workspace_bytes(spec, itemsize, max_seqs=max_seqs, context=context, step_tokens=step_tokens,
                                   lora_rows=rows),
         kv_cache_mb=kv_cache_mb, kv_cache_tokens=(blocks - 1) * BLOCK_SIZE, kv_block_bytes=per_block,
@@ -172,13 +178,14 @@ def text_memory(spec: ModelSpec, itemsize: int, *, max_seqs: int, max_context: i
 def fit_text_memory(spec: ModelSpec, itemsize: int, *, budget: int | None, other: int = 0, max_seqs: int,
                     max_context: int, kv_cache_mb: int | None, lora_slots: int, max_lora_rank: int,
                     step_tokens: int, explicit: frozenset[str] = frozenset(), min_slots: int = 1,
-                    quant: str | None = None) -> TextMemory:
+                    quant: str | None = None, head_quant: str | None = None) -> TextMemory:
     """The text engine's allocation within `budget` bytes (None: the settings as they are), beside
     `other` bytes the image model takes on the same device; fitted slots stay at `min_slots` or more
     (a request's mix holds that many adapters in slots at once). OverBudget says why not."""
     def plan(kv_mb: int | None, slots: int) -> TextMemory:
         return text_memory(spec, itemsize, max_seqs=max_seqs, max_context=max_context, kv_cache_mb=kv_mb,
-                           lora_slots=slots, max_lora_rank=max_lora_rank, step_tokens=step_tokens, quant=quant)
+                           lora_slots=slots, max_lora_rank=max_lora_rank, step_tokens=step_tokens, quant=quant,
+                           head_quant=head_quant)
 
     asked = plan(kv_cache_mb, lora_slots)
     if budget is None:
@@ -340,8 +347,9 @@ def fit_for_settings(settings: Settings, folder: Path, itemsize: int, *, other: 
     the int4 of an AWQ/GPTQ checkpoint) with the sizes, the budget and the explicit choices of `settings`."""
     from .engines.text.quant_formats import scheme_for
 
+    scheme = scheme_for(folder, settings.quantize)
     return fit_text_memory(
-        ModelSpec.from_folder(folder), itemsize, quant=scheme_for(folder, settings.quantize).weight_kind,
+        ModelSpec.from_folder(folder), itemsize, quant=scheme.weight_kind, head_quant=scheme.head_kind,
         budget=None if settings.gpu_memory_mb is None else settings.gpu_memory_mb * MIB,
         other=other, max_seqs=settings.max_seqs, max_context=settings.max_context, kv_cache_mb=settings.kv_cache_mb,
         lora_slots=settings.lora_slots, max_lora_rank=settings.max_lora_rank, step_tokens=settings.step_tokens,

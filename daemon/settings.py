@@ -74,8 +74,9 @@ class Settings(BaseSettings):
         "`auto` (bfloat16 on CUDA, float32 on the CPU), `float32`, `bfloat16` or `float16`"))
     quantize: Literal["int8", "int4", "fp8"] | None = Field(default=None, description=(
         "weight-only quantization of a dense text model at load, round-to-nearest: `int8` (a scale per output "
-        "channel), `int4` (groups of 128, with zero points) or `fp8` (e4m3, groups of 128); LoRA stays in the "
-        "compute dtype on top (AWQ and GPTQ folders load quantized without it)"),
+        "channel), `int4` (groups of 128, with zero points) or `fp8` (e4m3, groups of 128), the embedding table and "
+        "an untied vocab head too; LoRA stays in the compute dtype on top (AWQ and GPTQ folders load quantized "
+        "without it)"),
         json_schema_extra={"unset": "the folder's own weights"})
 
     text_adapters: Annotated[list[Path], NoDecode] = Field(default=[], description=(

@@ -237,15 +237,17 @@ def copy_model(src: Path, dst: Path, quantization_config: dict | None = None,
 
 
 def write_rtn_reference(src: Path, dst: Path, kind: str) -> Path:
-    """`src` with each projection replaced by its round-to-nearest `kind` weights (the engine's
-    `quant.quantize_rtn`, one projection at a time as the loader does), dequantized to float32."""
+    """`src` with each projection (and the embeddings, and an untied head) replaced by its
+    round-to-nearest `kind` weights (the engine's `quant.quantize_rtn`, one projection at a time as
+    the loader does), dequantized to float32."""
     from safetensors.torch import load_file
 
     from daemon.engines.text.quant import quantize_rtn
 
     copy_model(src, dst)
     tensors = load_file(str(src / "model.safetensors"))
-    for key in [k for k in tensors if k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS)]:
+    for key in [k for k in tensors if (k.endswith(".weight") and any(p in k for p in QUANT_PROJECTIONS))
+                or k in ("lm_head.weight", "model.embed_tokens.weight")]:  # the table and an untied head too
         tensors[key] = quantize_rtn(tensors[key], kind, torch.float32).dequantize(torch.float32)  # type: ignore[arg-type]
     save_file(tensors, str(dst / "model.safetensors"))
     return dst

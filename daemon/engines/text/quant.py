@@ -86,6 +86,12 @@ class QuantWeight:
             q = q - self.zeros[lo:hi].to(dtype).unsqueeze(-1)
         return (q * self.scales[lo:hi].to(dtype).unsqueeze(-1)).view(rows, self.in_features)
 
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `index` dequantized, [len(index), in]: a quantized embedding table's lookup."""
+        zeros = None if self.zeros is None else self.zeros[index]
+        return QuantWeight(self.kind, self.codes[index], self.scales[index], zeros, self.group,
+                           self.in_features).dequantize(dtype)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] @ W^T (+ bias): [T, out] in x's dtype, dequantizing a block of rows at a time."""
         step = max(1, _BLOCK_ELEMENTS // self.in_features)

@@ -54,6 +54,13 @@ class QuantScheme:
         return "int4" if self.method in ("awq", "gptq") else self.kind
 
     @property
+    def head_kind(self) -> QuantKind | None:
+        """What the embedding table and an untied vocab head hold: quantizing at load takes them too
+        (each is 1 GiB of an 8B model in bf16, a fifth of its int4 weights); an AWQ/GPTQ folder's dense
+        ones stay dense."""
+        return self.kind if self.method == "rtn" else None
+
+    @property
     def label(self) -> str:
         """What the engine reports: dense, awq-int4-g128, gptq-int4-g128, int8, int4, fp8."""
         if self.method in ("awq", "gptq"):

@@ -34,9 +34,11 @@ from daemon.engines.text.engine import TextEngine
 from daemon.engines.text.quant import QuantWeight, planned_nbytes, quantize_rtn
 from daemon.engines.text.quant_formats import awq_to_quant, gptq_to_quant
 from daemon.engines.text.request import EngineConfig, SamplingParams, TextRequest
+from daemon.memory import text_weight_bytes
 
 DEVICES = ["cpu", "cpu-torch", *(["cuda"] if torch.cuda.is_available() else [])]
-TOLERANCE = 1e-5  # relative to the row's largest logit
+# relative to the row's largest logit: float32 rounding (a quantized vocab head is x @ W^T, a dense one W @ x^T)
+TOLERANCE = 2e-5
 ADAPTERS = {
     "a_qv": dict(rank=4, targets=("q_proj", "v_proj"), seed=31),
     "b_all": dict(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -321,16 +323,19 @@ if torch.cuda.is_available():  # collected only where it can run (like the CUDA 
 
 # -- quantizing at load time --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # tied embeddings; an untied head (quantized too)
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
-def test_quantize_at_load_matches_its_dequantized_reference(kind: str, dense_dirs: dict[str, Path],
+def test_quantize_at_load_matches_its_dequantized_reference(kind: str, family: str, dense_dirs: dict[str, Path],
                                                             tmp_path: Path) -> None:
     """`quantize` int8/int4/fp8 on a float32 folder: the same function as the folder holding the
     dequantized round-to-nearest weights, adapters and mixes included; and not the original function."""
-    src = dense_dirs["qwen2"]
+    src = dense_dirs[family]
     adapters = adapters_for(src, tmp_path)
     engine = make_engine(src, "cpu", quantize=kind)
     qkv = engine.model.layers[0]["qkv"]
     assert isinstance(qkv, QuantWeight) and qkv.kind == kind and engine.stats()["weights"] == kind
+    assert isinstance(engine.model.embed, QuantWeight) and engine.model.lm_head is not engine.model.embed \
+        if family == "llama" else engine.model.lm_head is engine.model.embed  # tied: one quantized table
     got = run_batch(engine, adapters)
     assert_same_function(got, run_batch(make_engine(write_rtn_reference(src, tmp_path / "ref", kind), "cpu"), adapters))
     original = run_batch(make_engine(src, "cpu"), adapters)
@@ -412,7 +417,8 @@ def test_serve_quantize_loads_the_folder_quantized(dense_dirs: dict[str, Path], 
 @pytest.mark.parametrize("fmt", ["awq", "gptq", "int8", "int4", "fp8"])
 def test_weight_bytes_per_format(fmt: str, dense_dirs: dict[str, Path], tmp_path: Path) -> None:
     """The weights held: the projections' codes, scales (compute dtype) and zero points, exactly as
-    `quant.planned_nbytes` predicts; embeddings, norms and lm_head stay dense."""
+    `quant.planned_nbytes` predicts, and the embeddings' and the untied head's too where the engine
+    quantizes at load; norms stay dense. The memory plan's count (`memory.text_weight_bytes`) is the same."""
     src = dense_dirs["llama"]
     if fmt in ("awq", "gptq"):
         folder, _ = write_quantized_model(src, tmp_path / "q", tmp_path / "ref", method=fmt)
@@ -427,7 +433,13 @@ def test_weight_bytes_per_format(fmt: str, dense_dirs: dict[str, Path], tmp_path
     assert codes == qkv.out_features * qkv.in_features // (2 if kind == "int4" else 1)
     proj = sum(planned_nbytes(out, inp, kind, 4) - planned_nbytes(out, inp, None, 4)
                for inp, out in spec.target_dims().values())
-    assert engine.model.nbytes() == dense.nbytes() + proj * spec.num_layers  # what memory planning can use
+    head_kind = engine.model.scheme.head_kind
+    assert not spec.tie_word_embeddings and isinstance(engine.model.lm_head, QuantWeight) == (head_kind is not None)
+    assert isinstance(engine.model.embed, QuantWeight) == (head_kind is not None)
+    head = 2 * (planned_nbytes(spec.vocab_size, spec.hidden_size, head_kind, 4)  # the table and the head
+                - planned_nbytes(spec.vocab_size, spec.hidden_size, None, 4))
+    assert engine.model.nbytes() == dense.nbytes() + proj * spec.num_layers + head
+    assert engine.model.nbytes() == text_weight_bytes(spec, 4, kind, head_kind)  # what memory planning uses
     assert engine.model.nbytes() < dense.nbytes()
 
 
