@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -202,29 +203,49 @@ class GpuBudget:
         return start - phase if phase < start else period - phase + start
 
 
-@dataclass
 class StepTimer:
-    """Predicts a step's time from recent steps: a decode part and a per-prompt-token part (EWMAs)."""
+    """Predicts a step's time from recent steps: a decode part (an EWMA of steps without prompt
+    tokens), plus, for a step that carries n prompt tokens, a fixed part and a per-token part fitted
+    over the last `window` such steps (least squares). On a GPU the fixed part is large: a step
+    with any prompt chunk runs another graph or eager path, and 16 tokens cost nearly what 64 do; a
+    per-token rate alone would read that overhead as a cost per token and shrink chunks to nothing."""
 
-    decode_ms: float = 0.0
-    per_token_ms: float = 0.0
-    alpha: float = 0.2
-    _seen: bool = False
+    def __init__(self, alpha: float = 0.2, window: int = 32) -> None:
+        self.alpha = alpha
+        self.decode_ms = 0.0
+        self.fixed_ms = 0.0  # what carrying any prompt chunk adds
+        self.per_token_ms = 0.0
+        self._seen = False
+        self._chunk_steps: deque[tuple[int, float]] = deque(maxlen=window)  # (prompt tokens, ms over decode)
 
     def predict(self, chunk_tokens: int) -> float:
-        return self.decode_ms + self.per_token_ms * chunk_tokens
+        if chunk_tokens == 0:
+            return self.decode_ms
+        return self.decode_ms + self.fixed_ms + self.per_token_ms * chunk_tokens
 
     def tokens_for(self, limit_ms: float, floor: int = 16) -> int:
         """Prompt tokens a step may carry to stay within `limit_ms` (at least `floor`)."""
         if self.per_token_ms <= 0:
             return floor
-        return max(floor, int((limit_ms - self.decode_ms) / self.per_token_ms))
+        return max(floor, int((limit_ms - self.decode_ms - self.fixed_ms) / self.per_token_ms))
 
     def observe(self, ms: float, chunk_tokens: int) -> None:
         if not self._seen:
             self.decode_ms, self._seen = ms, True
         if chunk_tokens == 0:
             self.decode_ms += self.alpha * (ms - self.decode_ms)
-        else:
-            extra = max(ms - self.decode_ms, 0.0) / chunk_tokens
-            self.per_token_ms += self.alpha * (extra - self.per_token_ms) if self.per_token_ms else extra
+            return
+        self._chunk_steps.append((chunk_tokens, max(ms - self.decode_ms, 0.0)))
+        self._fit()
+
+    def _fit(self) -> None:
+        points = self._chunk_steps
+        count = len(points)
+        mean_n = sum(n for n, _ in points) / count
+        mean_e = sum(e for _, e in points) / count
+        var_n = sum((n - mean_n) ** 2 for n, _ in points)
+        slope = sum((n - mean_n) * (e - mean_e) for n, e in points) / var_n if var_n > 0 else -1.0
+        if slope > 0 and mean_e - slope * mean_n >= 0:
+            self.per_token_ms, self.fixed_ms = slope, mean_e - slope * mean_n
+        else:  # one chunk size only (or noise): the extra time as a cost per token, as if nothing were fixed
+            self.per_token_ms, self.fixed_ms = mean_e / mean_n, 0.0

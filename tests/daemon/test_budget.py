@@ -118,6 +118,25 @@ def test_step_timer_shrinks_prompt_chunks_to_fit() -> None:
     assert timer.tokens_for(1.0) == 16  # never below the floor: prompts still make progress
 
 
+def test_step_timer_separates_a_chunk_steps_fixed_cost_from_its_cost_per_token() -> None:
+    """On a GPU a step with any prompt chunk costs a fixed extra (another graph or eager path) plus
+    little per token: fitted apart, a 5 ms window takes ~150 tokens, not the ~20 a per-token rate
+    alone would give (2 ms decode, 1.5 ms fixed, 0.01 ms a token)."""
+    timer = StepTimer()
+    for i in range(40):
+        timer.observe(2.0, 0)
+        n = (16, 64, 200, 37)[i % 4]
+        timer.observe(2.0 + 1.5 + 0.01 * n, n)
+    assert timer.fixed_ms == pytest.approx(1.5, rel=0.05) and timer.per_token_ms == pytest.approx(0.01, rel=0.05)
+    assert timer.predict(100) == pytest.approx(4.5, rel=0.02)
+    assert timer.tokens_for(5.0) == pytest.approx(150, rel=0.05)
+    one_size = StepTimer()  # one chunk size seen: its whole extra as a cost per token (never over-promising)
+    for _ in range(5):
+        one_size.observe(2.0, 0)
+        one_size.observe(4.0, 100)
+    assert one_size.fixed_ms == 0 and one_size.predict(100) == pytest.approx(4.0, rel=0.02)
+
+
 def test_the_engine_keeps_a_duty_cap_and_a_background_token_rate(tiny_model_dir: Path) -> None:
     """The real engine on its own thread: over ~3 s its steps take the capped share of wall time,
     and background streams get their tokens per second while normal ones run freely."""

@@ -247,12 +247,11 @@ class TextEngine:
                 with self._wake:
                     self._wake.wait(0.002)
 
-    def _step_tokens(self) -> int | None:
-        """The step's token budget while a GPU budget bounds step time (None: the configured one)."""
+    def _prompt_tokens(self) -> int | None:
+        """The step's prompt tokens while a GPU budget bounds step time (None: no bound but the
+        configured max_step_tokens)."""
         limit = self.budget.step_ms_limit() if self.budget else None
-        if limit is None:
-            return None
-        return min(self.config.max_step_tokens, self.step_timer.tokens_for(limit))
+        return None if limit is None else self.step_timer.tokens_for(limit)
 
     def _command(self, kind: str, arg: Any) -> None:
         with self._wake:
@@ -292,7 +291,7 @@ class TextEngine:
         for seq in self.scheduler.take_cancelled():
             self._end(seq, "cancelled")
         held = self.budget.held_classes() if self.budget else frozenset()
-        started, plan = self.scheduler.schedule(hold=held, step_tokens=self._step_tokens())
+        started, plan = self.scheduler.schedule(hold=held, prompt_tokens=self._prompt_tokens())
         for seq in started:
             if seq.request.constraint is not None:
                 seq.grammar = seq.request.constraint.start()

@@ -188,11 +188,11 @@ class Scheduler:
     # ---------------------------------------------------------------- scheduling
 
     def schedule(self, *, hold: frozenset[str] = frozenset(),
-                 step_tokens: int | None = None) -> tuple[list[Sequence], StepPlan | None]:
+                 prompt_tokens: int | None = None) -> tuple[list[Sequence], StepPlan | None]:
         """Admit what may start; plan the next step. (the sequences that started for the first
         time, the plan or None when nothing runs.) Sequences of the priority classes in `hold` sit
-        this step out (a tokens/s budget); `step_tokens` bounds this step's tokens instead of
-        `max_step_tokens` (a step-time budget: prompt chunks shrink)."""
+        this step out (a tokens/s budget); `prompt_tokens` bounds this step's prompt tokens too (a
+        step-time budget: prompt chunks shrink; the decode rows run whatever it says)."""
         started = self._admit()
         if not self.running:
             return started, None
@@ -201,7 +201,8 @@ class Scheduler:
         for seq in sorted((s for s in active if not s.in_prefill), key=self._order):
             if seq in self.running and self._reserve(seq, seq.fed + 1):
                 decode.append(seq)
-        budget = max((step_tokens or self.max_step_tokens) - len(decode), 1)
+        budget = self.max_step_tokens - len(decode)
+        budget = max(budget if prompt_tokens is None else min(budget, prompt_tokens), 1)
         chunks: list[Chunk] = []
         for seq in sorted((s for s in active if s.in_prefill), key=self._order):
             if budget <= 0 or seq not in self.running:

@@ -115,6 +115,23 @@ def test_a_step_plans_every_decode_and_prompt_chunks_within_the_budget() -> None
             seq.tokens.append(1)
 
 
+def test_a_step_time_budget_bounds_prompt_tokens_and_not_the_decode_rows() -> None:
+    """`prompt_tokens` (a GPU budget's step-time bound) limits the step's prompt tokens only: with
+    more decode rows than that bound, a prompt still gets its tokens (it once got 1 a step, and a
+    player waited 3 s for a 256-token prompt at 120 Hz frame sync)."""
+    s = scheduler(max_seqs=40, blocks=256, step_tokens=512, chunk=256)
+    for i in range(32):
+        s.enqueue(request(f"d{i}", prompt=2, tokens=100, arrival=i))
+    step(s)
+    s.enqueue(request("player", prompt=256, priority="player", tokens=4, arrival=100))
+    _, plan = s.schedule(prompt_tokens=48)
+    assert plan is not None and len(plan.decode) == 32
+    assert [(c.seq.key, c.length) for c in plan.chunks] == [("player", 48)]
+    s.commit(plan)
+    _, plan = s.schedule(prompt_tokens=1000)  # the configured max_step_tokens still holds
+    assert plan is not None and sum(c.length for c in plan.chunks) == min(256 - 48, 512 - 32)
+
+
 def test_a_player_line_pauses_background_chatter_which_resumes_from_the_cache() -> None:
     """Full: a player request pauses the latest background sequence; that one keeps its tokens,
     comes back after, reuses its cached blocks and finishes with all its tokens."""
