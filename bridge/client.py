@@ -21,16 +21,13 @@ from types import TracebackType
 from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
-from websockets.exceptions import InvalidStatus
 
 from .codec import FrameError, decode_server, encode
+from .connection import ConnectionState, Reconnect, Target, open_connection, reopen
 from .conversation import Conversation
-from .discovery import read_runtime_file
-from .errors import AuthError, ConnectionClosed, DaemonNotFound, LoraloomError, error_for_code
+from .errors import ConnectionClosed, LoraloomError, error_for_code
 from .messages import (
-    PROTOCOL_VERSION,
     AdapterEvent,
     AdapterInfo,
     AdapterRef,
@@ -43,7 +40,6 @@ from .messages import (
     FrameSync,
     Generate,
     GenerateImage,
-    Hello,
     ListAdapters,
     Ping,
     Pong,
@@ -57,8 +53,8 @@ from .messages import (
 )
 from .streams import AdapterEvents, ImageStream, PendingRequest, TextStream
 
-__all__ = ["AdapterEvents", "AdapterSpec", "Client", "Conversation", "ImageStream", "TextStream", "connect",
-           "parse_adapter"]
+__all__ = ["AdapterEvents", "AdapterSpec", "Client", "Conversation", "ImageStream", "Reconnect", "TextStream",
+           "connect", "parse_adapter"]
 
 AdapterSpec = str | tuple[str, float] | AdapterRef
 
@@ -84,17 +80,30 @@ def parse_adapter(spec: AdapterSpec) -> AdapterRef:
 
 
 class Client:
-    """One connection to the daemon. Create it with `connect()`."""
+    """A connection to the daemon. Create it with `connect()`; with `reconnect=`, the same client
+    opens a new connection when the daemon goes away and comes back (bridge/connection.py)."""
 
-    def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
+    def __init__(self, ws: ClientConnection, welcome: Welcome, *, target: Target | None = None,
+                 reconnect: Reconnect | None = None, on_connection: ConnectionState | None = None) -> None:
         self._ws = ws
         self.welcome = welcome
+        self._target, self._policy, self._on_connection = target, reconnect, on_connection
         self._requests: dict[str, PendingRequest] = {}
         self._subscribers: list[asyncio.Queue[AdapterEvent | LoraloomError]] = []
         self._subscribed = False
+        self._budget: SetBudget | None = None  # sent again after a reconnect
         self._ids = itertools.count(1)
         self._closed: LoraloomError | None = None
+        self._closing = False
+        self._live = asyncio.Event()  # set while a connection is up (cleared while reconnecting)
+        self._live.set()
+        self.reconnects = 0
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up (False while reconnecting and once closed)."""
+        return self._closed is None and self._live.is_set()
 
     # ------------------------------------------------------------ public API
 
@@ -220,18 +229,23 @@ class Client:
                          max_step_ms: float | None = None) -> Budget:
         """Limit the GPU time the daemon takes while this client is connected (nothing given: no
         budget). With `frame_sync`, call `frame()` at the start of every frame."""
-        reply = await self._call(SetBudget(
+        message = SetBudget(
             id=self.new_id(), duty_cap=duty_cap, max_step_ms=max_step_ms,
             tokens_per_s=TokenRates.model_validate(tokens_per_s) if isinstance(tokens_per_s, dict) else tokens_per_s,
-            frame_sync=FrameSync.model_validate(frame_sync) if isinstance(frame_sync, dict) else frame_sync))
+            frame_sync=FrameSync.model_validate(frame_sync) if isinstance(frame_sync, dict) else frame_sync)
+        reply = await self._call(message)
         assert isinstance(reply, Budget)
+        self._budget = message
         return reply
 
     async def frame(self) -> None:
-        """A frame of the game starts now (for a `frame_sync` budget; no answer)."""
+        """A frame of the game starts now (for a `frame_sync` budget; no answer). While reconnecting
+        it is dropped (the budget pauses itself without frames, and is sent again on reconnect)."""
         if self._closed is not None:
             raise self._closed
-        await self._ws.send(encode(Frame()))
+        if self._live.is_set():
+            with contextlib.suppress(WsConnectionClosed):
+                await self._ws.send(encode(Frame()))
 
     def events(self) -> AdapterEvents:
         """Adapter events from this call on (subscribes on first use): `async for e in client.events()`."""
@@ -245,7 +259,11 @@ class Client:
         return reply.adapters
 
     async def close(self) -> None:
-        """Close the connection; idempotent."""
+        """Close the connection (and stop reconnecting); idempotent."""
+        self._closing = True
+        if self._closed is None:
+            self._closed = ConnectionClosed("the client closed its connection")
+        self._live.set()  # nothing waits for a reconnect any more
         await self._ws.close()
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -263,6 +281,10 @@ class Client:
 
     async def _start(
             self, message: Generate | GenerateImage | ListAdapters | Ping | Subscribe | SetBudget) -> PendingRequest:
+        if self._closed is None and not self._live.is_set() and self._policy is not None:
+            # Reconnecting: wait for the new connection (at most the policy's time; the reader then closes).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._live.wait(), self._policy.timeout)
         if self._closed is not None:
             raise self._closed
         request = PendingRequest(message.id)
@@ -292,12 +314,30 @@ class Client:
         request.done = True
         self._requests.pop(request.id, None)
 
-    async def _send_quietly(self, message: Cancel) -> None:
+    async def _send_quietly(self, message: Cancel | Subscribe | SetBudget) -> None:
         with contextlib.suppress(WsConnectionClosed):
             await self._ws.send(encode(message))
 
     async def _read_loop(self) -> None:
-        reason: LoraloomError = ConnectionClosed("connection to the daemon closed")
+        while True:
+            reason = await self._read_until_closed()
+            for request in list(self._requests.values()):  # their streams died with the connection
+                request.queue.put_nowait(reason)
+            if self._policy is None or self._target is None or self._closing:
+                break
+            failure = await self._reconnect()
+            if failure is not None:
+                reason = failure
+                break
+        if self._closed is None:
+            self._closed = reason
+        self._live.set()  # requests waiting for a reconnect wake up and meet `_closed`
+        for queue in self._subscribers:
+            queue.put_nowait(self._closed)
+        if self._policy is not None and not self._closing:
+            self._notify("closed")
+
+    async def _read_until_closed(self) -> LoraloomError:
         try:
             async for frame in self._ws:
                 if isinstance(frame, str):
@@ -308,13 +348,32 @@ class Client:
                     continue  # a newer daemon's message we do not know: ignore it
                 self._dispatch(event)
         except WsConnectionClosed as exc:
-            reason = ConnectionClosed(f"connection to the daemon closed: {exc}")
-        finally:
-            self._closed = reason
-            for request in list(self._requests.values()):
-                request.queue.put_nowait(reason)
-            for queue in self._subscribers:
-                queue.put_nowait(reason)
+            return ConnectionClosed(f"connection to the daemon closed: {exc}")
+        return ConnectionClosed("connection to the daemon closed")
+
+    async def _reconnect(self) -> ConnectionClosed | None:
+        """Open a new connection (None), or give up after the policy's time (why)."""
+        assert self._policy is not None and self._target is not None
+        self._live.clear()
+        self._notify("disconnected")
+        try:
+            self._ws, self.welcome = await reopen(self._target, self._policy)
+        except ConnectionClosed as exc:
+            return exc
+        # What this client had set up on the old connection: its subscription and its budget (their
+        # replies carry ids no request waits for, so the reader drops them).
+        if self._subscribed:
+            await self._send_quietly(Subscribe(id=self.new_id()))
+        if self._budget is not None:
+            await self._send_quietly(self._budget.model_copy(update={"id": self.new_id()}))
+        self.reconnects += 1
+        self._live.set()
+        self._notify("reconnected")
+        return None
+
+    def _notify(self, state: str) -> None:
+        if self._on_connection is not None:
+            self._on_connection(state)
 
     def _dispatch(self, event: ServerMessage) -> None:
         if isinstance(event, AdapterEvent):
@@ -336,9 +395,8 @@ class Client:
 class _Connect:
     """`await connect(...)` or `async with connect(...) as client`."""
 
-    def __init__(self, url: str | None, token: str | None, client_name: str,
-                 runtime_file: Path | None, open_timeout: float) -> None:
-        self._args = (url, token, client_name, runtime_file, open_timeout)
+    def __init__(self, target: Target, reconnect: Reconnect | None, on_connection: ConnectionState | None) -> None:
+        self._target, self._reconnect, self._on_connection = target, reconnect, on_connection
         self._client: Client | None = None
 
     def __await__(self) -> Generator[Any, None, Client]:
@@ -355,33 +413,8 @@ class _Connect:
             await self._client.close()
 
     async def _open(self) -> Client:
-        url, token, client_name, runtime_file, open_timeout = self._args
-        if url is None or token is None:
-            info = read_runtime_file(runtime_file)
-            url = url or info.url
-            token = token if token is not None else info.token
-        try:
-            ws = await ws_connect(url, open_timeout=open_timeout, max_size=None,
-                                  compression=None, user_agent_header=f"loraloom-python/{client_name}")
-        except InvalidStatus as exc:
-            raise AuthError(f"the daemon refused the connection: HTTP {exc.response.status_code}") from None
-        except (OSError, TimeoutError) as exc:
-            raise DaemonNotFound(f"cannot reach the daemon at {url}: {exc}") from None
-        try:
-            await ws.send(encode(Hello(protocol=PROTOCOL_VERSION, token=token, client=client_name)))
-            first = decode_server(await asyncio.wait_for(ws.recv(), open_timeout))  # type: ignore[arg-type]
-        except WsConnectionClosed as exc:
-            raise ConnectionClosed(f"the daemon closed the connection during the handshake: {exc}") from None
-        except BaseException:
-            await ws.close()
-            raise
-        if isinstance(first, Error):
-            await ws.close()
-            raise error_for_code(first.code, first.message)
-        if not isinstance(first, Welcome):
-            await ws.close()
-            raise LoraloomError(f"expected 'welcome', got {first.type!r}")
-        return Client(ws, first)
+        ws, welcome = await open_connection(self._target)
+        return Client(ws, welcome, target=self._target, reconnect=self._reconnect, on_connection=self._on_connection)
 
 
 def connect(
@@ -391,6 +424,13 @@ def connect(
     client_name: str = "python",
     runtime_file: Path | None = None,
     open_timeout: float = 10.0,
+    reconnect: bool | float | Reconnect = False,
+    on_connection: ConnectionState | None = None,
 ) -> _Connect:
-    """Connect to a daemon: explicit `url`/`token`, or those of the runtime file."""
-    return _Connect(url, token, client_name, runtime_file, open_timeout)
+    """Connect to a daemon: explicit `url`/`token`, or those of the runtime file (read again at each
+    reconnect, so a restarted daemon on a new port is found). `reconnect`: True (keep trying for 30
+    s), a number of seconds, or a `Reconnect` policy; `on_connection` is called with "disconnected",
+    "reconnected" and "closed" (when reconnecting gave up)."""
+    policy = (reconnect if isinstance(reconnect, Reconnect) else Reconnect() if reconnect is True
+              else Reconnect(timeout=float(reconnect)) if reconnect else None)
+    return _Connect(Target(url, token, client_name, runtime_file, open_timeout), policy, on_connection)
