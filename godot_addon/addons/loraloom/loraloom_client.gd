@@ -21,7 +21,9 @@ extends Node
 ## reconnection, and in frame sync reports each frame start from [method Node._process]
 ## ([member process_priority] is low, so that comes first in the frame).[br]
 ## Settings (Project Settings, under [code]loraloom/[/code]) are read once, in [method Node._ready];
-## the matching properties can be changed before [method connect_to_daemon].
+## the matching properties can be changed before [method connect_to_daemon].[br]
+## Its parts: the socket's life cycle is a [LoraloomConnection]'s, the bookkeeping of requests sent
+## and waiting a [LoraloomOutbox]'s; starting and stopping the daemon's process is done here.
 
 ## Emitted after every successful handshake, the first and each reconnection; [param welcome] is
 ## the daemon's [code]welcome[/code].
@@ -117,7 +119,6 @@ done
 alive "$1" || exit 0
 exec /bin/sh -c "$stop" loraloom-stop "$@"
 """
-const _MAX_RECONNECT_DELAY := 10.0
 
 ## Daemon URL ([code]ws://127.0.0.1:PORT[/code]); empty means "read the runtime file".
 var url: String = ""
@@ -167,22 +168,8 @@ var budget_in_force: Dictionary = {}
 ## Frame starts reported to the daemon (frame sync) since the game started.
 var frames_sent: int = 0
 
-var _peer: WebSocketPeer
-var _codec := LoraloomMsgpack.new()
-var _requests: Dictionary = {}
-var _queued: Array[LoraloomRequest] = []
-var _queued_since: Dictionary = {}
-var _next_id: int = 1
-var _attempt_started: float = 0.0
-var _retry_at: float = -1.0
-var _retry_delay: float = 0.5
-var _pending_token: String = ""
-var _handshake_refused: bool = false
-var _subscribe_id: String = ""
-var _daemon_start_tried: bool = false
-var _ever_connected: bool = false
-var _going_away: bool = false
-var _frame_bytes := PackedByteArray()
+var _outbox := LoraloomOutbox.new()
+var _link := LoraloomConnection.new(self, _outbox)
 var _watcher_pid: int = -1
 
 
@@ -222,16 +209,11 @@ func _exit_tree() -> void:
 
 
 func _process(_delta: float) -> void:
-	if state == State.READY and budget.reports_frames():
-		_report_frame_start()
-	var now := _now()
-	if _peer == null:
-		if _retry_at >= 0.0 and now >= _retry_at:
-			_retry_at = -1.0
-			_open()
-	else:
-		_poll(now)
-	_expire_queued(now)
+	if state == State.READY and budget.reports_frames() and _link.send_frame_start():
+		frames_sent += 1
+	var now := LoraloomConnection.now()
+	_link.poll(now)
+	_outbox.expire(now, request_connect_wait, _fail_unconnected)
 
 
 # ---------------------------------------------------------------- connection
@@ -246,16 +228,14 @@ func connect_to_daemon(daemon_url: String = "", daemon_token: String = "") -> vo
 		url = daemon_url
 	if not daemon_token.is_empty():
 		token = daemon_token
-	var was_open := _peer != null
+	var was_open := _link.is_open()
 	var was_ready := state == State.READY
-	_close_peer()
-	_retry_delay = 0.5
-	_retry_at = -1.0
-	_open()
+	_link.reopen()
 	if was_open:
 		# Requests sent on the old connection would never hear back on the new one. Failed after
 		# the new attempt started, so that lines these failures send next wait for it.
-		_fail_sent(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "reconnecting to the daemon")
+		_outbox.fail_sent(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "reconnecting to the daemon",
+				auto_reconnect, LoraloomConnection.now())
 		if was_ready:
 			disconnected.emit(1000, "reconnecting")
 
@@ -263,10 +243,9 @@ func connect_to_daemon(daemon_url: String = "", daemon_token: String = "") -> vo
 ## Closes the connection and stops reconnecting. Every request, sent or waiting, fails with
 ## [code]connection_closed[/code]. Safe to call at any time.
 func disconnect_from_daemon() -> void:
-	_retry_at = -1.0
 	var was_ready := state == State.READY
-	_close_peer()
-	_fail_all(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "disconnected by the game")
+	_link.close()
+	_outbox.fail_all(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "disconnected by the game")
 	if was_ready:
 		disconnected.emit(1000, "disconnected by the game")
 
@@ -274,7 +253,7 @@ func disconnect_from_daemon() -> void:
 ## True when the handshake is done and requests go straight out (false once the daemon said it
 ## is shutting down).
 func is_ready() -> bool:
-	return state == State.READY and not _going_away
+	return state == State.READY and not _link.going_away
 
 
 ## Names of the adapters of [param kind] ([code]text[/code], [code]image[/code] or empty for
@@ -367,9 +346,7 @@ func _stop_arguments(pid: int) -> PackedStringArray:
 
 ## A request id unique on this client.
 func new_id() -> String:
-	var request_id := "gd-%d" % _next_id
-	_next_id += 1
-	return request_id
+	return _outbox.new_id()
 
 
 ## Sends a request frame ([param message] must have a [code]type[/code]; an [code]id[/code] is
@@ -379,34 +356,17 @@ func new_id() -> String:
 ## request after this returns, so its signals can be connected first. With [param request] (made
 ## earlier with an id from [method new_id]), that object carries the request and its id is used.
 func send_request(message: Dictionary, request: LoraloomRequest = null) -> LoraloomRequest:
-	var fields := message.duplicate()
-	if request != null:
-		fields["id"] = request.id
-	elif str(fields.get("id", "")).is_empty():
-		fields["id"] = new_id()
-	var frame := LoraloomFrames.build(str(fields.get("type", "")), fields)
-	if request == null:
-		request = LoraloomRequest.new(str(frame["id"]), frame, cancel)
-	else:
-		request.message = frame
-		request.bind_cancel(cancel)
-	if _requests.has(request.id):
-		request.fail.call_deferred(LoraloomProtocol.ERROR_DUPLICATE_ID,
-				"a request with this id is in flight")
+	request = _outbox.prepare(message, request, cancel, new_id)
+	if not _outbox.admit(request):
 		return request
-	var problem := LoraloomFrames.check(frame)
-	if not problem.is_empty():
-		request.fail.call_deferred(LoraloomProtocol.ERROR_BAD_MESSAGE, problem)
-		return request
-	_requests[request.id] = request
 	request.finished.connect(_on_request_finished)
 	if is_ready():
-		_send_frame(frame)
-	elif _peer != null or _retry_at >= 0.0:
-		_queued.append(request)
-		_queued_since[request.id] = _now()
+		_link.send(request.message)
+	elif _link.is_open() or _link.is_retrying():
+		_outbox.hold(request, LoraloomConnection.now())
 	else:
-		request.fail.call_deferred(LoraloomRequest.ERROR_NOT_CONNECTED, "not connected to the daemon")
+		request.fail.call_deferred(LoraloomRequest.ERROR_NOT_CONNECTED,
+				"not connected to the daemon")
 	return request
 
 
@@ -414,16 +374,14 @@ func send_request(message: Dictionary, request: LoraloomRequest = null) -> Loral
 ## (finish reason [code]cancelled[/code]). A request still waiting for the connection ends the
 ## same way at once, without being sent.
 func cancel(request_id: String) -> void:
-	var request: LoraloomRequest = _requests.get(request_id)
+	var request := _outbox.find(request_id)
 	if request == null or request.done:
 		return
-	if request in _queued:
-		_queued.erase(request)
-		_queued_since.erase(request.id)
-		request.handle_event(_cancelled_result(request))
+	if _outbox.release(request):
+		request.handle_event(LoraloomOutbox.cancelled_result(request))
 		return
 	if is_ready():
-		_send_frame(LoraloomFrames.build(LoraloomProtocol.CANCEL, {"id": request_id}))
+		_link.send(LoraloomFrames.build(LoraloomProtocol.CANCEL, {"id": request_id}))
 
 
 ## Asks for the adapter list again; [signal adapters_updated] follows.
@@ -442,7 +400,7 @@ func ping() -> LoraloomRequest:
 ## null when not connected (it goes out on connecting).
 func set_budget(new_budget: LoraloomBudget) -> LoraloomRequest:
 	budget = new_budget
-	return _send_budget(true) if is_ready() else null
+	return _link.send_budget(true) if is_ready() else null
 
 
 ## The game's client: the autoload (named [constant AUTOLOAD_NAME] by the plugin, or any other
@@ -471,320 +429,12 @@ func _setting(key: String) -> Variant:
 	return ProjectSettings.get_setting(SETTING_PREFIX + key, SETTINGS[key])
 
 
-func _now() -> float:
-	return Time.get_ticks_msec() / 1000.0
-
-
-func _open() -> void:
-	var target := url
-	var secret := token
-	if target.is_empty() or secret.is_empty():
-		var path := runtime_file
-		if path.is_empty():
-			path = LoraloomDiscovery.default_runtime_file()
-		var info := LoraloomDiscovery.read_runtime_file(path)
-		if info.has("error"):
-			_attempt_failed(info["error"], true)
-			return
-		target = target if not target.is_empty() else str(info["url"])
-		secret = secret if not secret.is_empty() else str(info["token"])
-	_peer = WebSocketPeer.new()
-	_peer.inbound_buffer_size = max_frame_bytes
-	_peer.outbound_buffer_size = max_frame_bytes
-	_peer.max_queued_packets = 4096
-	_handshake_refused = false
-	var err := _peer.connect_to_url(target)
-	if err != OK:
-		_peer = null
-		_attempt_failed("cannot connect to %s: %s" % [target, error_string(err)], true)
-		return
-	state = State.CONNECTING
-	_attempt_started = _now()
-	_pending_token = secret
-
-
-func _poll(now: float) -> void:
-	_peer.poll()
-	var ready_state := _peer.get_ready_state()
-	if ready_state == WebSocketPeer.STATE_OPEN and state == State.CONNECTING:
-		state = State.HANDSHAKING
-		var hello := LoraloomFrames.build(LoraloomProtocol.HELLO, {
-			"protocol": PROTOCOL_VERSION,
-			"token": _pending_token,
-			"client": client_name,
-		})
-		_pending_token = ""
-		_send_frame(hello)
-	while _peer != null and _peer.get_available_packet_count() > 0:
-		var packet := _peer.get_packet()
-		if _peer.was_string_packet():
-			continue
-		var frame: Variant = _codec.decode(packet)
-		if typeof(frame) != TYPE_DICTIONARY:
-			push_warning("loraloom: unreadable frame from the daemon: %s" % _codec.error)
-			continue
-		_handle(frame)
-	if _peer == null:
-		return
-	if _peer.get_ready_state() == WebSocketPeer.STATE_CLOSED:
-		_on_closed(_peer.get_close_code(), _peer.get_close_reason())
-	elif state != State.READY and now - _attempt_started > connect_timeout:
-		_close_peer()
-		_attempt_failed("no answer from the daemon within %.0f s" % connect_timeout, false)
-
-
-func _handle(frame: Dictionary) -> void:
-	var kind: String = str(frame.get("type", ""))
-	if state == State.HANDSHAKING:
-		_handle_handshake(kind, frame)
-	elif kind == LoraloomProtocol.ADAPTER_EVENT:
-		_handle_adapter_event(frame)
-	else:
-		var request_id := str(frame.get("id", "")) if frame.get("id") != null else ""
-		var request: LoraloomRequest = _requests.get(request_id)
-		if kind == LoraloomProtocol.ADAPTERS:
-			_set_adapters(frame.get("adapters", []))
-		var stopping: bool = (kind == LoraloomProtocol.ERROR
-				and frame.get("code") == LoraloomProtocol.ERROR_SHUTTING_DOWN)
-		if stopping:
-			# The daemon ends what is in flight, then closes: requests made from now on wait for
-			# the next connection instead of going out on this one.
-			_going_away = true
-		if request != null and stopping and _retryable(request):
-			_requeue(request)  # stopped before it produced anything: the next daemon answers it
-		elif request != null:
-			request.handle_event(frame)
-		elif kind == LoraloomProtocol.ERROR:
-			push_warning("loraloom: %s: %s" % [frame.get("code"), frame.get("message")])
-	message_received.emit(frame)
-	_report_to_editor(kind, frame)
-
-
-func _handle_handshake(kind: String, frame: Dictionary) -> void:
-	if kind == LoraloomProtocol.WELCOME:
-		state = State.READY
-		_going_away = false
-		welcome = frame
-		last_error = ""
-		_retry_delay = 0.5
-		_set_adapters(frame.get("adapters", []))
-		_subscribe_id = new_id()
-		_send_frame(LoraloomFrames.build(LoraloomProtocol.SUBSCRIBE, {"id": _subscribe_id}))
-		_send_budget(false)
-		var waiting := _queued.duplicate()
-		_queued.clear()
-		_queued_since.clear()
-		for request: LoraloomRequest in waiting:
-			if not request.done:
-				_send_frame(request.message)
-		var again := _ever_connected
-		_ever_connected = true
-		connected.emit(welcome)
-		if again:
-			reconnected.emit(welcome)
-	elif kind == LoraloomProtocol.ERROR:
-		# The daemon closes after a refused hello; a retry with the same token would fail again
-		# until the runtime file (and so the token) changes, so it waits the longest delay.
-		_handshake_refused = true
-		last_error = "%s: %s" % [frame.get("code"), frame.get("message")]
-		_close_peer()
-		_retry_delay = _MAX_RECONNECT_DELAY
-		_attempt_failed(last_error, false)
-	else:
-		push_warning("loraloom: expected '%s', got '%s'" % [LoraloomProtocol.WELCOME, kind])
-
-
-func _handle_adapter_event(frame: Dictionary) -> void:
-	var info: Dictionary = frame.get("adapter", {})
-	var adapter_name := str(info.get("name", ""))
-	var event := str(frame.get("event", ""))
-	if event == LoraloomProtocol.ADAPTER_EVENT_KIND_REMOVED:
-		adapters.erase(adapter_name)
-	elif not adapter_name.is_empty():
-		adapters[adapter_name] = info
-	adapter_changed.emit(adapter_name, event, info)
-
-
-func _set_adapters(items: Array) -> void:
-	adapters.clear()
-	for info: Variant in items:
-		if typeof(info) == TYPE_DICTIONARY:
-			adapters[str(info.get("name", ""))] = info
-	adapters_updated.emit(adapters)
-
-
-func _send_frame(frame: Dictionary) -> void:
-	var bytes := _codec.encode(frame)
-	if bytes.is_empty():
-		var request: LoraloomRequest = _requests.get(str(frame.get("id", "")))
-		if request != null:
-			request.fail(LoraloomProtocol.ERROR_BAD_MESSAGE,
-					"cannot encode the request: %s" % _codec.error)
-		return
-	if _peer == null or _peer.send(bytes) != OK:
-		var request: LoraloomRequest = _requests.get(str(frame.get("id", "")))
-		if request != null and _retryable(request):
-			_requeue(request)  # the connection is closing: nothing went out
-		elif request != null:
-			request.fail(LoraloomProtocol.ERROR_CONNECTION_CLOSED, "cannot send to the daemon")
-
-
-## Sends the budget ([param always]: even when it sets no limit, which clears one set before).
-func _send_budget(always: bool) -> LoraloomRequest:
-	if not always and not budget.is_active():
-		return null
-	var fields := budget.set_budget_fields() if budget.enabled else {}
-	fields["type"] = LoraloomProtocol.SET_BUDGET
-	var request := send_request(fields)
-	request.finished.connect(_on_budget_answered)
-	return request
-
-
-func _on_budget_answered(request: LoraloomRequest) -> void:
-	if request.ok:
-		budget_in_force = request.result
-		budget_changed.emit(request.result)
-	elif request.error_code != LoraloomProtocol.ERROR_CONNECTION_CLOSED:
-		push_warning("loraloom: the GPU budget was refused: %s: %s" % [
-				request.error_code, request.error_message])
-
-
-func _report_frame_start() -> void:
-	# The same few bytes every frame: encoded once.
-	if _frame_bytes.is_empty():
-		_frame_bytes = _codec.encode(LoraloomFrames.build(LoraloomProtocol.FRAME))
-	if _peer != null and not _going_away and _peer.send(_frame_bytes) == OK:
-		frames_sent += 1
-
-
-func _on_closed(code: int, reason: String) -> void:
-	var was_ready := state == State.READY
-	_peer = null
-	state = State.DISCONNECTED
-	_going_away = false
-	welcome = {}
-	if code < 0:
-		code = 1006  # no close frame: the connection broke (or was never made)
-	# The retry is scheduled first, so that lines the failures below send next wait for it.
-	if was_ready and auto_reconnect:
-		_schedule_retry()
-	# Only what went out on this connection fails; requests waiting for one keep waiting.
-	_fail_sent(LoraloomProtocol.ERROR_CONNECTION_CLOSED,
-			"the connection to the daemon closed (%d %s)" % [code, reason])
-	if was_ready:
-		if not auto_reconnect:
-			_schedule_retry()
-		disconnected.emit(code, reason)
-		_report_to_editor("disconnected", {"code": code, "reason": reason})
-	elif not _handshake_refused:
-		_attempt_failed("the daemon closed the connection (%d %s)" % [code, reason], true)
-
-
-func _attempt_failed(reason: String, daemon_missing: bool) -> void:
-	state = State.DISCONNECTED
-	last_error = reason
-	if daemon_missing and auto_start_daemon and not _daemon_start_tried:
-		_daemon_start_tried = true
-		start_daemon()
-	connection_failed.emit(reason)
-	_report_to_editor("connection_failed", {"reason": reason})
-	_schedule_retry()
-
-
-func _schedule_retry() -> void:
-	var waiting := not _queued.is_empty()
-	if not auto_reconnect and not waiting:
-		_fail_all(LoraloomRequest.ERROR_NOT_CONNECTED, last_error)
-		return
-	_retry_at = _now() + _retry_delay
-	_retry_delay = minf(_retry_delay * 2.0, _MAX_RECONNECT_DELAY)
-
-
-func _close_peer() -> void:
-	if _peer != null:
-		_peer.close(1000, "bye")
-		_peer = null
-	state = State.DISCONNECTED
-	_going_away = false
-
-
-## Fails the requests that went out on the connection (not those waiting for one); those the
-## daemon said nothing about yet wait for the next connection instead.
-func _fail_sent(code: String, reason: String) -> void:
-	for request: LoraloomRequest in _requests.values():
-		if request in _queued:
-			continue
-		if _retryable(request):
-			_requeue(request)
-		else:
-			request.fail(code, reason)
-
-
-## Whether [param request] may go out again on the next connection: a text or image request
-## (no side effects) that the daemon said nothing about, while the client reconnects.
-func _retryable(request: LoraloomRequest) -> bool:
-	var kind: Variant = request.message.get("type")
-	return (auto_reconnect and not request.done and not request.answered
-			and kind in [LoraloomProtocol.GENERATE, LoraloomProtocol.GENERATE_IMAGE])
-
-
-func _requeue(request: LoraloomRequest) -> void:
-	if not request in _queued:
-		_queued.append(request)
-		_queued_since[request.id] = _now()
-
-
-func _fail_all(code: String, reason: String) -> void:
-	var in_flight: Array = _requests.values()
-	_queued.clear()
-	_queued_since.clear()
-	for request: LoraloomRequest in in_flight:
-		request.fail(code, reason)
-
-
-func _expire_queued(now: float) -> void:
-	if _queued.is_empty():
-		return
-	for request: LoraloomRequest in _queued.duplicate():
-		if now - float(_queued_since.get(request.id, now)) > request_connect_wait:
-			_queued.erase(request)
-			_queued_since.erase(request.id)
-			request.fail(LoraloomRequest.ERROR_NOT_CONNECTED,
-					"no connection to the daemon within %.0f s: %s" % [request_connect_wait, last_error])
-
-
 func _on_request_finished(request: LoraloomRequest) -> void:
-	_requests.erase(request.id)
-	if request in _queued:
-		_queued.erase(request)
-		_queued_since.erase(request.id)
-	elif not request.ok and is_ready() and request.error_code in [
-			LoraloomRequest.ERROR_TIMEOUT, LoraloomRequest.ERROR_CANCELLED] and request.message.get(
-					"type") in [LoraloomProtocol.GENERATE, LoraloomProtocol.GENERATE_IMAGE]:
+	if not _outbox.forget(request) and is_ready() and LoraloomOutbox.abandoned(request):
 		# Given up on here (a caller's timeout, a freed node) while the daemon may still work on it.
-		_send_frame(LoraloomFrames.build(LoraloomProtocol.CANCEL, {"id": request.id}))
+		_link.send(LoraloomFrames.build(LoraloomProtocol.CANCEL, {"id": request.id}))
 
 
-## How the daemon ends a request cancelled before it started, for one that never left here.
-func _cancelled_result(request: LoraloomRequest) -> Dictionary:
-	var timings := {"queued_ms": 0.0, "total_ms": 0.0}
-	if request.message.get("type") == LoraloomProtocol.GENERATE_IMAGE:
-		var seed_used: Variant = request.message.get("seed")
-		return LoraloomFrames.build(LoraloomProtocol.IMAGE_RESULT, {
-			"id": request.id, "images": [], "seed": seed_used if seed_used != null else 0,
-			"width": request.message.get("width", 0), "height": request.message.get("height", 0),
-			"finish_reason": LoraloomProtocol.FINISH_REASON_CANCELLED, "timings": timings,
-		})
-	return LoraloomFrames.build(LoraloomProtocol.RESULT, {
-		"id": request.id, "text": "", "finish_reason": LoraloomProtocol.FINISH_REASON_CANCELLED,
-		"prompt_tokens": 0, "completion_tokens": 0, "timings": timings,
-	})
-
-
-func _report_to_editor(kind: String, frame: Dictionary) -> void:
-	# The editor dock shows what the running game sees; frames with payloads stay out of it.
-	var payloads := [
-		LoraloomProtocol.CHUNK, LoraloomProtocol.IMAGE_PROGRESS, LoraloomProtocol.IMAGE_RESULT]
-	if not EngineDebugger.is_active() or kind in payloads:
-		return
-	EngineDebugger.send_message("loraloom:event", [kind, state, frame.duplicate(true)])
+func _fail_unconnected(request: LoraloomRequest) -> void:
+	request.fail(LoraloomRequest.ERROR_NOT_CONNECTED,
+			"no connection to the daemon within %.0f s: %s" % [request_connect_wait, last_error])
