@@ -162,7 +162,6 @@ class RowMasks:
         self._buffer = torch.empty(0, self.words, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)
         self.mask_ms = 0.0  # host time spent computing masks
-        self.consume_ms = 0.0  # and advancing the matchers by the sampled tokens
         self.masked_rows = 0
 
     def _rows(self, n: int) -> torch.Tensor:
@@ -182,14 +181,6 @@ class RowMasks:
         self.mask_ms += (time.perf_counter() - started) * 1000
         self.masked_rows += len(matchers)
         return buffer
-
-    def consume(self, pairs: list[tuple[Any, int]]) -> list[bool]:
-        """Each matcher takes its row's sampled token, in parallel on llguidance's threads (one call for
-        the step, instead of one per row while the GPU waits for the next step)."""
-        started = time.perf_counter()
-        results = list(self._executor.consume_token_par(pairs))
-        self.consume_ms += (time.perf_counter() - started) * 1000
-        return results
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
         """`logits` [B, V] with the tokens rows[i] may not take set to -inf (out of place)."""

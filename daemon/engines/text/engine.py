@@ -337,22 +337,9 @@ class TextEngine:
                 self._run_isolated(plan.only(part))
             return
         self.scheduler.commit(plan)
-        self._consume_grammar_tokens(plan.sample, tokens)
         now = time.perf_counter()
         for seq, token in zip(plan.sample, tokens, strict=True):
             self._accept(seq, token, now)
-
-    def _consume_grammar_tokens(self, seqs: list[Seq], tokens: list[int]) -> None:
-        """The constrained rows' matchers take their tokens in one parallel call (`push` uses the result)."""
-        masks = self.runner.masks
-        if masks is None:
-            return
-        outputs = [(out, token) for seq, token in zip(seqs, tokens, strict=True)
-                   if (out := self._outputs[seq.serial]).takes_grammar_token(token)]
-        if outputs:
-            results = masks.consume([(out.grammar, token) for out, token in outputs])
-            for (out, _), ok in zip(outputs, results, strict=True):
-                out.consumed = ok
 
     def _accept(self, seq: Seq, token: int, now: float) -> None:
         output = self._outputs[seq.serial]

@@ -25,9 +25,6 @@ class SequenceOutput:
         self.eos_ids = eos_ids
         self.max_context = max_context
         self.grammar = seq.grammar  # the constraint's matcher, or None
-        # Whether the matcher took the next token already (the engine consumes a step's tokens for all
-        # constrained rows in one parallel call); None: `push` consumes it itself.
-        self.consumed: bool | None = None
         self.text = ""  # all text so far (cut before a stop string once one appears)
         self.sent = 0  # characters of `text` already streamed
         self._longest_stop = max((len(x) for x in self.params.stop), default=0)
@@ -58,10 +55,6 @@ class SequenceOutput:
             constraint=None if self.grammar is None else "satisfied" if self.grammar.is_accepting() else "incomplete"))
         return events
 
-    def takes_grammar_token(self, token: int) -> bool:
-        """Whether `push(token)` feeds the matcher (an end-of-sequence token ends the row before)."""
-        return self.grammar is not None and not (token in self.eos_ids and not self.params.ignore_eos)
-
     def push(self, token: int) -> str | None:
         """Take the sequence's next token; the finish reason (stop, length) if it ends here."""
         seq = self.seq
@@ -70,9 +63,7 @@ class SequenceOutput:
         seq.tokens.append(token)
         self.text += self.decoder.push(token)
         if self.grammar is not None:
-            ok = self.grammar.consume_token(token) if self.consumed is None else self.consumed
-            self.consumed = None
-            if not ok:  # the mask allowed only what it accepts: a bug if so
+            if not self.grammar.consume_token(token):  # the mask allowed only what it accepts: a bug if so
                 raise RuntimeError(f"the constraint refused token {token}: {self.grammar.get_error()}")
             if self.grammar.is_stopped():  # complete, and nothing more can follow
                 return "stop"
