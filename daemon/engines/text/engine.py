@@ -90,7 +90,7 @@ class TextEngine:
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
         self.graphs = (StepGraphs(self.model, self.kv, self.storage, max_rows=cfg.max_seqs, table_width=width,
                                     max_context=self.max_context)
-                       if self.device.type == "cuda" and cfg.cuda_graphs else None)
+                       if self.device.type == "cuda" and cfg.cuda_graphs and not cfg.deterministic else None)
         self.scheduler = Scheduler(max_seqs=cfg.max_seqs, slots=self.slots, pool=self.pool,
                                    max_step_tokens=cfg.max_step_tokens, prefill_chunk=cfg.prefill_chunk,
                                    priorities=cfg.priorities)

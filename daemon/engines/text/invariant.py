@@ -25,10 +25,17 @@ of the batch in three ways, each closed here:
   of a row is built in an order set by the request alone.
 
 `probe` checks the BLAS properties this rests on (row results independent of the row count from
-`MIN_ROWS` on) when the engine starts, and refuses the mode where they do not hold. It runs on
-the CPU; on a GPU, cuBLAS chooses kernels (split-K among them) by the row count, so the same
-guarantee needs fixed-tile kernels of our own: not built yet, and the engine refuses the mode on
-CUDA rather than promise what it cannot keep.
+`MIN_ROWS` on) when the engine starts, and refuses the mode where they do not hold.
+
+On a GPU, cuBLAS chooses its kernels (split-K among them) by the row count, so rows are not
+independent of the count there. The mode then runs with **fixed row counts** (`fixed_rows`): a
+decode step is padded to `max_seqs` rows, a step of prompt chunks to `max_step_tokens` rows, and a
+step with both runs as those two forwards; the attention products of one KV block are padded to a
+block's worth of queries and run one sequence at a time; the vocab head and the sampler see
+`max_seqs` rows. What remains is that a matmul of a fixed shape gives a row the same bits whatever
+the other rows hold, which `probe` checks on the device at start. It is slow (no CUDA graphs, no
+Triton kernels, a Python loop over sequences in attention): a correct reference that fixed-tile
+kernels of our own can make fast. The CPU test suite runs this layout too (`fixed_rows=True`).
 """
 
 from __future__ import annotations
@@ -52,14 +59,17 @@ class NotDeterministic(RuntimeError):
     """This machine or device cannot give batch-invariant results (the message says why)."""
 
 
-def probe(device: torch.device, dtype: torch.dtype) -> None:
+def probe(device: torch.device, dtype: torch.dtype, *, fixed_rows: bool = False) -> None:
     """Raise NotDeterministic unless every row of the matmuls used here comes out the same with any
     row count from MIN_ROWS on (plain, with a bias, added into a wider output, batched). MKL, for
-    one, gives rows past a multiple of four other bits when there are fewer than twelve."""
+    one, gives rows past a multiple of four other bits when there are fewer than twelve. With
+    `fixed_rows`, only that a fixed shape gives a row the same bits whatever the others hold."""
+    if fixed_rows:
+        return _probe_fixed_rows(device, dtype)
     if device.type != "cpu":
         raise NotDeterministic(
-            f"deterministic mode runs on the CPU for now ({device} chooses its matmul kernels by the "
-            "batch's row count; the fixed-tile GPU kernels it needs are not built yet)")
+            f"matmuls whose rows do not depend on the row count are a CPU property; {device} chooses its "
+            "kernels by the row count (deterministic mode runs there with fixed row counts: fixed_rows)")
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -91,20 +101,53 @@ def probe(device: torch.device, dtype: torch.dtype) -> None:
                     f"({dtype}); deterministic mode cannot be promised here")
 
 
+def _probe_fixed_rows(device: torch.device, dtype: torch.dtype) -> None:
+    """Every product of a fixed shape gives its first rows the same bits when the other rows (or the
+    other matrices of a batch) hold something else, and twice the same bits for the same input."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    w, b, u = rand(384, 160), rand(384), rand(96, 33)
+    k, v = rand(2, 96, 80), rand(2, 80, 33)
+
+    def accumulated(x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, w)
+        y[:, 16:49].addmm_(x[:, :96], u)
+        return y
+
+    checks = {"linear": lambda x: F.linear(x, w), "linear with bias": lambda x: F.linear(x, w, b),
+              "accumulating matmul": accumulated,
+              "batched matmul": lambda x: torch.matmul(torch.matmul(torch.stack([x[:, :96], x[:, 64:]]), k), v)}
+    for rows in (16, 48, 150):
+        x = rand(rows, 160)
+        other = x.clone()
+        other[rows // 2:] = rand(rows - rows // 2, 160)
+        for name, f in checks.items():
+            a, again, c = f(x), f(x), f(other)
+            half = rows // 2
+            if not torch.equal(a, again) or not torch.equal(a[..., :half, :], c[..., :half, :]):
+                raise NotDeterministic(
+                    f"this device's {name} of {rows} rows gives a row other bits when the other rows change, "
+                    f"or from one run to the next ({dtype}); deterministic mode cannot be promised here")
+
+
 def attend_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                  window: int | None) -> torch.Tensor:
+                  window: int | None, rows_to: int | None = None) -> torch.Tensor:
     """Causal attention, for each of S sequences, of its queries q [S, n, heads, dim] at `positions`
     [S, n] (all in one KV block, the same block in every sequence) over keys/values [S, L, kv_heads,
     dim] of positions 0..L-1, L the end of that block. -> [S, n, heads, dim]
 
     Every reduction has length L or dim, fixed by the block, and each (sequence, kv head) is a
     matrix product of its own shape in the batch: the same bits for a query whatever else is
-    computed beside it (`probe` checks that a batched product does not depend on the batch count)."""
+    computed beside it (`probe` checks that a batched product does not depend on the batch count).
+    `rows_to`: pad each (sequence, kv head) product to that many query rows (fixed-rows layout)."""
     seqs, n, heads, dim = q.shape
     length, kv_heads = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
     rows = n * group
-    padded = max(rows, MIN_ROWS)
+    padded = max(rows, MIN_ROWS) if rows_to is None else rows_to  # a fixed count where row counts matter
     qh = q.new_zeros(seqs, kv_heads, padded, dim)
     qh[:, :, :rows] = q.view(seqs, n, kv_heads, group, dim).permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, rows, dim)
     k = keys.permute(0, 2, 3, 1).reshape(seqs * kv_heads, dim, length)
@@ -140,8 +183,9 @@ class InvariantKernels(TorchKernels):
     name = "invariant"
     reads_pages = True
 
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        probe(device, dtype)
+    def __init__(self, device: torch.device, dtype: torch.dtype, *, fixed_rows: bool | None = None) -> None:
+        self.fixed_rows = device.type == "cuda" if fixed_rows is None else fixed_rows
+        probe(device, dtype, fixed_rows=self.fixed_rows)
         super().__init__(device)
 
     def prefers_prefix(self, tokens: int) -> bool:
@@ -155,18 +199,23 @@ class InvariantKernels(TorchKernels):
     def paged_decode(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, lens: torch.Tensor,
                      window: int | None) -> torch.Tensor | None:
         bs = kv.block_size
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)
         by_blocks: dict[int, list[int]] = {}  # sequences whose query is in the same block: one batch
         positions = [length - 1 for length in lens.tolist()]
-        for i, pos in enumerate(positions):
-            by_blocks.setdefault(pos // bs + 1, []).append(i)
         table_rows = tables.tolist()
-        for blocks, members in by_blocks.items():
+        rows_to = bs * (q.shape[1] // kv.k[layer].shape[1]) if self.fixed_rows else None
+        for i, pos in enumerate(positions):
+            if self.fixed_rows and table_rows[i][0] == 0:  # a padding row (block 0 is the padding block)
+                continue
+            # One sequence at a time with fixed rows: a batch of products may run otherwise by its count.
+            by_blocks.setdefault(i if self.fixed_rows else pos // bs + 1, []).append(i)
+        for members in by_blocks.values():
             rows = [table_rows[i] for i in members]
+            blocks = positions[members[0]] // bs + 1
             keys, values = (_gather(pool, rows, blocks, bs) for pool in (kv.k[layer], kv.v[layer]))
             index = torch.tensor(members, device=q.device)
             pos = torch.tensor([[positions[i]] for i in members], device=q.device)
-            out[index] = attend_blocks(q[index][:, None], keys, values, pos, window)[:, 0]
+            out[index] = attend_blocks(q[index][:, None], keys, values, pos, window, rows_to)[:, 0]
         return out
 
     def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
@@ -181,7 +230,8 @@ class InvariantKernels(TorchKernels):
                 keys, values = (_gather(pool, [table_rows[c]], block + 1, bs) for pool in (kv.k[layer], kv.v[layer]))
                 rows = slice(start + p - pos0, start + end - pos0)
                 positions = torch.arange(p, end, device=q.device)[None]
-                out[rows] = attend_blocks(q[rows][None], keys, values, positions, window)[0]
+                rows_to = bs * (q.shape[1] // kv.k[layer].shape[1]) if self.fixed_rows else None
+                out[rows] = attend_blocks(q[rows][None], keys, values, positions, window, rows_to)[0]
                 p = end
         return True
 

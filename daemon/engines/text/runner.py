@@ -75,7 +75,14 @@ class ModelRunner:
         # Token histories only for the rows with a repetition penalty (the others never read them).
         histories = [s.request.prompt_ids + s.tokens if p.repetition_penalty != 1.0 else []
                      for s, p in zip(sample_seqs, params, strict=True)]
-        return sample(logits, params, [len(s.tokens) for s in sample_seqs], histories)
+        counts = [len(s.tokens) for s in sample_seqs]
+        n = len(sample_seqs)
+        if self._fixed_rows() and n < self.config.max_seqs:  # the sampler's reductions over a fixed row count too
+            extra = self.config.max_seqs - n
+            logits = torch.cat([logits, logits[:1].expand(extra, -1)])
+            params, counts, histories = params + params[:1] * extra, counts + counts[:1] * extra, \
+                histories + histories[:1] * extra
+        return sample(logits, params, counts, histories)[:n]
 
     def _slot(self, seq: Sequence, position: int) -> int:
         bs = self.kv.block_size
@@ -93,13 +100,18 @@ class ModelRunner:
         chunk_tokens = sum(c.length for c in plan.chunks)
         if self.graphs is not None and self.graphs.takes(len(decode), len(plan.chunks), chunk_tokens):
             return self._replay(plan, ids, pos, slots)
+        fixed = self._fixed_rows()
+        if fixed and decode and plan.chunks:  # decode rows and prompt chunks as forwards of their own fixed sizes
+            return torch.cat([self._forward(StepPlan(decode, [])), self._forward(StepPlan([], plan.chunks))])
         logit_index = list(range(len(decode)))
         pad = 0
-        if self.config.deterministic:  # at least MIN_ROWS rows: smaller matmuls take other BLAS paths
+        if fixed:  # the same row count for every step of its kind (cuBLAS picks kernels by it)
+            pad = (self.config.max_step_tokens if plan.chunks else self.config.max_seqs) - len(decode) - chunk_tokens
+        elif self.config.deterministic:  # at least MIN_ROWS rows: smaller matmuls take other BLAS paths
             pad = max(0, MIN_ROWS - len(decode) - chunk_tokens)
-            ids += [0] * pad  # padding rows write position 0 of block 0 (the padding block), as graphs do
-            pos += [0] * pad
-            slots += [0] * pad
+        ids += [0] * pad  # padding rows write position 0 of block 0 (the padding block), as graphs do
+        pos += [0] * pad
+        slots += [0] * pad
         chunks: list[PrefillChunk] = []
         counts = [1] * len(decode)  # tokens of each sequence in this step, in order
         for j, c in enumerate(plan.chunks):
@@ -117,8 +129,9 @@ class ModelRunner:
         tables = self._tables(decode) + [[0] * self.table_width] * pad
         decode_tables = torch.tensor(tables, dtype=torch.long, device=dev).view(d, self.table_width)
         logits = len(logit_index)
-        if self.config.deterministic and logits < MIN_ROWS:  # the vocab head too; the extra rows are dropped
-            logit_index += [logit_index[-1] if logit_index else 0] * (MIN_ROWS - logits)
+        head_rows = self.config.max_seqs if fixed else MIN_ROWS
+        if self.config.deterministic and logits < head_rows:  # the vocab head too; the extra rows are dropped
+            logit_index += [logit_index[-1] if logit_index else 0] * (head_rows - logits)
         decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)
         index = None
         if d and not self.kernels.reads_pages:
@@ -187,6 +200,10 @@ class ModelRunner:
         return LoraBatch.plan(per_token, self.storage, dtype=self.dtype,
                               prefer_prefix=prefix and layout in ("auto", "dense"),
                               force=None if layout == "auto" else layout)
+
+    def _fixed_rows(self) -> bool:
+        """Deterministic mode with fixed row counts (a GPU's: `invariant`)."""
+        return self.config.deterministic and bool(getattr(self.kernels, "fixed_rows", False))
 
     def _member_batch(self, plan: StepPlan, pad: int) -> LoraBatch:
         """Deterministic mode's LoRA plan: dense over the whole pool, with weights [members, T, pool

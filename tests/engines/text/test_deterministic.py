@@ -5,6 +5,7 @@ mix listed in either order and its adapters in other slots."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tiny import TARGETS, write_text_adapter
 from daemon.adapters.loader import read_adapter_files
 from daemon.adapters.version import AdapterVersion
 from daemon.engines.text.engine import TextEngine
-from daemon.engines.text.invariant import NotDeterministic, probe
+from daemon.engines.text.invariant import InvariantKernels, NotDeterministic, probe
 from daemon.engines.text.request import EngineConfig, TextDoneEvent, TextRequest
 from daemon.engines.text.sampler import SamplingParams
 
@@ -39,9 +40,18 @@ def load(engine: TextEngine, folders: list[Path]) -> list[AdapterVersion]:
     return versions
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> TextEngine:
-    return TextEngine.from_folder(tiny_model_dir, CONFIG)
+def fixed_rows(engine: TextEngine) -> TextEngine:
+    """The engine with the GPU's layout of deterministic mode (fixed row counts), here on the CPU."""
+    engine.kernels = engine.model.kernels = engine.runner.kernels = InvariantKernels(
+        engine.device, engine.dtype, fixed_rows=True)
+    return engine
+
+
+# The CPU's layout (at least MIN_ROWS rows), and the GPU's (fixed row counts: invariant.py), run here.
+@pytest.fixture(scope="module", params=["cpu-layout", "fixed-rows"])
+def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> TextEngine:
+    engine = TextEngine.from_folder(tiny_model_dir, CONFIG)
+    return fixed_rows(engine) if request.param == "fixed-rows" else engine
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +143,26 @@ def test_a_row_is_the_same_bits_whatever_shares_its_batch(engine: TextEngine, ve
             companions = [companion(versions, i) for i in range(n)]  # fresh requests for the next arrival
 
 
-def test_mix_order_and_slot_placement_do_not_change_the_bits(tiny_model_dir: Path,
-                                                             adapter_dirs: list[Path]) -> None:
+LAYOUTS = pytest.mark.parametrize("layout", ["cpu-layout", "fixed-rows"])
+
+
+def build(model_dir: Path, cfg: EngineConfig, layout: str) -> TextEngine:
+    engine = TextEngine.from_folder(model_dir, cfg)
+    return fixed_rows(engine) if layout == "fixed-rows" else engine
+
+
+@LAYOUTS
+def test_mix_order_and_slot_placement_do_not_change_the_bits(tiny_model_dir: Path, adapter_dirs: list[Path],
+                                                             layout: str) -> None:
     """The same mix on two engines whose slots were filled in other orders, listed either way round."""
-    one = TextEngine.from_folder(tiny_model_dir, CONFIG)
+    one = build(tiny_model_dir, CONFIG, layout)
     v1 = load(one, adapter_dirs)
     rec = Recorder(one)
     rec.run([TextRequest(key="t", prompt_ids=list(range(3, 40)), adapters=[(v1[1], 0.7), (v1[2], 0.5)],
                          sampling=SamplingParams(temperature=0.9, seed=7, max_tokens=12, ignore_eos=True))])
     reference = rec.logits
 
-    other = TextEngine.from_folder(tiny_model_dir, CONFIG)
+    other = build(tiny_model_dir, CONFIG, layout)
     v2 = load(other, adapter_dirs)
     rec2 = Recorder(other)
     # Fill slots with other adapters first (they stay resident), so the mix lands in other slots.
@@ -156,12 +175,14 @@ def test_mix_order_and_slot_placement_do_not_change_the_bits(tiny_model_dir: Pat
     assert same_bits(reference, rec2.logits) is None
 
 
-def test_prefix_cache_hits_and_preemptions_keep_the_bits(tiny_model_dir: Path, adapter_dirs: list[Path]) -> None:
+@LAYOUTS
+def test_prefix_cache_hits_and_preemptions_keep_the_bits(tiny_model_dir: Path, adapter_dirs: list[Path],
+                                                         layout: str) -> None:
     """A long prompt again (most of it from the prefix cache), and a background request paused for
     player lines in a small KV pool and resumed: the same logits as its first, undisturbed run."""
     cfg = EngineConfig(device="cpu", max_seqs=16, max_context=512, kv_cache_mb=1, lora_slots=8, max_lora_rank=8,
                        prefill_chunk=24, max_step_tokens=96, deterministic=True)
-    engine = TextEngine.from_folder(tiny_model_dir, cfg)
+    engine = build(tiny_model_dir, cfg, layout)
     versions = load(engine, adapter_dirs)
     rec = Recorder(engine)
 
@@ -188,5 +209,29 @@ def test_prefix_cache_hits_and_preemptions_keep_the_bits(tiny_model_dir: Path, a
 
 def test_the_mode_is_refused_where_it_cannot_hold() -> None:
     probe(torch.device("cpu"), torch.float32)  # holds on this machine's BLAS
-    with pytest.raises(NotDeterministic, match="CPU"):
+    probe(torch.device("cpu"), torch.float32, fixed_rows=True)
+    with pytest.raises(NotDeterministic, match="CPU"):  # rows independent of the count: not asked of a GPU
         probe(torch.device("cuda"), torch.bfloat16)
+
+
+if torch.cuda.is_available():  # collected only where it can run (like the CUDA cases of test_correctness)
+
+    def test_on_cuda_a_row_is_the_same_bits_alone_and_among_31_at_every_arrival(tiny_model_dir: Path,
+                                                                                 adapter_dirs: list[Path]) -> None:
+        """The GPU's layout on the GPU (bf16): a seeded and a greedy request, with and without a mix,
+        alone vs among 1, 7 and 31 companions arriving before, after and while it decodes."""
+        engine = TextEngine.from_folder(tiny_model_dir, dataclasses.replace(CONFIG, device="cuda", dtype="bfloat16"))
+        assert isinstance(engine.kernels, InvariantKernels) and engine.kernels.fixed_rows and engine.graphs is None
+        versions = load(engine, adapter_dirs)
+        rec = Recorder(engine)
+        for temperature, mix in ((0.9, False), (0.0, False), (0.9, True)):
+            alone = rec.run([target(versions, temperature, mix)])["t"]
+            reference = rec.logits
+            for n in (1, 7, 31):
+                for arrival in ("first", "last", "mid-stream"):
+                    companions = [companion(versions, i) for i in range(n)]
+                    t = target(versions, temperature, mix)
+                    done = (rec.run([t, *companions]) if arrival == "first" else rec.run([*companions, t])
+                            if arrival == "last" else rec.run(companions, [t], after_steps=3))
+                    assert same_bits(reference, rec.logits) is None, (temperature, mix, n, arrival)
+                    assert done["t"].token_ids == alone.token_ids
