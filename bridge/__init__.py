@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .client import Client, Conversation, ImageStream, TextStream, connect, parse_adapter
 from .codec import FrameError, decode_client, decode_server, encode
+from .connection import Reconnect
 from .discovery import RuntimeInfo, default_runtime_file, read_runtime_file
 from .errors import (
     AdapterError,
@@ -31,6 +32,7 @@ __all__ = [
     "FrameError",
     "ImageStream",
     "LoraloomError",
+    "Reconnect",
     "RequestError",
     "RuntimeInfo",
     "ShuttingDown",

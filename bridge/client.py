@@ -53,8 +53,8 @@ from .messages import (
 )
 from .streams import AdapterEvents, ImageStream, PendingRequest, TextStream
 
-__all__ = ["AdapterEvents", "AdapterSpec", "Client", "Conversation", "ImageStream", "Reconnect", "TextStream",
-           "connect", "parse_adapter"]
+__all__ = ["AdapterEvents", "AdapterSpec", "Client", "Conversation", "ImageStream", "TextStream", "connect",
+           "parse_adapter"]
 
 AdapterSpec = str | tuple[str, float] | AdapterRef
 
