@@ -38,6 +38,7 @@ __all__ = ["BudgetSpec", "FrameSync", "GpuBudget", "StepTimer"]
 
 CLASSES = ("player", "normal", "background")
 _BURST_S = 0.02  # credit a duty cap may save up: one frame's worth at 60 Hz, two steps of a 1B model
+_CATCH_UP_S = 0.1  # credit a waiting engine may carry past its wake-up time (then it runs steps back to back)
 _STALE_PERIODS = 4
 
 
@@ -151,6 +152,10 @@ class GpuBudget:
             cap = self._spec.duty_cap
             if cap is not None:
                 now = self._clock()
+                if waited > 0:
+                    # The engine waited for this credit: a late wake-up (a busy CPU, a coarse timer) must not
+                    # lose what accrued meanwhile, as idle time would; at most _CATCH_UP_S of it, though.
+                    self._accrue(now, limit_s=_CATCH_UP_S)
                 # Credit saved up while idle is capped at the burst; what accrues during the step itself is
                 # not (capping it would take more than the step back from a step longer than the burst).
                 self._accrue(max(now - seconds, self._credit_at))
@@ -171,9 +176,12 @@ class GpuBudget:
 
     # ------------------------------------------------------------------ internals (under the lock)
 
-    def _accrue(self, now: float) -> None:
+    def _accrue(self, now: float, limit_s: float = _BURST_S) -> None:
+        """Credit for the time since the last accrual, up to `limit_s` worth of it; what an engine
+        already holds above that (after waiting for it) it keeps, unless it then sat idle."""
         cap = self._spec.duty_cap or 1.0
-        self._credit = min(self._credit + (now - self._credit_at) * cap, cap * _BURST_S)
+        held = self._credit if now - self._credit_at <= _CATCH_UP_S else 0.0
+        self._credit = min(self._credit + (now - self._credit_at) * cap, max(held, cap * limit_s))
         self._credit_at = now
 
     def _capacity(self, rate: float) -> float:

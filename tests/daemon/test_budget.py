@@ -56,6 +56,33 @@ def test_a_duty_cap_holds_over_seconds(cap: float, step_s: float) -> None:
         assert window <= 0.1 * cap + max(0.025, step_s)
 
 
+@pytest.mark.parametrize("late_s", [0.01, 0.03, 0.08])
+def test_a_late_wake_up_keeps_the_duty_cap_and_idle_time_still_saves_no_burst(late_s: float) -> None:
+    """An engine that waited for credit and woke up late (a busy CPU, a coarse OS timer) keeps
+    what accrued meanwhile: it still gets its share. Before, 30 ms late each time gave 0.23 of a
+    0.3 cap. Idle time still saves up one burst at most."""
+    clock = Clock()
+    budget = GpuBudget(BudgetSpec(duty_cap=0.3), clock=clock)
+    start, busy = clock.now, 0.0
+    while clock.now - start < 5.0:
+        wait = budget.delay(5.0)
+        if wait > 0:
+            clock.now += wait + late_s
+            budget.record(0.0, waited=wait)
+        clock.now += 0.005
+        busy += 0.005
+        budget.record(0.005)
+        clock.now += 0.001  # the host's work between steps
+    assert busy / (clock.now - start) == pytest.approx(0.3, abs=0.015)
+    clock.now += 10.0  # idle: the next steps may not run back to back for long
+    ran = 0
+    while budget.delay(5.0) == 0 and ran < 100:
+        clock.now += 0.005
+        budget.record(0.005)
+        ran += 1
+    assert ran <= 3
+
+
 def test_tokens_per_second_per_class() -> None:
     clock = Clock()
     budget = GpuBudget(BudgetSpec(tokens_per_s={"background": 40.0, "normal": 200.0}), clock=clock)
