@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_lora
 from .lora import linear, lora_expand_fused, prefix_product_quant, project_prefix, project_prefix_quant
@@ -31,7 +32,7 @@ from .lora_pool import ROW_BLOCK, GroupSlots
 from .quant import QuantWeight, Weight
 
 __all__ = ["Kernels", "NumbaKernels", "TorchKernels", "TritonKernels", "rms_norm_reference", "rope_reference",
-           "select_kernels"]
+           "select_kernels", "silu_mul_reference"]
 
 log = logging.getLogger("loraloom.text")
 
@@ -40,6 +41,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def silu_mul_reference(gu: torch.Tensor, n: int) -> torch.Tensor:
+    """The MLP's activation on the fused gate/up output: silu(gate) * up, [T, n]."""
+    return F.silu(gu[:, :n]) * gu[:, n:2 * n]
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,9 @@ class TorchKernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
+
+    def silu_mul(self, gu: torch.Tensor, n: int) -> torch.Tensor:
+        return silu_mul_reference(gu, n)
 
     def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +194,14 @@ class TritonKernels(TorchKernels):
             except Exception as exc:
                 self._fail("RMSNorm", exc)
         return rms_norm_reference(x, weight, eps)
+
+    def silu_mul(self, gu: torch.Tensor, n: int) -> torch.Tensor:
+        if not self.failures:
+            try:
+                return self._ops.silu_mul(gu, n)  # one launch for silu, the product and the slices
+            except Exception as exc:
+                self._fail("SiLU-and-multiply", exc)
+        return silu_mul_reference(gu, n)
 
     def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,7 +227,7 @@ class TextModel:
             x = self._rms_norm(h, layer["ln2"])  # type: ignore[arg-type]
             gu = lora_project(x, layer["gate_up"], None, groups.get("gate_up"), lora, kernels)  # type: ignore[arg-type]
             inter = spec.intermediate_size
-            act = F.silu(gu[:, :inter]) * gu[:, inter:2 * inter]
+            act = kernels.silu_mul(gu, inter)
             h = lora_project(act, layer["down"], None, groups.get("down"), lora, kernels, residual=h)  # type: ignore[arg-type]
         last = self._rms_norm(h[step.logit_index], self.norm)
         return kernels.linear(last, self.lm_head).float()  # the vocab projection: 9 vs 20 ms for 8 rows on 2 cores

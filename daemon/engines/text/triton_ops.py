@@ -1,10 +1,11 @@
-"""Triton kernels for the per-layer glue of a CUDA decode step: RMSNorm and rotary embeddings.
+"""Triton kernels for the per-layer glue of a CUDA decode step: RMSNorm, rotary embeddings and the
+MLP's SiLU-and-multiply.
 
 A decode step of a 1B model on an H200 is bound by kernel count, not bytes: each layer's norms
 and RoPE took ~20 small PyTorch kernels (casts, powers, means, a cat for rotate-half, ...), at a
 few microseconds each even inside a CUDA graph. Each function here is one launch and computes what
-`model.rms_norm_reference` / `model.rope_reference` compute (float32 math, one rounding to the
-model's dtype at the same points); tests/engines/text/test_triton_ops.py compares them, on CUDA and
+`kernels.rms_norm_reference` / `rope_reference` / `silu_mul_reference` compute (float32 math, one
+rounding to the model's dtype at the same points); tests/engines/text/test_triton_ops.py compares them, on CUDA and
 under Triton's interpreter on a CPU.
 """
 
@@ -18,7 +19,7 @@ try:
 except ImportError:  # the model uses its PyTorch reference instead
     triton = None
 
-__all__ = ["rms_norm", "rope_qk_"]
+__all__ = ["rms_norm", "rope_qk_", "silu_mul"]
 
 if triton is not None:
 
@@ -54,6 +55,17 @@ if triton is not None:
         tl.store(base + HALF + i, (x2 * c2 + x1 * s2).to(qkv_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, stride_gu, y_ptr, stride_y, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + n + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty)  # F.silu rounds here, then the product
+        tl.store(y_ptr + row * stride_y + cols, (act.to(tl.float32) * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of each row of x [T, n] (rows may be strided, columns contiguous)."""
     assert x.dim() == 2 and x.stride(1) == 1
@@ -73,3 +85,14 @@ def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
     if t:
         _rope_kernel[(t, heads)](qkv, qkv.stride(0), cos, sin, cos.stride(0), HEAD_DIM=head_dim, HALF=half,
                                  BLOCK=triton.next_power_of_2(half))
+
+
+def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor:
+    """silu(gu[:, :n]) * gu[:, n:2n] for the fused gate/up output gu [T, >= 2n] (rows may be strided)."""
+    assert gu.dim() == 2 and gu.stride(1) == 1
+    t = gu.shape[0]
+    y = torch.empty(t, n, device=gu.device, dtype=gu.dtype)
+    if t:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](gu, gu.stride(0), y, y.stride(0), n, BLOCK=block)
+    return y

@@ -1,4 +1,4 @@
-"""The Triton RMSNorm and RoPE kernels equal the model's PyTorch references: on CUDA where there is
+"""The Triton RMSNorm, RoPE and SiLU-and-multiply kernels equal the model's PyTorch references: on CUDA where there is
 one, and always under Triton's interpreter on the CPU (a subprocess: the interpreter is chosen when
 kernels are defined). Odd sizes on purpose: a hidden size that is not a power of two, a head
 dimension whose half is not one either, rows with a stride (as the fused projections return them)."""
@@ -16,10 +16,10 @@ from support import ROOT
 triton = pytest.importorskip("triton", reason="Triton is not installed (CI installs it with the dev extra)")
 
 
-def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float]:
-    """Largest relative errors of (rms_norm, rope_qk_) against the references."""
+def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float, float]:
+    """Largest relative errors of (rms_norm, rope_qk_, silu_mul) against the references."""
     from daemon.engines.text import triton_ops
-    from daemon.engines.text.kernels import rms_norm_reference, rope_reference
+    from daemon.engines.text.kernels import rms_norm_reference, rope_reference, silu_mul_reference
 
     g = torch.Generator().manual_seed(0)
     t, hidden, heads, kv_heads, head_dim = 7, 200, 3, 1, 40
@@ -43,7 +43,12 @@ def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float]:
     assert torch.equal(qkv[:, qs + kvs:], v_before), "v must not move"
     rope_err = max(((got_q - want_q).abs().max() / want_q.abs().max()).item(),
                    ((got_k - want_k).abs().max() / want_k.abs().max()).item())
-    return norm_err, rope_err
+
+    inter = 1500  # more than one block of columns, not a power of two; rows strided as the fused gate/up
+    gu = torch.randn(t, 2 * inter + 16, generator=g).mul(4).to(device, dtype)
+    want_act = silu_mul_reference(gu, inter).float()
+    act_err = ((triton_ops.silu_mul(gu, inter).float() - want_act).abs().max() / want_act.abs().max()).item()
+    return norm_err, rope_err, act_err
 
 
 def test_kernels_under_the_interpreter_equal_references() -> None:
@@ -52,14 +57,14 @@ def test_kernels_under_the_interpreter_equal_references() -> None:
             "from test_triton_ops import max_errors; print('errors', *max_errors('cpu', torch.float32))")
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    norm_err, rope_err = (float(v) for v in run.stdout.split("errors", 1)[1].split())
-    assert norm_err < 1e-6 and rope_err < 1e-6, run.stdout
+    errors = [float(v) for v in run.stdout.split("errors", 1)[1].split()]
+    assert len(errors) == 3 and max(errors) < 1e-6, run.stdout
 
 
 if torch.cuda.is_available():  # collected only where it can run (like the CUDA cases of test_correctness)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_kernels_on_cuda_equal_references(dtype: torch.dtype) -> None:
-        norm_err, rope_err = max_errors("cuda", dtype)
+        errors = max_errors("cuda", dtype)
         tol = 1e-6 if dtype == torch.float32 else 1e-2
-        assert norm_err < tol and rope_err < tol, (norm_err, rope_err)
+        assert max(errors) < tol, errors
