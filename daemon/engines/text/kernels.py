@@ -72,6 +72,17 @@ class TorchKernels:
     def silu_mul(self, gu: torch.Tensor, n: int) -> torch.Tensor:
         return silu_mul_reference(gu, n)
 
+    def rope_write(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                   head_dim: int, kv: Any, layer: int, slots: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated) and v [T, heads, D] of the fused qkv rows, k and v written to their slots of
+        the layer's KV cache."""
+        q, k = self.rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
+        t, qs, kvs = qkv.shape[0], heads * head_dim, kv_heads * head_dim
+        v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, kv_heads, head_dim)
+        kv.write(layer, slots, k, v)
+        return q, k, v
+
     def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, heads, D] and k [T, kv_heads, D] of the fused qkv rows, rotated."""
@@ -194,6 +205,19 @@ class TritonKernels(TorchKernels):
             except Exception as exc:
                 self._fail("RMSNorm", exc)
         return rms_norm_reference(x, weight, eps)
+
+    def rope_write(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                   head_dim: int, kv: Any, layer: int, slots: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.failures:
+            try:  # RoPE and the KV write in one launch
+                self._ops.rope_write_(qkv, cos, sin, heads, kv_heads, head_dim, slots, kv.k[layer], kv.v[layer])
+                t, qs, kvs = qkv.shape[0], heads * head_dim, kv_heads * head_dim
+                return (qkv[:, :qs].view(t, heads, head_dim), qkv[:, qs:qs + kvs].view(t, kv_heads, head_dim),
+                        qkv[:, qs + kvs:qs + 2 * kvs].view(t, kv_heads, head_dim))
+            except Exception as exc:
+                self._fail("RoPE with the KV write", exc)
+        return super().rope_write(qkv, cos, sin, heads, kv_heads, head_dim, kv, layer, slots)
 
     def silu_mul(self, gu: torch.Tensor, n: int) -> torch.Tensor:
         if not self.failures:

@@ -178,7 +178,7 @@ class TextModel:
         spec = self.spec
         t = step.input_ids.shape[0]
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        qs, kvs = spec.q_size, spec.kv_size
+        qs = spec.q_size
         cos, sin = self._cos[step.positions], self._sin[step.positions]  # [T, D]
         lora = step.lora if slots is not None else LoraBatch(mode="none")
         d = step.num_decode
@@ -194,9 +194,7 @@ class TextModel:
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
             qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernels)  # type: ignore[arg-type]
-            q, k = kernels.rope_qk(qkv, cos, sin, nh, nkv, hd)
-            v = qkv[:, qs + kvs:qs + 2 * kvs].view(t, nkv, hd)
-            kv.write(i, step.slots, k, v)
+            q, k, v = kernels.rope_write(qkv, cos, sin, nh, nkv, hd, kv, i, step.slots)
             # Zeros, not garbage, in rows no attention writes (a graph's padding tokens): finite downstream.
             attn = torch.zeros(t, nh, hd, device=h.device, dtype=h.dtype)
             if d:

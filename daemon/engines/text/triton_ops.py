@@ -19,7 +19,7 @@ try:
 except ImportError:  # the model uses its PyTorch reference instead
     triton = None
 
-__all__ = ["rms_norm", "rope_qk_", "silu_mul"]
+__all__ = ["rms_norm", "rope_qk_", "rope_write_", "silu_mul"]
 
 if triton is not None:
 
@@ -56,6 +56,40 @@ if triton is not None:
 
 
     @triton.jit
+    def _rope_write_kernel(qkv_ptr, stride_t, cos_ptr, sin_ptr, stride_c, slots_ptr, k_cache_ptr, v_cache_ptr,
+                           stride_slot, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           HALF: tl.constexpr, BLOCK: tl.constexpr):
+        # Program (t, head): q heads and k heads are rotated in place (as `_rope_kernel`), and each k
+        # head and v head of token t goes to its slot of the layer's KV cache: one launch, not three.
+        t = tl.program_id(0)
+        head = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        mask = i < HALF
+        base = qkv_ptr + t * stride_t + head * HEAD_DIM
+        slot = tl.load(slots_ptr + t)
+        x1 = tl.load(base + i, mask=mask, other=0.0)
+        x2 = tl.load(base + HALF + i, mask=mask, other=0.0)
+        if head < HEADS + KV_HEADS:
+            c = cos_ptr + t * stride_c
+            s = sin_ptr + t * stride_c
+            c1 = tl.load(c + i, mask=mask, other=0.0)
+            c2 = tl.load(c + HALF + i, mask=mask, other=0.0)
+            s1 = tl.load(s + i, mask=mask, other=0.0)
+            s2 = tl.load(s + HALF + i, mask=mask, other=0.0)
+            y1 = (x1.to(tl.float32) * c1 - x2.to(tl.float32) * s1).to(qkv_ptr.dtype.element_ty)
+            y2 = (x2.to(tl.float32) * c2 + x1.to(tl.float32) * s2).to(qkv_ptr.dtype.element_ty)
+            tl.store(base + i, y1, mask=mask)
+            tl.store(base + HALF + i, y2, mask=mask)
+            if head >= HEADS:
+                dst = k_cache_ptr + slot * stride_slot + (head - HEADS) * HEAD_DIM
+                tl.store(dst + i, y1, mask=mask)
+                tl.store(dst + HALF + i, y2, mask=mask)
+        else:
+            dst = v_cache_ptr + slot * stride_slot + (head - HEADS - KV_HEADS) * HEAD_DIM
+            tl.store(dst + i, x1, mask=mask)
+            tl.store(dst + HALF + i, x2, mask=mask)
+
+    @triton.jit
     def _silu_mul_kernel(gu_ptr, stride_gu, y_ptr, stride_y, n, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -86,6 +120,20 @@ def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
         _rope_kernel[(t, heads)](qkv, qkv.stride(0), cos, sin, cos.stride(0), HEAD_DIM=head_dim, HALF=half,
                                  BLOCK=triton.next_power_of_2(half))
 
+
+
+def rope_write_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """`rope_qk_` of the q and k heads of qkv [T, (heads + 2 kv_heads) * head_dim], and each token's k
+    (rotated) and v heads written to row slots[t] of the caches [slots, kv_heads, head_dim]."""
+    t = qkv.shape[0]
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and head_dim % 2 == 0
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[1:] == (kv_heads, head_dim)
+    half = head_dim // 2
+    if t:
+        _rope_write_kernel[(t, heads + 2 * kv_heads)](
+            qkv, qkv.stride(0), cos, sin, cos.stride(0), slots, k_cache, v_cache, k_cache.stride(0), HEADS=heads,
+            KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half))
 
 def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor:
     """silu(gu[:, :n]) * gu[:, n:2n] for the fused gate/up output gu [T, >= 2n] (rows may be strided)."""

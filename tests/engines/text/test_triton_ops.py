@@ -1,7 +1,8 @@
-"""The Triton RMSNorm, RoPE and SiLU-and-multiply kernels equal the model's PyTorch references: on CUDA where there is
-one, and always under Triton's interpreter on the CPU (a subprocess: the interpreter is chosen when
-kernels are defined). Odd sizes on purpose: a hidden size that is not a power of two, a head
-dimension whose half is not one either, rows with a stride (as the fused projections return them)."""
+"""The Triton RMSNorm, RoPE (alone and with the KV write) and SiLU-and-multiply kernels equal the
+model's PyTorch references: on CUDA where there is one, and always under Triton's interpreter on the
+CPU (a subprocess: the interpreter is chosen when kernels are defined). Odd sizes on purpose: a
+hidden size that is not a power of two, a head dimension whose half is not one either, rows with a
+stride (as the fused projections return them)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from support import ROOT
 triton = pytest.importorskip("triton", reason="Triton is not installed (CI installs it with the dev extra)")
 
 
-def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float, float]:
-    """Largest relative errors of (rms_norm, rope_qk_, silu_mul) against the references."""
+def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float, float, float]:
+    """Largest relative errors of (rms_norm, rope_qk_, silu_mul, rope_write_) against the references."""
     from daemon.engines.text import triton_ops
     from daemon.engines.text.kernels import rms_norm_reference, rope_reference, silu_mul_reference
 
@@ -48,7 +49,23 @@ def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float, float]:
     gu = torch.randn(t, 2 * inter + 16, generator=g).mul(4).to(device, dtype)
     want_act = silu_mul_reference(gu, inter).float()
     act_err = ((triton_ops.silu_mul(gu, inter).float() - want_act).abs().max() / want_act.abs().max()).item()
-    return norm_err, rope_err, act_err
+
+    # RoPE with the KV write: q and k rotated in place, k and v in their slots, every other slot untouched.
+    qkv = torch.randn(t, qs + 2 * kvs, generator=g).to(device, dtype)
+    slots = torch.tensor([5, 0, 9, 63, 1, 2, 40], device=device)
+    k_cache, v_cache = (torch.full((64, kv_heads, head_dim), 7.0, device=device, dtype=dtype) for _ in range(2))
+    want_q = rope_reference(qkv[:, :qs].view(t, heads, head_dim), cos.unsqueeze(1), sin.unsqueeze(1)).float()
+    want_k = rope_reference(qkv[:, qs:qs + kvs].view(t, kv_heads, head_dim), cos.unsqueeze(1), sin.unsqueeze(1))
+    want_v = qkv[:, qs + kvs:].view(t, kv_heads, head_dim).clone()
+    triton_ops.rope_write_(qkv, cos, sin, heads, kv_heads, head_dim, slots, k_cache, v_cache)
+    others = torch.ones(64, dtype=torch.bool, device=device)
+    others[slots] = False
+    assert bool((k_cache[others] == 7.0).all()) and bool((v_cache[others] == 7.0).all()), "other slots must not move"
+    assert torch.equal(v_cache[slots], want_v) and torch.equal(qkv[:, qs + kvs:].view(t, kv_heads, head_dim), want_v)
+    assert torch.equal(k_cache[slots], qkv[:, qs:qs + kvs].view(t, kv_heads, head_dim)), "the cache holds the rotated k"
+    write_err = max(((qkv[:, :qs].view(t, heads, head_dim).float() - want_q).abs().max() / want_q.abs().max()).item(),
+                    ((k_cache[slots].float() - want_k.float()).abs().max() / want_k.float().abs().max()).item())
+    return norm_err, rope_err, act_err, write_err
 
 
 def test_kernels_under_the_interpreter_equal_references() -> None:
@@ -58,7 +75,7 @@ def test_kernels_under_the_interpreter_equal_references() -> None:
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     errors = [float(v) for v in run.stdout.split("errors", 1)[1].split()]
-    assert len(errors) == 3 and max(errors) < 1e-6, run.stdout
+    assert len(errors) == 4 and max(errors) < 1e-6, run.stdout
 
 
 if torch.cuda.is_available():  # collected only where it can run (like the CUDA cases of test_correctness)
