@@ -18,7 +18,9 @@ the sequence ends with `stop`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["JSON_OPTIONS", "Constraint", "ConstraintError", "Grammar", "Grammars", "RowMasks", "available"]
+
+log = logging.getLogger("loraloom.text")
 
 ConstraintKind = Literal["json_schema", "regex", "choices", "grammar", "tool_call"]
 # Compact JSON with the spacing models see in their training data (`{"a": 1, "b": [2, 3]}`);
@@ -161,6 +165,14 @@ class RowMasks:
         self._executor = llg.LLExecutor()
         self._buffer = torch.empty(0, self.words, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+        self._kernel: Any = None  # triton_ops.mask_tokens_ on CUDA
+        self._kernel_failed = False
+        if device.type == "cuda":
+            with contextlib.suppress(ImportError):
+                from . import triton_ops
+
+                if triton_ops.triton is not None:
+                    self._kernel = triton_ops.mask_tokens_
         self.mask_ms = 0.0  # host time spent computing masks
         self.masked_rows = 0
 
@@ -183,10 +195,19 @@ class RowMasks:
         return buffer
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
-        """`logits` [B, V] with the tokens rows[i] may not take set to -inf (out of place)."""
+        """`logits` [B, V] with the tokens rows[i] may not take set to -inf (out of place): on CUDA one
+        Triton launch (`triton_ops.mask_tokens_`), else PyTorch ops."""
         import torch
 
         bits = bitmask.to(logits.device, non_blocking=True)
+        if self._kernel is not None and not self._kernel_failed:
+            out = logits.clone()
+            try:
+                self._kernel(out, torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True), bits)
+                return out
+            except Exception as exc:  # e.g. a Triton that cannot build here: the same math in PyTorch ops
+                log.warning("the token-mask kernel failed (%s: %s); using PyTorch ops", type(exc).__name__, exc)
+                self._kernel_failed = True
         allowed = ((bits.unsqueeze(-1) >> self._shifts) & 1).view(len(rows), -1)[:, :logits.shape[1]].bool()
         index = torch.tensor(rows, device=logits.device)
         out = logits.clone()

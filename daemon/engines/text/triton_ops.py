@@ -1,5 +1,5 @@
 """Triton kernels for the per-layer glue of a CUDA decode step: RMSNorm, rotary embeddings and the
-MLP's SiLU-and-multiply.
+MLP's SiLU-and-multiply; and, after the step, constrained rows' token masks on the logits.
 
 A decode step of a 1B model on an H200 is bound by kernel count, not bytes: each layer's norms
 and RoPE took ~20 small PyTorch kernels (casts, powers, means, a cat for rotate-half, ...), at a
@@ -19,7 +19,7 @@ try:
 except ImportError:  # the model uses its PyTorch reference instead
     triton = None
 
-__all__ = ["rms_norm", "rope_qk_", "rope_write_", "silu_mul"]
+__all__ = ["mask_tokens_", "rms_norm", "rope_qk_", "rope_write_", "silu_mul"]
 
 if triton is not None:
 
@@ -90,6 +90,18 @@ if triton is not None:
             tl.store(dst + HALF + i, x2, mask=mask)
 
     @triton.jit
+    def _mask_tokens_kernel(logits_ptr, stride_l, bits_ptr, stride_b, rows_ptr, vocab, BLOCK: tl.constexpr):
+        i = tl.program_id(0)  # the i-th constrained row, logits row rows[i], bitmask row i
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        row = tl.load(rows_ptr + i)
+        words = tl.load(bits_ptr + i * stride_b + cols // 32, mask=mask, other=0)
+        allowed = ((words >> (cols % 32)) & 1) != 0
+        ptr = logits_ptr + row * stride_l + cols
+        x = tl.load(ptr, mask=mask, other=0.0)
+        tl.store(ptr, tl.where(allowed, x, float("-inf")), mask=mask)
+
+    @triton.jit
     def _silu_mul_kernel(gu_ptr, stride_gu, y_ptr, stride_y, n, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -144,3 +156,14 @@ def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(n))
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gu, gu.stride(0), y, y.stride(0), n, BLOCK=block)
     return y
+
+
+def mask_tokens_(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set, in place, logits[rows[i], t] to -inf wherever bit t of bitmask[i] (int32 words, bit t % 32
+    of word t // 32) is 0: llguidance's layout. One launch for all constrained rows."""
+    assert logits.stride(1) == 1 and bitmask.dtype == torch.int32 and bitmask.is_contiguous()
+    n, vocab = rows.shape[0], logits.shape[1]
+    if n:
+        block = 1024
+        _mask_tokens_kernel[(n, triton.cdiv(vocab, block))](logits, logits.stride(0), bitmask, bitmask.stride(0), rows,
+                                                          vocab, BLOCK=block)

@@ -1,5 +1,5 @@
-"""The Triton RMSNorm, RoPE (alone and with the KV write) and SiLU-and-multiply kernels equal the
-model's PyTorch references: on CUDA where there is one, and always under Triton's interpreter on the
+"""The Triton RMSNorm, RoPE (alone and with the KV write), SiLU-and-multiply and token-mask kernels
+equal the model's PyTorch references: on CUDA where there is one, and always under Triton's interpreter on the
 CPU (a subprocess: the interpreter is chosen when kernels are defined). Odd sizes on purpose: a
 hidden size that is not a power of two, a head dimension whose half is not one either, rows with a
 stride (as the fused projections return them)."""
@@ -65,6 +65,18 @@ def max_errors(device: str, dtype: torch.dtype) -> tuple[float, float, float, fl
     assert torch.equal(k_cache[slots], qkv[:, qs:qs + kvs].view(t, kv_heads, head_dim)), "the cache holds the rotated k"
     write_err = max(((qkv[:, :qs].view(t, heads, head_dim).float() - want_q).abs().max() / want_q.abs().max()).item(),
                     ((k_cache[slots].float() - want_k.float()).abs().max() / want_k.float().abs().max()).item())
+
+    # Token masks of constrained rows (llguidance's bitmask: bit t % 32 of int32 word t // 32), in place.
+    vocab = 2500  # more than one block, not a multiple of 32
+    logits = torch.randn(9, vocab, generator=g).to(device, torch.float32)
+    rows = torch.tensor([7, 0, 3], device=device)
+    bits = torch.randint(-2**31, 2**31 - 1, (3, (vocab + 31) // 32), generator=g, dtype=torch.int64)
+    bits = bits.to(torch.int32).to(device)
+    allowed = ((bits.unsqueeze(-1) >> torch.arange(32, device=device, dtype=torch.int32)) & 1).view(3, -1)[:, :vocab]
+    want = logits.clone()
+    want[rows] = logits[rows].masked_fill(allowed == 0, float("-inf"))
+    triton_ops.mask_tokens_(logits, rows, bits)
+    assert torch.equal(logits, want) and 0 < int(torch.isinf(logits).sum()) < 3 * vocab
     return norm_err, rope_err, act_err, write_err
 
 
