@@ -189,14 +189,16 @@ class TextModel:
         # A lone prompt chunk with nothing before it attends to itself only (flash attention, no gather).
         alone = len(chunks) == 1 and chunks[0].pos0 == 0
         packs: dict[int | None, PrefillPack] = {}  # one per window size the layers use
+        # Each layer's attention output, one buffer for all (the o projection reads it before the next
+        # layer writes): zeros, not garbage, in rows no attention writes (a graph's padding tokens), and
+        # every layer writes the same rows, so one memset a step instead of one a layer.
+        attn = torch.zeros(t, nh, hd, device=h.device, dtype=h.dtype)
         for i, layer in enumerate(self.layers):
             window = spec.window(i)
             groups: dict[str, GroupSlots] = slots.groups[i] if slots is not None else {}
             x = self._rms_norm(h, layer["ln1"])  # type: ignore[arg-type]
             qkv = lora_project(x, layer["qkv"], layer["qkv_bias"], groups.get("qkv"), lora, kernels)  # type: ignore[arg-type]
             q, k, v = kernels.rope_write(qkv, cos, sin, nh, nkv, hd, kv, i, step.slots)
-            # Zeros, not garbage, in rows no attention writes (a graph's padding tokens): finite downstream.
-            attn = torch.zeros(t, nh, hd, device=h.device, dtype=h.dtype)
             if d:
                 out = kernels.paged_decode(q[:d], kv, i, step.decode_tables, step.decode_lens, window)
                 if out is None:
