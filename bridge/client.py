@@ -287,7 +287,7 @@ class Client:
                 await asyncio.wait_for(self._live.wait(), self._policy.timeout)
         if self._closed is not None:
             raise self._closed
-        request = PendingRequest(message.id)
+        request = PendingRequest(message.id, message)
         self._requests[message.id] = request
         try:
             await self._ws.send(encode(message))
@@ -321,12 +321,23 @@ class Client:
     async def _read_loop(self) -> None:
         while True:
             reason = await self._read_until_closed()
-            for request in list(self._requests.values()):  # their streams died with the connection
-                request.queue.put_nowait(reason)
-            if self._policy is None or self._target is None or self._closing:
+            again = self._policy is not None and self._target is not None and not self._closing
+            # A generation the daemon said nothing of yet (queued there, no output seen) is sent again on
+            # the next connection, as the plugins do; anything else died with the connection.
+            resend = [r for r in self._requests.values()
+                      if again and not r.answered and isinstance(r.message, Generate | GenerateImage)]
+            for request in list(self._requests.values()):
+                if request not in resend:
+                    request.queue.put_nowait(reason)
+            if not again:
                 break
-            failure = await self._reconnect()
+            try:
+                failure = await self._reconnect(resend)
+            except Exception as exc:  # never leave the reader dead with requests waiting on it
+                failure = ConnectionClosed(f"reconnecting to the daemon failed: {type(exc).__name__}: {exc}")
             if failure is not None:
+                for request in resend:
+                    request.queue.put_nowait(failure)
                 reason = failure
                 break
         if self._closed is None:
@@ -351,8 +362,8 @@ class Client:
             return ConnectionClosed(f"connection to the daemon closed: {exc}")
         return ConnectionClosed("connection to the daemon closed")
 
-    async def _reconnect(self) -> ConnectionClosed | None:
-        """Open a new connection (None), or give up after the policy's time (why)."""
+    async def _reconnect(self, resend: list[PendingRequest]) -> ConnectionClosed | None:
+        """Open a new connection and send `resend` again (None), or give up after the policy's time (why)."""
         assert self._policy is not None and self._target is not None
         self._live.clear()
         self._notify("disconnected")
@@ -366,6 +377,12 @@ class Client:
             await self._send_quietly(Subscribe(id=self.new_id()))
         if self._budget is not None:
             await self._send_quietly(self._budget.model_copy(update={"id": self.new_id()}))
+        for request in resend:
+            if not request.done:  # its caller may have given up meanwhile
+                try:
+                    await self._ws.send(encode(request.message))
+                except WsConnectionClosed as exc:
+                    request.queue.put_nowait(ConnectionClosed(f"connection to the daemon closed: {exc}"))
         self.reconnects += 1
         self._live.set()
         self._notify("reconnected")
@@ -384,6 +401,7 @@ class Client:
         request = self._requests.get(request_id) if request_id else None
         if request is None:
             return
+        request.answered = True
         if isinstance(event, Error):
             request.queue.put_nowait(error_for_code(event.code, event.message))
         else:

@@ -7,10 +7,12 @@ runtime file. `Target` remembers how the first connection was found (explicit ur
 runtime file), so a reconnect reads the runtime file again and finds the new daemon. `Reconnect` is
 the policy: how long to keep trying, with delays doubling from `first_delay` to `max_delay`.
 
-What a reconnect cannot keep: requests in flight when the connection dropped (their streams died
-with it on the daemon's side) fail with `ConnectionClosed`, as without reconnecting. What it keeps:
-the client object, its adapter-event subscribers (re-subscribed), its GPU budget (sent again), and
-requests started while it reconnects, which wait for the new connection (up to `timeout`).
+What a reconnect cannot keep: requests the daemon had answered in part when the connection dropped
+(their streams died with it on the daemon's side) fail with `ConnectionClosed`, as without
+reconnecting. What it keeps: the client object, its adapter-event subscribers (re-subscribed), its
+GPU budget (sent again), generations the daemon had said nothing of yet (sent again, as the
+plugins do), and requests started while it reconnects, which wait for the new connection (up to
+`timeout`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from .codec import decode_server, encode
 from .discovery import read_runtime_file
@@ -70,7 +72,7 @@ async def open_connection(target: Target) -> tuple[ClientConnection, Welcome]:
                               user_agent_header=f"loraloom-python/{target.client_name}")
     except InvalidStatus as exc:
         raise AuthError(f"the daemon refused the connection: HTTP {exc.response.status_code}") from None
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, InvalidHandshake) as exc:  # not there, or not answering as a daemon does
         raise DaemonNotFound(f"cannot reach the daemon at {url}: {exc}") from None
     try:
         await ws.send(encode(Hello(protocol=PROTOCOL_VERSION, token=token, client=target.client_name)))

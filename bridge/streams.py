@@ -37,10 +37,12 @@ F = TypeVar("F", Result, ImageResult)
 class PendingRequest:
     """The client side of one in-flight request: a queue of its events."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, message: Any = None) -> None:
         self.id = request_id
+        self.message = message  # what was sent (a reconnect sends an unanswered generation again)
         self.queue: asyncio.Queue[ServerMessage | LoraloomError] = asyncio.Queue()
         self.done = False
+        self.answered = False  # the daemon said something of it
 
 
 class _Stream(Generic[E, F]):

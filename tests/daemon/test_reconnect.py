@@ -74,6 +74,41 @@ async def test_the_client_finds_a_restarted_daemon_and_keeps_its_subscription_an
             stop_daemon(second)
 
 
+async def test_a_generation_the_daemon_had_not_answered_is_sent_again(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A daemon killed outright (no `shutting_down`): the stream it was answering fails, the request
+    it had queued and said nothing of yet is sent to the next daemon and answered there."""
+    adapters = make_adapter_dir(tmp_path / "adapters", tiny_model_dir)
+    runtime = tmp_path / "runtime.json"
+    extra = ["--max-seqs", "1"]  # the second request waits behind the first
+    first = start_daemon(serve_command(tiny_model_dir, adapters, runtime, token="token-k", extra=extra), runtime,
+                         tmp_path / "k.log")
+    second = None
+    try:
+        async with bridge.connect(runtime_file=runtime, reconnect=60) as client:
+            await client.set_budget(duty_cap=0.05)  # slow steps: the first request is still running at the kill
+            running = client.generate("Tell me a long tale of the sea", max_tokens=200)
+            await running.__anext__()
+            queued = asyncio.ensure_future(client.complete("Who goes there?", adapters=["gamma"], max_tokens=4,
+                                                           temperature=0.0))
+            await asyncio.sleep(0.5)
+            assert not queued.done()
+            first.kill()
+            await asyncio.to_thread(first.wait)
+            with pytest.raises(ConnectionClosed):
+                async for _ in running:
+                    pass
+            second = await asyncio.to_thread(
+                start_daemon, serve_command(tiny_model_dir, adapters, runtime, token="token-l", extra=extra), runtime,
+                tmp_path / "l.log")
+            result = await asyncio.wait_for(queued, 60)
+            assert result.finish_reason in ("stop", "length") and result.completion_tokens >= 1
+            assert client.reconnects == 1
+    finally:
+        stop_daemon(first)
+        if second is not None:
+            stop_daemon(second)
+
+
 async def test_reconnecting_gives_up_after_its_time_and_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
     adapters = make_adapter_dir(tmp_path / "adapters", tiny_model_dir)
     runtime = tmp_path / "runtime.json"
