@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 
 from .codec import FrameError, decode_server, encode
-from .connection import ConnectionState, Reconnect, Target, open_connection, reopen
+from .connection import ConnectionState, Opening, Reconnect, Target, open_connection, reopen
 from .conversation import Conversation
 from .errors import ConnectionClosed, LoraloomError, error_for_code
 from .messages import (
@@ -410,31 +410,6 @@ class Client:
 
 
 
-class _Connect:
-    """`await connect(...)` or `async with connect(...) as client`."""
-
-    def __init__(self, target: Target, reconnect: Reconnect | None, on_connection: ConnectionState | None) -> None:
-        self._target, self._reconnect, self._on_connection = target, reconnect, on_connection
-        self._client: Client | None = None
-
-    def __await__(self) -> Generator[Any, None, Client]:
-        return self._open().__await__()
-
-    async def __aenter__(self) -> Client:
-        self._client = await self._open()
-        return self._client
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-    async def _open(self) -> Client:
-        ws, welcome = await open_connection(self._target)
-        return Client(ws, welcome, target=self._target, reconnect=self._reconnect, on_connection=self._on_connection)
-
-
 def connect(
     url: str | None = None,
     token: str | None = None,
@@ -444,11 +419,16 @@ def connect(
     open_timeout: float = 10.0,
     reconnect: bool | float | Reconnect = False,
     on_connection: ConnectionState | None = None,
-) -> _Connect:
+) -> Opening[Client]:
     """Connect to a daemon: explicit `url`/`token`, or those of the runtime file (read again at each
     reconnect, so a restarted daemon on a new port is found). `reconnect`: True (keep trying for 30
     s), a number of seconds, or a `Reconnect` policy; `on_connection` is called with "disconnected",
     "reconnected" and "closed" (when reconnecting gave up)."""
     policy = (reconnect if isinstance(reconnect, Reconnect) else Reconnect() if reconnect is True
               else Reconnect(timeout=float(reconnect)) if reconnect else None)
-    return _Connect(Target(url, token, client_name, runtime_file, open_timeout), policy, on_connection)
+    target = Target(url, token, client_name, runtime_file, open_timeout)
+
+    async def open_client() -> Client:
+        ws, welcome = await open_connection(target)
+        return Client(ws, welcome, target=target, reconnect=policy, on_connection=on_connection)
+    return Opening(open_client)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -33,9 +35,38 @@ from .discovery import read_runtime_file
 from .errors import AuthError, ConnectionClosed, DaemonNotFound, LoraloomError, error_for_code
 from .messages import PROTOCOL_VERSION, Error, Hello, Welcome
 
-__all__ = ["ConnectionState", "Reconnect", "Target", "open_connection", "reopen"]
+__all__ = ["ConnectionState", "Opening", "Reconnect", "Target", "open_connection", "reopen"]
 
 ConnectionState = Callable[[str], None]  # called with "disconnected", "reconnected" or "closed"
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+class Opening(Generic[C]):
+    """What `connect()` returns: `await connect(...)` for a client, or `async with connect(...) as
+    client` to have it closed on the way out."""
+
+    def __init__(self, open_client: Callable[[], Awaitable[C]]) -> None:
+        self._open = open_client
+        self._client: C | None = None
+
+    def __await__(self) -> Generator[Any, None, C]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> C:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
 
 
 @dataclass(frozen=True)
