@@ -36,37 +36,17 @@ if triton is not None:
         tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
 
     @triton.jit
-    def _rope_kernel(qkv_ptr, stride_t, cos_ptr, sin_ptr, stride_c, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        t = tl.program_id(0)
-        head = tl.program_id(1)  # q heads, then k heads: both sit at head * HEAD_DIM in qkv
-        i = tl.arange(0, BLOCK)
-        mask = i < HALF
-        base = qkv_ptr + t * stride_t + head * HEAD_DIM
-        x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + HALF + i, mask=mask, other=0.0).to(tl.float32)
-        c = cos_ptr + t * stride_c
-        s = sin_ptr + t * stride_c
-        c1 = tl.load(c + i, mask=mask, other=0.0)
-        c2 = tl.load(c + HALF + i, mask=mask, other=0.0)
-        s1 = tl.load(s + i, mask=mask, other=0.0)
-        s2 = tl.load(s + HALF + i, mask=mask, other=0.0)
-        tl.store(base + i, (x1 * c1 - x2 * s1).to(qkv_ptr.dtype.element_ty), mask=mask)
-        tl.store(base + HALF + i, (x2 * c2 + x1 * s2).to(qkv_ptr.dtype.element_ty), mask=mask)
-
-
-    @triton.jit
-    def _rope_write_kernel(qkv_ptr, stride_t, cos_ptr, sin_ptr, stride_c, slots_ptr, k_cache_ptr, v_cache_ptr,
-                           stride_slot, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           HALF: tl.constexpr, BLOCK: tl.constexpr):
-        # Program (t, head): q heads and k heads are rotated in place (as `_rope_kernel`), and each k
-        # head and v head of token t goes to its slot of the layer's KV cache: one launch, not three.
+    def _rope_kernel(qkv_ptr, stride_t, cos_ptr, sin_ptr, stride_c, slots_ptr, k_cache_ptr, v_cache_ptr,
+                     stride_slot, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, WRITE_KV: tl.constexpr):
+        # Program (t, head): the first HEADS + KV_HEADS heads of token t are rotated in place; with
+        # WRITE_KV (then q heads, k heads, v heads) each k head (rotated) and v head also goes to the
+        # token's slot of the layer's KV cache: one launch, not three.
         t = tl.program_id(0)
         head = tl.program_id(1)
         i = tl.arange(0, BLOCK)
         mask = i < HALF
         base = qkv_ptr + t * stride_t + head * HEAD_DIM
-        slot = tl.load(slots_ptr + t)
         x1 = tl.load(base + i, mask=mask, other=0.0)
         x2 = tl.load(base + HALF + i, mask=mask, other=0.0)
         if head < HEADS + KV_HEADS:
@@ -80,12 +60,13 @@ if triton is not None:
             y2 = (x2.to(tl.float32) * c2 + x1.to(tl.float32) * s2).to(qkv_ptr.dtype.element_ty)
             tl.store(base + i, y1, mask=mask)
             tl.store(base + HALF + i, y2, mask=mask)
-            if head >= HEADS:
-                dst = k_cache_ptr + slot * stride_slot + (head - HEADS) * HEAD_DIM
-                tl.store(dst + i, y1, mask=mask)
-                tl.store(dst + HALF + i, y2, mask=mask)
-        else:
-            dst = v_cache_ptr + slot * stride_slot + (head - HEADS - KV_HEADS) * HEAD_DIM
+            if WRITE_KV:  # noqa: SIM102 (a constexpr test apart from a runtime one)
+                if head >= HEADS:
+                    dst = k_cache_ptr + tl.load(slots_ptr + t) * stride_slot + (head - HEADS) * HEAD_DIM
+                    tl.store(dst + i, y1, mask=mask)
+                    tl.store(dst + HALF + i, y2, mask=mask)
+        elif WRITE_KV:
+            dst = v_cache_ptr + tl.load(slots_ptr + t) * stride_slot + (head - HEADS - KV_HEADS) * HEAD_DIM
             tl.store(dst + i, x1, mask=mask)
             tl.store(dst + HALF + i, x2, mask=mask)
 
@@ -128,9 +109,10 @@ def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
     t = qkv.shape[0]
     assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and head_dim % 2 == 0
     half = head_dim // 2
-    if t:
-        _rope_kernel[(t, heads)](qkv, qkv.stride(0), cos, sin, cos.stride(0), HEAD_DIM=head_dim, HALF=half,
-                                 BLOCK=triton.next_power_of_2(half))
+    if t:  # no cache: the pointers are not read
+        _rope_kernel[(t, heads)](qkv, qkv.stride(0), cos, sin, cos.stride(0), qkv, qkv, qkv, 0, HEADS=heads,
+                                 KV_HEADS=0, HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half),
+                                 WRITE_KV=False)
 
 
 
@@ -143,9 +125,9 @@ def rope_write_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: 
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[1:] == (kv_heads, head_dim)
     half = head_dim // 2
     if t:
-        _rope_write_kernel[(t, heads + 2 * kv_heads)](
+        _rope_kernel[(t, heads + 2 * kv_heads)](
             qkv, qkv.stride(0), cos, sin, cos.stride(0), slots, k_cache, v_cache, k_cache.stride(0), HEADS=heads,
-            KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half))
+            KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half), WRITE_KV=True)
 
 def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor:
     """silu(gu[:, :n]) * gu[:, n:2n] for the fused gate/up output gu [T, >= 2n] (rows may be strided)."""
