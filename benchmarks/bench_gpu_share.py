@@ -172,15 +172,17 @@ def main(argv: list[str] | None = None) -> int:
             for key in keys:
                 engine.cancel(key)
             time.sleep(0.3)
-            steps = list(sampled)
-            tokens = sum(sum(1 for k in ks if k[1] != "player") for t, ks in steps if t <= started + elapsed)
-            first = {k: min(t for t, ks in steps if k in ks) for k in players if any(k in ks for _, ks in steps)}
+            every = list(sampled)
+            steps = [(t, ks) for t, ks in every if t <= started + elapsed]
+            tokens = sum(sum(1 for k in ks if k[1] != "player") for _, ks in steps)
+            first = {k: min(t for t, ks in every if k in ks) for k in players if any(k in ks for _, ks in every)}
             ttft = [first[k] - players[k] for k in first]
             ordered = sorted(frames)
             rows[label] = {"frame_p50_ms": statistics.median(frames),
                            "frame_p99_ms": ordered[int(0.99 * (len(ordered) - 1))], "frame_max_ms": ordered[-1],
                            "over_budget": sum(1 for f in frames if f > period_ms), "frames": len(frames),
                            "tokens_per_s": tokens / elapsed if keys else None,
+                           "steps_per_s": len(steps) / elapsed if keys else None,
                            "player_ttft_ms": 1000 * statistics.median(ttft) if ttft else None}
     finally:
         stop.set()
@@ -191,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loraloom bench gpu_share: {spec.name} on {machine}; {n} streams on their own adapters beside a game at "
           f"{args.hz:g} Hz with {args.frame_ms} ms of work per frame ({args.frames} frames per configuration)")
     print(f"{'configuration':16} {'frame p50':>10} {'p99':>8} {'max':>8} {'over':>10} {'tokens/s':>9} "
-          f"{'player TTFT':>12}")
+          f"{'player TTFT':>12} {'steps/s':>8}")
     for label, r in rows.items():
         tps = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         ttft_s = "" if r["player_ttft_ms"] is None else f"{r['player_ttft_ms']:.0f} ms"
+        sps = "" if r["steps_per_s"] is None else f"{r['steps_per_s']:.0f}"
         print(f"{label:16} {r['frame_p50_ms']:>10.2f} {r['frame_p99_ms']:>8.2f} {r['frame_max_ms']:>8.2f} "
-              f"{r['over_budget']:>5}/{r['frames']:<4} {tps:>9} {ttft_s:>12}")
+              f"{r['over_budget']:>5}/{r['frames']:<4} {tps:>9} {ttft_s:>12} {sps:>8}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine, "args": vars(args) | {"json": str(args.json)},

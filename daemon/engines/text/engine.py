@@ -88,9 +88,11 @@ class TextEngine:
         self.kernels = model.kernels = (InvariantKernels(self.device, self.dtype) if cfg.deterministic
                                         else select_kernels(self.device, self.dtype, enabled=cfg.kernels))
         self.slots = SlotTable(self.storage, pinned=cfg.pinned_adapters)
+        # Deterministic mode records its decode steps too where its row counts are fixed (a GPU's layout).
+        fixed = bool(getattr(self.kernels, "fixed_rows", False))
         self.graphs = (StepGraphs(self.model, self.kv, self.storage, max_rows=cfg.max_seqs, table_width=width,
-                                    max_context=self.max_context)
-                       if self.device.type == "cuda" and cfg.cuda_graphs and not cfg.deterministic else None)
+                                  max_context=self.max_context, fixed_rows=cfg.deterministic)
+                       if self.device.type == "cuda" and cfg.cuda_graphs and (not cfg.deterministic or fixed) else None)
         self.scheduler = Scheduler(max_seqs=cfg.max_seqs, slots=self.slots, pool=self.pool,
                                    max_step_tokens=cfg.max_step_tokens, prefill_chunk=cfg.prefill_chunk,
                                    priorities=cfg.priorities)

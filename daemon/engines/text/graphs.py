@@ -16,6 +16,11 @@ by one copy a replay) and pads:
   width; per-token [T, slots] scales are spread over the rows inside the graph through the
   storage's row->slot map), or no LoRA at all when every row is on the base model.
 Steps with more chunks or chunk tokens than the largest bucket, and CPU runs, use the eager path.
+
+Deterministic mode (`invariant`, `fixed_rows`) records decode steps only, of exactly `max_rows` rows
+(the row count its matmuls are fixed to), with LoRA always on and dense over the whole pool, and
+one pass per mix member: `slot_weights` is then [members, tokens, slots], one graph per member
+count. Its prompt steps run eagerly.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     ints: torch.Tensor  # every int input in one buffer (see `_layout`)
-    slot_weights: torch.Tensor | None  # [tokens, slots]: each token's scale per slot
+    slot_weights: torch.Tensor | None  # [tokens, slots]: each token's scale per slot ([members, ...] per mix member)
     logits: torch.Tensor
     step: StepInput  # keeps every tensor the graph reads alive
     weights_key: Hashable = None  # whose scales `slot_weights` holds now
@@ -76,15 +81,16 @@ class StepRows:
 
 class StepGraphs:
     def __init__(self, model: TextModel, kv: PagedKV, storage: LoraSlotStorage, *, max_rows: int, table_width: int,
-                 max_context: int) -> None:
+                 max_context: int, fixed_rows: bool = False) -> None:
         self.model = model
         self.kv = kv
         self.storage = storage
         self.table_width = table_width
         self.max_context = max_context
-        self.batch_sizes = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, max_rows + 1))
-                                  | {max_rows})
-        self._graphs: dict[tuple[int, int, int, int], _Graph] = {}
+        self.fixed_rows = fixed_rows  # deterministic mode: decode steps of max_rows rows only, LoRA per member
+        self.batch_sizes = [max_rows] if fixed_rows else sorted(
+            {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, max_rows + 1)) | {max_rows})
+        self._graphs: dict[tuple[int, int, int, int, int], _Graph] = {}
         self.replays = 0
         self.chunk_replays = 0  # replays that carried a prompt chunk
 
@@ -94,6 +100,8 @@ class StepGraphs:
         return bool(kernels.reads_pages and not kernels.failures)
 
     def takes(self, decode_rows: int, chunks: int, chunk_tokens: int) -> bool:
+        if self.fixed_rows:
+            return 0 < decode_rows <= self.batch_sizes[-1] and chunks == 0
         return decode_rows <= self.batch_sizes[-1] and chunks <= MAX_CHUNKS and chunk_tokens <= CHUNK_BUCKETS[-1] \
             and (chunks == 0 or self.paged())
 
@@ -109,7 +117,7 @@ class StepGraphs:
             at += n
         return out
 
-    def _capture(self, batch: int, chunk: int, context: int, width: int) -> _Graph:
+    def _capture(self, batch: int, chunk: int, context: int, width: int, members: int) -> _Graph:
         lora = width > 0
         dev = self.model.device
         layout = self._layout(batch, chunk)
@@ -117,7 +125,8 @@ class StepGraphs:
         ints[layout["lens"]] = 1
         tokens = batch + chunk
         tables = ints[layout["tables"]].view(batch, self.table_width)
-        slot_weights = torch.zeros(tokens, self.storage.num_slots, dtype=self.model.dtype, device=dev) if lora else None
+        shape = (members, tokens, self.storage.num_slots) if members else (tokens, self.storage.num_slots)
+        slot_weights = torch.zeros(shape, dtype=self.model.dtype, device=dev) if lora else None
         if chunk:
             ints[layout["meta"]][:3] = torch.tensor([batch, 1, 0], device=dev)  # the rest: chunks of no tokens
             ints[layout["logit_index"]] = torch.arange(batch + MAX_CHUNKS, device=dev)
@@ -131,7 +140,10 @@ class StepGraphs:
             lora=LoraBatch(mode="none"))
 
         def forward() -> torch.Tensor:
-            if slot_weights is not None:  # spread over the rows inside the graph: the host copies [T, S] only
+            if slot_weights is not None and members:  # [members, T, pool rows]: one expand per member
+                step.lora = LoraBatch(mode="dense", weights=torch.stack(
+                    [self.storage.row_weights(w, width) for w in slot_weights]))
+            elif slot_weights is not None:  # spread over the rows inside the graph: the host copies [T, S] only
                 step.lora = LoraBatch(mode="dense", weights=self.storage.row_weights(slot_weights, width))
             if context:
                 step.decode_index = gather_index(tables, context, self.kv.block_size)
@@ -150,33 +162,34 @@ class StepGraphs:
         # would let a replay overwrite another graph's intermediates.
         with torch.cuda.graph(graph):
             logits = forward()
-        log.debug("captured a graph: %d decode rows, %d chunk tokens, context %d, LoRA rows %d", batch, chunk,
-                  context, width)
+        log.debug("captured a graph: %d decode rows, %d chunk tokens, context %d, LoRA rows %d, mix members %d",
+                  batch, chunk, context, width, members)
         return _Graph(graph, ints, slot_weights, logits, step)
 
     def run(self, rows: StepRows, slot_weights: Callable[[], torch.Tensor] | None,
-            weights_key: Hashable = None) -> torch.Tensor:
+            weights_key: Hashable = None, members: int = 0) -> torch.Tensor:
         """Logits of the decode rows, then of each chunk's last token. `slot_weights`
         gives the [tokens, slots] scales on the host (None: every token on the base model); it is
         only called, and its result copied, when `weights_key` differs from the key of the scales
-        the graph last ran with (None: always)."""
+        the graph last ran with (None: always). With `members` (deterministic mode) they are
+        [members, tokens, slots], and LoRA reads the whole pool."""
         n = len(rows.tables)
         chunk_len = sum(rows.chunk_lens)
         batch = _bucket(n, self.batch_sizes) if n else 0
         chunk = _bucket(chunk_len, CHUNK_BUCKETS) if chunk_len else 0
-        width = 0 if slot_weights is None else self.storage.width(graph=True)
+        width = 0 if slot_weights is None else self.storage.rows if members else self.storage.width(graph=True)
         g = None
         for _ in range(2):
             context = 0
             if not self.paged():
                 longest = max(rows.positions[:n]) + 1
                 context = min(-(-longest // _CONTEXT_BUCKET) * _CONTEXT_BUCKET, self.max_context)
-            key = (batch, chunk, context, width)
+            key = (batch, chunk, context, width, members)
             g = self._graphs.get(key)
             if g is not None:
                 break
             try:
-                g = self._graphs[key] = self._capture(batch, chunk, context, width)
+                g = self._graphs[key] = self._capture(batch, chunk, context, width, members)
                 break
             except _KernelGaveUp:
                 continue
@@ -187,7 +200,10 @@ class StepGraphs:
             assert slot_weights is not None
             per_token = slot_weights()
             g.slot_weights.zero_()
-            g.slot_weights[:n].copy_(per_token[:n], non_blocking=True)
+            if members:
+                g.slot_weights[:, :n].copy_(per_token[:, :n], non_blocking=True)
+            else:
+                g.slot_weights[:n].copy_(per_token[:n], non_blocking=True)
             if chunk_len:
                 g.slot_weights[batch:batch + chunk_len].copy_(per_token[n:], non_blocking=True)
             g.weights_key = weights_key

@@ -33,9 +33,17 @@ decode step is padded to `max_seqs` rows, a step of prompt chunks to `max_step_t
 step with both runs as those two forwards; the attention products of one KV block are padded to a
 block's worth of queries and run one sequence at a time; the vocab head and the sampler see
 `max_seqs` rows. What remains is that a matmul of a fixed shape gives a row the same bits whatever
-the other rows hold, which `probe` checks on the device at start. It is slow (no CUDA graphs, no
-Triton kernels, a Python loop over sequences in attention): a correct reference that fixed-tile
-kernels of our own can make fast. The CPU test suite runs this layout too (`fixed_rows=True`).
+the other rows hold, which `probe` checks on the device at start.
+
+Attention on a GPU runs through the prompt-chunk Triton kernel (`triton_attention.paged_prefill`),
+decode rows included, as chunks of one token. It is invariant by construction: one program per
+(chunk, tile of queries, KV head), no split of the positions, and a query's online softmax walks
+KV tiles of a fixed size from position 0 in the same order wherever the query sits. A tile the query
+does not see (past its position, or before its window) changes none of its bits: its scores are -inf,
+so the running max stays, the rescale is exactly 1 (or the sums stay exactly 0) and the products add
+exact zeros. Without Triton (and in the CPU suite's `fixed_rows=True` runs) `attend_blocks` serves,
+one sequence at a time. Still slow against the default engine: no CUDA graphs, padded row counts,
+and cuBLAS products of fixed shapes rather than batch-invariant kernels of our own.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import triton_attention
 from .kernels import TorchKernels
 from .lora import lora_expand_fused
 from .lora_pool import GroupSlots
@@ -187,6 +196,8 @@ class InvariantKernels(TorchKernels):
         self.fixed_rows = device.type == "cuda" if fixed_rows is None else fixed_rows
         probe(device, dtype, fixed_rows=self.fixed_rows)
         super().__init__(device)
+        # On a GPU, attention through the prompt-chunk kernel, for decode rows too (`paged_decode`).
+        self._attention = triton_attention if self.fixed_rows and triton_attention.available(device) else None
 
     def prefers_prefix(self, tokens: int) -> bool:
         return True
@@ -198,6 +209,12 @@ class InvariantKernels(TorchKernels):
 
     def paged_decode(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, lens: torch.Tensor,
                      window: int | None) -> torch.Tensor | None:
+        if self._attention is not None:  # each decode row as a prompt chunk of one token (see paged_prefill)
+            meta = torch.stack([torch.arange(q.shape[0], device=q.device), torch.ones_like(lens), lens - 1], dim=1)
+            out = torch.empty_like(q)
+            if self._attention.paged_prefill(q, kv.k[layer], kv.v[layer], tables, meta, out, window, kv.block_size,
+                                             1):
+                return out
         bs = kv.block_size
         out = torch.zeros_like(q)
         by_blocks: dict[int, list[int]] = {}  # sequences whose query is in the same block: one batch
@@ -220,6 +237,9 @@ class InvariantKernels(TorchKernels):
 
     def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
                       out: torch.Tensor, window: int | None, longest: int) -> bool:
+        if self._attention is not None and self._attention.paged_prefill(
+                q, kv.k[layer], kv.v[layer], tables, meta, out, window, kv.block_size, longest):
+            return True
         bs = kv.block_size
         table_rows = tables.tolist()
         for c, (start, length, pos0) in enumerate(meta.tolist()):

@@ -180,6 +180,17 @@ class ModelRunner:
 
         # A sequence's slot scales never change while it runs, so the graph's copy of them is
         # reused for as long as the same sequences decode together.
+        if self.config.deterministic:  # decode rows only; LoRA always on, one pass per mix member (`_member_batch`)
+            mixes = [_mix_order(s) for s in decode]
+            count = max(1, max(len(m) for m in mixes))
+
+            def member_weights() -> torch.Tensor:
+                w = torch.zeros(count, d, self.storage.num_slots)
+                for t, mix in enumerate(mixes):
+                    for j, (slot, scale) in enumerate(mix):
+                        w[j, t, slot] = scale
+                return w
+            return self.graphs.run(rows, member_weights, weights_key=tuple(members), members=count)
         uses_lora = any(self._uses_lora(s) for s in seqs)
         logits = self.graphs.run(rows, weights if uses_lora else None, weights_key=tuple(members))
         if all(c.completes for c in chunks):

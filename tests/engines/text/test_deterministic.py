@@ -221,7 +221,8 @@ if torch.cuda.is_available():  # collected only where it can run (like the CUDA 
         """The GPU's layout on the GPU (bf16): a seeded and a greedy request, with and without a mix,
         alone vs among 1, 7 and 31 companions arriving before, after and while it decodes."""
         engine = TextEngine.from_folder(tiny_model_dir, dataclasses.replace(CONFIG, device="cuda", dtype="bfloat16"))
-        assert isinstance(engine.kernels, InvariantKernels) and engine.kernels.fixed_rows and engine.graphs is None
+        assert isinstance(engine.kernels, InvariantKernels) and engine.kernels.fixed_rows
+        assert engine.graphs is not None and engine.graphs.fixed_rows
         versions = load(engine, adapter_dirs)
         rec = Recorder(engine)
         for temperature, mix in ((0.9, False), (0.0, False), (0.9, True)):
@@ -235,3 +236,4 @@ if torch.cuda.is_available():  # collected only where it can run (like the CUDA 
                             if arrival == "last" else rec.run(companions, [t], after_steps=3))
                     assert same_bits(reference, rec.logits) is None, (temperature, mix, n, arrival)
                     assert done["t"].token_ids == alone.token_ids
+        assert engine.graphs.replays > 0, "decode steps were meant to replay recorded graphs"
