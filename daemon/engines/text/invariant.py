@@ -42,8 +42,12 @@ KV tiles of a fixed size from position 0 in the same order wherever the query si
 does not see (past its position, or before its window) changes none of its bits: its scores are -inf,
 so the running max stays, the rescale is exactly 1 (or the sums stay exactly 0) and the products add
 exact zeros. Without Triton (and in the CPU suite's `fixed_rows=True` runs) `attend_blocks` serves,
-one sequence at a time. Still slow against the default engine: no CUDA graphs, padded row counts,
-and cuBLAS products of fixed shapes rather than batch-invariant kernels of our own.
+one sequence at a time. RMSNorm, RoPE (with the KV write) and SiLU-and-multiply take the Triton
+kernels on a GPU too: a program per row or element, tiles fixed by the model's sizes. Decode steps
+replay CUDA graphs of `max_seqs` rows (`graphs`, `fixed_rows`). What it still pays against the
+default engine: padded row counts, the LoRA expand as PyTorch products once per mix member over the
+whole pool (the Triton expand is autotuned, and a tile chosen by timing could differ from one start
+to the next), and cuBLAS products of fixed shapes rather than batch-invariant kernels of our own.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_attention
-from .kernels import TorchKernels
+from .kernels import TorchKernels, TritonKernels
 from .lora import lora_expand_fused
 from .lora_pool import GroupSlots
 from .quant import QuantWeight, Weight
@@ -196,11 +200,33 @@ class InvariantKernels(TorchKernels):
         self.fixed_rows = device.type == "cuda" if fixed_rows is None else fixed_rows
         probe(device, dtype, fixed_rows=self.fixed_rows)
         super().__init__(device)
-        # On a GPU, attention through the prompt-chunk kernel, for decode rows too (`paged_decode`).
+        # On a GPU, attention through the prompt-chunk kernel, for decode rows too (`paged_decode`), and
+        # RMSNorm, RoPE with the KV write and SiLU-and-multiply through the Triton kernels: one program
+        # per row (or element) with fixed tiles, so a row's bits do not depend on the others.
         self._attention = triton_attention if self.fixed_rows and triton_attention.available(device) else None
+        self._rows = TritonKernels(device) if self._attention is not None and device.type == "cuda" else None
 
     def prefers_prefix(self, tokens: int) -> bool:
         return True
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return super().rms_norm(x, weight, eps) if self._rows is None else self._rows.rms_norm(x, weight, eps)
+
+    def silu_mul(self, gu: torch.Tensor, n: int) -> torch.Tensor:
+        return super().silu_mul(gu, n) if self._rows is None else self._rows.silu_mul(gu, n)
+
+    def rope_write(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                   head_dim: int, kv: Any, layer: int, slots: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            return super().rope_write(qkv, cos, sin, heads, kv_heads, head_dim, kv, layer, slots)
+        return self._rows.rope_write(qkv, cos, sin, heads, kv_heads, head_dim, kv, layer, slots)
+
+    def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            return super().rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
+        return self._rows.rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
 
     def linear(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(weight, QuantWeight):
