@@ -43,11 +43,11 @@ does not see (past its position, or before its window) changes none of its bits:
 so the running max stays, the rescale is exactly 1 (or the sums stay exactly 0) and the products add
 exact zeros. Without Triton (and in the CPU suite's `fixed_rows=True` runs) `attend_blocks` serves,
 one sequence at a time. RMSNorm, RoPE (with the KV write) and SiLU-and-multiply take the Triton
-kernels on a GPU too: a program per row or element, tiles fixed by the model's sizes. Decode steps
-replay CUDA graphs of `max_seqs` rows (`graphs`, `fixed_rows`). What it still pays against the
-default engine: padded row counts, the LoRA expand as PyTorch products once per mix member over the
-whole pool (the Triton expand is autotuned, and a tile chosen by timing could differ from one start
-to the next), and cuBLAS products of fixed shapes rather than batch-invariant kernels of our own.
+kernels on a GPU too: a program per row or element, tiles fixed by the model's sizes; so does the
+LoRA expand (`triton_lora`, its tiles chosen from the shapes alone, never by timing), once per mix
+member over the whole pool. Decode steps replay CUDA graphs of `max_seqs` rows (`graphs`,
+`fixed_rows`). What it still pays against the default engine: padded row counts, a pass per mix
+member, and cuBLAS products of fixed shapes rather than batch-invariant kernels of our own.
 """
 
 from __future__ import annotations
@@ -293,7 +293,8 @@ class InvariantKernels(TorchKernels):
         else:
             end = group.base_out + width * n
             y = F.linear(x, group.fused[:end], None if group.fused_bias is None else group.fused_bias[:end])
-        for member in weights:
-            lora_expand_fused(y, group, member)
+        for member in weights:  # the residual after every member: a row's sum is the same whatever the count
+            if self._rows is None or not self._rows._lora.expand_fused(y, group, member):
+                lora_expand_fused(y, group, member)
         out = y[:, :group.base_out]
         return out if residual is None else out.add_(residual)

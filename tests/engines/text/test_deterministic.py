@@ -143,10 +143,13 @@ def test_a_row_is_the_same_bits_whatever_shares_its_batch(engine: TextEngine, ve
             companions = [companion(versions, i) for i in range(n)]  # fresh requests for the next arrival
 
 
-LAYOUTS = pytest.mark.parametrize("layout", ["cpu-layout", "fixed-rows"])
+# Where there is a GPU, its own layout on it too (bf16, Triton kernels, CUDA graphs).
+LAYOUTS = pytest.mark.parametrize("layout", ["cpu-layout", "fixed-rows"] + ["cuda"] * torch.cuda.is_available())
 
 
 def build(model_dir: Path, cfg: EngineConfig, layout: str) -> TextEngine:
+    if layout == "cuda":
+        return TextEngine.from_folder(model_dir, dataclasses.replace(cfg, device="cuda", dtype="bfloat16"))
     engine = TextEngine.from_folder(model_dir, cfg)
     return fixed_rows(engine) if layout == "fixed-rows" else engine
 
@@ -197,9 +200,10 @@ def test_prefix_cache_hits_and_preemptions_keep_the_bits(tiny_model_dir: Path, a
     assert again.cached_tokens >= 128 and same_bits(reference, rec.logits) is None
 
     before = engine.scheduler.preempted
-    players = [TextRequest(key=f"p{i}", prompt_ids=[7 + (i + j) % 40 for j in range(100)], priority="player",
+    more = 2 if layout == "cuda" else 1  # bf16: the same megabyte holds twice the tokens
+    players = [TextRequest(key=f"p{i}", prompt_ids=[7 + (i + j) % 40 for j in range(100 * more)], priority="player",
                            adapters=[(versions[1 + i % 5], 1.0)],
-                           sampling=SamplingParams(temperature=0.8, seed=i, max_tokens=150, ignore_eos=True))
+                           sampling=SamplingParams(temperature=0.8, seed=i, max_tokens=150 * more, ignore_eos=True))
                for i in range(12)]
     done = rec.run([watched()], players, after_steps=12)
     assert engine.scheduler.preempted > before, "the small pool was meant to pause the background request"
