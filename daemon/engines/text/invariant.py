@@ -293,8 +293,10 @@ class InvariantKernels(TorchKernels):
         else:
             end = group.base_out + width * n
             y = F.linear(x, group.fused[:end], None if group.fused_bias is None else group.fused_bias[:end])
-        for member in weights:  # the residual after every member: a row's sum is the same whatever the count
-            if self._rows is None or not self._rows._lora.expand_fused(y, group, member):
-                lora_expand_fused(y, group, member)
-        out = y[:, :group.base_out]
-        return out if residual is None else out.add_(residual)
+        # The residual rides with the first member's pass: the passes after it add exact zeros to a row
+        # with fewer members, so its sum is the same whatever the step's member count.
+        for j, member in enumerate(weights):
+            extra = residual if j == 0 else None
+            if self._rows is None or not self._rows._lora.expand_fused(y, group, member, residual=extra):
+                lora_expand_fused(y, group, member, residual=extra)
+        return y[:, :group.base_out]
