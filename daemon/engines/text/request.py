@@ -43,7 +43,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay recorded decode steps on CUDA (no effect on the CPU)
     lora_layout: Literal["auto", "dense", "bgmv"] = "auto"  # how a step lays out its LoRA rows (lora_plan.py)
     kernels: bool = True  # compiled kernels where installed (kernels.py); False: PyTorch ops only
-    deterministic: bool = False  # a row's logits independent of its batch (invariant.py; CPU only for now)
+    deterministic: bool = False  # a row's logits independent of its batch (invariant.py; CPU and CUDA)
     pinned_adapters: tuple[str, ...] = ()
 
 
