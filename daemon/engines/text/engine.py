@@ -107,6 +107,10 @@ class TextEngine:
         self.failed_steps = 0
         self.budget: GpuBudget | None = None  # the GPU budget the daemon shares between its engines
         self.step_timer = StepTimer()  # predicts a step's time (the budget's frame windows, chunk sizes)
+        # Constrained rows' matchers take each token at the next step, behind its forward, where the
+        # device runs that forward while the host works (`output`); on the CPU the forward is the host.
+        self.defer_grammar = self.device.type == "cuda"
+        self.grammar_late_stops = 0  # sequences whose grammar's end was seen a step late (a row's work thrown away)
         mb = 2**20
         log.info("text model %s: %d layers, %.0fM parameters, %s %s, %d sequences of up to %d tokens, %d LoRA "
                  "slots, %s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
@@ -298,7 +302,7 @@ class TextEngine:
             if seq.request.constraint is not None:
                 seq.grammar = seq.request.constraint.start()
             self._outputs[seq.serial] = SequenceOutput(seq, self.tokenizer, self.byte_table, eos_ids=self.eos_ids,
-                                                       max_context=self.max_context)
+                                                       max_context=self.max_context, defer_grammar=self.defer_grammar)
         if plan is None:
             return False
         chunk_tokens = sum(c.length for c in plan.chunks)
@@ -340,8 +344,13 @@ class TextEngine:
             return
         self.scheduler.commit(plan)
         now = time.perf_counter()
+        complete = {s.serial for s in self.runner.grammar_done}
         for seq, token in zip(plan.sample, tokens, strict=True):
-            self._accept(seq, token, now)
+            if seq.serial in complete:  # its grammar ended with its previous token (`output`): this one is dropped
+                self.grammar_late_stops += 1
+                self._end(seq, "stop")
+            else:
+                self._accept(seq, token, now)
 
     def _accept(self, seq: Seq, token: int, now: float) -> None:
         output = self._outputs[seq.serial]

@@ -3,6 +3,12 @@
 One `SequenceOutput` per running sequence. `on_token(token)` takes the next sampled token and
 gives the chunk that may be streamed now (holding back a tail that could still turn into a stop
 string) or the reason the sequence ends; `final_events(reason)` gives its last chunk and result.
+
+A constrained sequence's matcher takes each token (`take_pending`) at once, or, with
+`defer_grammar` (on a GPU), at the start of the next step, while the device runs that step's
+forward: the matcher's work leaves the gap between steps. A grammar that completes with a token is
+then seen one step late: that row's next token is thrown away and the sequence ends with `stop`,
+its tokens and text what they would have been (the runner tells the engine, `grammar_done`).
 """
 
 from __future__ import annotations
@@ -13,18 +19,31 @@ from .detok import IncrementalDecoder
 from .request import TextChunkEvent, TextDoneEvent
 from .scheduler import Sequence
 
-__all__ = ["SequenceOutput"]
+__all__ = ["SequenceOutput", "take_pending"]
+
+
+def take_pending(seq: Sequence) -> bool:
+    """The matcher takes the sequence's token it has not taken yet, if any. True if the grammar is
+    then complete and nothing more can follow (the sequence ends with that token)."""
+    token = seq.grammar_pending
+    if token is None:
+        return False
+    seq.grammar_pending = None
+    if not seq.grammar.consume_token(token):  # the mask allowed only what it accepts: a bug if so
+        raise RuntimeError(f"the constraint refused token {token}: {seq.grammar.get_error()}")
+    return bool(seq.grammar.is_stopped())
 
 
 class SequenceOutput:
     def __init__(self, seq: Sequence, tokenizer: Any, table: list[bytes] | None, *, eos_ids: frozenset[int],
-                 max_context: int) -> None:
+                 max_context: int, defer_grammar: bool = False) -> None:
         self.seq = seq
         self.params = seq.request.sampling
         self.decoder = IncrementalDecoder(tokenizer, table)
         self.eos_ids = eos_ids
         self.max_context = max_context
         self.grammar = seq.grammar  # the constraint's matcher, or None
+        self.defer_grammar = defer_grammar  # the matcher takes a token at the next step (see the module doc)
         self.text = ""  # all text so far (cut before a stop string once one appears)
         self.sent = 0  # characters of `text` already streamed
         self._longest_stop = max((len(x) for x in self.params.stop), default=0)
@@ -43,6 +62,8 @@ class SequenceOutput:
         """The text not streamed yet, then the result."""
         seq, req = self.seq, self.seq.request
         piece = self.take_chunk(final=True)
+        if self.grammar is not None:
+            take_pending(seq)  # whether the constraint is satisfied counts the last token
         events: list[TextChunkEvent | TextDoneEvent] = []
         if piece:
             events.append(TextChunkEvent(seq.key, piece, len(seq.tokens)))
@@ -63,20 +84,28 @@ class SequenceOutput:
         seq.tokens.append(token)
         self.text += self.decoder.push(token)
         if self.grammar is not None:
-            if not self.grammar.consume_token(token):  # the mask allowed only what it accepts: a bug if so
-                raise RuntimeError(f"the constraint refused token {token}: {self.grammar.get_error()}")
-            if self.grammar.is_stopped():  # complete, and nothing more can follow
+            seq.grammar_pending = token
+            if not self.defer_grammar and take_pending(seq):  # complete, and nothing more can follow
                 return "stop"
+        reason, cut = self._stop_string_or_length()
+        if reason is not None and self.grammar is not None and take_pending(seq):
+            return "stop"  # the grammar's end first (text uncut), as when the matcher takes each token at once
+        if cut is not None:
+            self.text = self.text[:cut]
+        return reason
+
+    def _stop_string_or_length(self) -> tuple[str | None, int | None]:
+        """The reason the sequence ends here apart from its grammar, and where a stop string cuts the text."""
+        seq = self.seq
         if self._longest_stop:
             base = max(0, self.sent - self._longest_stop)
             window = self.text[base:]
             hits = [base + window.find(x) for x in self.params.stop if x in window]
             if hits:
-                self.text = self.text[:min(hits)]
-                return "stop"
+                return "stop", min(hits)
         if len(seq.tokens) >= self.params.max_tokens or seq.prompt_len + len(seq.tokens) >= self.max_context:
-            return "length"
-        return None
+            return "length", None
+        return None, None
 
     def take_chunk(self, *, final: bool = False) -> str:
         """Text not streamed yet that no later token can take back ("" when there is none)."""

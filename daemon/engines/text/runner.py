@@ -21,6 +21,7 @@ from .kv import PagedKV, PrefillChunk, gather_index
 from .lora_plan import LoraBatch
 from .lora_pool import LoraSlotStorage
 from .model import StepInput, TextModel
+from .output import take_pending
 from .request import EngineConfig
 from .sampler import sample
 from .scheduler import Sequence, StepPlan
@@ -47,6 +48,8 @@ class ModelRunner:
         # Test and debugging hook: called with (request keys, float32 logits) after every forward.
         self.on_logits: Callable[[list[Hashable], torch.Tensor], None] | None = None
         self.masks: RowMasks | None = None  # created with the first constrained row
+        # Sequences whose grammar the last step found complete with their previous token (`output`).
+        self.grammar_done: list[Sequence] = []
         # (sequence serial, its slots) -> its scale per slot (float32, host); a paused sequence may come
         # back in other slots.
         self._weights: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
@@ -57,11 +60,19 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> list[int]:
         """Run the step; the next token of each sequence in `plan.sample`, in that order."""
-        logits = self._forward(plan)  # on CUDA still running while the masks are computed
+        logits = self._forward(plan)  # on CUDA still running while the matchers and masks work
         sample_seqs = plan.sample
+        self.grammar_done = []
         if not sample_seqs:  # only prompt chunks that end mid-prompt
             return []
-        constrained = [i for i, s in enumerate(sample_seqs) if s.grammar is not None]
+        constrained = []
+        for i, s in enumerate(sample_seqs):
+            if s.grammar is None:
+                continue
+            if take_pending(s):  # its last token completed the grammar: it ends there (this row's is dropped)
+                self.grammar_done.append(s)
+            else:
+                constrained.append(i)
         if constrained:
             if self.masks is None:
                 from .constraints import RowMasks

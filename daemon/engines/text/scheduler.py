@@ -68,6 +68,7 @@ class Sequence:
     started: float | None = None
     first_token: float | None = None
     grammar: Any = None  # its constraint's matcher (constraints.Grammar.start()); None: unconstrained
+    grammar_pending: int | None = None  # a sampled token the matcher has not taken yet (`output.take_pending`)
 
     @property
     def key(self) -> Hashable:

@@ -3,6 +3,7 @@ with unconstrained rows, adapters and mixes; every output valid; the free rows u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -34,15 +35,20 @@ CHOICES = ["attack", "flee", "talk to the guard", "trade"]
 GRAMMAR = 'start: "say " WORD " to " WORD\nWORD: /[a-z]{2,6}/\n'
 
 
-# CUDA where there is one (bf16, CUDA graphs, Triton kernels: the masks go onto the graph's logits).
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+# CUDA where there is one (bf16, CUDA graphs, Triton kernels: the masks go onto the graph's logits;
+# the matchers take each token one step late). On the CPU both ways.
+DEVICES = ["cpu", "cpu-deferred", *(["cuda"] if torch.cuda.is_available() else [])]
+CPU_CONFIG = EngineConfig(device="cpu", dtype="float32", max_seqs=12, max_context=512, lora_slots=4, max_lora_rank=8)
 
 
 @pytest.fixture(scope="module", params=DEVICES)
 def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> TextEngine:
-    dtype = "float32" if request.param == "cpu" else "bfloat16"
-    return TextEngine.from_folder(tiny_model_dir, EngineConfig(device=request.param, dtype=dtype, max_seqs=12,
-                                                               max_context=512, lora_slots=4, max_lora_rank=8))
+    if request.param == "cuda":
+        return TextEngine.from_folder(tiny_model_dir, dataclasses.replace(CPU_CONFIG, device="cuda",
+                                                                          dtype="bfloat16"))
+    engine = TextEngine.from_folder(tiny_model_dir, CPU_CONFIG)
+    engine.defer_grammar = request.param == "cpu-deferred"
+    return engine
 
 
 def versions(engine: TextEngine, model_dir: Path, tmp_path: Path) -> list:
@@ -140,3 +146,45 @@ def test_compiled_grammars_are_cached_by_their_exact_text(engine: TextEngine) ->
     assert first is again and other is not first
     assert engine.grammars.stats["compiled"] == before["compiled"] + 2
     assert engine.grammars.stats["cache_hits"] == before["cache_hits"] + 1
+
+
+def test_a_matcher_taking_tokens_one_step_late_changes_nothing(tiny_model_dir: Path) -> None:
+    """The same constrained requests (grammars that end on their own, one cut short by max_tokens, one
+    whose grammar ends exactly at max_tokens, stop strings) with the matchers taking each token at once
+    and one step late: the same tokens, text, finish reasons and constraint states."""
+    engine = TextEngine.from_folder(tiny_model_dir, CPU_CONFIG)
+    prompt = engine.encode_prompt("The guard looks at you and says")
+    kinds = {"action": Constraint("json_schema", json.dumps(ACTION)), "regex": Constraint("regex", REGEX),
+             "choices": Constraint("choices", json.dumps(CHOICES)), "grammar": Constraint("grammar", GRAMMAR)}
+
+    def requests() -> list[TextRequest]:
+        out = []
+        for i, (kind, c) in enumerate(kinds.items()):
+            for j, max_tokens in enumerate((320, 3)):
+                out.append(TextRequest(key=(kind, j), prompt_ids=prompt, constraint=engine.prepare_constraint(c),
+                                       sampling=SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens,
+                                                               stop=["!"] if kind == "regex" else [])))
+        out.append(TextRequest(key="free", prompt_ids=prompt, sampling=SamplingParams(temperature=0.8, seed=9,
+                                                                                      max_tokens=20)))
+        return out
+
+    at_once = run(engine, requests())
+    exact = {k: len(e.token_ids) for k, e in at_once.items() if k != "free" and k[1] == 0 and e.finish_reason == "stop"}
+
+    def edge() -> list[TextRequest]:  # a grammar that completes on the last token max_tokens allows
+        return [TextRequest(key=("edge", k), prompt_ids=prompt, constraint=engine.prepare_constraint(kinds[k[0]]),
+                            sampling=SamplingParams(temperature=0.8, seed=list(kinds).index(k[0]), max_tokens=n))
+                for k, n in exact.items()]
+
+    at_once |= run(engine, edge())
+    engine.defer_grammar = True
+    late = run(engine, requests()) | run(engine, edge())
+    assert exact and any(e.finish_reason == "length" and e.constraint == "incomplete" for e in at_once.values())
+    for key, event in at_once.items():
+        other = late[key]
+        assert (other.token_ids, other.text, other.finish_reason, other.constraint) == (
+            event.token_ids, event.text, event.finish_reason, event.constraint), key
+    boundary = [k for k in exact if at_once[("edge", k)].finish_reason == "stop"
+                and len(at_once[("edge", k)].token_ids) == exact[k]]
+    assert boundary, "no grammar ended on the last token max_tokens allowed"  # `stop` there, not `length`
+    assert engine.grammar_late_stops > 0  # grammars' ends were seen a step late, and their extra token dropped
