@@ -238,14 +238,16 @@ class Client:
         self._budget = message
         return reply
 
-    async def frame(self) -> None:
-        """A frame of the game starts now (for a `frame_sync` budget; no answer). While reconnecting
-        it is dropped (the budget pauses itself without frames, and is sent again on reconnect)."""
+    async def frame(self, game_ms: float | None = None) -> None:
+        """A frame of the game starts now (for a `frame_sync` budget; no answer), with the GPU time
+        the game's own work took in its last frame where the game measures it (`game_ms`: then the
+        daemon sizes the game's part of a frame from these reports). While reconnecting it is
+        dropped (the budget pauses itself without frames, and is sent again on reconnect)."""
         if self._closed is not None:
             raise self._closed
         if self._live.is_set():
             with contextlib.suppress(WsConnectionClosed):
-                await self._ws.send(encode(Frame()))
+                await self._ws.send(encode(Frame(game_ms=game_ms)))
 
     def events(self) -> AdapterEvents:
         """Adapter events from this call on (subscribes on first use): `async for e in client.events()`."""

@@ -85,7 +85,7 @@ EXAMPLES: dict[str, BaseModel] = {
     "ping": m.Ping(id="p-1"),
     "set_budget": m.SetBudget(id="b-1", duty_cap=0.5, tokens_per_s=m.TokenRates(background=40.0),
                               frame_sync=m.FrameSync(period_ms=8.33, game_ms=3.5)),
-    "frame": m.Frame(),
+    "frame": m.Frame(game_ms=3.25),
     "chunk": m.Chunk(id="npc-1", text="Arr, ", index=0, tokens=2),
     "result": m.Result(id="npc-1", text="Arr, who be askin'?", finish_reason="stop", prompt_tokens=12,
                        completion_tokens=9, adapter_versions={"pirate": 3}, timings=_TIMINGS),

@@ -276,6 +276,11 @@ class Frame(_Message):
     """A frame of the game started now (with `frame_sync`; no answer). A few bytes a frame."""
 
     type: Literal["frame"] = "frame"
+    game_ms: float | None = Field(
+        default=None, ge=0.0, le=1000.0,
+        description="the GPU time the game's own work took in its last frame, as the engine measured it; with "
+                    "these reports the daemon sizes the game's part of a frame from them (their 90th percentile "
+                    "over recent frames) instead of `frame_sync.game_ms`")
 
 
 # ---------------------------------------------------------------- daemon -> client

@@ -12,7 +12,11 @@ A game and the daemon share one GPU. Three limits, each off unless set (settings
 - **frame sync**: the game reports each frame's start (`frame`, a few bytes) and how much of the
   frame its own GPU work takes; steps run only in the rest of the frame, and only if the step,
   as predicted from recent steps, ends before the frame's end minus a margin. Without frame
-  reports for 4 periods the mode pauses itself (the duty cap, if any, still holds).
+  reports for 4 periods the mode pauses itself (the duty cap, if any, still holds). The game's part
+  is `FrameSync.game_ms`, or, once frames carry the game's measured GPU time of its last frame
+  (`frame(game_ms)`, as the plugins send where the engine measures it), the 90th percentile of the
+  last 32 such reports: a scene that renders more takes more of the frame, one that renders less
+  leaves the daemon more.
 
 While any limit is set, a step's predicted time is bounded (`step_ms_limit`): the engine shrinks
 its prompt chunks to fit the free part of a frame, or `max_step_ms`. Thread-safe; the clock is
@@ -40,6 +44,8 @@ CLASSES = ("player", "normal", "background")
 _BURST_S = 0.02  # credit a duty cap may save up: one frame's worth at 60 Hz, two steps of a 1B model
 _CATCH_UP_S = 0.1  # credit a waiting engine may carry past its wake-up time (then it runs steps back to back)
 _STALE_PERIODS = 4
+_REPORTS = 32  # frames' measured game times the game's part is taken from
+_MIN_REPORTS = 4  # ... once this many have come
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class GpuBudget:
         self._buckets: dict[str, float] = {}
         self._bucket_at = clock()
         self._frame_at: float | None = None  # the last frame start reported
+        self._game_reports: deque[float] = deque(maxlen=_REPORTS)  # the game's measured ms of recent frames
         self.owner: int | None = None  # the connection whose set_budget is in force (None: settings)
         self.busy_s = 0.0  # step time recorded
         self.waited_s = 0.0  # time steps were held back
@@ -92,6 +99,7 @@ class GpuBudget:
             self._bucket_at = now
             if spec.frame_sync is None:
                 self._frame_at = None
+            self._game_reports.clear()
 
     def release(self, owner: int) -> bool:
         """The connection that set the budget is gone: back to the settings' budget."""
@@ -100,11 +108,20 @@ class GpuBudget:
         self.set(self.base)
         return True
 
-    def frame(self) -> None:
-        """A frame started now (the game's report)."""
+    def frame(self, game_ms: float | None = None) -> None:
+        """A frame started now (the game's report), with its last frame's measured GPU time, if any."""
         with self._lock:
             self._frame_at = self._clock()
             self.frames += 1
+            if game_ms is not None:
+                self._game_reports.append(game_ms)
+
+    def game_ms(self) -> float | None:
+        """The game's part of a frame as frame sync uses it now: from its reports once there are
+        enough, else the spec's `game_ms` (None without frame sync)."""
+        with self._lock:
+            sync = self._spec.frame_sync
+            return None if sync is None else self._game_part(sync) * 1000
 
     # ------------------------------------------------------------------ used by engines
 
@@ -141,7 +158,7 @@ class GpuBudget:
         limits = [spec.max_step_ms] if spec.max_step_ms is not None else []
         sync = spec.frame_sync
         if sync is not None and self._frame_at is not None:
-            limits.append(max(sync.period_ms - sync.game_ms - sync.margin_ms, 0.1))
+            limits.append(max(sync.period_ms - self._game_part(sync) * 1000 - sync.margin_ms, 0.1))
         return min(limits) if limits else None
 
     def record(self, seconds: float, tokens: Mapping[str, int] | None = None, *, waited: float = 0.0) -> None:
@@ -169,9 +186,11 @@ class GpuBudget:
 
     def describe(self) -> dict[str, object]:
         spec = self._spec
+        game = self.game_ms()  # the game's part of a frame in use (its reports', or the spec's)
         return {"active": spec.active, "duty_cap": spec.duty_cap, "tokens_per_s": dict(spec.tokens_per_s),
                 "frame_sync": None if spec.frame_sync is None else vars(spec.frame_sync).copy(),
                 "max_step_ms": spec.max_step_ms, "set_by_client": self.owner is not None,
+                "game_ms_in_use": None if game is None else round(game, 3),
                 "busy_s": round(self.busy_s, 3), "held_back_s": round(self.waited_s, 3), "frames": self.frames}
 
     # ------------------------------------------------------------------ internals (under the lock)
@@ -193,10 +212,18 @@ class GpuBudget:
         for c, rate in self._spec.tokens_per_s.items():
             self._buckets[c] = min(self._buckets.get(c, 0.0) + dt * rate, self._capacity(rate))
 
+    def _game_part(self, sync: FrameSync) -> float:
+        """Seconds of each frame the game's own work takes: its reports' 90th percentile, or the spec's."""
+        reports = self._game_reports
+        if len(reports) < _MIN_REPORTS:
+            return sync.game_ms / 1000
+        ordered = sorted(reports)
+        return ordered[int(0.9 * (len(ordered) - 1))] / 1000
+
     def _frame_wait(self, at: float, sync: FrameSync, step_s: float) -> float:
         """Seconds after `at` until a step of `step_s` fits the free part of a frame."""
         assert self._frame_at is not None
-        period, game, margin = sync.period_ms / 1000, sync.game_ms / 1000, sync.margin_ms / 1000
+        period, game, margin = sync.period_ms / 1000, self._game_part(sync), sync.margin_ms / 1000
         since = at - self._frame_at
         if since > _STALE_PERIODS * period:  # the game stopped reporting: do not wait for frames
             return 0.0

@@ -194,7 +194,7 @@ class DaemonServer:
             elif isinstance(action, Stop):
                 self.service.cancel(action.key, action.kind)
             elif isinstance(action, FrameStart):
-                self.service.budget.frame()
+                self.service.budget.frame(action.game_ms)
             elif isinstance(action, Budget):
                 reply = self.service.set_budget(action.conn, action.message)
                 if reply is not None:

@@ -75,9 +75,11 @@ class Budget:
 
 @dataclass(frozen=True)
 class FrameStart:
-    """A frame of the game started (a `frame` message)."""
+    """A frame of the game started (a `frame` message), with the game's measured GPU time of its last
+    frame where it reports one."""
 
     conn: int
+    game_ms: float | None = None
 
 
 Action = Send | Close | Start | Stop | Budget | FrameStart
@@ -168,7 +170,7 @@ class Session:
         if isinstance(msg, m.Ping):
             return [Send(m.Pong(id=msg.id, server_time=time.time()))]
         if isinstance(msg, m.Frame):
-            return [FrameStart(self.conn_id)]
+            return [FrameStart(self.conn_id, msg.game_ms)]
         if isinstance(msg, m.SetBudget):
             self.set_budget = True
             return [Budget(self.conn_id, msg)]

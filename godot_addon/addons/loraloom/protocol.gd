@@ -558,6 +558,15 @@ const SET_BUDGET_DEFAULTS := {}
 ## few bytes a frame.
 const FRAME_FIELDS := {
 	"type": {"kind": "str", "values": ["frame"], "default": "frame"},
+	"game_ms": {
+		"kind": "float",
+		"nullable": true,
+		"ge": 0.0,
+		"le": 1000.0,
+		"doc": "the GPU time the game's own work took in its last frame, as the engine measured it; " +
+				"with these reports the daemon sizes the game's part of a frame from them (their 90th " +
+				"percentile over recent frames) instead of `frame_sync.game_ms`",
+	},
 }
 ## Its fields that have a default, and the default.
 const FRAME_DEFAULTS := {}

@@ -396,9 +396,17 @@ namespace Loraloom.Core
         public const string TypeName = "frame";
         public override string Type { get { return TypeName; } }
 
+        /// <summary>
+        /// The GPU time the game's own work took in its last frame, as the engine measured it; with these reports the
+        /// daemon sizes the game's part of a frame from them (their 90th percentile over recent frames) instead of
+        /// <c>frame_sync.game_ms</c>. At least 0.0, at most 1000.0.
+        /// </summary>
+        public double? GameMs;
+
         internal override int WriteFields(MsgPackWriter w)
         {
-            return TypeField(w);
+            return TypeField(w)
+                + Wire.Field(w, "game_ms", GameMs);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -406,6 +414,7 @@ namespace Loraloom.Core
             switch (key)
             {
                 case "type": r.Skip(); return true;
+                case "game_ms": GameMs = Wire.NullableDouble(r); return true;
                 default: return false;
             }
         }
