@@ -8,7 +8,9 @@ send `frame`), and measures each frame's time from its start to the end of its o
 the text engine decodes --streams streams on their own adapters, and a player line (a 256-token
 prompt) arrives every second. Configurations, one after the other on the same engine and game: the
 game alone, no budget, duty caps of 25, 50 and 75%, and the frame-synchronised mode (the engine's
-steps in the part of each frame the game leaves free). Reported: the game's frame p50/p99/max, frames
+steps in the part of each frame the game leaves free) twice: with the game's part set to 1.1x
+--frame-ms, and with each frame report carrying the game's measured time of its last frame (as the
+plugins send it; the daemon then takes the part from those). Reported: the game's frame p50/p99/max, frames
 over the frame budget (1000/hz ms), the engine's tokens/s and the player's time to first token.
 
 On a CPU the "device" is the CPU (the game takes one core): the mechanics, not the numbers.
@@ -66,10 +68,10 @@ def game(device: str, hz: float, frame_ms: float, frames: int, marks: Any, resul
         label = go.get()
         if label is None:
             return
-        times = []
+        times: list[float] = []
         t = time.perf_counter()
         for _ in range(frames):
-            marks.put(time.monotonic())
+            marks.put(times[-1] if times else None)  # a frame starts, with its last frame's work (as plugins send)
             start = time.perf_counter()
             work(reps)
             times.append((time.perf_counter() - start) * 1000)
@@ -117,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     proc.start()
     stop = threading.Event()
 
+    measured = threading.Event()  # pass the game's measured frame times on (the "measured" configuration)
+
     def relay() -> None:  # frame starts from the game, as a plugin's `frame` messages
         while not stop.is_set():
             try:
-                marks.get(timeout=0.1)
+                last_ms = marks.get(timeout=0.1)
             except Exception:
                 continue
-            budget.frame()
+            budget.frame(last_ms if measured.is_set() else None)
 
     threading.Thread(target=relay, daemon=True).start()
     engine.start()
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     configs: list[tuple[str, BudgetSpec | None]] = [
         ("game alone", None), ("no budget", BudgetSpec()), ("duty cap 25%", BudgetSpec(duty_cap=0.25)),
         ("duty cap 50%", BudgetSpec(duty_cap=0.5)), ("duty cap 75%", BudgetSpec(duty_cap=0.75)),
-        ("frame sync", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5)))]
+        ("frame sync", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5))),
+        ("sync, measured", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5)))]
     # Warm up: kernels compiled, slots loaded, graphs recorded for the shapes the runs meet.
     for i in range(n + 1):
         engine.submit(TextRequest(key=("warm", i), prompt_ids=torch.randint(5, vocab, (256 if i == n else 64,),
@@ -146,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, bspec in configs:
             budget.set(bspec or BudgetSpec())
+            if label.endswith("measured"):
+                measured.set()
+            else:
+                measured.clear()
             keys: list[Any] = [(label, i) for i in range(n)] if bspec is not None else []
             for i, key in enumerate(keys):
                 engine.submit(TextRequest(
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                         sampling=SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)), _ignore)
                 time.sleep(0.01)
             elapsed = time.perf_counter() - started
+            game_part = budget.game_ms()  # what frame sync took as the game's part of a frame
             _, frames = results.get()
             for key in keys:
                 engine.cancel(key)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                            "frame_p99_ms": ordered[int(0.99 * (len(ordered) - 1))], "frame_max_ms": ordered[-1],
                            "over_budget": sum(1 for f in frames if f > period_ms), "frames": len(frames),
                            "tokens_per_s": tokens / elapsed if keys else None,
-                           "steps_per_s": len(steps) / elapsed if keys else None,
+                           "steps_per_s": len(steps) / elapsed if keys else None, "game_part_ms": game_part,
                            "player_ttft_ms": 1000 * statistics.median(ttft) if ttft else None}
     finally:
         stop.set()
@@ -193,13 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loraloom bench gpu_share: {spec.name} on {machine}; {n} streams on their own adapters beside a game at "
           f"{args.hz:g} Hz with {args.frame_ms} ms of work per frame ({args.frames} frames per configuration)")
     print(f"{'configuration':16} {'frame p50':>10} {'p99':>8} {'max':>8} {'over':>10} {'tokens/s':>9} "
-          f"{'player TTFT':>12} {'steps/s':>8}")
+          f"{'player TTFT':>12} {'steps/s':>8} {'game part':>10}")
     for label, r in rows.items():
         tps = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         ttft_s = "" if r["player_ttft_ms"] is None else f"{r['player_ttft_ms']:.0f} ms"
         sps = "" if r["steps_per_s"] is None else f"{r['steps_per_s']:.0f}"
+        part = "" if r["game_part_ms"] is None else f"{r['game_part_ms']:.2f} ms"
         print(f"{label:16} {r['frame_p50_ms']:>10.2f} {r['frame_p99_ms']:>8.2f} {r['frame_max_ms']:>8.2f} "
-              f"{r['over_budget']:>5}/{r['frames']:<4} {tps:>9} {ttft_s:>12} {sps:>8}")
+              f"{r['over_budget']:>5}/{r['frames']:<4} {tps:>9} {ttft_s:>12} {sps:>8} {part:>10}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine, "args": vars(args) | {"json": str(args.json)},

@@ -135,6 +135,36 @@ def test_without_frames_the_frame_sync_stops_waiting_and_no_budget_never_waits()
     assert free.step_ms_limit() is None
 
 
+def test_frame_sync_sizes_the_games_part_from_its_measured_frames() -> None:
+    """With frames that carry the game's measured GPU time, the game's part of a frame is their 90th
+    percentile over the last 32 (not the setting's), from the fourth report on; a new budget forgets them."""
+    clock = Clock()
+    sync = FrameSync(period_ms=10.0, game_ms=6.0, margin_ms=0.5)
+    budget = GpuBudget(BudgetSpec(frame_sync=sync), clock=clock)
+
+    def frames(*measured: float) -> None:
+        for ms in measured:
+            budget.frame(ms)
+
+    frames(2.0, 2.0, 2.0)
+    assert budget.game_ms() == 6.0 and budget.step_ms_limit() == pytest.approx(3.5)  # three reports: the setting
+    frames(2.0)
+    assert budget.game_ms() == 2.0 and budget.step_ms_limit() == pytest.approx(7.5)
+    clock.now += 0.003  # 3 ms into the frame: a 4 ms step fits the measured free part, not the set one
+    assert budget.delay(4.0) == 0
+    frames(*[2.0] * 26, 9.0, 9.0)  # two slow frames in 32 leave the 90th percentile where it was
+    assert budget.game_ms() == 2.0
+    frames(9.0, 9.0, 9.0)  # five: now the game's part is the slow frames'
+    assert budget.game_ms() == 9.0 and budget.describe()["game_ms_in_use"] == 9.0
+    frames(*[4.0] * 32)  # the scene got lighter: only the last 32 frames count
+    assert budget.game_ms() == 4.0
+    budget.set(BudgetSpec(frame_sync=sync))
+    assert budget.game_ms() == 6.0
+    budget.set(BudgetSpec(duty_cap=0.5))
+    budget.frame(3.0)
+    assert budget.game_ms() is None and budget.describe()["game_ms_in_use"] is None
+
+
 def test_step_timer_shrinks_prompt_chunks_to_fit() -> None:
     timer = StepTimer()
     for _ in range(10):
@@ -210,8 +240,16 @@ async def test_clients_set_and_release_the_budget(live_daemon: LiveDaemon) -> No
         h = health(live_daemon.url)["gpu_budget"]
         assert h["active"] and h["set_by_client"] and h["duty_cap"] == 0.5
         await asyncio.sleep(0.2)
-        assert health(live_daemon.url)["gpu_budget"]["frames"] >= 600
+        h = health(live_daemon.url)["gpu_budget"]
+        assert h["frames"] >= 600 and h["game_ms_in_use"] == 6.0  # no measured times yet: the setting's
         assert sent < 1.5, f"600 frame reports took {sent:.2f} s"
+        for _ in range(8):  # frames carrying the game's measured GPU time of its last frame
+            await game.frame(game_ms=4.25)
+        for _ in range(50):
+            if health(live_daemon.url)["gpu_budget"]["game_ms_in_use"] == 4.25:
+                break
+            await asyncio.sleep(0.02)
+        assert health(live_daemon.url)["gpu_budget"]["game_ms_in_use"] == 4.25
         result = await game.complete("Ahoy", max_tokens=8, temperature=0.0)  # still served under the budget
         assert result.completion_tokens == 8
     for _ in range(50):  # the connection closed: back to the settings' budget (none)
@@ -228,9 +266,10 @@ async def test_bad_budgets_are_refused(live_daemon: LiveDaemon) -> None:
         await send(ws, {"type": "set_budget", "id": f"b{i}", **fields})
         error = await recv(ws)
         assert (error.type, error.id, error.code) == ("error", f"b{i}", "bad_message"), error
-    await send(ws, {"type": "frame", "extra": 1})
-    error = await recv(ws)
-    assert error.code == "bad_message"
+    for bad in ({"extra": 1}, {"game_ms": -1.0}, {"game_ms": 5000.0}, {"game_ms": [3.0]}):
+        await send(ws, {"type": "frame", **bad})
+        error = await recv(ws)
+        assert error.code == "bad_message", bad
     await send(ws, {"type": "ping", "id": "still-here"})
     assert (await recv(ws)).type == "pong"
     await ws.close()
