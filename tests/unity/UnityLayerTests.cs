@@ -495,6 +495,79 @@ namespace Loraloom.Unity.Tests
             Assert.IsFalse(offLoop, "BudgetApplied fires on the main thread");
         }
 
+        /// <summary>Runs <paramref name="frames"/> frames of the player loop, a few ms apart.</summary>
+        void RunFrames(int frames)
+        {
+            for (int i = 0; i < frames; i++)
+            {
+                _loop.Run(() => RunPlayerLoop(UnityEngine.LowLevel.PlayerLoop.GetCurrentPlayerLoop()));
+                Thread.Sleep(4);
+            }
+        }
+
+        /// <summary>Runs <paramref name="frames"/> frames; at least 4 are sent and the daemon counted every one sent.</summary>
+        void FramesCounted(LoraloomClient client, string url, int frames)
+        {
+            long counted = Convert.ToInt64(GpuBudget(url)["frames"]);
+            long sent = client.FramesSent, skipped = client.FramesSkipped;
+            RunFrames(frames);
+            Assert.IsTrue(WaitOnLoop(() => client.FramesSent - sent + client.FramesSkipped - skipped == frames), "every frame reported or skipped");
+            Assert.GreaterOrEqual(client.FramesSent - sent, 4, "enough frames for the daemon to use their times");
+            Assert.IsTrue(WaitOnLoop(() => Convert.ToInt64(GpuBudget(url)["frames"]) - counted == client.FramesSent - sent),
+                "the daemon counted every frame sent (none refused)");
+        }
+
+        static double? GameMsInUse(string url)
+        {
+            object value = GpuBudget(url)["game_ms_in_use"];
+            return value == null ? (double?)null : Convert.ToDouble(value);
+        }
+
+        [Test]
+        public void GpuBudgetReportsTheGpuTimeUnityMeasuredForTheLastFrame()
+        {
+            Assert.IsTrue(new LoraloomGpuBudget().reportMeasuredGpuTime, "on by default");
+            string url = Env("LORALOOM_TEST_URL");
+            LoraloomDaemon daemon = Daemon(url, Env("LORALOOM_TEST_TOKEN"));
+            var budget = new LoraloomGpuBudget { enabled = true, frameSync = true, framePeriodMs = 8.3f, gameGpuMs = 3.5f };
+            budget.Daemon = daemon;
+            UnityEngine.FrameTimingManager.measured = null;
+            try
+            {
+                _loop.Run(() => Call(budget, "OnEnable"));
+                Assert.IsTrue(WaitOnLoop(() => budget.InForce != null), "the budget was applied once connected");
+                LoraloomClient client = daemon.Client;
+
+                // Nothing measured (Frame Timing Stats off): frames without a time, the static part in use.
+                FramesCounted(client, url, 20);
+                Assert.AreEqual(3.5, GameMsInUse(url).Value, 1e-9, "no measurement: gameGpuMs");
+
+                // Unity measured 2.25 ms of GPU time a frame: the daemon takes the game's part from it.
+                UnityEngine.FrameTimingManager.measured = new UnityEngine.FrameTiming { cpuFrameTime = 6.0, gpuFrameTime = 2.25 };
+                FramesCounted(client, url, 20);
+                Assert.AreEqual(2.25, GameMsInUse(url).Value, 1e-9, "the measured part in use");
+
+                // A GPU time of 0 (not measured on this platform) is not sent (a new budget starts over).
+                UnityEngine.FrameTimingManager.measured = new UnityEngine.FrameTiming { cpuFrameTime = 6.0, gpuFrameTime = 0.0 };
+                Assert.AreEqual(3.5, _loop.Await(() => budget.Apply()).FrameSync.GameMs);
+                Assert.AreEqual(3.5, GameMsInUse(url).Value, 1e-9, "a new budget forgets the reports");
+                FramesCounted(client, url, 20);
+                Assert.AreEqual(3.5, GameMsInUse(url).Value, 1e-9, "0 ms (not measured) is not sent");
+
+                // With the toggle off, nothing measured is sent.
+                UnityEngine.FrameTimingManager.measured = new UnityEngine.FrameTiming { gpuFrameTime = 2.25 };
+                budget.reportMeasuredGpuTime = false;
+                FramesCounted(client, url, 20);
+                Assert.AreEqual(3.5, GameMsInUse(url).Value, 1e-9, "reportMeasuredGpuTime off: the static part");
+            }
+            finally
+            {
+                UnityEngine.FrameTimingManager.measured = null;
+                _loop.Run(() => Call(budget, "OnDisable"));
+            }
+            Assert.IsTrue(WaitOnLoop(() => false.Equals(GpuBudget(url)["active"])), "lifted on the daemon");
+        }
+
         /// <summary>
         /// A stand-in for the `loraloom bundle` runtime folder: an executable `loraloom` script that
         /// records how it was launched and then execs the real `loraloom` console script of the test

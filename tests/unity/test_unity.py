@@ -107,6 +107,7 @@ SINGLE = {
     "BudgetTests": [
         "ABudgetIsAnsweredKeptAndInForceUntilLifted",
         "FramesReportedAreCountedByTheDaemon",
+        "MeasuredGameTimesSizeTheGamesPartAndBadOnesAreLeftOut",
         "ABudgetEndsWithItsConnection",
         "OutOfRangeValuesAreRefusedBeforeAnythingIsSent",
         "TheKeptBudgetGoesOutAgainAfterTheDaemonRestarts",
@@ -226,6 +227,7 @@ LAYER_TESTS = {
     "NpcToolCallsFireToolCalledAndComeBack",
     "AThrowingListenerDoesNotStrandTheAwaitingCode",
     "GpuBudgetGoesOutOnConnectAndThePlayerLoopReportsFrames",
+    "GpuBudgetReportsTheGpuTimeUnityMeasuredForTheLastFrame",
     "APlayerBuildCarriesTheRuntimeAndPackAndLaunchesThemFromThere",
     "DaemonRecoversFromAFailedStartAndRaisesItsConnectionEvents",
     "ALaunchedDaemonIsStoppedWithoutBlockingTheMainThread",

@@ -1,7 +1,8 @@
 // Signatures of the UnityEngine API that unity_package uses, as documented for Unity 2021.3 (and
 // FindFirstObjectByType, Unity 2023.1+, behind UNITY_2023_1_OR_NEWER in the package), with
 // no behaviour, except that UnityEvents keep and call their listeners as Unity's do, PlayerLoop
-// keeps the loop it is given, and Application's paths can be set, so that
+// keeps the loop it is given, Application's paths and FrameTimingManager's measured frame can be
+// set, so that
 // tests/unity/UnityLayerTests.cs can watch the components' events, run the player loop's systems
 // and play a player build. They let mcs type-check
 // Runtime/Unity, Editor and Samples~ here, where Unity cannot run; they are not a Unity build.
@@ -84,6 +85,35 @@ namespace UnityEngine
         public static string streamingAssetsPath { get; set; }
         public static string dataPath { get; set; }
         public static RuntimePlatform platform { get; set; }
+    }
+
+    public struct FrameTiming
+    {
+        public ulong cpuTimePresentCalled;
+        public ulong cpuTimeFrameComplete;
+        public double cpuFrameTime;
+        public double gpuFrameTime;
+        public float heightScale;
+        public float widthScale;
+        public uint syncInterval;
+    }
+
+    public static class FrameTimingManager
+    {
+        static FrameTiming? _captured;
+        // Only here: what Unity would have measured for the last frame (null: nothing measured, as
+        // without "Frame Timing Stats"), taken by the next CaptureFrameTimings.
+        public static FrameTiming? measured { get; set; }
+        public static void CaptureFrameTimings() { _captured = measured; }
+        public static uint GetLatestTimings(uint numFrames, FrameTiming[] timings)
+        {
+            if (numFrames == 0 || timings == null || timings.Length == 0 || !_captured.HasValue) return 0;
+            timings[0] = _captured.Value;
+            return 1;
+        }
+        public static ulong GetCpuTimerFrequency() { return 0; }
+        public static ulong GetGpuTimerFrequency() { return 0; }
+        public static float GetVSyncsPerSecond() { return 0f; }
     }
 
     public static class JsonUtility

@@ -10,6 +10,9 @@ namespace Loraloom.Core
     public sealed partial class LoraloomClient
     {
         static readonly Frame FrameMessage = new Frame();
+        // The frame that carries a measured time: one per client, reused, since a frame is sent
+        // only once the previous one went out (allocation-light in the player loop).
+        readonly Frame _measuredFrame = new Frame();
         readonly object _frameGate = new object();
         SetBudget _keptBudget;
         Task _frameSend = Task.FromResult(true);
@@ -74,6 +77,17 @@ namespace Loraloom.Core
         /// </summary>
         public bool ReportFrame()
         {
+            return ReportFrame(null);
+        }
+
+        /// <summary>
+        /// As <see cref="ReportFrame()"/>, with the GPU time the game's own work took in its last
+        /// frame, in ms, as the engine measured it: the daemon then sizes the game's part of a frame
+        /// from these reports instead of <c>FrameSync.GameMs</c>. Null, NaN, or a value outside
+        /// 0..1000 (what the protocol takes) is left out: the frame still goes out, without it.
+        /// </summary>
+        public bool ReportFrame(double? gameGpuMs)
+        {
             Connection connection;
             lock (_gate) connection = _connection;
             lock (_frameGate)
@@ -83,16 +97,28 @@ namespace Loraloom.Core
                     Interlocked.Increment(ref _framesSkipped);
                     return false;
                 }
-                _frameSend = SendFrameAsync(connection);
+                Frame message = FrameMessage;
+                if (IsReportable(gameGpuMs))
+                {
+                    _measuredFrame.GameMs = gameGpuMs;
+                    message = _measuredFrame;
+                }
+                _frameSend = SendFrameAsync(connection, message);
             }
             return true;
         }
 
-        async Task SendFrameAsync(Connection connection)
+        // The protocol's range of Frame.game_ms (bridge/messages.py); NaN fails both comparisons.
+        static bool IsReportable(double? ms)
+        {
+            return ms.HasValue && ms.Value >= 0.0 && ms.Value <= 1000.0;
+        }
+
+        async Task SendFrameAsync(Connection connection, Frame message)
         {
             try
             {
-                await connection.Transport.SendAsync(FrameMessage, CancellationToken.None).ConfigureAwait(false);
+                await connection.Transport.SendAsync(message, CancellationToken.None).ConfigureAwait(false);
                 Interlocked.Increment(ref _framesSent);
             }
             catch (Exception)

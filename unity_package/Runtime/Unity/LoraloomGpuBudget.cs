@@ -20,7 +20,10 @@ namespace Loraloom.Unity
     /// With <see cref="frameSync"/>, a system at the start of the player loop's Initialization
     /// phase (after Unity waited for the last frame's presentation) sends a few-byte <c>frame</c>
     /// message each frame; the daemon then keeps <see cref="gameGpuMs"/> from each frame's start for
-    /// the game and runs its steps in the rest, less <see cref="marginMs"/>. Change the fields at run
+    /// the game and runs its steps in the rest, less <see cref="marginMs"/>. With
+    /// <see cref="reportMeasuredGpuTime"/> each frame message also carries the GPU time Unity's
+    /// FrameTimingManager measured for the last frame (where "Frame Timing Stats" is on in Player
+    /// settings), and the daemon takes the game's part from those instead. Change the fields at run
     /// time and call <see cref="Apply"/> (the inspector does it for you in play mode).
     /// </remarks>
     [DisallowMultipleComponent]
@@ -47,8 +50,10 @@ namespace Loraloom.Unity
         public bool frameSync = false;
         [Tooltip("The frame time in ms: 16.7 at 60 Hz, 8.3 at 120 Hz.")]
         [Range(1f, 1000f)] public float framePeriodMs = 16.7f;
-        [Tooltip("GPU time the game's own rendering takes from a frame's start, in ms.")]
+        [Tooltip("GPU time the game's own rendering takes from a frame's start, in ms; used until the daemon has the game's measured times (see reportMeasuredGpuTime).")]
         [Range(0f, 1000f)] public float gameGpuMs = 8f;
+        [Tooltip("Send each frame the GPU time Unity measured for the last one (FrameTimingManager), so the daemon sizes the game's part of a frame from the measured times instead of gameGpuMs. Needs \"Frame Timing Stats\" enabled in Player settings (and a platform and graphics API that measure GPU time); without it gameGpuMs applies.")]
+        public bool reportMeasuredGpuTime = true;
         [Tooltip("Kept free before the next frame starts, in ms.")]
         [Range(0f, 100f)] public float marginMs = 0.5f;
 
@@ -222,11 +227,40 @@ namespace Loraloom.Unity
             {
                 lock (Active)
                 {
+                    double? measured = null;
+                    bool measuredYet = false;
                     for (int i = 0; i < Active.Count; i++)
                     {
                         LoraloomGpuBudget budget = Active[i];
-                        if (budget.frameSync && budget._client != null) budget._client.ReportFrame();
+                        if (!budget.frameSync || budget._client == null) continue;
+                        if (budget.reportMeasuredGpuTime && !measuredYet)
+                        {
+                            measured = LastGpuFrameMs();
+                            measuredYet = true;
+                        }
+                        budget._client.ReportFrame(budget.reportMeasuredGpuTime ? measured : null);
                     }
+                }
+            }
+
+            static readonly FrameTiming[] Timings = new FrameTiming[1];
+
+            /// <summary>
+            /// The GPU time of the last frame Unity measured, in ms; null where it measures none
+            /// (Frame Timing Stats off, or a platform or graphics API without GPU timings).
+            /// </summary>
+            static double? LastGpuFrameMs()
+            {
+                try
+                {
+                    FrameTimingManager.CaptureFrameTimings();
+                    if (FrameTimingManager.GetLatestTimings(1, Timings) < 1) return null;
+                    double ms = Timings[0].gpuFrameTime;
+                    return ms > 0.0 ? (double?)ms : null;
+                }
+                catch (Exception)
+                {
+                    return null; // nothing thrown into the player loop; the daemon keeps gameGpuMs
                 }
             }
 

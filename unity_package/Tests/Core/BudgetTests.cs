@@ -130,6 +130,58 @@ namespace Loraloom.Core.Tests
             }
         }
 
+        /// <summary>Reports <paramref name="frames"/> frames with <paramref name="gameGpuMs"/>; waits until the daemon counted them all.</summary>
+        static void ReportFrames(LoraloomClient client, int frames, double? gameGpuMs)
+        {
+            long counted = Convert.ToInt64(GpuBudget(TestEnv.Url)["frames"]);
+            long sent = client.FramesSent;
+            int reported = 0;
+            var clock = Stopwatch.StartNew();
+            while (reported < frames && clock.Elapsed < TestEnv.Patience)
+            {
+                if (client.ReportFrame(gameGpuMs)) reported++;
+                Thread.Sleep(2);
+            }
+            Assert.AreEqual(frames, reported);
+            Assert.IsTrue(Eventually(() => client.FramesSent - sent == frames), "sent: " + (client.FramesSent - sent));
+            // A frame the daemon refused (a game_ms out of its range) would be answered with an error, not counted.
+            Assert.IsTrue(Eventually(() => Convert.ToInt64(GpuBudget(TestEnv.Url)["frames"]) - counted == frames),
+                "the daemon counted " + (Convert.ToInt64(GpuBudget(TestEnv.Url)["frames"]) - counted) + " of " + frames);
+        }
+
+        [Test]
+        public void MeasuredGameTimesSizeTheGamesPartAndBadOnesAreLeftOut()
+        {
+            using (LoraloomClient client = TestEnv.Await(LoraloomClient.ConnectAsync(TestEnv.Url, TestEnv.Token)))
+            {
+                var sync = new SetBudget { FrameSync = new FrameSync { PeriodMs = 8.3, GameMs = 3.5 } };
+                TestEnv.Await(client.SetBudgetAsync(sync));
+                Assert.AreEqual(3.5, Number(GpuBudget(TestEnv.Url), "game_ms_in_use"), "no reports yet: FrameSync.GameMs");
+
+                // NaN, negative, above 1000: the frames go out without a time, and the static part stays.
+                foreach (double bad in new[] { double.NaN, -1.0, 5000.0, double.PositiveInfinity })
+                    ReportFrames(client, 3, bad);
+                Assert.AreEqual(3.5, Number(GpuBudget(TestEnv.Url), "game_ms_in_use"), "bad values are not sent");
+
+                ReportFrames(client, 6, 2.0);
+                Assert.AreEqual(2.0, Number(GpuBudget(TestEnv.Url), "game_ms_in_use"), "the measured times' part");
+
+                // A new budget starts over; a frame without a time (the no-argument overload) adds no report.
+                TestEnv.Await(client.SetBudgetAsync(sync));
+                Assert.AreEqual(3.5, Number(GpuBudget(TestEnv.Url), "game_ms_in_use"));
+                long counted = Convert.ToInt64(GpuBudget(TestEnv.Url)["frames"]);
+                for (int i = 0; i < 6; i++)
+                {
+                    Assert.IsTrue(Eventually(() => client.ReportFrame()), "frame " + i);
+                }
+                Assert.IsTrue(Eventually(() => Convert.ToInt64(GpuBudget(TestEnv.Url)["frames"]) - counted == 6));
+                Assert.AreEqual(3.5, Number(GpuBudget(TestEnv.Url), "game_ms_in_use"));
+                ReportFrames(client, 4, 0.0);
+                Assert.AreEqual(0.0, Number(GpuBudget(TestEnv.Url), "game_ms_in_use"), "0 ms is in range: sent");
+                TestEnv.Await(client.SetBudgetAsync(null));
+            }
+        }
+
         [Test]
         public void ABudgetEndsWithItsConnection()
         {
