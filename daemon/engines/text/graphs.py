@@ -17,6 +17,15 @@ by one copy a replay) and pads:
   storage's row->slot map), or no LoRA at all when every row is on the base model.
 Steps with more chunks or chunk tokens than the largest bucket, and CPU runs, use the eager path.
 
+The host copies what changes: the flat buffer holds the small per-row inputs (one copy a replay)
+and, last, the decode rows' block tables, which a graph keeps as they were sent and updates only in
+the rows whose table changed (a sequence that crossed into a new block, another sequence in the
+row): at a 4,096-token context a table row is 256 ints, and sending all of them every step was
+the largest part of a step's host time.
+
+`record=False` runs the same buffers through the forward pass eagerly, with no recording: the CPU
+test suite checks the graph inputs that way (layout, padding, tables, scales) against PEFT.
+
 Deterministic mode (`invariant`, `fixed_rows`) records decode steps only, of exactly `max_rows` rows
 (the row count its matmuls are fixed to), with LoRA always on and dense over the whole pool, and
 one pass per mix member: `slot_weights` is then [members, tokens, slots], one graph per member
@@ -54,12 +63,15 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: not recorded (`record=False`), `forward` runs each time
     ints: torch.Tensor  # every int input in one buffer (see `_layout`)
+    tables: torch.Tensor  # [batch, table width]: the decode rows' block tables, a view of `ints`
+    forward: Callable[[], torch.Tensor]
     slot_weights: torch.Tensor | None  # [tokens, slots]: each token's scale per slot ([members, ...] per mix member)
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # the recorded output (None when not recorded)
     step: StepInput  # keeps every tensor the graph reads alive
     weights_key: Hashable = None  # whose scales `slot_weights` holds now
+    sent: list[tuple[int, ...]] = field(default_factory=list)  # each decode row's table as `tables` holds it
 
 
 class _KernelGaveUp(Exception):
@@ -73,7 +85,7 @@ class StepRows:
     ids: list[int]  # decode tokens, then each chunk's tokens
     positions: list[int]
     slots: list[int]
-    tables: list[list[int]]  # the decode rows' block tables
+    tables: list[list[int]]  # the decode rows' block tables (unpadded)
     chunk_tables: list[list[int]] = field(default_factory=list)  # each chunk's sequence's block table
     chunk_pos0: list[int] = field(default_factory=list)  # each chunk's first position
     chunk_lens: list[int] = field(default_factory=list)
@@ -81,13 +93,14 @@ class StepRows:
 
 class StepGraphs:
     def __init__(self, model: TextModel, kv: PagedKV, storage: LoraSlotStorage, *, max_rows: int, table_width: int,
-                 max_context: int, fixed_rows: bool = False) -> None:
+                 max_context: int, fixed_rows: bool = False, record: bool = True) -> None:
         self.model = model
         self.kv = kv
         self.storage = storage
         self.table_width = table_width
         self.max_context = max_context
         self.fixed_rows = fixed_rows  # deterministic mode: decode steps of max_rows rows only, LoRA per member
+        self.record = record  # False: the forward runs eagerly on the same buffers (tests on the CPU)
         self.batch_sizes = [max_rows] if fixed_rows else sorted(
             {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, max_rows + 1)) | {max_rows})
         self._graphs: dict[tuple[int, int, int, int, int], _Graph] = {}
@@ -106,11 +119,13 @@ class StepGraphs:
             and (chunks == 0 or self.paged())
 
     def _layout(self, batch: int, chunk: int) -> dict[str, slice]:
-        """Where each input sits in the flat int buffer of a (batch, chunk) graph."""
+        """Where each input sits in the flat int buffer of a (batch, chunk) graph: what `_host` sends
+        every replay, then the decode rows' tables (sent by the row, as they change)."""
         t, w = batch + chunk, self.table_width
-        sizes = [("ids", t), ("positions", t), ("slots", t), ("lens", batch), ("tables", batch * w)]
+        sizes = [("ids", t), ("positions", t), ("slots", t), ("lens", batch)]
         if chunk:
             sizes += [("meta", 3 * MAX_CHUNKS), ("chunk_tables", MAX_CHUNKS * w), ("logit_index", batch + MAX_CHUNKS)]
+        sizes.append(("tables", batch * w))
         out, at = {}, 0
         for name, n in sizes:
             out[name] = slice(at, at + n)
@@ -149,6 +164,8 @@ class StepGraphs:
                 step.decode_index = gather_index(tables, context, self.kv.block_size)
             return self.model.forward(step, self.kv, self.storage)
 
+        if not self.record:
+            return _Graph(None, ints, tables, forward, slot_weights, None, step, sent=[()] * batch)
         stream = torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
@@ -164,7 +181,7 @@ class StepGraphs:
             logits = forward()
         log.debug("captured a graph: %d decode rows, %d chunk tokens, context %d, LoRA rows %d, mix members %d",
                   batch, chunk, context, width, members)
-        return _Graph(graph, ints, slot_weights, logits, step)
+        return _Graph(graph, ints, tables, forward, slot_weights, logits, step, sent=[()] * batch)
 
     def run(self, rows: StepRows, slot_weights: Callable[[], torch.Tensor] | None,
             weights_key: Hashable = None, members: int = 0) -> torch.Tensor:
@@ -195,7 +212,9 @@ class StepGraphs:
                 continue
         assert g is not None
         host = self._host(rows, batch, chunk)
-        g.ints.copy_(torch.tensor(host), non_blocking=True)
+        assert len(host) == g.tables.storage_offset(), "the host inputs and the layout disagree"
+        g.ints[:len(host)].copy_(torch.tensor(host), non_blocking=True)
+        self._send_tables(g, rows.tables, batch)
         if g.slot_weights is not None and (weights_key is None or weights_key != g.weights_key):
             assert slot_weights is not None
             per_token = slot_weights()
@@ -207,12 +226,32 @@ class StepGraphs:
             if chunk_len:
                 g.slot_weights[batch:batch + chunk_len].copy_(per_token[n:], non_blocking=True)
             g.weights_key = weights_key
-        g.graph.replay()
+        if g.graph is None:
+            logits = g.forward()
+        else:
+            g.graph.replay()
+            assert g.logits is not None
+            logits = g.logits
         self.replays += 1
         self.chunk_replays += bool(chunk_len)
         if not chunk_len:
-            return g.logits[:n]
-        return torch.cat([g.logits[:n], g.logits[batch:batch + len(rows.chunk_lens)]])
+            return logits[:n]
+        return torch.cat([logits[:n], logits[batch:batch + len(rows.chunk_lens)]])
+
+    def _send_tables(self, g: _Graph, tables: list[list[int]], batch: int) -> None:
+        """The decode rows' tables into the graph's, only the rows that differ from what it holds
+        (padding rows: all zeros, block 0)."""
+        want = [tuple(t) for t in tables] + [()] * (batch - len(tables))
+        changed = [i for i, (a, b) in enumerate(zip(want, g.sent, strict=True)) if a != b]
+        if not changed:
+            return
+        w = self.table_width
+        rows = torch.tensor([list(want[i]) + [0] * (w - len(want[i])) for i in changed], dtype=torch.long)
+        index = torch.tensor(changed, dtype=torch.long)
+        g.tables.index_copy_(0, index.to(g.tables.device, non_blocking=True),
+                             rows.to(g.tables.device, non_blocking=True))
+        for i in changed:
+            g.sent[i] = want[i]
 
     def _host(self, rows: StepRows, batch: int, chunk: int) -> list[int]:
         """The flat int buffer's content, in `_layout` order."""
@@ -224,9 +263,6 @@ class StepGraphs:
 
         out = spread(rows.ids, 0) + spread(rows.positions, 0) + spread(rows.slots, 0)
         out += [p + 1 for p in rows.positions[:n]] + [1] * pad
-        for table in rows.tables:
-            out += table
-        out += [0] * (pad * w)
         if chunk:
             unused = MAX_CHUNKS - len(rows.chunk_lens)
             starts = [batch + sum(rows.chunk_lens[:j]) for j in range(len(rows.chunk_lens))]

@@ -176,7 +176,7 @@ class ModelRunner:
             pos = pos + list(span)
             slots = slots + [self._slot(c.seq, p) for p in span]
             members.append((c.seq.serial, *c.seq.slots, c.start, c.length))
-        rows = StepRows(ids, pos, slots, self._tables(decode), self._tables([c.seq for c in chunks]),
+        rows = StepRows(ids, pos, slots, [s.table for s in decode], self._tables([c.seq for c in chunks]),
                         [c.start for c in chunks], [c.length for c in chunks])
         self.last_batch_size = len(ids)
         seqs = plan.sequences

@@ -10,6 +10,7 @@ from tiny import write_text_adapter
 
 from daemon.adapters.loader import read_adapter_files
 from daemon.engines.text.engine import TextEngine
+from daemon.engines.text.graphs import StepGraphs
 from daemon.engines.text.request import EngineConfig, SamplingParams, TextRequest
 
 ADAPTERS = {
@@ -74,9 +75,26 @@ def reference_logits(peft, ids: list[int], adapters: list[tuple[str, float]]) ->
             w.data.copy_(old)
 
 
-# "cpu": decode steps through the numba LoRA loop; "cpu-torch": PyTorch ops only. CUDA runs (eager
-# prefill + graph-replayed decode) exist only where a GPU does; CI has none.
-DEVICES = ["cpu", "cpu-torch", *(["cuda"] if torch.cuda.is_available() else [])]
+# "cpu": decode steps through the numba LoRA loop; "cpu-torch": PyTorch ops only; "cpu-graphs": decode
+# steps through the CUDA-graph input buffers (layout, padding to a batch bucket, tables sent by the row,
+# dense LoRA scales) run eagerly, not recorded. CUDA runs (eager prefill + graph-replayed decode) exist
+# only where a GPU does; CI has none.
+DEVICES = ["cpu", "cpu-torch", "cpu-graphs", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def make_engine(model_dir: Path, device: str, **config: object) -> TextEngine:
+    engine = TextEngine.from_folder(model_dir, EngineConfig(device="cuda" if device == "cuda" else "cpu",
+                                                            kernels=device != "cpu-torch", **config))  # type: ignore[arg-type]
+    if device == "cpu-graphs":
+        engine.graphs = engine.runner.graphs = StepGraphs(
+            engine.model, engine.kv, engine.storage, max_rows=engine.config.max_seqs,
+            table_width=engine.runner.table_width, max_context=engine.max_context, record=False)
+    return engine
+
+
+def check_graphs(engine: TextEngine, device: str) -> None:
+    if device in ("cuda", "cpu-graphs"):
+        assert engine.graphs is not None and engine.graphs.replays > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -87,10 +105,10 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
     different prompt lengths, chunked prefill and rows joining mid-decode: logits within 1e-4."""
     model_dir: Path = request.getfixturevalue(arch_fixture)
     dirs = {n: write_text_adapter(tmp_path / n, model_dir, **spec) for n, spec in ADAPTERS.items()}
-    engine = TextEngine.from_folder(model_dir, EngineConfig(
-        device=device.removesuffix("-torch"), dtype="float32", max_seqs=8, max_context=128, lora_slots=6,
-        max_lora_rank=8, prefill_chunk=5, max_step_tokens=24, kernels=not device.endswith("-torch")))
-    assert engine.kernels.name == {"cpu": "numba", "cpu-torch": "torch", "cuda": "triton"}[device]
+    engine = make_engine(model_dir, device, dtype="float32", max_seqs=8, max_context=128, lora_slots=6,
+                         max_lora_rank=8, prefill_chunk=5, max_step_tokens=24)
+    assert engine.kernels.name == {"cpu": "numba", "cpu-torch": "torch", "cpu-graphs": "numba",
+                                   "cuda": "triton"}[device]
     versions = {n: load_version(engine, d) for n, d in dirs.items()}
     peft = reference_models(model_dir, dirs)
     prompts = ["Ahoy matey", "The elven archivist keeps the old scrolls", "Hammer",
@@ -131,6 +149,7 @@ def test_logits_match_peft_for_mixed_batch(arch_fixture: str, device: str, reque
     assert engine.slots.stats.loads == 4
     if device == "cuda":
         assert engine.graphs is not None and engine.graphs.replays > engine.graphs.chunk_replays > 0
+    check_graphs(engine, device)
     for i, adapters in enumerate(rows):
         event = done[i]
         assert event.finish_reason in ("length", "stop"), event
@@ -154,9 +173,8 @@ def test_prefix_hits_and_paused_sequences_match_peft(device: str, tiny_model_dir
     """Second turns served from the prefix cache, and background sequences paused for a player line
     and resumed from their cached blocks: every sampled row's logits still equal PEFT's."""
     dirs = {n: write_text_adapter(tmp_path / n, tiny_model_dir, **spec) for n, spec in ADAPTERS.items()}
-    engine = TextEngine.from_folder(tiny_model_dir, EngineConfig(
-        device=device, dtype="float32", max_seqs=2, max_context=128, lora_slots=6, max_lora_rank=8, block_size=4,
-        prefill_chunk=8, max_step_tokens=16))
+    engine = make_engine(tiny_model_dir, device, dtype="float32", max_seqs=2, max_context=128, lora_slots=6,
+                         max_lora_rank=8, block_size=4, prefill_chunk=8, max_step_tokens=16)
     versions = {n: load_version(engine, d) for n, d in dirs.items()}
     peft = reference_models(tiny_model_dir, dirs)
     captured: dict[str, list[torch.Tensor]] = {}
@@ -193,6 +211,7 @@ def test_prefix_hits_and_paused_sequences_match_peft(device: str, tiny_model_dir
     submit("player", engine.encode_prompt("Hello"), [("a_qv", 1.0)], "player")
     engine.run_until_idle()
     assert engine.scheduler.preempted >= 1
+    check_graphs(engine, device)
     prompts = {"turn1": (persona, mix), "turn2": (turn2, mix), "base2": (turn2, []),
                "bg1": (persona, [("c_mlp", 1.0)]), "bg2": (engine.encode_prompt("Gold coins, silver rings"),
                                                          [("d_ok", 1.0)]),
@@ -213,9 +232,8 @@ def test_a_lone_request_on_an_idle_engine_matches_peft(device: str, tiny_model_d
     """Steps that are one prompt chunk and nothing else (an idle engine; on CUDA, chunk-only graphs),
     then its decode steps alone: logits equal PEFT's."""
     folder = write_text_adapter(tmp_path / "b_all", tiny_model_dir, **ADAPTERS["b_all"])
-    engine = TextEngine.from_folder(tiny_model_dir, EngineConfig(
-        device=device, dtype="float32", max_seqs=4, max_context=128, lora_slots=2, max_lora_rank=8,
-        prefill_chunk=16, max_step_tokens=16))
+    engine = make_engine(tiny_model_dir, device, dtype="float32", max_seqs=4, max_context=128, lora_slots=2,
+                         max_lora_rank=8, prefill_chunk=16, max_step_tokens=16)
     version = load_version(engine, folder)
     peft = reference_models(tiny_model_dir, {"b_all": folder})
     captured: list[torch.Tensor] = []
@@ -230,9 +248,43 @@ def test_a_lone_request_on_an_idle_engine_matches_peft(device: str, tiny_model_d
     assert getattr(done, "finish_reason", None) == "length", done
     if device == "cuda":
         assert engine.graphs is not None and engine.graphs.chunk_replays >= 2
+    check_graphs(engine, device)
     generated = list(done.token_ids)
     ref = reference_logits(peft, ids + generated, [("b_all", 1.0)])
     assert len(captured) == len(generated)
     for j, got in enumerate(captured):
         want = ref[len(ids) - 1 + j]
         assert (got - want).abs().max() / want.abs().max() < 1e-4, f"step {j}"
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu-torch"])
+def test_rows_that_change_hands_read_their_own_blocks(device: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Prompts of one length that finish one after another: a decode row then holds another sequence
+    whose block table is as long as the last one's (the graphs' tables are sent only where they
+    differ); every sampled row's logits still equal PEFT's."""
+    folder = write_text_adapter(tmp_path / "b_all", tiny_model_dir, **ADAPTERS["b_all"])
+    engine = make_engine(tiny_model_dir, device, dtype="float32", max_seqs=4, max_context=128, lora_slots=2,
+                         max_lora_rank=8, block_size=8, prefill_chunk=16, max_step_tokens=64)
+    version = load_version(engine, folder)
+    peft = reference_models(tiny_model_dir, {"b_all": folder})
+    lengths = [2, 7, 13, 18]  # ends between block boundaries, while 3 rows still share the 4-row graph
+    captured: dict[int, list[torch.Tensor]] = {}
+    engine.runner.on_logits = lambda keys, logits: [captured.setdefault(k, []).append(r.detach().cpu().clone())
+                                                    for k, r in zip(keys, logits, strict=True)]
+    words = ["Ahoy", "Halt", "Hello", "Greetings"]
+    ids = [engine.encode_prompt(f"{w} there, traveller of the roads") for w in words]
+    ids = [x[:min(map(len, ids))] for x in ids]  # one length
+    done: dict[int, object] = {}
+    for i, prompt in enumerate(ids):
+        engine.submit(TextRequest(key=i, prompt_ids=prompt, adapters=[(version, 1.0)] if i % 2 else [],
+                                  sampling=SamplingParams(temperature=0.0, max_tokens=lengths[i], ignore_eos=True)),
+                      lambda e: done.__setitem__(e.key, e) if not type(e).__name__.endswith("ChunkEvent") else None)
+    engine.run_until_idle()
+    check_graphs(engine, device)
+    for i, prompt in enumerate(ids):
+        generated = list(done[i].token_ids)
+        assert len(generated) == lengths[i]
+        ref = reference_logits(peft, prompt + generated, [("b_all", 1.0)] if i % 2 else [])
+        for j, got in enumerate(captured[i]):
+            want = ref[len(prompt) - 1 + j]
+            assert (got - want).abs().max() / want.abs().max() < 1e-4, f"row {i} step {j}"
