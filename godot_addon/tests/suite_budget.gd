@@ -1,14 +1,18 @@
 extends "res://tests/suite_base.gd"
 ## The GPU budget against the real daemon: off by default, set from a [LoraloomBudget] (the
 ## daemon's answer), frame starts reported from the autoload's _process and counted by the
-## daemon, sent again after a reconnection, cleared, and a budget out of bounds refused before it
-## is sent. pytest reads the daemon's /healthz (gpu_budget) when asked (a "healthz" action) while
-## the budget is in force. Runs after suite_structured.gd, on the autoload.
+## daemon, sent again after a reconnection, frames carrying the game's GPU time (which the daemon
+## then uses as the game's part of a frame; times out of range left out), cleared, and a budget out
+## of bounds refused before it is sent. pytest reads the daemon's /healthz (gpu_budget) when asked
+## (a "healthz" action) while the budget is in force. Runs after suite_structured.gd, on the
+## autoload.
 
 ## How long the budget stays as it is after asking pytest to read /healthz: the action is done
 ## when pytest reads the line (a loopback POST, then a loopback GET), long before this.
 const HOLD_S := 3.0
 const FRAMES := 30
+## Frames sent with each measured time (more than the 4 the daemon needs before it uses them).
+const MEASURED_FRAMES := 10
 
 var _client: LoraloomClient
 var _answers: Array = []
@@ -28,6 +32,7 @@ func run(runner: Node) -> void:
 	await _check_off_by_default()
 	if await _check_set():
 		await _check_reconnect()
+	await _check_measured()
 	await _check_cleared()
 	await _check_refused()
 
@@ -108,6 +113,48 @@ func _check_reconnect() -> void:
 		"answers": _answers.slice(answers_before),
 		"frames_at_connect": frames_at_connect,
 		"read": read,
+	})
+
+
+## Frame starts with the game's measured GPU time: times out of 0..1000 (and NaN) go out as plain
+## frames, the daemon keeping the budget's game_ms; then 2 ms a frame becomes the part in use. The
+## web renderer's own measurement is recorded for pytest (it may measure nothing: 0).
+func _check_measured() -> void:
+	var viewport := get_viewport().get_viewport_rid()
+	var renderer_ms := RenderingServer.viewport_get_measured_render_time_gpu(viewport)
+	var autoload_ms: float = _client._measured_gpu_ms()
+	var budget := _budget()
+	budget.game_ms = 3.5
+	# The autoload's own frame starts carry no time meanwhile: only the times sent here count.
+	budget.report_measured_gpu_time = false
+	var errors: Array = []
+	var on_message := func(message: Dictionary) -> void:
+		if message.get("type") == LoraloomProtocol.ERROR:
+			errors.append(message)
+	_client.message_received.connect(on_message)
+	var answered := await _answer(_client.set_budget(budget))
+	var bad_sent := 0
+	for value: float in [NAN, -1.0, 5000.0, INF]:
+		for i in MEASURED_FRAMES:
+			if _client._link.send_frame_start(value):
+				bad_sent += 1
+	var bad_read := await _read_healthz("measured_bad")
+	var good_sent := 0
+	for i in MEASURED_FRAMES:
+		if _client._link.send_frame_start(2.0):
+			good_sent += 1
+	var good_read := await _read_healthz("measured")
+	_client.message_received.disconnect(on_message)
+	var ok := answered != null and answered.ok and bad_sent == 4 * MEASURED_FRAMES
+	_report("budget:measured_gpu_time", ok and good_sent == MEASURED_FRAMES, "", {
+		"answer": answered.result if answered != null else {},
+		"bad_sent": bad_sent,
+		"good_sent": good_sent,
+		"errors": errors,
+		"renderer_gpu_ms": renderer_ms,
+		"autoload_measured_ms": autoload_ms,
+		"bad_read": bad_read,
+		"good_read": good_read,
 	})
 
 

@@ -65,6 +65,31 @@ def test_budget_is_sent_again_after_a_reconnection(godot_run: GodotRun) -> None:
     assert budget["frames"] >= action["frames_sent"] >= data["frames_at_connect"] + 30
 
 
+def test_budget_frames_carry_the_measured_gpu_time(godot_run: GodotRun) -> None:
+    """send_frame_start(game_ms) reports the game's GPU time of its last frame: with enough reports
+    the daemon's part in use is theirs (2.0 over the budget's 3.5); NaN, -1, 5000 and INF go out as
+    plain frames (counted, no error, the budget's 3.5 still in use). The autoload's own measurement
+    in _process matches the renderer's: none where it measures 0 (the budget's part in use then)."""
+    assert godot_run.passed("budget:off_by_default")["settings"]["budget/report_measured_gpu_time"] is True
+    data = godot_run.passed("budget:measured_gpu_time")
+    assert data["answer"]["frame_sync"]["game_ms"] == 3.5
+    assert data["bad_sent"] == 40 and data["good_sent"] == 10
+    assert data["errors"] == [], "a time out of range reached the daemon"
+    bad = _health(godot_run, "measured_bad")
+    budget = bad["health"]["gpu_budget"]
+    assert budget["frame_sync"]["game_ms"] == 3.5 and budget["game_ms_in_use"] == 3.5
+    assert budget["frames"] >= bad["frames_sent"] + data["bad_sent"], "every plain frame counted"
+    assert _health(godot_run, "measured")["health"]["gpu_budget"]["game_ms_in_use"] == 2.0
+
+    # While the budget of budget:set was in force (report_measured_gpu_time on) the autoload sent
+    # what the renderer measured, if anything.
+    in_use = _health(godot_run, "reconnected")["health"]["gpu_budget"]["game_ms_in_use"]
+    if data["renderer_gpu_ms"] > 0.0:
+        assert data["autoload_measured_ms"] > 0.0 and 0.0 < in_use <= 1000.0
+    else:
+        assert data["autoload_measured_ms"] == -1.0 and in_use == 4.0
+
+
 def test_budget_cleared_and_out_of_bounds(godot_run: GodotRun) -> None:
     """A disabled budget clears the one in force and stops the frame reports; a duty cap above 1
     fails with bad_message before it is sent, the connection untouched."""

@@ -23,6 +23,7 @@ const SETTINGS := {
 	"budget/frame_period_ms": 0.0,
 	"budget/game_ms": 0.0,
 	"budget/margin_ms": 0.5,
+	"budget/report_measured_gpu_time": true,
 	"budget/max_step_ms": 0.0,
 }
 ## The priority classes of [code]tokens_per_s[/code].
@@ -46,6 +47,11 @@ var frame_period_ms: float = 0.0
 var game_ms: float = 0.0
 ## Kept free before the next frame, in ms.
 var margin_ms: float = 0.5
+## In frame sync, send with each frame start the GPU time the renderer measured for the game's
+## last frame ([method RenderingServer.viewport_get_measured_render_time_gpu]), so the daemon
+## sizes the game's part from those instead of [member game_ms] (which applies where the
+## renderer measures nothing).
+var report_measured_gpu_time: bool = true
 ## The longest step while the budget is set, in ms (prompt chunks shrink); 0: no limit.
 var max_step_ms: float = 0.0
 
@@ -63,6 +69,7 @@ static func from_project_settings(prefix: String = "loraloom/") -> LoraloomBudge
 	budget.frame_period_ms = value.call("budget/frame_period_ms")
 	budget.game_ms = value.call("budget/game_ms")
 	budget.margin_ms = value.call("budget/margin_ms")
+	budget.report_measured_gpu_time = value.call("budget/report_measured_gpu_time")
 	budget.max_step_ms = value.call("budget/max_step_ms")
 	return budget
 

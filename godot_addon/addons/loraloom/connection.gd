@@ -115,12 +115,19 @@ func send_budget(always: bool) -> LoraloomRequest:
 	return request
 
 
-## Reports a frame start (frame sync); returns whether it went out.
-func send_frame_start() -> bool:
-	# The same few bytes every frame: encoded once.
+## Reports a frame start (frame sync); returns whether it went out. [param game_ms], the GPU time
+## the game's own work took in its last frame (ms, 0 to 1000), goes with it; anything else (the
+## default -1, NaN, above 1000) is left out, and the daemon keeps the budget's [code]game_ms[/code].
+func send_frame_start(game_ms: float = -1.0) -> bool:
+	if _peer == null or going_away:
+		return false
+	if game_ms >= 0.0 and game_ms <= 1000.0:
+		var measured := LoraloomFrames.build(LoraloomProtocol.FRAME, {"game_ms": game_ms})
+		return _peer.send(_codec.encode(measured)) == OK
+	# Without a time, the same few bytes every frame: encoded once.
 	if _frame_bytes.is_empty():
 		_frame_bytes = _codec.encode(LoraloomFrames.build(LoraloomProtocol.FRAME))
-	return _peer != null and not going_away and _peer.send(_frame_bytes) == OK
+	return _peer.send(_frame_bytes) == OK
 
 
 # ---------------------------------------------------------------- attempts

@@ -19,7 +19,9 @@ extends Node
 ## GPU budget: with [code]loraloom/budget/enabled[/code] (off by default) the client sends the
 ## budget of Project Settings ([LoraloomBudget]) after every handshake, the first and each
 ## reconnection, and in frame sync reports each frame start from [method Node._process]
-## ([member process_priority] is low, so that comes first in the frame).[br]
+## ([member process_priority] is low, so that comes first in the frame), with the GPU time the
+## renderer measured for the last frame where it measures one
+## ([code]loraloom/budget/report_measured_gpu_time[/code], on by default).[br]
 ## Settings (Project Settings, under [code]loraloom/[/code]) are read once, in [method Node._ready];
 ## the matching properties can be changed before [method connect_to_daemon].[br]
 ## Its parts: the socket's life cycle is a [LoraloomConnection]'s, the bookkeeping of requests sent
@@ -171,6 +173,7 @@ var frames_sent: int = 0
 var _outbox := LoraloomOutbox.new()
 var _link := LoraloomConnection.new(self, _outbox)
 var _watcher_pid: int = -1
+var _measured_viewport := RID()
 
 
 func _ready() -> void:
@@ -209,11 +212,26 @@ func _exit_tree() -> void:
 
 
 func _process(_delta: float) -> void:
-	if state == State.READY and budget.reports_frames() and _link.send_frame_start():
+	if (state == State.READY and budget.reports_frames()
+			and _link.send_frame_start(_measured_gpu_ms())):
 		frames_sent += 1
 	var now := LoraloomConnection.now()
 	_link.poll(now)
 	_outbox.expire(now, request_connect_wait, _fail_unconnected)
+
+
+## The GPU time the renderer measured for the last frame of this node's viewport, in ms, or -1
+## (not reported, or not measured: 0 from a renderer that cannot time the GPU).
+func _measured_gpu_ms() -> float:
+	if not budget.report_measured_gpu_time or get_viewport() == null:
+		return -1.0
+	var viewport := get_viewport().get_viewport_rid()
+	if viewport != _measured_viewport:
+		RenderingServer.viewport_set_measure_render_time(viewport, true)
+		_measured_viewport = viewport
+		return -1.0
+	var ms := RenderingServer.viewport_get_measured_render_time_gpu(viewport)
+	return ms if ms > 0.0 else -1.0
 
 
 # ---------------------------------------------------------------- connection
