@@ -192,16 +192,9 @@ class ModelRunner:
         # A sequence's slot scales never change while it runs, so the graph's copy of them is
         # reused for as long as the same sequences decode together.
         if self.config.deterministic:  # decode rows only; LoRA always on, one pass per mix member (`_member_batch`)
-            mixes = [_mix_order(s) for s in decode]
-            count = max(1, max(len(m) for m in mixes))
-
-            def member_weights() -> torch.Tensor:
-                w = torch.zeros(count, d, self.storage.num_slots)
-                for t, mix in enumerate(mixes):
-                    for j, (slot, scale) in enumerate(mix):
-                        w[j, t, slot] = scale
-                return w
-            return self.graphs.run(rows, member_weights, weights_key=tuple(members), members=count)
+            count = max(1, max(len(_mix_order(s)) for s in decode))
+            return self.graphs.run(rows, lambda: self._mix_weights([(s, 1) for s in decode]),
+                                   weights_key=tuple(members), members=count)
         uses_lora = any(self._uses_lora(s) for s in seqs)
         logits = self.graphs.run(rows, weights if uses_lora else None, weights_key=tuple(members))
         if all(c.completes for c in chunks):
@@ -231,18 +224,23 @@ class ModelRunner:
         """Deterministic mode's LoRA plan: dense over the whole pool, with weights [members, T, pool
         rows], one pass per mix member in (name, version, scale) order (`invariant`): a row's sum is
         then built in an order its request sets, whatever slots its adapters sit in."""
-        rows = [(s, 1) for s in plan.decode] + [(None, 1)] * pad + [(c.seq, c.length) for c in plan.chunks]
+        rows: list[tuple[Sequence | None, int]] = [(s, 1) for s in plan.decode]
+        weights = self._mix_weights(rows + [(None, 1)] * pad + [(c.seq, c.length) for c in plan.chunks])
+        dev = self.storage.device
+        return LoraBatch(mode="dense", weights=torch.stack(
+            [self.storage.row_weights(w.to(dev, self.dtype), width=self.storage.rows) for w in weights]))
+
+    def _mix_weights(self, rows: list[tuple[Sequence | None, int]]) -> torch.Tensor:
+        """[members, tokens, slots] (host): for each (sequence or padding, its token count), the scale
+        of its j-th mix member (`_mix_order`) on that member's slot in pass j."""
         mixes = [_mix_order(s) if s is not None else [] for s, _ in rows]
-        members = max(1, max(len(m) for m in mixes))
-        weights = torch.zeros(members, sum(n for _, n in rows), self.storage.num_slots)
+        weights = torch.zeros(max(1, max(len(m) for m in mixes)), sum(n for _, n in rows), self.storage.num_slots)
         t = 0
         for (_, n), mix in zip(rows, mixes, strict=True):
             for j, (slot, scale) in enumerate(mix):
                 weights[j, t:t + n, slot] = scale
             t += n
-        dev = self.storage.device
-        return LoraBatch(mode="dense", weights=torch.stack(
-            [self.storage.row_weights(w.to(dev, self.dtype), width=self.storage.rows) for w in weights]))
+        return weights
 
     def _uses_lora(self, seq: Sequence) -> bool:
         return any(x != 0.0 for x in seq.scales)
