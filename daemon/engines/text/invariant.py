@@ -57,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import triton_attention
+from . import triton_attention, triton_lora
 from .kernels import TorchKernels, TritonKernels
 from .lora import lora_expand_fused
 from .lora_pool import GroupSlots
@@ -297,6 +297,18 @@ class InvariantKernels(TorchKernels):
         # with fewer members, so its sum is the same whatever the step's member count.
         for j, member in enumerate(weights):
             extra = residual if j == 0 else None
-            if self._rows is None or not self._rows._lora.expand_fused(y, group, member, residual=extra):
+            if not self._expand_kernel(y, group, member, extra):
                 lora_expand_fused(y, group, member, residual=extra)
         return y[:, :group.base_out]
+
+    def _expand_kernel(self, y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
+                       residual: torch.Tensor | None) -> bool:
+        """One member's expand through the Triton kernel on a GPU; False: PyTorch ops do it (no GPU, a
+        shape the kernel does not take, or a kernel that failed once, as the default set does)."""
+        if self._rows is None or self.failures:
+            return False
+        try:
+            return triton_lora.expand_fused(y, group, weights, residual=residual)
+        except Exception as exc:
+            self._fail("the LoRA expand", exc)
+            return False
