@@ -119,8 +119,9 @@ class Settings(BaseSettings):
         "(false: PyTorch ops only; the startup log names the LoRA kernel in use)"))
     deterministic: bool = Field(default=False, description=(
         "the same model, adapter versions and scales, prompt, sampling settings and seed give the same tokens "
-        "whatever else shares the batch (replays, QA, saves); on CUDA with fixed row counts, checked at start and "
-        "not yet measured there (no CUDA graphs or Triton kernels in this mode); costs speed (docs/BENCHMARKS.md)"))
+        "whatever else shares the batch (replays, QA, saves); on CUDA with fixed row counts (checked at start), "
+        "Triton kernels and CUDA graphs; costs speed: about 2x on the CPU, 8-16% of the decode step on an H200 "
+        "(docs/BENCHMARKS.md)"))
 
     gpu_memory_mb: int | None = Field(default=None, ge=1, description=(
         "the most memory the engines may take on their device (GPU memory; on the CPU, RAM): weights, KV cache, "
