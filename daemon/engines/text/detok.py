@@ -5,6 +5,10 @@ across tokens. For them we map every token id to its bytes once (`byte_table`) a
 of each new token to an incremental UTF-8 decoder: constant work per token, and a character is
 emitted only once it is complete. Other tokenizers (SentencePiece: Llama 2, Mistral) decode a
 short window of recent tokens and emit text once it no longer ends in U+FFFD.
+
+U+0000 never leaves here: it comes out as U+FFFD. A model can emit the byte 0 (random or badly
+tuned weights do), and game engines end strings at it (Godot's UTF-8 decoding stops there), so a
+streamed NUL would make the chunks a client joined and the result's text disagree.
 """
 
 from __future__ import annotations
@@ -72,7 +76,11 @@ class IncrementalDecoder:
         self._read = 0  # tokens up to here have been emitted
 
     def push(self, token_id: int) -> str:
-        """Add a token; return the new text it completes (possibly empty)."""
+        """Add a token; return the new text it completes (possibly empty), U+0000 as U+FFFD."""
+        text = self._push(token_id)
+        return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+    def _push(self, token_id: int) -> str:
         self.ids.append(token_id)
         if self._table is not None and self._utf8 is not None:
             piece = self._table[token_id] if 0 <= token_id < len(self._table) else b""

@@ -208,6 +208,23 @@ def test_incremental_decoder_never_emits_broken_utf8(tiny_model_dir: Path, byte_
     assert "" in pieces  # some tokens completed no character yet
 
 
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_a_nul_the_model_emits_comes_out_as_a_replacement_character(tiny_model_dir: Path, byte_level: bool) -> None:
+    """Game engines end strings at U+0000 (Godot's UTF-8 decoding stops there), so the streamed
+    pieces and the final text must never carry one."""
+    from transformers import AutoTokenizer
+
+    from daemon.engines.text.detok import byte_table
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    table = byte_table(tok) if byte_level else None
+    ids = tok.encode("Ahoy\x00there", add_special_tokens=False)
+    assert "\x00" in tok.decode(ids)  # the tokenizer itself keeps the NUL
+    dec = IncrementalDecoder(tok, table)
+    text = "".join(dec.push(i) for i in ids)
+    assert text == "Ahoy\ufffdthere"
+
+
 def test_sampler_top_k_1_is_greedy_and_repetition_penalty_changes_choice() -> None:
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
     p = SamplingParams(temperature=1.5, top_k=1, seed=9)
