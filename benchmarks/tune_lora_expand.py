@@ -26,7 +26,7 @@ from daemon.engines.text.lora_pool import GROUPS, GroupSlots, LoraSlotStorage
 HIDDEN, MLP, KV = 2048, 8192, 512
 DIMS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
         "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP), "down_proj": (MLP, HIDDEN)}
-SPACE = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64, 128), "BLOCK_K": (32, 64, 128),
+SPACE = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
          "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4, 5, 6)}
 
 
@@ -63,8 +63,8 @@ def _tune(key: str, groups: list[GroupSlots], weights: torch.Tensor, rows: int) 
             seen[k] = _per_launch_us(lambda y, g, w: triton_lora.expand_fused(y, g, w, dict(cfg)), groups, ys, weights)
         return seen[k] if seen[k] is not None else float("inf")
 
-    best = {"BLOCK_M": 16 if rows <= 16 else 32 if rows <= 32 else 64, "BLOCK_N": 32, "BLOCK_K": 64,
-            "num_warps": 4, "num_stages": 4}
+    best = ({"BLOCK_M": 16 if rows <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+            if rows <= 32 else {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3})
     for _ in range(2):
         for name, values in SPACE.items():
             best = min(({**best, name: v} for v in values), key=cost)

@@ -116,35 +116,51 @@ def expand_fused(y: torch.Tensor, group: GroupSlots, weights: torch.Tensor,
 
 
 def _row_class(rows: int) -> int:
-    """The row counts the tile choice tells apart: <= 16, <= 32, more."""
-    return 0 if rows <= 16 else 1 if rows <= 32 else 2
+    """The row counts the tile choice tells apart: <= 16, <= 32 (decode), <= 64, <= 192, more
+    (prompt chunks, or many streams)."""
+    return next(i for i, top in enumerate((16, 32, 64, 192, 1 << 62)) if rows <= top)
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(out_cols: tuple[tuple[int, int], ...], width: int, row_class: int, element_size: int, shared_memory: int,
           config: tuple[tuple[str, int], ...]) -> tuple[Any, ...] | None:
     """Tiles, member offsets, warps and stages for one launch shape; None where the kernel's shape
-    rules do not hold (member widths must share a multiple of 16, and so must the pool rows read).
-    `config` overrides the tuned choices (benchmarks/tune_lora_expand.py)."""
+    rules do not hold (member widths must share a multiple of 16, and so must the pool rows read),
+    or where PyTorch's path is faster. `config` overrides the tuned choices
+    (benchmarks/tune_lora_expand.py)."""
     widths = [hi - lo for lo, hi in out_cols]
-    # Tuned on an H200 with benchmarks/tune_lora_expand.py (32 slots x rank 16, 32 rows, B read from
-    # HBM). Wide outputs (gate/up) take wide tiles; narrow ones (q/k/v, o, down) take narrow tiles,
-    # 128-deep in K, and half-height row tiles when that is what gives enough CTAs to stream B.
     cfg = dict(config)
     wide = sum(widths) >= 8192
-    block_n = cfg.get("BLOCK_N") or _largest_divisor(math.gcd(*widths), (128, 64, 32, 16) if wide else (32, 16))
+    if not cfg and wide and row_class >= 3:
+        # gate/up over more than 64 rows: cuBLAS's GEMM per member beats every tile tried (288 rows,
+        # 32 slots x rank 16 on an H200: 21.7 us a launch against 26.2 at best).
+        return None
+    # Tuned on an H200 with benchmarks/tune_lora_expand.py (Llama-3.2-1B's groups; 32 slots x rank
+    # 16 and 128 x 16; B read from HBM). Decode (<= 32 rows): wide outputs (gate/up) take wide
+    # tiles; narrow ones (q/k/v, o, down) narrow tiles 128-deep in K, and half-height row tiles
+    # when that is what gives enough CTAs to stream B. More rows: tiles 128 wide and 128 deep, so
+    # each row tile's scaled shrink is read for fewer column tiles (at 288 rows 7-8 us a launch
+    # against 20-23 with the decode tiles).
+    many = row_class >= 2
+    narrow_n = (128, 64, 32, 16) if many else (32, 16)
+    block_n = cfg.get("BLOCK_N") or _largest_divisor(math.gcd(*widths), (128, 64, 32, 16) if wide else narrow_n)
     block_k = cfg.get("BLOCK_K") or _largest_divisor(width, (64, 32, 16) if wide else (128, 64, 32, 16))
     if block_n is None or block_k is None:
         return None
     tiles_n = sum(widths) // block_n
-    block_m = cfg.get("BLOCK_M") or (16 if row_class == 0 or tiles_n < 80 else 32 if row_class == 1 else 64)
+    if wide or not many:
+        block_m = 16 if row_class == 0 or tiles_n < 80 else 32 if row_class == 1 else 64
+    else:
+        block_m = (16, 32, 64)[row_class - 2]
+    block_m = cfg.get("BLOCK_M") or block_m
     b_starts = tuple([0, *itertools.accumulate(widths[:-1])] + [1 << 30] * (_MAX_MEMBERS - len(widths)))
     out_starts = tuple([lo for lo, _ in out_cols] + [0] * (_MAX_MEMBERS - len(widths)))
     # Pipeline stages: no more than the GPU's shared memory holds (consumer GPUs have about 100 KB
     # per block, an H200 228 KB), keeping one stage's worth spare.
     stage_bytes = (2 * block_m * block_k + block_k * block_n) * element_size
-    stages = cfg.get("num_stages") or max(1, min(5 if wide else 6, shared_memory // stage_bytes - 1))
-    warps = cfg.get("num_warps", 2 if row_class == 0 else 4)
+    top = 3 if many and not wide else 5 if wide else 6
+    stages = cfg.get("num_stages") or max(1, min(top, shared_memory // stage_bytes - 1))
+    warps = cfg.get("num_warps", 2 if row_class == 0 or (many and not wide and row_class == 2) else 4)
     return block_m, block_n, block_k, b_starts, out_starts, warps, stages
 
 
