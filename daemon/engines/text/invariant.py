@@ -205,6 +205,7 @@ class InvariantKernels(TorchKernels):
         # per row (or element) with fixed tiles, so a row's bits do not depend on the others.
         self._attention = triton_attention if self.fixed_rows and triton_attention.available(device) else None
         self._rows = TritonKernels(device) if self._attention is not None and device.type == "cuda" else None
+        self._meta: tuple[torch.Tensor, int, torch.Tensor] | None = None  # `_decode_meta`'s last (lens, version, meta)
 
     def prefers_prefix(self, tokens: int) -> bool:
         return True
@@ -236,7 +237,7 @@ class InvariantKernels(TorchKernels):
     def paged_decode(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, lens: torch.Tensor,
                      window: int | None) -> torch.Tensor | None:
         if self._attention is not None:  # each decode row as a prompt chunk of one token (see paged_prefill)
-            meta = torch.stack([torch.arange(q.shape[0], device=q.device), torch.ones_like(lens), lens - 1], dim=1)
+            meta = self._decode_meta(lens)
             out = torch.empty_like(q)
             if self._attention.paged_prefill(q, kv.k[layer], kv.v[layer], tables, meta, out, window, kv.block_size,
                                              1):
@@ -260,6 +261,20 @@ class InvariantKernels(TorchKernels):
             pos = torch.tensor([[positions[i]] for i in members], device=q.device)
             out[index] = attend_blocks(q[index][:, None], keys, values, pos, window, rows_to)[:, 0]
         return out
+
+    def begin_forward(self) -> None:
+        self._meta = None
+
+    def _decode_meta(self, lens: torch.Tensor) -> torch.Tensor:
+        """[rows, 3] (start, length 1, position) of each decode row as a one-token chunk: built once a
+        forward pass, not once a layer (four small launches each; 64 of them a step on a 16-layer
+        model). A recorded graph has it built in its first layer and rebuilds it on every replay."""
+        cached = self._meta
+        if cached is not None and cached[0] is lens and cached[1] == lens._version:
+            return cached[2]
+        meta = torch.stack([torch.arange(lens.shape[0], device=lens.device), torch.ones_like(lens), lens - 1], dim=1)
+        self._meta = (lens, lens._version, meta)
+        return meta
 
     def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
                       out: torch.Tensor, window: int | None, longest: int) -> bool:

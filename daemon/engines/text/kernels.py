@@ -66,6 +66,9 @@ class TorchKernels:
         self.device = device
         self.failures: list[str] = []
 
+    def begin_forward(self) -> None:
+        """A forward pass starts (what a kernel set builds once a step is built again from here)."""
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
 

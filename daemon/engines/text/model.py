@@ -175,6 +175,7 @@ class TextModel:
     @torch.inference_mode()
     def forward(self, step: StepInput, kv: PagedKV, slots: LoraSlotStorage | None) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for the tokens in `step.logit_index`."""
+        self.kernels.begin_forward()
         spec = self.spec
         t = step.input_ids.shape[0]
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
