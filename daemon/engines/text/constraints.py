@@ -184,6 +184,20 @@ class RowMasks:
             self._buffer = torch.empty(size, self.words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         return self._buffer[:n]
 
+    def take_pending(self, seqs: list[Any]) -> list[bool]:
+        """Each sequence's matcher takes its token not taken yet (`Sequence.grammar_pending`), all at
+        once on llguidance's threads (about 8 us a row one by one). True where the grammar is then
+        complete and nothing more can follow: that sequence ends with its previous token."""
+        pending = [s for s in seqs if s.grammar_pending is not None]
+        if pending:
+            taken = self._executor.consume_token_par([(s.grammar, s.grammar_pending) for s in pending])
+            for s, ok in zip(pending, taken, strict=True):
+                if not ok:  # the mask allowed only what it accepts: a bug if so
+                    raise RuntimeError(f"the constraint refused token {s.grammar_pending}: {s.grammar.get_error()}")
+                s.grammar_pending = None
+        took = {id(s) for s in pending}
+        return [id(s) in took and bool(s.grammar.is_stopped()) for s in seqs]
+
     def compute(self, matchers: list[Any]) -> torch.Tensor:
         """The [len(matchers), words] bitmask of the tokens each matcher allows next (host)."""
         started = time.perf_counter()
