@@ -8,7 +8,8 @@ adapter of their own), and after each answer that conversation's next turn (the 
 answer and 60 new tokens). Reported for each configuration (prefix cache off/on, priorities off/on,
 on one engine, one after the other): player time to first token (turn 1 and turn 2), the ambient
 streams' token gaps (p50, p99, worst; worst while a player prompt is being prefilled), the steps
-that carry a prompt chunk next to the decodes, and tokens/s of everything.
+that carry a prompt chunk next to the decodes, tokens/s of everything, and the CUDA graphs recorded
+during the configuration (shapes the warm-up did not meet; each recording stalls its step).
 
 The engine is driven directly on this thread: each step is timed from the host (sampling ends
 every step with a copy to the host, so a step's time includes the device's work). Random token
@@ -94,9 +95,9 @@ def run_scenario(engine: TextEngine, versions: list[Any], args: argparse.Namespa
 
     run = engine.runner.run
 
-    def timed(plan: Any) -> list[int]:
+    def timed(plan: Any, *rest: Any) -> list[int]:
         start = time.perf_counter()
-        out = run(plan)  # ends with the sampled tokens on the host
+        out = run(plan, *rest)  # ends with the sampled tokens on the host
         now = time.perf_counter()
         for k in sampled:
             trace.tokens.setdefault(k, []).append(now)
@@ -107,6 +108,7 @@ def run_scenario(engine: TextEngine, versions: list[Any], args: argparse.Namespa
 
     engine.runner.on_logits = hook
     engine.runner.run = timed  # type: ignore[method-assign]
+    captures = engine.graphs.captures if engine.graphs else 0
     ambient_priority = "background" if priorities else "normal"
     active = {}
 
@@ -150,7 +152,8 @@ def run_scenario(engine: TextEngine, versions: list[Any], args: argparse.Namespa
     failed = [e for e in done.values() if not hasattr(e, "finish_reason")]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed, the first: {failed[0]}")
-    return summarize(trace, done, args, elapsed, start)
+    return summarize(trace, done, args, elapsed, start) | {
+        "graph_captures": (engine.graphs.captures if engine.graphs else 0) - captures}
 
 
 def summarize(trace: Trace, done: dict[Any, Any], args: argparse.Namespace, elapsed: float,
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turn-tokens", type=int, default=60, help="new tokens of each conversation's second turn")
     p.add_argument("--gap-steps", type=int, default=5, help="decode steps between conversations")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--step-tokens", type=int, default=None, help="the engine's max_step_tokens (default: its own)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters = args.ambient + args.players
     cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."), max_seqs=n, max_context=context,
                        lora_slots=adapters, max_lora_rank=args.rank,
+                       **({"max_step_tokens": args.step_tokens} if args.step_tokens else {}),
                        kv_cache_mb=kv_mb(args.model, None if args.model.startswith("random:") or args.model == "default"
                                          else ModelSpec.from_folder(Path(args.model)), dtype, (n + 1) * context))
     if args.model.startswith("random:"):
@@ -260,18 +265,19 @@ def main(argv: list[str] | None = None) -> int:
                else platform.processor() or platform.machine())
     result = {"machine": machine, "model": engine.spec.name, "ambient": args.ambient, "players": args.players,
               "player_prompt": args.player_prompt, "idle_ttft_ms": _ms(idle), "configs": rows}
-    print(f"loraloom bench latency: {engine.spec.name} on {machine}; {args.ambient} ambient streams, "
+    print(f"loraloom bench latency: {engine.spec.name} on {machine}; max_step_tokens {cfg.max_step_tokens}; "
+          f"{args.ambient} ambient streams, "
           f"{args.players} players with {args.player_prompt}-token prompts (+{args.turn_tokens} on turn 2); "
           f"idle TTFT {_ms(idle)} ms")
     head = (f"{'configuration':28} {'TTFT p50':>9} {'p99':>8} {'turn2':>8} {'cached':>7} {'gap p50':>8} "
-            f"{'p99':>7} {'worst':>7} {'join':>7} {'decode':>7} {'+chunk':>7} {'tok/s':>8}")
+            f"{'p99':>7} {'worst':>7} {'join':>7} {'decode':>7} {'+chunk':>7} {'tok/s':>8} {'graphs':>6}")
     print(head)
     for label, r in rows.items():
         gap = r["ambient_gap_ms"]
         print(f"{label:28} {r['player_ttft_ms']['p50']:>9} {r['player_ttft_ms']['p99']:>8} "
               f"{r['turn2_ttft_ms']['p50']:>8} {r['turn2_cached_tokens']:>7} {gap['p50']:>8} {gap['p99']:>7} "
               f"{gap['worst']:>7} {gap['worst_while_joining']:>7} {r['decode_step_ms']!s:>7} "
-              f"{r['step_with_prompt_chunk_ms']!s:>7} {r['tokens_per_s']:>8}")
+              f"{r['step_with_prompt_chunk_ms']!s:>7} {r['tokens_per_s']:>8} {r['graph_captures']:>6}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

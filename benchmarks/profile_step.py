@@ -8,6 +8,9 @@ kernels' device time per step (the sum over kernels: the step's busy time), and 
 device time per step. Busy well under wall means the host (Python, launches, sampling) is the cost;
 busy near wall means the kernels are. CUDA graphs replay as recorded (profilers see their kernels);
 --eager profiles the launches one by one; --host adds a cProfile of the host's side of the steps.
+--constrained puts every stream under its own JSON schema (as bench_text.py --constrained does);
+--chunk N adds an N-token prompt chunk to every profiled step (the latency issue's "decode rows plus
+a player's chunk" step).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_text import ALL_TARGETS, kv_mb, write_adapters
+from benchmarks.bench_text import ALL_TARGETS, compile_schemas, kv_mb, write_adapters
 from benchmarks.fixtures.random_model import SHAPES, random_llama
 from daemon.adapters.loader import read_adapter_files
 from daemon.engines.text.engine import TextEngine
@@ -45,16 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deterministic", action="store_true", help="the engine in deterministic mode (invariant.py)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8"])
     p.add_argument("--host", action="store_true", help="also the host's side: cProfile of the same steps")
+    p.add_argument("--constrained", action="store_true", help="every stream under its own JSON schema")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="every profiled step also carries a prompt chunk of this many tokens (of 1,536-token "
+                        "prompts, one after another, as a player's line joining the streams)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n, ranks = args.streams, [int(r) for r in args.ranks.split(",")]
-    context = args.context + 64 + args.steps * 2
+    context = args.context + 64 + args.steps * (4 if args.chunk else 2) + 16
+    long_prompt = 1536 if args.chunk else 0
     spec, tensors, tokenizer = random_llama(args.model.split(":", 1)[1], device=device, dtype=dtype)
-    cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."), max_seqs=n, max_context=context,
-                       lora_slots=n, max_lora_rank=max(ranks), cuda_graphs=not args.eager,
-                       kv_cache_mb=kv_mb(args.model, None, dtype, n * context), quantize=args.quantize,
-                       deterministic=args.deterministic)
+    extra = 1 if args.chunk else 0  # the row of the joining prompts
+    cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."), max_seqs=n + extra,
+                       max_context=max(context, long_prompt + 8), lora_slots=n + extra, max_lora_rank=max(ranks),
+                       cuda_graphs=not args.eager, prefill_chunk=args.chunk or 256,
+                       max_step_tokens=n + args.chunk if args.chunk else 512,
+                       kv_cache_mb=kv_mb(args.model, None, dtype, n * context + 2 * long_prompt),
+                       quantize=args.quantize, deterministic=args.deterministic)
     scheme = QuantScheme("rtn", kind=args.quantize) if args.quantize else DENSE  # type: ignore[arg-type]
     engine = TextEngine(TextModel(spec, dict(tensors), device=device, dtype=dtype, scheme=scheme), tokenizer, cfg)
     adapters: list[list] = [[] for _ in range(n)]
@@ -66,15 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             adapters[i] = [(files.to_version(d.name, i + 1, prepared.payload, prepared.rank, prepared.targets), 1.0)]
     g = torch.Generator().manual_seed(0)
     vocab = min(spec.vocab_size, len(engine.tokenizer))
+    grammars = compile_schemas(engine, n)["grammars"] if args.constrained else [None] * n
     for i in range(n):
         engine.submit(TextRequest(key=i, prompt_ids=torch.randint(5, vocab, (args.context,), generator=g).tolist(),
-                                  adapters=adapters[i], sampling=SamplingParams(
+                                  adapters=adapters[i], constraint=grammars[i], sampling=SamplingParams(
                                       temperature=0.0, max_tokens=context - args.context - 2, ignore_eos=True)),
                       lambda e: None)
     warm = 0
     while warm < 8:  # every stream decoding, and graphs recorded
         engine.step()
         warm += engine.runner.last_batch_size == n
+    if args.chunk:  # enough joining prompts for the warm-up and every profiled step (each gives 1536/chunk steps)
+        steps_each = -(-long_prompt // args.chunk)
+        for j in range(-(-(3 * args.steps + 8) // steps_each) + 1):
+            ids = torch.randint(5, vocab, (long_prompt,), generator=g).tolist()
+            engine.submit(TextRequest(key=("join", j), prompt_ids=ids,
+                                      sampling=SamplingParams(temperature=0.0, max_tokens=1)), lambda e: None)
+        for _ in range(8):  # the chunk graphs recorded
+            engine.step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     walls = []
@@ -115,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile_step: {spec.name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
           f"{n} streams, {'base only' if args.base_only else f'{n} adapters of rank {args.ranks}'}, "
           f"{args.quantize or str(dtype).removeprefix('torch.')}, {'eager' if args.eager else 'CUDA graphs'}"
-          f"{', deterministic' if args.deterministic else ''}")
+          f"{', deterministic' if args.deterministic else ''}{', JSON schemas' if args.constrained else ''}"
+          f"{f', a {args.chunk}-token prompt chunk a step' if args.chunk else ''}")
     print(f"step wall median {1000 * walls[len(walls) // 2]:.3f} ms; kernels' device time {busy:.3f} ms a step")
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for ms, calls, key in rows[:args.top]:

@@ -6,7 +6,7 @@ bounds the step time. Recording the step once and replaying it removes that cost
 fixed shapes and addresses, so the runner keeps static input buffers (one flat int buffer, filled
 by one copy a replay) and pads:
 - decode rows up to the next batch bucket (padding rows write into block 0, which no sequence owns),
-- a step's prompt chunks (up to four, next to the decode rows) together up to the next chunk
+- a step's prompt chunks (up to MAX_CHUNKS, next to the decode rows) together up to the next chunk
   bucket: each chunk's start, length and first position are read from the device by the paged
   prefill kernel, so one graph serves chunks anywhere in any prompts (padding tokens write into
   block 0, their rows are dropped; unused chunk entries have no tokens),
@@ -51,7 +51,7 @@ log = logging.getLogger("loraloom.text")
 
 _CONTEXT_BUCKET = 256
 CHUNK_BUCKETS = (64, 128, 256, 512)  # prompt tokens of one step (finer buckets measured no faster)
-MAX_CHUNKS = 4  # prompt chunks of one step
+MAX_CHUNKS = 8  # prompt chunks of one step (a crowd of NPCs starting new 64-token lines: 8 fill a step)
 
 
 def _bucket(n: int, sizes: Sequence[int]) -> int:
@@ -106,6 +106,7 @@ class StepGraphs:
         self._graphs: dict[tuple[int, int, int, int, int], _Graph] = {}
         self.replays = 0
         self.chunk_replays = 0  # replays that carried a prompt chunk
+        self.captures = 0  # graphs recorded (each costs about three steps' time, the step that meets it waits)
 
     def paged(self) -> bool:
         """Whether attention reads the paged cache itself (chunk graphs need it; decode needs no bucket)."""
@@ -179,6 +180,7 @@ class StepGraphs:
         # would let a replay overwrite another graph's intermediates.
         with torch.cuda.graph(graph):
             logits = forward()
+        self.captures += 1
         log.debug("captured a graph: %d decode rows, %d chunk tokens, context %d, LoRA rows %d, mix members %d",
                   batch, chunk, context, width, members)
         return _Graph(graph, ints, tables, forward, slot_weights, logits, step, sent=[()] * batch)
