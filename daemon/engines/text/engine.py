@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .blocks import BlockPool
 from .config import LORA_TARGETS
 from .constraints import Constraint, Grammar, Grammars
 from .detok import byte_table
-from .graphs import StepGraphs
+from .graphs import MAX_CHUNKS, StepGraphs
 from .invariant import InvariantKernels
 from .kernels import select_kernels
 from .kv import PagedKV
@@ -95,7 +95,8 @@ class TextEngine:
                        if self.device.type == "cuda" and cfg.cuda_graphs and (not cfg.deterministic or fixed) else None)
         self.scheduler = Scheduler(max_seqs=cfg.max_seqs, slots=self.slots, pool=self.pool,
                                    max_step_tokens=cfg.max_step_tokens, prefill_chunk=cfg.prefill_chunk,
-                                   priorities=cfg.priorities)
+                                   priorities=cfg.priorities,
+                                   max_chunks=MAX_CHUNKS if self.graphs is not None and not cfg.deterministic else None)
         self.runner = ModelRunner(self.model, self.kv, self.storage, self.kernels, cfg, self.graphs, table_width=width)
         self._outputs: dict[int, SequenceOutput] = {}  # sequence serial -> its output step
         self._events: dict[int, EventSink] = {}  # id(request) -> its callback
@@ -111,6 +112,11 @@ class TextEngine:
         # device runs that forward while the host works (`output`); on the CPU the forward is the host.
         self.defer_grammar = self.device.type == "cuda"
         self.grammar_late_stops = 0  # sequences whose grammar's end was seen a step late (a row's work thrown away)
+        # Likewise the text of a token that does not end its sequence (detokenising, stop strings, the
+        # chunk event) is made while the device runs the next step (`output`, `_catch_up`).
+        self.defer_text = self.device.type == "cuda"
+        self._behind: list[SequenceOutput] = []  # outputs whose text waits for `_catch_up`
+        self.late_stops = 0  # sequences a stop string ended a step late
         mb = 2**20
         log.info("text model %s: %d layers, %.0fM parameters, %s %s, %d sequences of up to %d tokens, %d LoRA "
                  "slots, %s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
@@ -304,6 +310,7 @@ class TextEngine:
             self._outputs[seq.serial] = SequenceOutput(seq, self.tokenizer, self.byte_table, eos_ids=self.eos_ids,
                                                        max_context=self.max_context, defer_grammar=self.defer_grammar)
         if plan is None:
+            self._catch_up()
             return False
         chunk_tokens = sum(c.length for c in plan.chunks)
         if self.budget is not None:  # held back by the GPU budget: the step as planned, predicted from recent ones
@@ -327,7 +334,7 @@ class TextEngine:
         """Run a step; if it fails, run halves of it, so a failure that one sequence brings ends that
         sequence alone (with FAILED) and the others' step still happens."""
         try:
-            tokens = self.runner.run(plan)
+            tokens = self.runner.run(plan, self._catch_up)
         except Exception as exc:
             self.failed_steps += 1
             seqs = plan.sequences
@@ -346,6 +353,8 @@ class TextEngine:
         now = time.perf_counter()
         complete = {s.serial for s in self.runner.grammar_done}
         for seq, token in zip(plan.sample, tokens, strict=True):
+            if seq.finished:  # a stop string in its previous token's text (`_catch_up`): this one is dropped
+                continue
             if seq.serial in complete:  # its grammar ended with its previous token (`output`): this one is dropped
                 self.grammar_late_stops += 1
                 self._end(seq, "stop")
@@ -354,16 +363,32 @@ class TextEngine:
 
     def _accept(self, seq: Seq, token: int, now: float) -> None:
         output = self._outputs[seq.serial]
+        self._outcome(seq, lambda: output.on_token(token, now, defer_text=self.defer_text))
+        if output.behind and not seq.finished:
+            self._behind.append(output)
+
+    def _catch_up(self) -> None:
+        """The text, stop strings and chunks of the tokens `_accept` deferred (once a step, while
+        the device runs the next forward)."""
+        behind, self._behind = self._behind, []
+        for output in behind:
+            seq = output.seq
+            if seq.serial in self._outputs and output.behind:
+                self.late_stops += self._outcome(seq, output.catch_up) == "stop"
+
+    def _outcome(self, seq: Seq, take: Callable[[], tuple[TextChunkEvent | None, str | None]]) -> str | None:
+        """Emit what `take` gives (a chunk, or the end of the sequence); the finish reason, if any."""
         try:
-            chunk, reason = output.on_token(token, now)
+            chunk, reason = take()
         except Exception as exc:  # e.g. a tokenizer that cannot decode this token
             log.exception("turning a token into text failed for request %r", seq.key)
             self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED, f"decoding the output failed: {exc}"))
-            return
+            return None
         if reason:
             self._end(seq, reason)
         elif chunk is not None:
             self._emit(seq.request, chunk)
+        return reason
 
     def _end(self, seq: Seq, outcome: str | EngineError) -> None:
         """Finish a sequence with a reason (stop, length, cancelled) or an error."""

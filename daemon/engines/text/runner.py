@@ -1,7 +1,7 @@
 """One step on the device: a `StepPlan` -> tensors -> a CUDA graph or the eager forward -> logits
 (-> constrained rows masked) -> one sampled token per sequence that needs one.
 
-Steps on CUDA replay a recorded graph (`graphs`: decode rows and up to four prompt chunks); other
+Steps on CUDA replay a recorded graph (`graphs`: decode rows and up to eight prompt chunks); other
 steps, and every step on a CPU, run `TextModel.forward` eagerly. Each token's keys and values go to the slot its
 sequence's block table gives its position. The LoRA plan of a step (`lora_plan.LoraBatch`) comes
 from each sequence's per-slot scales, kept here for as long as the sequence runs.
@@ -21,7 +21,6 @@ from .kv import PagedKV, PrefillChunk, gather_index
 from .lora_plan import LoraBatch
 from .lora_pool import LoraSlotStorage
 from .model import StepInput, TextModel
-from .output import take_pending
 from .request import EngineConfig
 from .sampler import sample
 from .scheduler import Sequence, StepPlan
@@ -58,26 +57,31 @@ class ModelRunner:
         for key in [k for k in self._weights if k[0] == seq.serial]:
             del self._weights[key]
 
-    def run(self, plan: StepPlan) -> list[int]:
-        """Run the step; the next token of each sequence in `plan.sample`, in that order."""
+    def run(self, plan: StepPlan, while_running: Callable[[], None] | None = None) -> list[int]:
+        """Run the step; the next token of each sequence in `plan.sample`, in that order.
+        `while_running` is called once the forward is launched (on CUDA the device is busy with it
+        meanwhile); sequences it finishes still get a token, which the caller drops."""
         logits = self._forward(plan)  # on CUDA still running while the matchers and masks work
+        if while_running is not None:
+            while_running()
         sample_seqs = plan.sample
         self.grammar_done = []
         if not sample_seqs:  # only prompt chunks that end mid-prompt
             return []
-        constrained = []
-        for i, s in enumerate(sample_seqs):
-            if s.grammar is None:
-                continue
-            if take_pending(s):  # its last token completed the grammar: it ends there (this row's is dropped)
-                self.grammar_done.append(s)
-            else:
-                constrained.append(i)
-        if constrained:
+        rows = [i for i, s in enumerate(sample_seqs) if s.grammar is not None and not s.finished]
+        if rows:
             if self.masks is None:
                 from .constraints import RowMasks
 
                 self.masks = RowMasks(logits.shape[1], logits.device)
+            # A sequence whose last token completed its grammar ends there (this row's token is dropped).
+            done = self.masks.take_pending([sample_seqs[i] for i in rows])
+            self.grammar_done = [sample_seqs[i] for i, d in zip(rows, done, strict=True) if d]
+            constrained = [i for i, d in zip(rows, done, strict=True) if not d]
+        else:
+            constrained = []
+        if constrained:
+            assert self.masks is not None
             bitmask = self.masks.compute([sample_seqs[i].grammar for i in constrained])
             logits = self.masks.apply(logits, constrained, bitmask)
         if self.on_logits is not None:

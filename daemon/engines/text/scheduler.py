@@ -11,8 +11,8 @@ step computed. A step that fails can be run again for fewer of its sequences.
   slots that are busy lets requests with resident adapters pass (keeping its place among those
   that wait for slots).
 - A step: one decode token for every sequence past its prompt, then prompt chunks (by priority,
-  at most `prefill_chunk` tokens each) until `max_step_tokens` are planned: a long prompt never
-  freezes the others' streams for more than one step's worth.
+  at most `prefill_chunk` tokens each, and at most `max_chunks` of them) until `max_step_tokens`
+  are planned: a long prompt never freezes the others' streams for more than one step's worth.
 - Preemption: when a waiting request has a higher priority than some running sequence and no
   room (a sequence or KV blocks), the lowest-priority, latest-arrived running sequence pauses. Its
   full blocks stay in the prefix cache, it keeps its generated tokens and waits again with its
@@ -65,6 +65,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens the prefix cache gave it when it first started
     preemptions: int = 0
     cancelled: bool = False
+    finished: bool = False  # ended (`Scheduler.finish`); a step launched before may still carry its row
     started: float | None = None
     first_token: float | None = None
     grammar: Any = None  # its constraint's matcher (constraints.Grammar.start()); None: unconstrained
@@ -147,12 +148,16 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, *, max_seqs: int, slots: SlotAllocator, pool: BlockPool, max_step_tokens: int,
-                 prefill_chunk: int, priorities: bool = True) -> None:
+                 prefill_chunk: int, priorities: bool = True, max_chunks: int | None = None) -> None:
         self.max_seqs = max_seqs
         self.slots = slots
         self.pool = pool
         self.max_step_tokens = max_step_tokens
         self.prefill_chunk = prefill_chunk
+        # Prompt chunks of one step at most (None: any): what one CUDA graph takes (`graphs.MAX_CHUNKS`).
+        # A step with more ran eagerly, ~5x a graph's time: when a crowd of NPCs started new lines at
+        # once (31 64-token prompts; H200, 1B) that step stalled every stream for ~25 ms.
+        self.max_chunks = max_chunks
         self.priorities = priorities
         self.waiting: list[Sequence] = []  # new and paused sequences, in (priority, arrival) order
         self.running: list[Sequence] = []
@@ -185,6 +190,7 @@ class Scheduler:
         """The sequence ended: its blocks go back (full ones stay cached) and its adapters' slots."""
         self.running.remove(seq)
         self._free(seq)
+        seq.finished = True
 
     # ---------------------------------------------------------------- scheduling
 
@@ -206,7 +212,9 @@ class Scheduler:
         budget = max(budget if prompt_tokens is None else min(budget, prompt_tokens), 1)
         chunks: list[Chunk] = []
         for seq in sorted((s for s in active if s.in_prefill), key=self._order):
-            if budget <= 0 or seq not in self.running:
+            if budget <= 0 or (self.max_chunks is not None and len(chunks) >= self.max_chunks):
+                break
+            if seq not in self.running:
                 continue
             n = min(seq.context_len - seq.fed, self.prefill_chunk, budget)
             if not self._reserve(seq, seq.fed + n):  # the pool is short: what its blocks hold already
@@ -221,13 +229,17 @@ class Scheduler:
         return started, StepPlan(decode, chunks)
 
     def commit(self, plan: StepPlan) -> None:
-        """The plan ran: its tokens' keys and values are in the cache; full blocks are published."""
+        """The plan ran: its tokens' keys and values are in the cache; full blocks are published.
+        Sequences that finished while it ran (`finish`) are left as they are."""
         for seq in plan.decode:
-            seq.fed += 1
+            if not seq.finished:
+                seq.fed += 1
         for c in plan.chunks:
-            c.seq.fed = c.start + c.length
+            if not c.seq.finished:
+                c.seq.fed = c.start + c.length
         for seq in plan.sequences:
-            self._publish(seq)
+            if not seq.finished:
+                self._publish(seq)
 
     # ---------------------------------------------------------------- internals
 

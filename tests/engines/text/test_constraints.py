@@ -151,7 +151,8 @@ def test_compiled_grammars_are_cached_by_their_exact_text(engine: TextEngine) ->
 def test_a_matcher_taking_tokens_one_step_late_changes_nothing(tiny_model_dir: Path) -> None:
     """The same constrained requests (grammars that end on their own, one cut short by max_tokens, one
     whose grammar ends exactly at max_tokens, stop strings) with the matchers taking each token at once
-    and one step late: the same tokens, text, finish reasons and constraint states."""
+    and one step late (also with their text made a step late): the same tokens, text, finish reasons
+    and constraint states."""
     engine = TextEngine.from_folder(tiny_model_dir, CPU_CONFIG)
     prompt = engine.encode_prompt("The guard looks at you and says")
     kinds = {"action": Constraint("json_schema", json.dumps(ACTION)), "regex": Constraint("regex", REGEX),
@@ -179,11 +180,16 @@ def test_a_matcher_taking_tokens_one_step_late_changes_nothing(tiny_model_dir: P
     at_once |= run(engine, edge())
     engine.defer_grammar = True
     late = run(engine, requests()) | run(engine, edge())
+    engine.defer_text = True  # and the text made while the next step runs (a GPU's default too)
+    try:
+        behind = run(engine, requests()) | run(engine, edge())
+    finally:
+        engine.defer_text = False
     assert exact and any(e.finish_reason == "length" and e.constraint == "incomplete" for e in at_once.values())
     for key, event in at_once.items():
-        other = late[key]
-        assert (other.token_ids, other.text, other.finish_reason, other.constraint) == (
-            event.token_ids, event.text, event.finish_reason, event.constraint), key
+        for other in (late[key], behind[key]):
+            assert (other.token_ids, other.text, other.finish_reason, other.constraint) == (
+                event.token_ids, event.text, event.finish_reason, event.constraint), key
     boundary = [k for k in exact if at_once[("edge", k)].finish_reason == "stop"
                 and len(at_once[("edge", k)].token_ids) == exact[k]]
     assert boundary, "no grammar ended on the last token max_tokens allowed"  # `stop` there, not `length`

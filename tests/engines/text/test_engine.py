@@ -85,6 +85,51 @@ def test_stop_string_ends_and_trims(engine: TextEngine) -> None:
     assert "".join(e.text for e in events if isinstance(e, TextChunkEvent)) == done.text
 
 
+def test_text_made_while_the_next_step_runs_changes_nothing(engine: TextEngine) -> None:
+    """`defer_text` (a GPU's default): a token's text, stop strings and chunk come while the next
+    step runs. The same requests (stop strings mid-stream, lengths, EOS allowed, sampled and greedy,
+    streamed and not, one cancelled mid-way) give the same events as text made at once; a stop
+    string found a step late drops the extra token and frees every block."""
+    prompts = ["Ahoy matey", "Gold coins", "The parrot"]
+    fulls = [run(engine, req(engine, ("f", i), p, temperature=0.0, max_tokens=24))[("f", i)][-1].text
+             for i, p in enumerate(prompts)]
+
+    def batch() -> list[TextRequest]:
+        out = [req(engine, ("stop", i), p, temperature=0.0, max_tokens=24, stop=(full[5:8], "zz"))
+               for i, (p, full) in enumerate(zip(prompts, fulls, strict=True))]
+        out += [req(engine, "sampled", temperature=0.9, seed=5, max_tokens=17, ignore_eos=False),
+                req(engine, "quiet", temperature=0.7, seed=2, max_tokens=9, stream=False),
+                req(engine, "cut", temperature=0.8, seed=8, max_tokens=40)]
+        return out
+
+    def events_of(defer: bool) -> dict:
+        engine.defer_text = defer
+        events: dict = {}
+        for r in batch():
+            engine.submit(r, lambda e, events=events: events.setdefault(e.key, []).append(e))
+        steps = 0
+        while engine.has_work():
+            engine.step()
+            steps += 1
+            if steps == 6:
+                engine.cancel("cut")
+        return {k: [(type(e).__name__, e.text, getattr(e, "tokens", None), getattr(e, "finish_reason", None),
+                     getattr(e, "token_ids", None)) for e in v] for k, v in events.items()}
+
+    late_before = engine.late_stops
+    try:
+        at_once = events_of(False)
+        assert engine.late_stops == late_before
+        behind = events_of(True)
+    finally:
+        engine.defer_text = False
+    assert behind == at_once
+    assert all(at_once[("stop", i)][-1][3] == "stop" for i in range(3))
+    assert at_once["cut"][-1][3] == "cancelled"
+    assert engine.late_stops >= late_before + 3  # each stop string was found while its next token was computed
+    assert not engine.scheduler.running and engine.pool.in_use == 0
+
+
 def test_cancel_running_and_queued(engine: TextEngine) -> None:
     """Cancelling frees the row at the next step; a queued request cancels without running."""
     events: dict = {}

@@ -43,9 +43,9 @@ def request(key: str, prompt: int = 20, *, priority: str = "normal", tokens: int
 
 
 def scheduler(*, blocks: int = 64, max_seqs: int = 4, step_tokens: int = 64, chunk: int = 16,
-              cache: bool = True, priorities: bool = True) -> Scheduler:
+              cache: bool = True, priorities: bool = True, max_chunks: int | None = None) -> Scheduler:
     return Scheduler(max_seqs=max_seqs, slots=FakeSlots(), pool=BlockPool(blocks, 4, prefix_cache=cache),
-                     max_step_tokens=step_tokens, prefill_chunk=chunk, priorities=priorities)
+                     max_step_tokens=step_tokens, prefill_chunk=chunk, priorities=priorities, max_chunks=max_chunks)
 
 
 def step(s: Scheduler) -> tuple[list[Sequence], list[Sequence]]:
@@ -130,6 +130,27 @@ def test_a_step_time_budget_bounds_prompt_tokens_and_not_the_decode_rows() -> No
     s.commit(plan)
     _, plan = s.schedule(prompt_tokens=1000)  # the configured max_step_tokens still holds
     assert plan is not None and sum(c.length for c in plan.chunks) == min(256 - 48, 512 - 32)
+
+
+def test_a_crowd_of_new_prompts_is_spread_over_steps_of_at_most_max_chunks() -> None:
+    """Many prompts at once (a crowd starting new lines): each step carries at most `max_chunks`
+    of them (what one CUDA graph takes), by priority then arrival, and every one still finishes."""
+    s = scheduler(max_seqs=12, blocks=256, step_tokens=512, chunk=16, max_chunks=4)
+    for i in range(10):
+        s.enqueue(request(f"npc{i}", prompt=8, tokens=2, arrival=i))
+    s.enqueue(request("player", prompt=8, tokens=2, priority="player", arrival=20))
+    _, plan = s.schedule()
+    assert plan is not None and [c.seq.key for c in plan.chunks] == ["player", "npc0", "npc1", "npc2"]
+    s.commit(plan)
+    for seq in plan.sample:
+        seq.tokens.append(1)
+    _, plan = s.schedule()
+    assert plan is not None and [c.seq.key for c in plan.chunks] == ["npc3", "npc4", "npc5", "npc6"]
+    assert len(plan.decode) == 4
+    s.commit(plan)
+    for seq in plan.sample:
+        seq.tokens.append(1)
+    assert sorted(run(s)) == sorted([f"npc{i}" for i in range(10)] + ["player"])
 
 
 def test_a_player_line_pauses_background_chatter_which_resumes_from_the_cache() -> None:
