@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         ("game alone", None), ("no budget", BudgetSpec()), ("duty cap 25%", BudgetSpec(duty_cap=0.25)),
         ("duty cap 50%", BudgetSpec(duty_cap=0.5)), ("duty cap 75%", BudgetSpec(duty_cap=0.75)),
         ("frame sync", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5))),
-        ("sync, measured", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5)))]
+        ("sync, measured", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5))),
+        ("sync, overlap 1", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5, overlap_ms=1.0))),
+        ("sync, overlap 2", BudgetSpec(frame_sync=FrameSync(period_ms, args.frame_ms * 1.1, 0.5, overlap_ms=2.0)))]
     # Warm up: kernels compiled, slots loaded, graphs recorded for the shapes the runs meet.
     for i in range(n + 1):
         engine.submit(TextRequest(key=("warm", i), prompt_ids=torch.randint(5, vocab, (256 if i == n else 64,),
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, bspec in configs:
             budget.set(bspec or BudgetSpec())
-            if label.endswith("measured"):
+            if label.startswith("sync,"):
                 measured.set()
             else:
                 measured.clear()

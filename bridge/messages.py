@@ -256,6 +256,9 @@ class FrameSync(_Message):
     period_ms: float = Field(ge=1.0, le=1000.0, description="frame time (16.7 at 60 Hz); `frame` messages mark starts")
     game_ms: float = Field(ge=0.0, le=1000.0, description="GPU time the game's own work takes from a frame's start")
     margin_ms: float = Field(default=0.5, ge=0.0, le=100.0, description="kept free before the next frame")
+    overlap_ms: float = Field(default=0.0, ge=0.0, le=100.0, description=(
+        "how far past that a step may run into the game's next frame (that frame then shares the GPU for up to "
+        "this long: a little slower while it is well under the period); 0: never"))
 
 
 class SetBudget(_Message):

@@ -11,7 +11,8 @@ A game and the daemon share one GPU. Three limits, each off unless set (settings
   their cache; their streams just slow down).
 - **frame sync**: the game reports each frame's start (`frame`, a few bytes) and how much of the
   frame its own GPU work takes; steps run only in the rest of the frame, and only if the step,
-  as predicted from recent steps, ends before the frame's end minus a margin. Without frame
+  as predicted from recent steps, ends before the frame's end minus a margin (plus the overlap
+  the game allows: how far a step may run into its next frame). Without frame
   reports for 4 periods the mode pauses itself (the duty cap, if any, still holds). The game's part
   is `FrameSync.game_ms`, or, once frames carry the game's measured GPU time of its last frame
   (`frame(game_ms)`, as the plugins send where the engine measures it), the 90th percentile of the
@@ -53,6 +54,10 @@ class FrameSync:
     period_ms: float  # the frame time (16.7 at 60 Hz)
     game_ms: float  # how much of each frame the game's own GPU work takes, from the frame's start
     margin_ms: float = 0.5  # kept free before the next frame
+    # How far past that a step may run into the next frame: the game's next frame then shares the
+    # GPU with the step's end for up to this long (a little slower, not late, while its frame time
+    # is well under the period). 0: never.
+    overlap_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ class GpuBudget:
         limits = [spec.max_step_ms] if spec.max_step_ms is not None else []
         sync = spec.frame_sync
         if sync is not None and self._frame_at is not None:
-            limits.append(max(sync.period_ms - self._game_part(sync) * 1000 - sync.margin_ms, 0.1))
+            limits.append(max(sync.period_ms - self._game_part(sync) * 1000 - sync.margin_ms + sync.overlap_ms, 0.1))
         return min(limits) if limits else None
 
     def record(self, seconds: float, tokens: Mapping[str, int] | None = None, *, waited: float = 0.0) -> None:
@@ -223,7 +228,8 @@ class GpuBudget:
     def _frame_wait(self, at: float, sync: FrameSync, step_s: float) -> float:
         """Seconds after `at` until a step of `step_s` fits the free part of a frame."""
         assert self._frame_at is not None
-        period, game, margin = sync.period_ms / 1000, self._game_part(sync), sync.margin_ms / 1000
+        period, game = sync.period_ms / 1000, self._game_part(sync)
+        margin = (sync.margin_ms - sync.overlap_ms) / 1000
         since = at - self._frame_at
         if since > _STALE_PERIODS * period:  # the game stopped reporting: do not wait for frames
             return 0.0

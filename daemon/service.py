@@ -247,7 +247,8 @@ class Service:
         rates = msg.tokens_per_s.model_dump(exclude_none=True) if msg.tokens_per_s else {}
         sync = msg.frame_sync
         spec = BudgetSpec(duty_cap=msg.duty_cap, tokens_per_s=rates, max_step_ms=msg.max_step_ms,
-                          frame_sync=None if sync is None else FrameSync(sync.period_ms, sync.game_ms, sync.margin_ms))
+                          frame_sync=None if sync is None else FrameSync(sync.period_ms, sync.game_ms, sync.margin_ms,
+                                                                         sync.overlap_ms))
         self.budget.set(spec, owner=conn if spec.active else None)
         log.info("connection %d set the GPU budget: %s", conn, self.budget.describe())
         return m.Budget(id=msg.id, duty_cap=spec.duty_cap, tokens_per_s=msg.tokens_per_s, frame_sync=sync,

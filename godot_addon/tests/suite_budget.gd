@@ -56,6 +56,7 @@ func _budget() -> LoraloomBudget:
 	budget.frame_sync = true
 	budget.frame_period_ms = 16.0
 	budget.game_ms = 4.0
+	budget.overlap_ms = 1.5
 	budget.max_step_ms = 8.0
 	return budget
 

@@ -122,6 +122,37 @@ def test_frame_sync_runs_steps_in_the_free_part_of_each_frame() -> None:
     assert budget.step_ms_limit() == pytest.approx(8.33 - 3.5 - 0.5)
 
 
+def test_frame_sync_with_an_overlap_lets_steps_run_that_far_into_the_next_frame() -> None:
+    """Two 2.2 ms steps do not fit a 3.98 ms free part; with 1 ms of overlap allowed the second one
+    starts and ends at most 1 ms past the margin, never inside the game's part otherwise."""
+    def steps_per_frame(overlap_ms: float) -> tuple[float, list[tuple[float, float]], list[float]]:
+        clock = Clock()
+        budget = GpuBudget(BudgetSpec(frame_sync=FrameSync(8.33, 3.85, 0.5, overlap_ms)), clock=clock)
+        frames = [clock.now + i * 0.00833 for i in range(120)]
+        budget.frame()
+        reported = [frames[0]]
+
+        def report(now: float) -> None:
+            while len(reported) < len(frames) and frames[len(reported)] <= now:
+                reported.append(frames[len(reported)])
+                saved, clock.now = clock.now, reported[-1]
+                budget.frame()
+                clock.now = saved
+
+        steps = simulate(budget, clock, 0.99, 0.0022, report)
+        return len(steps) / 119, steps, frames
+
+    alone, _, _ = steps_per_frame(0.0)
+    more, steps, frames = steps_per_frame(1.0)
+    assert alone == pytest.approx(1.0, abs=0.05) and more == pytest.approx(2.0, abs=0.05)
+    for s, e in steps[1:]:
+        frame = max(f for f in frames if f <= s + 1e-9)
+        assert s - frame >= 0.00385 - 1e-6 and e - frame <= 0.00833 - 0.0005 + 0.001 + 1e-6, (s - frame, e - frame)
+    budget = GpuBudget(BudgetSpec(frame_sync=FrameSync(8.33, 3.85, 0.5, 1.0)))
+    budget.frame()
+    assert budget.step_ms_limit() == pytest.approx(8.33 - 3.85 - 0.5 + 1.0)
+
+
 def test_without_frames_the_frame_sync_stops_waiting_and_no_budget_never_waits() -> None:
     clock = Clock()
     budget = GpuBudget(BudgetSpec(frame_sync=FrameSync(period_ms=10.0, game_ms=9.0)), clock=clock)
@@ -231,14 +262,14 @@ async def test_clients_set_and_release_the_budget(live_daemon: LiveDaemon) -> No
     assert health(live_daemon.url)["gpu_budget"]["active"] is False
     async with bridge.connect(live_daemon.url, live_daemon.token) as game:
         reply = await game.set_budget(duty_cap=0.5, tokens_per_s={"background": 20.0},
-                                      frame_sync={"period_ms": 16.7, "game_ms": 6.0})
+                                      frame_sync={"period_ms": 16.7, "game_ms": 6.0, "overlap_ms": 1.0})
         assert reply.set_by_client and reply.duty_cap == 0.5 and reply.tokens_per_s.background == 20.0
         started = time.perf_counter()
         for _ in range(600):  # ten seconds of 60 Hz frames, sent as fast as they go
             await game.frame()
         sent = time.perf_counter() - started
         h = health(live_daemon.url)["gpu_budget"]
-        assert h["active"] and h["set_by_client"] and h["duty_cap"] == 0.5
+        assert h["active"] and h["set_by_client"] and h["duty_cap"] == 0.5 and h["frame_sync"]["overlap_ms"] == 1.0
         await asyncio.sleep(0.2)
         h = health(live_daemon.url)["gpu_budget"]
         assert h["frames"] >= 600 and h["game_ms_in_use"] == 6.0  # no measured times yet: the setting's

@@ -39,7 +39,7 @@ def test_budget_is_set_and_frames_are_counted(godot_run: GodotRun) -> None:
     sent, answer = data["sent"], data["answer"]
     assert sent["type"] == "set_budget" and answer["type"] == "budget"
     expected = {"duty_cap": 0.8, "max_step_ms": 8.0, "tokens_per_s": {"player": 500.0, "background": 50.5},
-                "frame_sync": {"period_ms": 16.0, "game_ms": 4.0, "margin_ms": 0.5}}
+                "frame_sync": {"period_ms": 16.0, "game_ms": 4.0, "margin_ms": 0.5, "overlap_ms": 1.5}}
     for key, value in expected.items():
         assert sent[key] == value and answer[key] == value, key
     assert answer["set_by_client"] is True
@@ -49,6 +49,7 @@ def test_budget_is_set_and_frames_are_counted(godot_run: GodotRun) -> None:
     assert budget["active"] and budget["set_by_client"] and budget["duty_cap"] == 0.8
     assert budget["tokens_per_s"] == {"player": 500.0, "background": 50.5}
     assert budget["frame_sync"]["period_ms"] == 16.0 and budget["max_step_ms"] == 8.0
+    assert budget["frame_sync"]["overlap_ms"] == 1.5
     assert data["read"]["pong"]
     assert action["frames_sent"] >= data["frames_before"] + 30
     assert budget["frames"] >= action["frames_sent"] > 0

@@ -23,6 +23,7 @@ const SETTINGS := {
 	"budget/frame_period_ms": 0.0,
 	"budget/game_ms": 0.0,
 	"budget/margin_ms": 0.5,
+	"budget/overlap_ms": 0.0,
 	"budget/report_measured_gpu_time": true,
 	"budget/max_step_ms": 0.0,
 }
@@ -47,6 +48,9 @@ var frame_period_ms: float = 0.0
 var game_ms: float = 0.0
 ## Kept free before the next frame, in ms.
 var margin_ms: float = 0.5
+## How far past the margin a step may run into the next frame, in ms: that frame then shares the
+## GPU for up to this long (a little slower while it is well under the period); 0: never.
+var overlap_ms: float = 0.0
 ## In frame sync, send with each frame start the GPU time the renderer measured for the game's
 ## last frame ([method RenderingServer.viewport_get_measured_render_time_gpu]), so the daemon
 ## sizes the game's part from those instead of [member game_ms] (which applies where the
@@ -69,6 +73,7 @@ static func from_project_settings(prefix: String = "loraloom/") -> LoraloomBudge
 	budget.frame_period_ms = value.call("budget/frame_period_ms")
 	budget.game_ms = value.call("budget/game_ms")
 	budget.margin_ms = value.call("budget/margin_ms")
+	budget.overlap_ms = value.call("budget/overlap_ms")
 	budget.report_measured_gpu_time = value.call("budget/report_measured_gpu_time")
 	budget.max_step_ms = value.call("budget/max_step_ms")
 	return budget
@@ -108,7 +113,8 @@ func set_budget_fields() -> Dictionary:
 	if not rates.is_empty():
 		fields["tokens_per_s"] = rates
 	if frame_sync:
-		fields["frame_sync"] = {"period_ms": period_ms(), "game_ms": game_ms, "margin_ms": margin_ms}
+		fields["frame_sync"] = {"period_ms": period_ms(), "game_ms": game_ms, "margin_ms": margin_ms,
+				"overlap_ms": overlap_ms}
 	if max_step_ms > 0.0:
 		fields["max_step_ms"] = max_step_ms
 	return fields

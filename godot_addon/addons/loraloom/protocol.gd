@@ -834,9 +834,18 @@ const FRAME_SYNC_FIELDS := {
 		"le": 100.0,
 		"doc": "kept free before the next frame",
 	},
+	"overlap_ms": {
+		"kind": "float",
+		"default": 0.0,
+		"ge": 0.0,
+		"le": 100.0,
+		"doc": "how far past that a step may run into the game's next frame (that frame then shares " +
+				"the GPU for up to this long: a little slower while it is well under the period); 0: " +
+				"never",
+	},
 }
 ## Its fields that have a default, and the default.
-const FRAME_SYNC_DEFAULTS := {"margin_ms": 0.5}
+const FRAME_SYNC_DEFAULTS := {"margin_ms": 0.5, "overlap_ms": 0.0}
 ## The part [code]ModelInfo[/code]: A loaded model, as announced in the handshake.
 const MODEL_INFO_FIELDS := {
 	"name": {"kind": "str", "required": true},

@@ -184,6 +184,7 @@ namespace Loraloom.Core
                 Check("FrameSync.PeriodMs", b.FrameSync.PeriodMs, 1.0, 1000.0, true);
                 Check("FrameSync.GameMs", b.FrameSync.GameMs, 0.0, 1000.0, true);
                 Check("FrameSync.MarginMs", b.FrameSync.MarginMs, 0.0, 100.0, true);
+                Check("FrameSync.OverlapMs", b.FrameSync.OverlapMs, 0.0, 100.0, true);
             }
         }
 
@@ -204,7 +205,11 @@ namespace Loraloom.Core
                 TokensPerS = b.TokensPerS == null ? null
                     : new TokenRates { Player = b.TokensPerS.Player, Normal = b.TokensPerS.Normal, Background = b.TokensPerS.Background },
                 FrameSync = b.FrameSync == null ? null
-                    : new FrameSync { PeriodMs = b.FrameSync.PeriodMs, GameMs = b.FrameSync.GameMs, MarginMs = b.FrameSync.MarginMs },
+                    : new FrameSync
+                    {
+                        PeriodMs = b.FrameSync.PeriodMs, GameMs = b.FrameSync.GameMs, MarginMs = b.FrameSync.MarginMs,
+                        OverlapMs = b.FrameSync.OverlapMs,
+                    },
             };
         }
     }

@@ -20,7 +20,8 @@ namespace Loraloom.Unity
     /// With <see cref="frameSync"/>, a system at the start of the player loop's Initialization
     /// phase (after Unity waited for the last frame's presentation) sends a few-byte <c>frame</c>
     /// message each frame; the daemon then keeps <see cref="gameGpuMs"/> from each frame's start for
-    /// the game and runs its steps in the rest, less <see cref="marginMs"/>. With
+    /// the game and runs its steps in the rest, less <see cref="marginMs"/> (plus
+    /// <see cref="overlapMs"/>, how far a step may run into the next frame). With
     /// <see cref="reportMeasuredGpuTime"/> each frame message also carries the GPU time Unity's
     /// FrameTimingManager measured for the last frame (where "Frame Timing Stats" is on in Player
     /// settings), and the daemon takes the game's part from those instead. Change the fields at run
@@ -56,6 +57,8 @@ namespace Loraloom.Unity
         public bool reportMeasuredGpuTime = true;
         [Tooltip("Kept free before the next frame starts, in ms.")]
         [Range(0f, 100f)] public float marginMs = 0.5f;
+        [Tooltip("How far past the margin an engine step may run into the next frame, in ms: that frame then shares the GPU for up to this long (a little slower while the game's frame is well under the period). 0: never.")]
+        [Range(0f, 100f)] public float overlapMs = 0f;
 
         [Header("Steps")]
         [Tooltip("The longest engine step while a budget is set, in ms (prompt chunks shrink to fit); 0: the daemon's own.")]
@@ -94,7 +97,8 @@ namespace Loraloom.Unity
                     Background = Rate(backgroundTokensPerSecond),
                 };
             }
-            if (frameSync) budget.FrameSync = new FrameSync { PeriodMs = framePeriodMs, GameMs = gameGpuMs, MarginMs = marginMs };
+            if (frameSync)
+                budget.FrameSync = new FrameSync { PeriodMs = framePeriodMs, GameMs = gameGpuMs, MarginMs = marginMs, OverlapMs = overlapMs };
             if (maxStepMs > 0f) budget.MaxStepMs = Math.Max(0.5, maxStepMs);
             return budget;
         }

@@ -51,7 +51,7 @@ namespace Loraloom.Core.Tests
             {
                 DutyCap = 0.5,
                 TokensPerS = new TokenRates { Player = 200, Background = 20 },
-                FrameSync = new FrameSync { PeriodMs = 16.7, GameMs = 8, MarginMs = 1 },
+                FrameSync = new FrameSync { PeriodMs = 16.7, GameMs = 8, MarginMs = 1, OverlapMs = 0.75 },
                 MaxStepMs = 4,
             };
         }
@@ -73,6 +73,7 @@ namespace Loraloom.Core.Tests
                 Assert.AreEqual(16.7, reply.FrameSync.PeriodMs);
                 Assert.AreEqual(8.0, reply.FrameSync.GameMs);
                 Assert.AreEqual(1.0, reply.FrameSync.MarginMs);
+                Assert.AreEqual(0.75, reply.FrameSync.OverlapMs);
                 Assert.AreEqual(4.0, reply.MaxStepMs);
                 lock (applied) CollectionAssert.AreEqual(new[] { reply }, applied);
 
@@ -87,6 +88,7 @@ namespace Loraloom.Core.Tests
                 var sync = (Dictionary<string, object>)health["frame_sync"];
                 Assert.AreEqual(16.7, Number(sync, "period_ms"));
                 Assert.AreEqual(8.0, Number(sync, "game_ms"));
+                Assert.AreEqual(0.75, Number(sync, "overlap_ms"));
 
                 // The kept copy is the client's own: changing the caller's object changes nothing.
                 asked.DutyCap = 0.9;

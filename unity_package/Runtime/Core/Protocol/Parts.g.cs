@@ -139,12 +139,18 @@ namespace Loraloom.Core
         public double GameMs;
         /// <summary>Kept free before the next frame. At least 0.0, at most 100.0.</summary>
         public double MarginMs = 0.5;
+        /// <summary>
+        /// How far past that a step may run into the game's next frame (that frame then shares the GPU for up to this
+        /// long: a little slower while it is well under the period); 0: never. At least 0.0, at most 100.0.
+        /// </summary>
+        public double OverlapMs = 0.0;
 
         internal override int WriteFields(MsgPackWriter w)
         {
             return Wire.Field(w, "period_ms", PeriodMs)
                 + Wire.Field(w, "game_ms", GameMs)
-                + Wire.Field(w, "margin_ms", MarginMs);
+                + Wire.Field(w, "margin_ms", MarginMs)
+                + Wire.Field(w, "overlap_ms", OverlapMs);
         }
 
         internal override bool ReadField(string key, MsgPackReader r)
@@ -154,6 +160,7 @@ namespace Loraloom.Core
                 case "period_ms": PeriodMs = r.ReadDouble(); return true;
                 case "game_ms": GameMs = r.ReadDouble(); return true;
                 case "margin_ms": MarginMs = r.ReadDouble(); return true;
+                case "overlap_ms": OverlapMs = r.ReadDouble(); return true;
                 default: return false;
             }
         }
