@@ -35,6 +35,7 @@ count. Its prompt steps run eagerly.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -215,7 +216,8 @@ class StepGraphs:
         assert g is not None
         host = self._host(rows, batch, chunk)
         assert len(host) == g.tables.storage_offset(), "the host inputs and the layout disagree"
-        g.ints[:len(host)].copy_(torch.tensor(host), non_blocking=True)
+        # array('q') -> tensor is a C loop; torch.tensor(list) checks each int (~2,000 in a chunk step: 7x slower).
+        g.ints[:len(host)].copy_(torch.frombuffer(array("q", host), dtype=torch.int64), non_blocking=True)
         self._send_tables(g, rows.tables, batch)
         if g.slot_weights is not None and (weights_key is None or weights_key != g.weights_key):
             assert slot_weights is not None

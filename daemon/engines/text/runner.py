@@ -103,6 +103,15 @@ class ModelRunner:
         bs = self.kv.block_size
         return seq.table[position // bs] * bs + position % bs
 
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """The cache slots of positions [start, end) of `seq`, a block's run at a time."""
+        bs = self.kv.block_size
+        out: list[int] = []
+        for b in range(start // bs, (end - 1) // bs + 1):
+            first = seq.table[b] * bs - b * bs  # slot of position p in block b: first + p
+            out.extend(range(first + max(start, b * bs), first + min(end, (b + 1) * bs)))
+        return out
+
     def _tables(self, seqs: list[Sequence]) -> list[list[int]]:
         w = self.table_width
         return [s.table + [0] * (w - len(s.table)) for s in seqs]
@@ -133,7 +142,7 @@ class ModelRunner:
             start = len(ids)
             ids.extend(c.seq.tokens_at(c.start, c.start + c.length))
             pos.extend(range(c.start, c.start + c.length))
-            slots.extend(self._slot(c.seq, p) for p in range(c.start, c.start + c.length))
+            slots.extend(self._slots(c.seq, c.start, c.start + c.length))
             chunks.append(PrefillChunk(start=start, end=start + c.length, pos0=c.start, table=j))
             counts.append(c.length)
             if c.completes:
@@ -178,7 +187,7 @@ class ModelRunner:
             span = range(c.start, c.start + c.length)
             ids = ids + c.seq.tokens_at(c.start, c.start + c.length)
             pos = pos + list(span)
-            slots = slots + [self._slot(c.seq, p) for p in span]
+            slots = slots + self._slots(c.seq, c.start, c.start + c.length)
             members.append((c.seq.serial, *c.seq.slots, c.start, c.length))
         rows = StepRows(ids, pos, slots, [s.table for s in decode], self._tables([c.seq for c in chunks]),
                         [c.start for c in chunks], [c.length for c in chunks])

@@ -105,7 +105,10 @@ class Sequence:
         return self.request.prompt_ids[position] if position < p else self.tokens[position - p]
 
     def tokens_at(self, start: int, end: int) -> list[int]:
-        return [self.token(p) for p in range(start, end)]
+        """Context tokens [start, end): prompt, then generated (slices, not a call a token)."""
+        p = self.prompt_len
+        head = list(self.request.prompt_ids[start:min(end, p)]) if start < p else []
+        return head + self.tokens[max(start - p, 0):max(end - p, 0)]
 
 
 @dataclass(frozen=True)

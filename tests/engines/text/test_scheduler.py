@@ -79,6 +79,14 @@ def test_it_needs_no_torch() -> None:
     assert r.stdout.strip() == "False", r.stderr
 
 
+def test_tokens_at_is_the_context_token_by_token() -> None:
+    seq = Sequence(request("s", prompt=7, first=40))
+    seq.tokens = [1, 2, 3, 4]
+    for start in range(11):
+        for end in range(start, 12):
+            assert seq.tokens_at(start, end) == [seq.token(p) for p in range(start, min(end, 11))], (start, end)
+
+
 def test_admission_goes_by_priority_then_arrival() -> None:
     s = scheduler(max_seqs=2)
     for key, prio, t in [("bg", "background", 0.0), ("n1", "normal", 1.0), ("p", "player", 2.0), ("n2", "normal", 3.0)]:
