@@ -337,7 +337,9 @@ class TextEngine:
             tokens = self.runner.run(plan, self._catch_up)
         except Exception as exc:
             self.failed_steps += 1
-            seqs = plan.sequences
+            seqs = [s for s in plan.sequences if not s.finished]  # `_catch_up` may have ended some
+            if not seqs:
+                return
             if len(seqs) == 1:
                 log.error("a step failed for request %r alone; ending it", seqs[0].key, exc_info=True)
                 self._end(seqs[0], EngineError(seqs[0].key, EngineErrorCode.FAILED,

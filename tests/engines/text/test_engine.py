@@ -43,8 +43,9 @@ def run(engine: TextEngine, *requests: TextRequest) -> dict:
 def req(engine: TextEngine, key, prompt="Ahoy matey", **kw) -> TextRequest:
     adapters = kw.pop("adapters", [])
     stream = kw.pop("stream", True)
+    priority = kw.pop("priority", "normal")
     return TextRequest(key=key, prompt_ids=engine.encode_prompt(prompt), sampling=SamplingParams(**kw),
-                       adapters=adapters, stream=stream)
+                       adapters=adapters, stream=stream, priority=priority)
 
 
 def test_seeded_request_is_reproducible_alone_and_in_a_batch(engine: TextEngine) -> None:
@@ -88,8 +89,9 @@ def test_stop_string_ends_and_trims(engine: TextEngine) -> None:
 def test_text_made_while_the_next_step_runs_changes_nothing(engine: TextEngine) -> None:
     """`defer_text` (a GPU's default): a token's text, stop strings and chunk come while the next
     step runs. The same requests (stop strings mid-stream, lengths, EOS allowed, sampled and greedy,
-    streamed and not, one cancelled mid-way) give the same events as text made at once; a stop
-    string found a step late drops the extra token and frees every block."""
+    streamed and not, one cancelled mid-way, one paused for a player's line and resumed) give the
+    same events as text made at once; a stop string found a step late drops the extra token and
+    frees every block."""
     prompts = ["Ahoy matey", "Gold coins", "The parrot"]
     fulls = [run(engine, req(engine, ("f", i), p, temperature=0.0, max_tokens=24))[("f", i)][-1].text
              for i, p in enumerate(prompts)]
@@ -108,11 +110,16 @@ def test_text_made_while_the_next_step_runs_changes_nothing(engine: TextEngine) 
         for r in batch():
             engine.submit(r, lambda e, events=events: events.setdefault(e.key, []).append(e))
         steps = 0
+        preempted = engine.scheduler.preempted
         while engine.has_work():
             engine.step()
             steps += 1
+            if steps == 4:  # every row taken: the player's line pauses the latest running one
+                engine.submit(req(engine, "player", "Where is the key?", temperature=0.0, max_tokens=6,
+                                  priority="player"), lambda e, events=events: events.setdefault(e.key, []).append(e))
             if steps == 6:
                 engine.cancel("cut")
+        assert engine.scheduler.preempted > preempted
         return {k: [(type(e).__name__, e.text, getattr(e, "tokens", None), getattr(e, "finish_reason", None),
                      getattr(e, "token_ids", None)) for e in v] for k, v in events.items()}
 
@@ -373,3 +380,30 @@ def test_a_failure_of_the_whole_batch_alone_is_survived_in_halves(engine: TextEn
     finally:
         engine.runner.on_logits = None
     assert all(isinstance(events[i][-1], TextDoneEvent) and events[i][-1].completion_tokens == 6 for i in range(4))
+
+
+def test_a_failed_step_after_a_late_stop_string_retries_only_the_others(engine: TextEngine) -> None:
+    """With the text made while the next step runs, a stop string found then ends its sequence
+    inside a step; when that step fails and is retried in halves, the ended sequence is not retried
+    (its blocks are gone) and ends as it would have, with `stop`; the others complete."""
+    full = run(engine, req(engine, "f", temperature=0.0, max_tokens=24))["f"][-1].text
+    stop = full[5:8]
+
+    def too_big(keys: list, logits: torch.Tensor) -> None:
+        if len(keys) > 1:
+            raise RuntimeError("out of memory (simulated)")
+
+    engine.runner.on_logits = too_big
+    engine.defer_text = True
+    try:
+        # "s" last: the halves' last retry gives its token, so its text waits for the next step's first try
+        events = run(engine, *[req(engine, i, "Gold coins", temperature=0.0, max_tokens=20, ignore_eos=True)
+                               for i in range(2)], req(engine, "s", temperature=0.0, max_tokens=24, stop=(stop,)))
+    finally:
+        engine.runner.on_logits = None
+        engine.defer_text = False
+    assert len(done_tokens := events["s"][-1].token_ids) < 20, done_tokens  # it ended while the others ran
+    done = events["s"][-1]
+    assert isinstance(done, TextDoneEvent) and done.finish_reason == "stop" and done.text == full[:full.index(stop)]
+    assert all(isinstance(events[i][-1], TextDoneEvent) and events[i][-1].completion_tokens == 20 for i in range(2))
+    assert not engine.scheduler.running and engine.pool.in_use == 0
