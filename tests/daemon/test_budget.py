@@ -99,22 +99,28 @@ def test_tokens_per_second_per_class() -> None:
     assert made["player"] == 4 * 1000  # no cap: every step
 
 
-def test_frame_sync_runs_steps_in_the_free_part_of_each_frame() -> None:
+def run_frames(sync: FrameSync, frames: int, seconds: float, step_s: float
+               ) -> tuple[GpuBudget, list[tuple[float, float]], list[float]]:
+    """The game reports `frames` frame starts a period apart (stamped when they are due) while an
+    engine loop runs steps of `step_s`: (the budget, the steps, the frame starts)."""
     clock = Clock()
-    sync = FrameSync(period_ms=8.33, game_ms=3.5, margin_ms=0.5)
     budget = GpuBudget(BudgetSpec(frame_sync=sync), clock=clock)
-    frames = [clock.now + i * 0.00833 for i in range(240)]
+    starts = [clock.now + i * sync.period_ms / 1000 for i in range(frames)]
     budget.frame()  # the first frame starts now
-    reported = [frames[0]]
+    reported = [starts[0]]
 
     def report(now: float) -> None:
-        while len(reported) < len(frames) and frames[len(reported)] <= now:
-            reported.append(frames[len(reported)])
+        while len(reported) < len(starts) and starts[len(reported)] <= now:
+            reported.append(starts[len(reported)])
             saved, clock.now = clock.now, reported[-1]
             budget.frame()
             clock.now = saved
 
-    steps = simulate(budget, clock, 1.9, 0.0012, report)
+    return budget, simulate(budget, clock, seconds, step_s, report), starts
+
+
+def test_frame_sync_runs_steps_in_the_free_part_of_each_frame() -> None:
+    budget, steps, frames = run_frames(FrameSync(period_ms=8.33, game_ms=3.5, margin_ms=0.5), 240, 1.9, 0.0012)
     assert len(steps) > 600  # about four steps in each frame's 4.3 ms of free time
     for s, e in steps[1:]:
         frame = max(f for f in frames if f <= s + 1e-9)
@@ -126,20 +132,7 @@ def test_frame_sync_with_an_overlap_lets_steps_run_that_far_into_the_next_frame(
     """Two 2.2 ms steps do not fit a 3.98 ms free part; with 1 ms of overlap allowed the second one
     starts and ends at most 1 ms past the margin, never inside the game's part otherwise."""
     def steps_per_frame(overlap_ms: float) -> tuple[float, list[tuple[float, float]], list[float]]:
-        clock = Clock()
-        budget = GpuBudget(BudgetSpec(frame_sync=FrameSync(8.33, 3.85, 0.5, overlap_ms)), clock=clock)
-        frames = [clock.now + i * 0.00833 for i in range(120)]
-        budget.frame()
-        reported = [frames[0]]
-
-        def report(now: float) -> None:
-            while len(reported) < len(frames) and frames[len(reported)] <= now:
-                reported.append(frames[len(reported)])
-                saved, clock.now = clock.now, reported[-1]
-                budget.frame()
-                clock.now = saved
-
-        steps = simulate(budget, clock, 0.99, 0.0022, report)
+        _, steps, frames = run_frames(FrameSync(8.33, 3.85, 0.5, overlap_ms), 120, 0.99, 0.0022)
         return len(steps) / 119, steps, frames
 
     alone, _, _ = steps_per_frame(0.0)
