@@ -8,10 +8,12 @@ send `frame`), and measures each frame's time from its start to the end of its o
 the text engine decodes --streams streams on their own adapters, and a player line (a 256-token
 prompt) arrives every second. Configurations, one after the other on the same engine and game: the
 game alone, no budget, duty caps of 25, 50 and 75%, and the frame-synchronised mode (the engine's
-steps in the part of each frame the game leaves free) twice: with the game's part set to 1.1x
---frame-ms, and with each frame report carrying the game's measured time of its last frame (as the
-plugins send it; the daemon then takes the part from those). Reported: the game's frame p50/p99/max, frames
-over the frame budget (1000/hz ms), the engine's tokens/s and the player's time to first token.
+steps in the part of each frame the game leaves free) four times: with the game's part set to 1.1x
+--frame-ms; with each frame report carrying the game's measured time of its last frame (as the
+plugins send it; the daemon then takes the part from those); and so, with steps allowed 1 and 2 ms
+into the next frame (`overlap_ms`). Reported: the game's frame p50/p99/max, frames over the frame
+budget (1000/hz ms), the engine's tokens/s and steps/s, the player's time to first token, and the
+game's part of a frame that frame sync used.
 
 On a CPU the "device" is the CPU (the game takes one core): the mechanics, not the numbers.
 """
