@@ -205,7 +205,7 @@ class InvariantKernels(TorchKernels):
         # per row (or element) with fixed tiles, so a row's bits do not depend on the others.
         self._attention = triton_attention if self.fixed_rows and triton_attention.available(device) else None
         self._rows = TritonKernels(device) if self._attention is not None and device.type == "cuda" else None
-        self._meta: tuple[torch.Tensor, int, torch.Tensor] | None = None  # `_decode_meta`'s last (lens, version, meta)
+        self._meta: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's (lens, `_decode_meta`)
 
     def prefers_prefix(self, tokens: int) -> bool:
         return True
@@ -269,12 +269,10 @@ class InvariantKernels(TorchKernels):
         """[rows, 3] (start, length 1, position) of each decode row as a one-token chunk: built once a
         forward pass, not once a layer (four small launches each; 64 of them a step on a 16-layer
         model). A recorded graph has it built in its first layer and rebuilds it on every replay."""
-        cached = self._meta
-        if cached is not None and cached[0] is lens and cached[1] == lens._version:
-            return cached[2]
-        meta = torch.stack([torch.arange(lens.shape[0], device=lens.device), torch.ones_like(lens), lens - 1], dim=1)
-        self._meta = (lens, lens._version, meta)
-        return meta
+        if self._meta is None or self._meta[0] is not lens:
+            rows = torch.arange(lens.shape[0], device=lens.device)
+            self._meta = (lens, torch.stack([rows, torch.ones_like(lens), lens - 1], dim=1))
+        return self._meta[1]
 
     def paged_prefill(self, q: torch.Tensor, kv: Any, layer: int, tables: torch.Tensor, meta: torch.Tensor,
                       out: torch.Tensor, window: int | None, longest: int) -> bool:

@@ -74,16 +74,13 @@ class ModelRunner:
                 from .constraints import RowMasks
 
                 self.masks = RowMasks(logits.shape[1], logits.device)
+            masks = self.masks
             # A sequence whose last token completed its grammar ends there (this row's token is dropped).
-            done = self.masks.take_pending([sample_seqs[i] for i in rows])
+            done = masks.take_pending([sample_seqs[i] for i in rows])
             self.grammar_done = [sample_seqs[i] for i, d in zip(rows, done, strict=True) if d]
             constrained = [i for i, d in zip(rows, done, strict=True) if not d]
-        else:
-            constrained = []
-        if constrained:
-            assert self.masks is not None
-            bitmask = self.masks.compute([sample_seqs[i].grammar for i in constrained])
-            logits = self.masks.apply(logits, constrained, bitmask)
+            if constrained:
+                logits = masks.apply(logits, constrained, masks.compute([sample_seqs[i].grammar for i in constrained]))
         if self.on_logits is not None:
             self.on_logits([s.key for s in sample_seqs], logits)
         params = [s.request.sampling for s in sample_seqs]

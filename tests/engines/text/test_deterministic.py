@@ -211,6 +211,35 @@ def test_prefix_cache_hits_and_preemptions_keep_the_bits(tiny_model_dir: Path, a
     assert done["t"].token_ids == first.token_ids
 
 
+def test_decode_rows_chunk_metadata_is_built_once_a_forward() -> None:
+    """On a GPU decode rows go through the prompt-chunk kernel as one-token chunks: their [rows, 3]
+    metadata is built by the first layer of a forward and read by the others (not four launches a
+    layer), and built anew by the next forward."""
+    kernels = InvariantKernels(torch.device("cpu"), torch.float32, fixed_rows=True)
+    seen: list[torch.Tensor] = []
+
+    class Attention:  # stands in for triton_attention (CUDA only): records the metadata it is given
+        @staticmethod
+        def paged_prefill(q, k, v, tables, meta, out, window, block_size, longest) -> bool:
+            seen.append(meta)
+            return True
+
+    kernels._attention = Attention  # type: ignore[assignment]
+
+    class KV:
+        block_size = 16
+        k = v = [torch.zeros(1)] * 3
+
+    q, tables = torch.zeros(3, 4, 8), torch.zeros(3, 2, dtype=torch.long)
+    for lens in (torch.tensor([5, 9, 17]), torch.tensor([6, 10, 18])):
+        kernels.begin_forward()
+        for layer in range(3):
+            kernels.paged_decode(q, KV, layer, tables, lens, None)
+    assert seen[0] is seen[1] is seen[2] and seen[3] is seen[4] is seen[5] and seen[0] is not seen[3]
+    assert seen[0].tolist() == [[0, 1, 4], [1, 1, 8], [2, 1, 16]]
+    assert seen[3].tolist() == [[0, 1, 5], [1, 1, 9], [2, 1, 17]]
+
+
 def test_the_mode_is_refused_where_it_cannot_hold() -> None:
     probe(torch.device("cpu"), torch.float32)  # holds on this machine's BLAS
     probe(torch.device("cpu"), torch.float32, fixed_rows=True)
