@@ -211,19 +211,19 @@ class RowMasks:
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
         """`logits` [B, V] with the tokens rows[i] may not take set to -inf (out of place): on CUDA one
         Triton launch (`triton_ops.mask_tokens_`), else PyTorch ops."""
-        import torch
+        from .transfer import longs
 
         bits = bitmask.to(logits.device, non_blocking=True)
         if self._kernel is not None and not self._kernel_failed:
             out = logits.clone()
             try:
-                self._kernel(out, torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True), bits)
+                self._kernel(out, longs(rows, logits.device), bits)
                 return out
             except Exception as exc:  # e.g. a Triton that cannot build here: the same math in PyTorch ops
                 log.warning("the token-mask kernel failed (%s: %s); using PyTorch ops", type(exc).__name__, exc)
                 self._kernel_failed = True
         allowed = ((bits.unsqueeze(-1) >> self._shifts) & 1).view(len(rows), -1)[:, :logits.shape[1]].bool()
-        index = torch.tensor(rows, device=logits.device)
+        index = longs(rows, logits.device)
         out = logits.clone()
         out[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return out

@@ -69,14 +69,16 @@ class LoraBatch:
             # Gathering rows costs a copy per target; with most of the prefix active it is cheaper
             # to multiply by all of it (free rows and idle adapters get weight 0).
             if prefer_prefix or active_rows * 2 > storage.width():
-                return LoraBatch(mode="dense", weights=storage.row_weights(slot_weights.to(device, dtype)))
+                weights = slot_weights.to(device, dtype, non_blocking=True)  # `transfer`: no wait
+                return LoraBatch(mode="dense", weights=storage.row_weights(weights))
             rows = torch.cat([torch.arange(f, f + r) for f, r in spans])
             weights = slot_weights.index_select(1, storage.row_slot[rows].cpu())
-            rows = rows.to(device)
+            rows = rows.to(device, non_blocking=True)
             # Rows of the fused weights to gather, per group (the same in every layer): once a step.
             gather = {g.key: torch.cat([g.row_index(j, rows) for j in range(len(g.members))])
                       for g in (storage.groups[0].values() if storage.groups else ())}
-            return LoraBatch(mode="dense", weights=weights.to(device, dtype), rows=rows, gather=gather)
+            return LoraBatch(mode="dense", weights=weights.to(device, dtype, non_blocking=True), rows=rows,
+                             gather=gather)
         rank = max(r for _, r in spans)
         per_token = [(row != 0).nonzero().flatten().tolist() for row in slot_weights]
         m = max(1, max(len(p) for p in per_token))
@@ -87,4 +89,5 @@ class LoraBatch:
                 first, r = storage.span(s)
                 index[i, k * rank:k * rank + r] = torch.arange(first, first + r)
                 scales[i, k * rank:k * rank + r] = slot_weights[i, s]
-        return LoraBatch(mode="bgmv", index=index.to(device), scales=scales.to(device, dtype))
+        return LoraBatch(mode="bgmv", index=index.to(device, non_blocking=True),
+                         scales=scales.to(device, dtype, non_blocking=True))

@@ -24,6 +24,7 @@ from .model import StepInput, TextModel
 from .request import EngineConfig
 from .sampler import sample
 from .scheduler import Sequence, StepPlan
+from .transfer import longs
 
 if TYPE_CHECKING:
     from .constraints import RowMasks
@@ -148,27 +149,25 @@ class ModelRunner:
         d = len(decode) + pad
         lens = [p + 1 for p in pos[:d]]
         tables = self._tables(decode) + [[0] * self.table_width] * pad
-        decode_tables = torch.tensor(tables, dtype=torch.long, device=dev).view(d, self.table_width)
+        decode_tables = longs([b for t in tables for b in t], dev).view(d, self.table_width)
         logits = len(logit_index)
         head_rows = self.config.max_seqs if fixed else MIN_ROWS
         if self.config.deterministic and logits < head_rows:  # the vocab head too; the extra rows are dropped
             logit_index += [logit_index[-1] if logit_index else 0] * (head_rows - logits)
-        decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)
+        decode_lens = longs(lens, dev)
         index = None
         if d and not self.kernels.reads_pages:
             index = gather_index(decode_tables, max(lens), self.kv.block_size)
         step = StepInput(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            input_ids=longs(ids, dev), positions=longs(pos, dev), slots=longs(slots, dev),
             num_decode=d, decode_tables=decode_tables, decode_lens=decode_lens, decode_index=index,
             prefill=chunks,
-            prefill_tables=torch.tensor(self._tables([c.seq for c in plan.chunks]), dtype=torch.long, device=dev)
+            prefill_tables=longs([b for t in self._tables([c.seq for c in plan.chunks]) for b in t],
+                                 dev).view(len(chunks), self.table_width) if chunks else None,
+            prefill_meta=longs([x for c in chunks for x in (c.start, c.end - c.start, c.pos0)], dev).view(-1, 3)
             if chunks else None,
-            prefill_meta=torch.tensor([[c.start, c.end - c.start, c.pos0] for c in chunks], dtype=torch.long,
-                                      device=dev) if chunks else None,
             prefill_longest=max((c.end - c.start for c in chunks), default=0),
-            logit_index=torch.tensor(logit_index, dtype=torch.long, device=dev),
+            logit_index=longs(logit_index, dev),
             lora=self._member_batch(plan, pad) if self.config.deterministic else self._lora_batch(plan.sequences,
                                                                                                    counts),
         )
@@ -210,7 +209,7 @@ class ModelRunner:
         if all(c.completes for c in chunks):
             return logits
         keep = [*range(d), *(d + j for j, c in enumerate(chunks) if c.completes)]
-        return logits[keep]
+        return logits.index_select(0, longs(keep, logits.device))  # `logits[keep]` would wait for the graph
 
     def _lora_batch(self, seqs: list[Sequence], counts: list[int]) -> LoraBatch:
         """The step's LoRA plan from each sequence's slot vector (no per-token Python): dense over

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from .request import SamplingParams
+from .transfer import bools, floats, longs
 
-__all__ = ["SamplingParams", "sample"]
+__all__ = ["SamplingParams", "choose", "sample"]
 
 _M32 = 0xFFFFFFFF
 
@@ -46,7 +47,14 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[int],
            histories: list[list[int]]) -> list[int]:
-    """Choose one token per row of float32 `logits` [B, V]."""
+    """Choose one token per row of float32 `logits` [B, V]. The copy to the host is the step's one
+    wait for the device."""
+    return choose(logits, params, counters, histories).tolist()
+
+
+def choose(logits: torch.Tensor, params: list[SamplingParams], counters: list[int],
+           histories: list[list[int]]) -> torch.Tensor:
+    """`sample`'s tokens [B] (int64), left on the logits' device: nothing here waits for it."""
     b, vocab = logits.shape
     device = logits.device
     if any(p.repetition_penalty != 1.0 for p in params):
@@ -55,35 +63,35 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
         for i, h in enumerate(histories):
             if params[i].repetition_penalty != 1.0 and h:
                 hist[i, : len(h)] = torch.tensor(h[-width:], dtype=torch.long)
-        hist = hist.to(device)
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        hist = hist.to(device, non_blocking=True)
+        penalty = floats([p.repetition_penalty for p in params], device)[:, None]
         padded = torch.cat([logits, torch.zeros(b, 1, device=device)], dim=1)
         seen = padded.gather(1, hist)
         padded.scatter_(1, hist, torch.where(seen > 0, seen / penalty, seen * penalty))
         logits = padded[:, :vocab]
     greedy = [p.temperature == 0.0 for p in params]
     if all(greedy):
-        return logits.argmax(dim=-1).tolist()
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        return logits.argmax(dim=-1)
+    temps = floats([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
     scaled = logits / temps[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)[None, :]
-        k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device)[:, None]
+        k = longs([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device)[:, None]
         drop = ranks >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        top_p = floats([p.top_p for p in params], device)[:, None]
         drop |= before >= top_p
         drop[:, 0] = False
         kept = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(scaled, float("-inf")).scatter(1, order, kept)
     else:
         filtered = scaled
-    seeds = torch.tensor([p.seed & (2**63 - 1) for p in params], dtype=torch.int64, device=device)
-    steps = torch.tensor(counters, dtype=torch.int64, device=device)
+    seeds = longs([p.seed & (2**63 - 1) for p in params], device)
+    steps = longs(counters, device)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, vocab)))
     choice = (filtered + gumbel).argmax(dim=-1)
     if any(greedy):
-        choice = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), choice)
-    return choice.tolist()
+        choice = torch.where(bools(greedy, device), logits.argmax(dim=-1), choice)
+    return choice
