@@ -6,14 +6,16 @@ The scenario: N ambient NPC streams, each on its own adapter, decode for a long 
 run, player lines arrive one after another (a ~1,500-token persona + history prompt each, on an
 adapter of their own), and after each answer that conversation's next turn (the same prompt, the
 answer and 60 new tokens). Reported for each configuration (prefix cache off/on, priorities off/on,
-on one engine, one after the other): player time to first token (turn 1 and turn 2), the ambient
+and on a GPU steps one at a time against the default overlapped steps; on one engine, one after the
+other): player time to first token (turn 1 and turn 2), the ambient
 streams' token gaps (p50, p99, worst; worst while a player prompt is being prefilled), the steps
 that carry a prompt chunk next to the decodes, tokens/s of everything, and the CUDA graphs recorded
 during the configuration (shapes the warm-up did not meet; each recording stalls its step).
 
-The engine is driven directly on this thread: each step is timed from the host (sampling ends
-every step with a copy to the host, so a step's time includes the device's work). Random token
-prompts; `ignore_eos`, so every stream runs to its length.
+The engine is driven directly on this thread: each step is timed from the host, from its launch
+(or, with steps overlapped, from the last step's tokens reaching the host, if that is later) to its
+own tokens reaching the host, so a step's time includes the device's work. A token's time is when
+the host has it. Random token prompts; `ignore_eos`, so every stream runs to its length.
 """
 
 from __future__ import annotations
@@ -93,21 +95,31 @@ def run_scenario(engine: TextEngine, versions: list[Any], args: argparse.Namespa
                                   sampling=SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)),
                       lambda e: done.__setitem__(e.key, e) if type(e).__name__ != "TextChunkEvent" else None)
 
-    run = engine.runner.run
+    launch = engine.runner.launch
 
-    def timed(plan: Any, *rest: Any) -> list[int]:
+    def timed(plan: Any, *rest: Any) -> Any:
         start = time.perf_counter()
-        out = run(plan, *rest)  # ends with the sampled tokens on the host
-        now = time.perf_counter()
-        for k in sampled:
-            trace.tokens.setdefault(k, []).append(now)
+        launched = launch(plan, *rest)
+        keys = list(sampled)
         sampled.clear()
-        trace.steps.append((start, now, len(plan.decode), sum(c.length for c in plan.chunks)))
-        trace.chunk_owners.append({c.seq.key for c in plan.chunks})
-        return out
+        take = launched.tokens
+
+        def tokens() -> list[int]:  # the tokens reach the host here (overlapped: during the next step)
+            out = take()
+            now = time.perf_counter()
+            for k in keys:
+                trace.tokens.setdefault(k, []).append(now)
+            # A step's time from its launch, or (overlapped) from the last step's tokens, if later.
+            begin = max(start, trace.steps[-1][1]) if trace.steps else start
+            trace.steps.append((begin, now, len(plan.decode), sum(c.length for c in plan.chunks)))
+            trace.chunk_owners.append({c.seq.key for c in plan.chunks})
+            return out
+
+        launched.tokens = tokens  # type: ignore[method-assign]
+        return launched
 
     engine.runner.on_logits = hook
-    engine.runner.run = timed  # type: ignore[method-assign]
+    engine.runner.launch = timed  # type: ignore[method-assign]
     captures = engine.graphs.captures if engine.graphs else 0
     ambient_priority = "background" if priorities else "normal"
     active = {}
@@ -148,7 +160,7 @@ def run_scenario(engine: TextEngine, versions: list[Any], args: argparse.Namespa
         engine.run_until_idle()
     finally:
         engine.runner.on_logits = None
-        engine.runner.run = run  # type: ignore[method-assign]
+        engine.runner.launch = launch  # type: ignore[method-assign]
     failed = [e for e in done.values() if not hasattr(e, "finish_reason")]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed, the first: {failed[0]}")
@@ -261,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                ("cache on, priorities off", True, False)]
     rows = {label: run_scenario(engine, versions, args, cache=cache, priorities=prio, seed=1)
             for label, cache, prio in configs}
+    if engine.overlap_steps:  # the default first; then each step launched only after the last one's tokens
+        engine.overlap_steps = False
+        rows["one step at a time"] = run_scenario(engine, versions, args, cache=True, priorities=True, seed=1)
+        engine.overlap_steps = True
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine())
     result = {"machine": machine, "model": engine.spec.name, "ambient": args.ambient, "players": args.players,

@@ -43,7 +43,7 @@ from .model import TextModel
 from .output import SequenceOutput
 from .peft_format import prepare_peft_lora
 from .request import EngineConfig, TextChunkEvent, TextDoneEvent, TextRequest, check_request
-from .runner import ModelRunner
+from .runner import Launched, ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .scheduler import Sequence as Seq
 from .slots import SlotTable
@@ -117,6 +117,15 @@ class TextEngine:
         self.defer_text = self.device.type == "cuda"
         self._behind: list[SequenceOutput] = []  # outputs whose text waits for `_catch_up`
         self.late_stops = 0  # sequences a stop string ended a step late
+        # And each step is planned and launched before the last one's tokens reach the host: the host's
+        # work of a step (planning, inputs, their copy, the launch, the tokens' text) runs while the
+        # device runs the step before (`_run_overlapped`). The decode rows take their input tokens
+        # from the device. A sequence whose token ends it (EOS, a stop string) has already run in
+        # the next step: that row's token is dropped, as for a late stop above.
+        self.overlap_steps = self.device.type == "cuda"
+        self._in_flight: Launched | None = None  # the overlapped step whose tokens have not landed
+        self.overlapped_steps = 0  # steps launched with the one before still in flight
+        self._landed_at: float | None = None
         mb = 2**20
         log.info("text model %s: %d layers, %.0fM parameters, %s %s, %d sequences of up to %d tokens, %d LoRA "
                  "slots, %s kernels", self.spec.name, self.spec.num_layers, self.spec.num_parameters() / 1e6,
@@ -210,6 +219,7 @@ class TextEngine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._in_flight = None  # its tokens are not taken: every sequence ends here
         self._drain_commands()
         for waiting in list(self.scheduler.waiting):
             self._emit(waiting.request, EngineError(waiting.key, EngineErrorCode.STOPPED, message))
@@ -239,7 +249,7 @@ class TextEngine:
     # ------------------------------------------------------------------ the loop
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.has_work() or self._commands)
+        return bool(self.scheduler.has_work() or self._commands or self._in_flight is not None)
 
     def run_until_idle(self) -> None:
         """Step on the calling thread until nothing is left (the engine must not be started)."""
@@ -302,6 +312,9 @@ class TextEngine:
         self._drain_commands()
         for seq in self.scheduler.take_cancelled():
             self._end(seq, "cancelled")
+        overlap = self._may_overlap()
+        if self._in_flight is not None and not overlap:
+            self._land_now()  # this step needs its tokens on the host
         held = self.budget.held_classes() if self.budget else frozenset()
         started, plan = self.scheduler.schedule(hold=held, prompt_tokens=self._prompt_tokens())
         for seq in started:
@@ -310,6 +323,9 @@ class TextEngine:
             self._outputs[seq.serial] = SequenceOutput(seq, self.tokenizer, self.byte_table, eos_ids=self.eos_ids,
                                                        max_context=self.max_context, defer_grammar=self.defer_grammar)
         if plan is None:
+            if self._in_flight is not None:  # its sequences' last tokens are on the way: nothing to plan before
+                self._land_now()
+                return True
             self._catch_up()
             return False
         chunk_tokens = sum(c.length for c in plan.chunks)
@@ -319,8 +335,15 @@ class TextEngine:
                 time.sleep(wait)
                 self.budget.record(0.0, waited=wait)
         started_at = time.perf_counter()
-        self._run_isolated(plan)
-        seconds = time.perf_counter() - started_at  # sampling ends the step on the host: the device's time too
+        if overlap:
+            self._run_overlapped(plan)
+        else:
+            self._run_isolated(plan)
+        now = time.perf_counter()
+        # A step's time: sampling ends it on the host, so the device's time too. Overlapped, the host
+        # sees steps end one after another: the time between two arrivals of tokens.
+        seconds = now - (started_at if not overlap or self._landed_at is None else max(started_at, self._landed_at))
+        self._landed_at = now
         self.step_timer.observe(seconds * 1000, chunk_tokens)
         if self.budget is not None:
             tokens: dict[str, int] = {}
@@ -329,6 +352,64 @@ class TextEngine:
             self.budget.record(seconds, tokens)
         self.steps += 1
         return True
+
+    def _may_overlap(self) -> bool:
+        """Whether this step may be planned and launched before the last one's tokens reach the host
+        (`overlap_steps`): not where a running row needs its last token on the host before its next
+        forward (a grammar's mask, a repetition penalty's history), nor under an active GPU budget
+        (its step times and frame windows count one step at a time)."""
+        if not self.overlap_steps or (self.budget is not None and self.budget.spec.active):
+            return False
+        return not any(s.grammar is not None or s.request.sampling.repetition_penalty != 1.0
+                       for s in self.scheduler.running)
+
+    def _run_overlapped(self, plan: StepPlan) -> None:
+        """Launch the step; then take the tokens of the one before it (the device runs this one
+        meanwhile) and commit this one. Its own tokens land at the next step."""
+        try:
+            launched = self.runner.launch(plan, self._catch_up)
+        except Exception:
+            if self._in_flight is not None:  # the retries run one step at a time
+                self._land_now()
+            self._run_isolated(plan)
+            return
+        previous, self._in_flight = self._in_flight, launched
+        self.overlapped_steps += previous is not None
+        for seq, last in zip(plan.sample, self._ends_at(plan), strict=True):
+            seq.ends_in_flight = last
+        if previous is not None:
+            self._land(previous)
+        self.scheduler.commit(plan)
+
+    def _ends_at(self, plan: StepPlan) -> list[bool]:
+        """For each sequence `plan` samples: whether that token is its last by length (`output`)."""
+        counts = [s.fed + 2 - s.prompt_len for s in plan.decode] + \
+            [c.start + c.length + 1 - c.seq.prompt_len for c in plan.chunks if c.completes]
+        return [n >= s.request.sampling.max_tokens or s.prompt_len + n >= self.max_context
+                for s, n in zip(plan.sample, counts, strict=True)]
+
+    def _land_now(self) -> None:
+        """Land the step in flight with no launch between: the text its predecessor's tokens wait
+        for first, as a launch would have made it (the same events)."""
+        assert self._in_flight is not None
+        self._catch_up()
+        self._land(self._in_flight)
+
+    def _land(self, launched: Launched) -> None:
+        """Take an overlapped step's tokens (waiting for the device) and accept them."""
+        if launched is self._in_flight:
+            self._in_flight = None
+        try:
+            tokens = launched.tokens()
+        except Exception as exc:  # the device failed the step after its launch: nothing of it is known
+            self.failed_steps += 1
+            log.error("a step of %d sequences failed on the device", len(launched.plan.sequences), exc_info=True)
+            for seq in launched.plan.sequences:
+                if not seq.finished and seq.serial in self._outputs:
+                    self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED,
+                                               f"the engine failed on this request: {type(exc).__name__}: {exc}"))
+            return
+        self._accept_all(launched.sample, tokens, set())
 
     def _run_isolated(self, plan: StepPlan) -> None:
         """Run a step; if it fails, run halves of it, so a failure that one sequence brings ends that
@@ -352,11 +433,13 @@ class TextEngine:
                 self._run_isolated(plan.only(part))
             return
         self.scheduler.commit(plan)
+        self._accept_all(plan.sample, tokens, {s.serial for s in self.runner.grammar_done})
+
+    def _accept_all(self, seqs: list[Seq], tokens: list[int], complete: set[int]) -> None:
         now = time.perf_counter()
-        complete = {s.serial for s in self.runner.grammar_done}
-        for seq, token in zip(plan.sample, tokens, strict=True):
-            if seq.finished:  # a stop string in its previous token's text (`_catch_up`): this one is dropped
-                continue
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.finished:  # ended after its step was launched (a stop string in the text of a token
+                continue      # before, `_catch_up`; or its token before, overlapped): this one is dropped
             if seq.serial in complete:  # its grammar ended with its previous token (`output`): this one is dropped
                 self.grammar_late_stops += 1
                 self._end(seq, "stop")
@@ -394,7 +477,7 @@ class TextEngine:
 
     def _end(self, seq: Seq, outcome: str | EngineError) -> None:
         """Finish a sequence with a reason (stop, length, cancelled) or an error."""
-        if seq in self.scheduler.running:
+        if seq in self.scheduler.running or seq in self.scheduler.waiting:
             self.scheduler.finish(seq)
         self.runner.forget(seq)
         output = self._outputs.pop(seq.serial)

@@ -187,12 +187,14 @@ class StepGraphs:
         return _Graph(graph, ints, tables, forward, slot_weights, logits, step, sent=[()] * batch)
 
     def run(self, rows: StepRows, slot_weights: Callable[[], torch.Tensor] | None,
-            weights_key: Hashable = None, members: int = 0) -> torch.Tensor:
+            weights_key: Hashable = None, members: int = 0,
+            from_device: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of the decode rows, then of each chunk's last token. `slot_weights`
         gives the [tokens, slots] scales on the host (None: every token on the base model); it is
         only called, and its result copied, when `weights_key` differs from the key of the scales
         the graph last ran with (None: always). With `members` (deterministic mode) they are
-        [members, tokens, slots], and LoRA reads the whole pool."""
+        [members, tokens, slots], and LoRA reads the whole pool. `from_device` (decode rows, their
+        input tokens on the device) replaces those rows' ids (the tokens of a step still in flight)."""
         n = len(rows.tables)
         chunk_len = sum(rows.chunk_lens)
         batch = _bucket(n, self.batch_sizes) if n else 0
@@ -218,6 +220,8 @@ class StepGraphs:
         assert len(host) == g.tables.storage_offset(), "the host inputs and the layout disagree"
         # array('q') -> tensor is a C loop; torch.tensor(list) checks each int (~2,000 in a chunk step: 7x slower).
         g.ints[:len(host)].copy_(torch.frombuffer(array("q", host), dtype=torch.int64), non_blocking=True)
+        if from_device is not None:  # the layout starts with the decode rows' ids
+            g.ints.index_copy_(0, *from_device)
         self._send_tables(g, rows.tables, batch)
         if g.slot_weights is not None and (weights_key is None or weights_key != g.weights_key):
             assert slot_weights is not None

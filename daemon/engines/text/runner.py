@@ -22,14 +22,44 @@ from .lora_plan import LoraBatch
 from .lora_pool import LoraSlotStorage
 from .model import StepInput, TextModel
 from .request import EngineConfig
-from .sampler import sample
+from .sampler import choose
 from .scheduler import Sequence, StepPlan
 from .transfer import longs
 
 if TYPE_CHECKING:
     from .constraints import RowMasks
 
-__all__ = ["ModelRunner"]
+__all__ = ["Launched", "ModelRunner"]
+
+
+class Launched:
+    """A step whose forward and sampling are queued on the device. On CUDA its tokens' copy to
+    the host is queued too, behind them and before anything launched later, so `tokens()` waits
+    for this step alone, not for the next one the host may have launched meanwhile."""
+
+    def __init__(self, plan: StepPlan, sample: list[Sequence], device_tokens: torch.Tensor | None) -> None:
+        self.plan, self.sample, self.device_tokens = plan, sample, device_tokens
+        self._rows = {s.serial: i for i, s in enumerate(sample)}
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if device_tokens is not None and device_tokens.is_cuda:
+            self._host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=True)
+            self._host.copy_(device_tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def row(self, seq: Sequence) -> int:
+        """Where `seq`'s token is in this step's tokens."""
+        return self._rows[seq.serial]
+
+    def tokens(self) -> list[int]:
+        """The next token of each sequence in `sample` (waits for the device)."""
+        if self.device_tokens is None:
+            return []
+        if self._ready is None or self._host is None:
+            return self.device_tokens.tolist()
+        self._ready.synchronize()
+        return self._host.tolist()
 
 
 class ModelRunner:
@@ -50,6 +80,7 @@ class ModelRunner:
         self.masks: RowMasks | None = None  # created with the first constrained row
         # Sequences whose grammar the last step found complete with their previous token (`output`).
         self.grammar_done: list[Sequence] = []
+        self.in_flight: Launched | None = None  # the last step launched
         # (sequence serial, its slots) -> its scale per slot (float32, host); a paused sequence may come
         # back in other slots.
         self._weights: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
@@ -62,13 +93,23 @@ class ModelRunner:
         """Run the step; the next token of each sequence in `plan.sample`, in that order.
         `while_running` is called once the forward is launched (on CUDA the device is busy with it
         meanwhile); sequences it finishes still get a token, which the caller drops."""
+        return self.launch(plan, while_running).tokens()
+
+    def launch(self, plan: StepPlan, while_running: Callable[[], None] | None = None) -> Launched:
+        """Queue the step's forward and sampling; its tokens come with `Launched.tokens()`, and
+        until then a later step may take them as the input of its decode rows (`_decode_ids`)."""
         logits = self._forward(plan)  # on CUDA still running while the matchers and masks work
         if while_running is not None:
             while_running()
         sample_seqs = plan.sample
         self.grammar_done = []
+        self.in_flight = Launched(plan, sample_seqs, self._choose(plan, logits))
+        return self.in_flight
+
+    def _choose(self, plan: StepPlan, logits: torch.Tensor) -> torch.Tensor | None:
+        sample_seqs = plan.sample
         if not sample_seqs:  # only prompt chunks that end mid-prompt
-            return []
+            return None
         rows = [i for i, s in enumerate(sample_seqs) if s.grammar is not None and not s.finished]
         if rows:
             if self.masks is None:
@@ -88,14 +129,17 @@ class ModelRunner:
         # Token histories only for the rows with a repetition penalty (the others never read them).
         histories = [s.request.prompt_ids + s.tokens if p.repetition_penalty != 1.0 else []
                      for s, p in zip(sample_seqs, params, strict=True)]
-        counts = [len(s.tokens) for s in sample_seqs]
+        # Each row's count of generated tokens before the one it samples, from its positions (with
+        # its input token still on the device, the host's list is one short).
+        counts = [s.fed + 1 - s.prompt_len for s in plan.decode] + \
+            [c.start + c.length - c.seq.prompt_len for c in plan.chunks if c.completes]
         n = len(sample_seqs)
         if self._fixed_rows() and n < self.config.max_seqs:  # the sampler's reductions over a fixed row count too
             extra = self.config.max_seqs - n
             logits = torch.cat([logits, logits[:1].expand(extra, -1)])
             params, counts, histories = params + params[:1] * extra, counts + counts[:1] * extra, \
                 histories + histories[:1] * extra
-        return sample(logits, params, counts, histories)[:n]
+        return choose(logits, params, counts, histories)[:n]
 
     def _slot(self, seq: Sequence, position: int) -> int:
         bs = self.kv.block_size
@@ -116,12 +160,12 @@ class ModelRunner:
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         decode = plan.decode
-        ids = [s.token(s.fed) for s in decode]
+        ids, from_device = self._decode_ids(decode)
         pos = [s.fed for s in decode]
         slots = [self._slot(s, s.fed) for s in decode]
         chunk_tokens = sum(c.length for c in plan.chunks)
         if self.graphs is not None and self.graphs.takes(len(decode), len(plan.chunks), chunk_tokens):
-            return self._replay(plan, ids, pos, slots)
+            return self._replay(plan, ids, pos, slots, from_device)
         fixed = self._fixed_rows()
         if fixed and decode and plan.chunks:  # decode rows and prompt chunks as forwards of their own fixed sizes
             return torch.cat([self._forward(StepPlan(decode, [])), self._forward(StepPlan([], plan.chunks))])
@@ -158,8 +202,12 @@ class ModelRunner:
         index = None
         if d and not self.kernels.reads_pages:
             index = gather_index(decode_tables, max(lens), self.kv.block_size)
+        input_ids = longs(ids, dev)
+        if from_device is not None:
+            rows, tokens = from_device
+            input_ids.index_copy_(0, rows, tokens)
         step = StepInput(
-            input_ids=longs(ids, dev), positions=longs(pos, dev), slots=longs(slots, dev),
+            input_ids=input_ids, positions=longs(pos, dev), slots=longs(slots, dev),
             num_decode=d, decode_tables=decode_tables, decode_lens=decode_lens, decode_index=index,
             prefill=chunks,
             prefill_tables=longs([b for t in self._tables([c.seq for c in plan.chunks]) for b in t],
@@ -174,7 +222,28 @@ class ModelRunner:
         self.last_batch_size = len(ids) - pad  # the step's own tokens (deterministic mode pads)
         return self.model.forward(step, self.kv, self.storage)[:logits]
 
-    def _replay(self, plan: StepPlan, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
+    def _decode_ids(self, decode: list[Sequence]) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor] | None]:
+        """The decode rows' input tokens: from the host, or (0 on the host, and the rows and their
+        tokens on the device) where a row's input is what the step in flight samples."""
+        ids: list[int] = []
+        rows: list[int] = []
+        sources: list[int] = []
+        for i, s in enumerate(decode):
+            if s.fed == s.context_len:  # its input token is still on the device
+                assert self.in_flight is not None, "a decode row's input token is in no step"
+                rows.append(i)
+                sources.append(self.in_flight.row(s))
+                ids.append(0)
+            else:
+                ids.append(s.token(s.fed))
+        if not rows:
+            return ids, None
+        assert self.in_flight is not None and self.in_flight.device_tokens is not None
+        dev = self.in_flight.device_tokens.device
+        return ids, (longs(rows, dev), self.in_flight.device_tokens.index_select(0, longs(sources, dev)))
+
+    def _replay(self, plan: StepPlan, ids: list[int], pos: list[int], slots: list[int],
+                from_device: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """A decode step, or decode rows and a few prompt chunks, through a recorded graph."""
         assert self.graphs is not None
         decode, chunks = plan.decode, plan.chunks
@@ -203,9 +272,10 @@ class ModelRunner:
         if self.config.deterministic:  # decode rows only; LoRA always on, one pass per mix member (`_member_batch`)
             count = max(1, max(len(_mix_order(s)) for s in decode))
             return self.graphs.run(rows, lambda: self._mix_weights([(s, 1) for s in decode]),
-                                   weights_key=tuple(members), members=count)
+                                   weights_key=tuple(members), members=count, from_device=from_device)
         uses_lora = any(self._uses_lora(s) for s in seqs)
-        logits = self.graphs.run(rows, weights if uses_lora else None, weights_key=tuple(members))
+        logits = self.graphs.run(rows, weights if uses_lora else None, weights_key=tuple(members),
+                                 from_device=from_device)
         if all(c.completes for c in chunks):
             return logits
         keep = [*range(d), *(d + j for j, c in enumerate(chunks) if c.completes)]

@@ -66,6 +66,7 @@ class Sequence:
     preemptions: int = 0
     cancelled: bool = False
     finished: bool = False  # ended (`Scheduler.finish`); a step launched before may still carry its row
+    ends_in_flight: bool = False  # the token of the step in flight is its last by length: planned no more
     started: float | None = None
     first_token: float | None = None
     grammar: Any = None  # its constraint's matcher (constraints.Grammar.start()); None: unconstrained
@@ -190,9 +191,13 @@ class Scheduler:
         return [s for s in self.running if s.cancelled]
 
     def finish(self, seq: Sequence) -> None:
-        """The sequence ended: its blocks go back (full ones stay cached) and its adapters' slots."""
-        self.running.remove(seq)
-        self._free(seq)
+        """The sequence ended: its blocks go back (full ones stay cached) and its adapters' slots.
+        A paused one (its token from a step in flight ended it) leaves the queue; it holds nothing."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._free(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
         seq.finished = True
 
     # ---------------------------------------------------------------- scheduling
@@ -208,7 +213,7 @@ class Scheduler:
             return started, None
         active = [s for s in self.running if s.request.priority not in hold] if hold else self.running
         decode: list[Sequence] = []
-        for seq in sorted((s for s in active if not s.in_prefill), key=self._order):
+        for seq in sorted((s for s in active if not s.in_prefill and not s.ends_in_flight), key=self._order):
             if seq in self.running and self._reserve(seq, seq.fed + 1):
                 decode.append(seq)
         budget = self.max_step_tokens - len(decode)

@@ -25,6 +25,15 @@ def engine(tiny_model_dir: Path) -> TextEngine:
                                                    max_lora_rank=8, prefill_chunk=8))
 
 
+@pytest.fixture(params=[False, True], ids=["one-at-a-time", "overlapped"])
+def stepping(request: pytest.FixtureRequest, engine: TextEngine):  # type: ignore[no-untyped-def]
+    """The engine's steps one at a time (the CPU's default), or each launched before the last
+    one's tokens land (`overlap_steps`, a GPU's)."""
+    engine.overlap_steps = request.param
+    yield request.param
+    engine.overlap_steps = False
+
+
 def version(engine: TextEngine, folder: Path, number: int = 1):
     files = read_adapter_files(folder, "text")
     prepared = engine.prepare_adapter(files)
@@ -86,28 +95,23 @@ def test_stop_string_ends_and_trims(engine: TextEngine) -> None:
     assert "".join(e.text for e in events if isinstance(e, TextChunkEvent)) == done.text
 
 
-def test_text_made_while_the_next_step_runs_changes_nothing(engine: TextEngine) -> None:
-    """`defer_text` (a GPU's default): a token's text, stop strings and chunk come while the next
-    step runs. The same requests (stop strings mid-stream, lengths, EOS allowed, sampled and greedy,
-    streamed and not, one cancelled mid-way, one paused for a player's line and resumed) give the
-    same events as text made at once; a stop string found a step late drops the extra token and
-    frees every block."""
+def _play_batch(engine: TextEngine, *, defer: bool, overlap: bool) -> dict:
+    """Events (by key) of a batch that meets every way a sequence ends: stop strings mid-stream,
+    lengths, EOS allowed, the context's end, sampled and greedy, streamed and not, one cancelled
+    mid-way, one paused for a player's line and resumed."""
     prompts = ["Ahoy matey", "Gold coins", "The parrot"]
     fulls = [run(engine, req(engine, ("f", i), p, temperature=0.0, max_tokens=24))[("f", i)][-1].text
              for i, p in enumerate(prompts)]
-
-    def batch() -> list[TextRequest]:
-        out = [req(engine, ("stop", i), p, temperature=0.0, max_tokens=24, stop=(full[5:8], "zz"))
-               for i, (p, full) in enumerate(zip(prompts, fulls, strict=True))]
-        out += [req(engine, "sampled", temperature=0.9, seed=5, max_tokens=17, ignore_eos=False),
-                req(engine, "quiet", temperature=0.7, seed=2, max_tokens=9, stream=False),
-                req(engine, "cut", temperature=0.8, seed=8, max_tokens=40)]
-        return out
-
-    def events_of(defer: bool) -> dict:
-        engine.defer_text = defer
-        events: dict = {}
-        for r in batch():
+    batch = [req(engine, ("stop", i), p, temperature=0.0, max_tokens=24, stop=(full[5:8], "zz"))
+             for i, (p, full) in enumerate(zip(prompts, fulls, strict=True))]
+    batch += [req(engine, "sampled", temperature=0.9, seed=5, max_tokens=17, ignore_eos=False),
+              req(engine, "quiet", temperature=0.7, seed=2, max_tokens=9, stream=False),
+              req(engine, "cut", temperature=0.8, seed=8, max_tokens=40),
+              req(engine, "context", "a long tale " * 3, temperature=0.0, max_tokens=60, ignore_eos=True)]
+    engine.defer_text, engine.overlap_steps = defer, overlap
+    events: dict = {}
+    try:
+        for r in batch:
             engine.submit(r, lambda e, events=events: events.setdefault(e.key, []).append(e))
         steps = 0
         preempted = engine.scheduler.preempted
@@ -119,25 +123,43 @@ def test_text_made_while_the_next_step_runs_changes_nothing(engine: TextEngine) 
                                   priority="player"), lambda e, events=events: events.setdefault(e.key, []).append(e))
             if steps == 6:
                 engine.cancel("cut")
-        assert engine.scheduler.preempted > preempted
-        return {k: [(type(e).__name__, e.text, getattr(e, "tokens", None), getattr(e, "finish_reason", None),
-                     getattr(e, "token_ids", None)) for e in v] for k, v in events.items()}
-
-    late_before = engine.late_stops
-    try:
-        at_once = events_of(False)
-        assert engine.late_stops == late_before
-        behind = events_of(True)
     finally:
-        engine.defer_text = False
+        engine.defer_text = engine.overlap_steps = False
+    assert engine.scheduler.preempted > preempted
+    assert not engine.scheduler.running and engine.pool.in_use == 0
+    return {k: [(type(e).__name__, e.text, getattr(e, "tokens", None), getattr(e, "finish_reason", None),
+                 getattr(e, "token_ids", None)) for e in v] for k, v in events.items()}
+
+
+def test_text_made_while_the_next_step_runs_changes_nothing(engine: TextEngine) -> None:
+    """`defer_text` (a GPU's default): a token's text, stop strings and chunk come while the next
+    step runs: the same events as text made at once; a stop string found a step late drops the
+    extra token and frees every block."""
+    late_before = engine.late_stops
+    at_once = _play_batch(engine, defer=False, overlap=False)
+    assert engine.late_stops == late_before
+    behind = _play_batch(engine, defer=True, overlap=False)
     assert behind == at_once
     assert all(at_once[("stop", i)][-1][3] == "stop" for i in range(3))
     assert at_once["cut"][-1][3] == "cancelled"
+    assert at_once["context"][-1][3] == "length" and len(at_once["context"][-1][4]) < 60  # the context's end
     assert engine.late_stops >= late_before + 3  # each stop string was found while its next token was computed
-    assert not engine.scheduler.running and engine.pool.in_use == 0
 
 
-def test_cancel_running_and_queued(engine: TextEngine) -> None:
+def test_steps_launched_before_the_last_ones_tokens_land_change_nothing(engine: TextEngine) -> None:
+    """`overlap_steps` (a GPU's default): each step is planned and launched before the tokens of
+    the one before reach the host, its decode rows reading their input tokens on the device. The
+    same events as one step at a time, with the text made at once or behind; a sequence ended by
+    its token (EOS, a stop string, cancelled, paused for the player) has run one more row, whose
+    token is dropped; one at its last token by length or context is not planned again."""
+    one_at_a_time = _play_batch(engine, defer=False, overlap=False)
+    overlapped = engine.overlapped_steps
+    assert _play_batch(engine, defer=False, overlap=True) == one_at_a_time
+    assert _play_batch(engine, defer=True, overlap=True) == one_at_a_time
+    assert engine.overlapped_steps > overlapped + 40
+
+
+def test_cancel_running_and_queued(engine: TextEngine, stepping: bool) -> None:
     """Cancelling frees the row at the next step; a queued request cancels without running."""
     events: dict = {}
     sink = lambda e: events.setdefault(e.key, []).append(e)  # noqa: E731
@@ -340,7 +362,7 @@ def test_safetensors_roundtrip_helper_is_sane(tiny_model_dir: Path, tmp_path: Pa
     save_file(tensors, str(tmp_path / "copy.safetensors"))
 
 
-def test_a_failure_one_request_brings_ends_only_that_request(engine: TextEngine) -> None:
+def test_a_failure_one_request_brings_ends_only_that_request(engine: TextEngine, stepping: bool) -> None:
     """A step that fails whenever one request is in it: that request ends with FAILED, every other
     request of the batch finishes with the tokens it gets without it."""
     def reqs() -> list[TextRequest]:
@@ -367,7 +389,7 @@ def test_a_failure_one_request_brings_ends_only_that_request(engine: TextEngine)
     assert not engine.scheduler.running and engine.pool.in_use == 0
 
 
-def test_a_failure_of_the_whole_batch_alone_is_survived_in_halves(engine: TextEngine) -> None:
+def test_a_failure_of_the_whole_batch_alone_is_survived_in_halves(engine: TextEngine, stepping: bool) -> None:
     """A step that fails only with several rows in it (say, out of memory): retried in halves, every
     request completes."""
     def too_big(keys: list, logits: torch.Tensor) -> None:
@@ -382,7 +404,38 @@ def test_a_failure_of_the_whole_batch_alone_is_survived_in_halves(engine: TextEn
     assert all(isinstance(events[i][-1], TextDoneEvent) and events[i][-1].completion_tokens == 6 for i in range(4))
 
 
-def test_a_failed_step_after_a_late_stop_string_retries_only_the_others(engine: TextEngine) -> None:
+def test_a_step_the_device_fails_after_its_launch_ends_its_requests_alone(engine: TextEngine,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlapped, a step's failure can surface only when its tokens are taken (a device error):
+    then nothing of that step is known, and its sequences end with FAILED; the step launched
+    after it, and every request after, run on."""
+    from daemon.engines.text import runner as runner_module
+
+    taken = runner_module.Launched.tokens
+    calls = {"n": 0}
+
+    def flaky(self):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("an illegal memory access (simulated)")
+        return taken(self)
+
+    monkeypatch.setattr(runner_module.Launched, "tokens", flaky)
+    engine.overlap_steps = True
+    try:
+        failed_before = engine.failed_steps
+        events = run(engine, *[req(engine, i, temperature=0.0, max_tokens=8, ignore_eos=True) for i in range(3)])
+        after = run(engine, req(engine, "after", temperature=0.0, max_tokens=8, ignore_eos=True))
+    finally:
+        engine.overlap_steps = False
+    assert engine.failed_steps == failed_before + 1
+    assert all(isinstance(events[i][-1], EngineError) and "illegal memory access" in events[i][-1].message
+               for i in range(3))
+    assert isinstance(after["after"][-1], TextDoneEvent) and after["after"][-1].completion_tokens == 8
+    assert not engine.scheduler.running and engine.pool.in_use == 0
+
+
+def test_a_failed_step_after_a_late_stop_string_retries_only_the_others(engine: TextEngine, stepping: bool) -> None:
     """With the text made while the next step runs, a stop string found then ends its sequence
     inside a step; when that step fails and is retried in halves, the ended sequence is not retried
     (its blocks are gone) and ends as it would have, with `stop`; the others complete."""

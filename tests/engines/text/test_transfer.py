@@ -1,5 +1,5 @@
 """Host lists to the device without a wait (`transfer.py`), and on CUDA: a step's one wait for the
-device is the copy of its sampled tokens to the host.
+device is for its sampled tokens on the host (`Launched.tokens`, while the next step runs).
 
 A wait in the middle of a step (an index built from a list, a `torch.tensor(..., device=...)`)
 makes the host idle until the forward ends, and the device idle while the host then does what it
@@ -87,8 +87,10 @@ if torch.cuda.is_available():  # collected only where it can run (like the CUDA 
             return wrapped
 
         monkeypatch.setattr(engine.runner, "_forward", no_wait(forward, "forwards"))
-        monkeypatch.setattr(runner_module, "sample", lambda *a: no_wait(choose, "samples")(*a).tolist())
+        monkeypatch.setattr(runner_module, "choose", no_wait(choose, "samples"))
+        overlapped = engine.overlapped_steps
         got = scenario(1)
         assert engine.graphs.chunk_replays > chunk_replays  # the chunk steps ran through graphs
+        assert engine.overlapped_steps > overlapped + 20  # and their decode rows' inputs came from the device
         assert checked["forwards"] >= 24 and checked["samples"] >= 24
         assert got == expected
