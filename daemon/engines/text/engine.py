@@ -356,12 +356,11 @@ class TextEngine:
     def _may_overlap(self) -> bool:
         """Whether this step may be planned and launched before the last one's tokens reach the host
         (`overlap_steps`): not where a running row needs its last token on the host before its next
-        forward (a grammar's mask, a repetition penalty's history), nor under an active GPU budget
-        (its step times and frame windows count one step at a time)."""
+        forward (a grammar's mask), nor under an active GPU budget (its step times and frame windows
+        count one step at a time). A repetition penalty's history takes that token on the device."""
         if not self.overlap_steps or (self.budget is not None and self.budget.spec.active):
             return False
-        return not any(s.grammar is not None or s.request.sampling.repetition_penalty != 1.0
-                       for s in self.scheduler.running)
+        return not any(s.grammar is not None for s in self.scheduler.running)
 
     def _run_overlapped(self, plan: StepPlan) -> None:
         """Launch the step; then take the tokens of the one before it (the device runs this one

@@ -126,9 +126,19 @@ class ModelRunner:
         if self.on_logits is not None:
             self.on_logits([s.key for s in sample_seqs], logits)
         params = [s.request.sampling for s in sample_seqs]
-        # Token histories only for the rows with a repetition penalty (the others never read them).
+        # Token histories only for the rows with a repetition penalty (the others never read them);
+        # a decode row's input token, still on the device, ends its history there (`late`).
+        late = [i for i, s in enumerate(plan.decode) if params[i].repetition_penalty != 1.0 and s.fed == s.context_len]
         histories = [s.request.prompt_ids + s.tokens if p.repetition_penalty != 1.0 else []
                      for s, p in zip(sample_seqs, params, strict=True)]
+        late_tokens = None
+        if late:
+            assert self.in_flight is not None and self.in_flight.device_tokens is not None
+            for i in late:
+                histories[i] = histories[i] + [0]
+            tokens = self.in_flight.device_tokens
+            late_tokens = (late, tokens.index_select(0, longs([self.in_flight.row(plan.decode[i]) for i in late],
+                                                               tokens.device)))
         # Each row's count of generated tokens before the one it samples, from its positions (with
         # its input token still on the device, the host's list is one short).
         counts = [s.fed + 1 - s.prompt_len for s in plan.decode] + \
@@ -139,7 +149,7 @@ class ModelRunner:
             logits = torch.cat([logits, logits[:1].expand(extra, -1)])
             params, counts, histories = params + params[:1] * extra, counts + counts[:1] * extra, \
                 histories + histories[:1] * extra
-        return choose(logits, params, counts, histories)[:n]
+        return choose(logits, params, counts, histories, late=late_tokens)[:n]
 
     def _slot(self, seq: Sequence, position: int) -> int:
         bs = self.kv.block_size

@@ -53,8 +53,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
 
 
 def choose(logits: torch.Tensor, params: list[SamplingParams], counters: list[int],
-           histories: list[list[int]]) -> torch.Tensor:
-    """`sample`'s tokens [B] (int64), left on the logits' device: nothing here waits for it."""
+           histories: list[list[int]], late: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """`sample`'s tokens [B] (int64), left on the logits' device: nothing here waits for it.
+    `late` (rows, their tokens on the device): the last entry of those rows' histories is a
+    placeholder for a token the host does not have yet."""
     b, vocab = logits.shape
     device = logits.device
     if any(p.repetition_penalty != 1.0 for p in params):
@@ -64,6 +66,9 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
             if params[i].repetition_penalty != 1.0 and h:
                 hist[i, : len(h)] = torch.tensor(h[-width:], dtype=torch.long)
         hist = hist.to(device, non_blocking=True)
+        if late is not None:
+            rows, tokens = late
+            hist[longs(rows, device), longs([len(histories[r]) - 1 for r in rows], device)] = tokens
         penalty = floats([p.repetition_penalty for p in params], device)[:, None]
         padded = torch.cat([logits, torch.zeros(b, 1, device=device)], dim=1)
         seen = padded.gather(1, hist)

@@ -107,6 +107,7 @@ def _play_batch(engine: TextEngine, *, defer: bool, overlap: bool) -> dict:
     batch += [req(engine, "sampled", temperature=0.9, seed=5, max_tokens=17, ignore_eos=False),
               req(engine, "quiet", temperature=0.7, seed=2, max_tokens=9, stream=False),
               req(engine, "cut", temperature=0.8, seed=8, max_tokens=40),
+              req(engine, "penalty", "Gold coins", temperature=0.0, repetition_penalty=1.5, max_tokens=20),
               req(engine, "context", "a long tale " * 3, temperature=0.0, max_tokens=60, ignore_eos=True)]
     engine.defer_text, engine.overlap_steps = defer, overlap
     events: dict = {}
