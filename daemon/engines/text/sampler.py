@@ -66,9 +66,9 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], counters: list[in
             if params[i].repetition_penalty != 1.0 and h:
                 hist[i, : len(h)] = torch.tensor(h[-width:], dtype=torch.long)
         hist = hist.to(device, non_blocking=True)
-        if late is not None:
+        if late is not None:  # into the flat view: index_copy_ queues without a wait
             rows, tokens = late
-            hist[longs(rows, device), longs([len(histories[r]) - 1 for r in rows], device)] = tokens
+            hist.view(-1).index_copy_(0, longs([r * width + len(histories[r]) - 1 for r in rows], device), tokens)
         penalty = floats([p.repetition_penalty for p in params], device)[:, None]
         padded = torch.cat([logits, torch.zeros(b, 1, device=device)], dim=1)
         seen = padded.gather(1, hist)

@@ -76,10 +76,10 @@ if torch.cuda.is_available():  # collected only where it can run (like the CUDA 
         forward = engine.runner._forward
 
         def no_wait(fn, counter):  # type: ignore[no-untyped-def]
-            def wrapped(*args):  # type: ignore[no-untyped-def]
+            def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
                 torch.cuda.set_sync_debug_mode("error")
                 try:
-                    out = fn(*args)
+                    out = fn(*args, **kwargs)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
                 checked[counter] += 1
