@@ -226,3 +226,37 @@ def test_cancel_waiting_paused_and_running() -> None:
     paused = s.cancel("run")
     assert paused is not None and paused.preemptions == 1
     assert s.cancel("player") is None and [q.key for q in s.take_cancelled()] == ["player"]
+
+
+def test_steps_planned_with_a_token_in_flight() -> None:
+    """Overlapped steps (the engine plans step N+1 before step N's tokens are known): a sequence
+    whose input token is in flight decodes at its next position; one whose in-flight token is its
+    last (`ends_in_flight`) is not planned again; one paused with a token in flight, then ended by
+    that token, leaves the queue holding nothing."""
+    s = scheduler(max_seqs=2, blocks=64)
+    for i, key in enumerate(("a", "b")):
+        s.enqueue(request(key, prompt=8, tokens=6, arrival=float(i)))
+    _, plan = s.schedule()
+    assert plan is not None and len(plan.sample) == 2
+    s.commit(plan)  # launched; the tokens are still on the device
+    _, plan = s.schedule()
+    assert plan is not None and [q.fed for q in plan.decode] == [8, 8]  # fed == context: the input is in flight
+    assert all(q.fed == q.context_len for q in plan.decode)
+    a, b = plan.decode
+    s.commit(plan)
+    for q in (a, b):
+        q.tokens.append(1)  # the first step's tokens land
+    a.ends_in_flight = True  # the second step's token is a's last
+    _, plan = s.schedule()
+    assert plan is not None and plan.decode == [b]
+    s.commit(plan)
+    b.tokens.append(2)
+    # A player's line pauses b, the latest (its token in flight); that token then ends b while it waits.
+    s.enqueue(request("player", prompt=8, tokens=2, priority="player", arrival=2.0))
+    started, _ = s.schedule()
+    assert [q.key for q in started] == ["player"] and b in s.waiting and b.table == []
+    in_use = s.pool.in_use
+    s.finish(b)
+    assert b.finished and b not in s.waiting and b not in s.running and s.pool.in_use == in_use
+    s.finish(a)  # its last token lands
+    assert run(s) == ["player"] and not s.has_work()
