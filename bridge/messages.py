@@ -258,7 +258,8 @@ class FrameSync(_Message):
     margin_ms: float = Field(default=0.5, ge=0.0, le=100.0, description="kept free before the next frame")
     overlap_ms: float = Field(default=0.0, ge=0.0, le=100.0, description=(
         "how far past that a step may run into the game's next frame (that frame then shares the GPU for up to "
-        "this long: a little slower while it is well under the period); 0: never"))
+        "this long: a little slower while it is well under the period); 0: never. A frame whose reported time "
+        "is past the period less the margin halves it; each frame within gives a sixteenth back"))
 
 
 class SetBudget(_Message):

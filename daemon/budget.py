@@ -17,7 +17,10 @@ A game and the daemon share one GPU. Three limits, each off unless set (settings
   is `FrameSync.game_ms`, or, once frames carry the game's measured GPU time of its last frame
   (`frame(game_ms)`, as the plugins send where the engine measures it), the 90th percentile of the
   last 32 such reports: a scene that renders more takes more of the frame, one that renders less
-  leaves the daemon more.
+  leaves the daemon more. The overlap backs off the same way: a report of a frame that (nearly)
+  missed (its measured time past the period less the margin) halves the overlap in use, and each
+  frame within it gives back a sixteenth of the setting: a game whose frames get heavy, or a GPU
+  that gets slower, takes its next frames back from the daemon first.
 
 While any limit is set, a step's predicted time is bounded (`step_ms_limit`): the engine shrinks
 its prompt chunks to fit the free part of a frame, or `max_step_ms`. Thread-safe; the clock is
@@ -47,6 +50,7 @@ _CATCH_UP_S = 0.1  # credit a waiting engine may carry past its wake-up time (th
 _STALE_PERIODS = 4
 _REPORTS = 32  # frames' measured game times the game's part is taken from
 _MIN_REPORTS = 4  # ... once this many have come
+_OVERLAP_BACK = 1 / 16  # of the overlap setting a frame within its time gives back after a back-off
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class GpuBudget:
         self._bucket_at = clock()
         self._frame_at: float | None = None  # the last frame start reported
         self._game_reports: deque[float] = deque(maxlen=_REPORTS)  # the game's measured ms of recent frames
+        self._overlap_scale = 1.0  # of `FrameSync.overlap_ms` in use: halved by a late frame, then regained
         self.owner: int | None = None  # the connection whose set_budget is in force (None: settings)
         self.busy_s = 0.0  # step time recorded
         self.waited_s = 0.0  # time steps were held back
@@ -105,6 +110,7 @@ class GpuBudget:
             if spec.frame_sync is None:
                 self._frame_at = None
             self._game_reports.clear()
+            self._overlap_scale = 1.0
 
     def release(self, owner: int) -> bool:
         """The connection that set the budget is gone: back to the settings' budget."""
@@ -120,6 +126,18 @@ class GpuBudget:
             self.frames += 1
             if game_ms is not None:
                 self._game_reports.append(game_ms)
+                sync = self._spec.frame_sync
+                if sync is not None and sync.overlap_ms > 0:
+                    if game_ms > sync.period_ms - sync.margin_ms:  # late, or nearly: the overlap gives way first
+                        self._overlap_scale *= 0.5
+                    else:
+                        self._overlap_scale = min(1.0, self._overlap_scale + _OVERLAP_BACK)
+
+    def overlap_ms(self) -> float | None:
+        """How far a step may run into the next frame now (None without frame sync)."""
+        with self._lock:
+            sync = self._spec.frame_sync
+            return None if sync is None else self._overlap(sync) * 1000
 
     def game_ms(self) -> float | None:
         """The game's part of a frame as frame sync uses it now: from its reports once there are
@@ -163,7 +181,8 @@ class GpuBudget:
         limits = [spec.max_step_ms] if spec.max_step_ms is not None else []
         sync = spec.frame_sync
         if sync is not None and self._frame_at is not None:
-            limits.append(max(sync.period_ms - self._game_part(sync) * 1000 - sync.margin_ms + sync.overlap_ms, 0.1))
+            limits.append(max(sync.period_ms - self._game_part(sync) * 1000 - sync.margin_ms
+                              + self._overlap(sync) * 1000, 0.1))
         return min(limits) if limits else None
 
     def record(self, seconds: float, tokens: Mapping[str, int] | None = None, *, waited: float = 0.0) -> None:
@@ -192,10 +211,12 @@ class GpuBudget:
     def describe(self) -> dict[str, object]:
         spec = self._spec
         game = self.game_ms()  # the game's part of a frame in use (its reports', or the spec's)
+        overlap = self.overlap_ms()
         return {"active": spec.active, "duty_cap": spec.duty_cap, "tokens_per_s": dict(spec.tokens_per_s),
                 "frame_sync": None if spec.frame_sync is None else vars(spec.frame_sync).copy(),
                 "max_step_ms": spec.max_step_ms, "set_by_client": self.owner is not None,
                 "game_ms_in_use": None if game is None else round(game, 3),
+                "overlap_ms_in_use": None if overlap is None else round(overlap, 3),
                 "busy_s": round(self.busy_s, 3), "held_back_s": round(self.waited_s, 3), "frames": self.frames}
 
     # ------------------------------------------------------------------ internals (under the lock)
@@ -225,11 +246,15 @@ class GpuBudget:
         ordered = sorted(reports)
         return ordered[int(0.9 * (len(ordered) - 1))] / 1000
 
+    def _overlap(self, sync: FrameSync) -> float:
+        """Seconds a step may run into the next frame now (the setting, backed off after late frames)."""
+        return sync.overlap_ms * self._overlap_scale / 1000
+
     def _frame_wait(self, at: float, sync: FrameSync, step_s: float) -> float:
         """Seconds after `at` until a step of `step_s` fits the free part of a frame."""
         assert self._frame_at is not None
         period, game = sync.period_ms / 1000, self._game_part(sync)
-        margin = (sync.margin_ms - sync.overlap_ms) / 1000
+        margin = sync.margin_ms / 1000 - self._overlap(sync)
         since = at - self._frame_at
         if since > _STALE_PERIODS * period:  # the game stopped reporting: do not wait for frames
             return 0.0

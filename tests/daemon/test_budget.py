@@ -189,6 +189,37 @@ def test_frame_sync_sizes_the_games_part_from_its_measured_frames() -> None:
     assert budget.game_ms() is None and budget.describe()["game_ms_in_use"] is None
 
 
+def test_the_overlap_backs_off_after_a_late_frame_and_comes_back() -> None:
+    """A frame report whose measured time is past the period less the margin halves the overlap in
+    use (two such frames: a quarter); each frame within it gives back a sixteenth of the setting;
+    a new budget starts from the setting. Without an overlap nothing changes."""
+    clock = Clock()
+    sync = FrameSync(period_ms=8.0, game_ms=3.0, margin_ms=0.5, overlap_ms=2.0)
+    budget = GpuBudget(BudgetSpec(frame_sync=sync), clock=clock)
+    for _ in range(30):  # the game's part: the 90th percentile of these, 3 ms (two late frames leave it there)
+        budget.frame(3.0)
+    assert budget.overlap_ms() == 2.0 and budget.step_ms_limit() == pytest.approx(8.0 - 3.0 - 0.5 + 2.0)
+    budget.frame(7.6)  # 0.1 ms past 7.5: nearly late
+    assert budget.overlap_ms() == 1.0 and budget.describe()["overlap_ms_in_use"] == 1.0
+    budget.frame(9.0)
+    assert budget.overlap_ms() == 0.5 and budget.step_ms_limit() == pytest.approx(8.0 - 3.0 - 0.5 + 0.5)
+    clock.now += 0.00505  # 5.05 ms into the frame: a 3 ms step would end past 7.5 + 0.5 ms: it waits
+    assert budget.delay(3.0) > 0
+    budget.frame(3.0)
+    clock.now += 0.00505
+    assert budget.overlap_ms() == pytest.approx(0.625) and budget.delay(3.0) == 0  # 0.625 ms of overlap: it fits
+    for _ in range(11):
+        budget.frame(3.0)
+    assert budget.overlap_ms() == 2.0  # 0.625 + 11 x 0.125, capped at the setting
+    budget.frame(9.0)
+    budget.set(BudgetSpec(frame_sync=sync))
+    assert budget.overlap_ms() == 2.0
+    plain = GpuBudget(BudgetSpec(frame_sync=FrameSync(period_ms=8.0, game_ms=3.0)), clock=clock)
+    plain.frame(9.0)
+    assert plain.overlap_ms() == 0.0 and plain.step_ms_limit() == pytest.approx(4.5)
+    assert GpuBudget(BudgetSpec(duty_cap=0.5), clock=clock).overlap_ms() is None
+
+
 def test_step_timer_shrinks_prompt_chunks_to_fit() -> None:
     timer = StepTimer()
     for _ in range(10):

@@ -841,7 +841,8 @@ const FRAME_SYNC_FIELDS := {
 		"le": 100.0,
 		"doc": "how far past that a step may run into the game's next frame (that frame then shares " +
 				"the GPU for up to this long: a little slower while it is well under the period); 0: " +
-				"never",
+				"never. A frame whose reported time is past the period less the margin halves it; each " +
+				"frame within gives a sixteenth back",
 	},
 }
 ## Its fields that have a default, and the default.

@@ -141,7 +141,8 @@ namespace Loraloom.Core
         public double MarginMs = 0.5;
         /// <summary>
         /// How far past that a step may run into the game's next frame (that frame then shares the GPU for up to this
-        /// long: a little slower while it is well under the period); 0: never. At least 0.0, at most 100.0.
+        /// long: a little slower while it is well under the period); 0: never. A frame whose reported time is past the
+        /// period less the margin halves it; each frame within gives a sixteenth back. At least 0.0, at most 100.0.
         /// </summary>
         public double OverlapMs = 0.0;
 
