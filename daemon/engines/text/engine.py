@@ -9,8 +9,8 @@ daemon calls `start()` (a worker thread runs the step loop) and `submit(request,
 from any thread; events come back through `on_event` on the worker thread. Each step: take the
 commands (submit, cancel, retire), end cancelled sequences, admit queued requests and plan the
 step (`scheduler`), run it on the device (`runner`), turn tokens into text and events (`output`).
-A step that fails is retried for halves of its sequences, so one sequence's failure ends only
-that sequence (`_run_isolated`).
+How a planned step runs (one at a time, or overlapped with the one before on a GPU) and how a
+failing step is retried in halves, so one sequence's failure ends only that sequence: `stepping`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,9 @@ from .output import SequenceOutput
 from .peft_format import prepare_peft_lora
 from .request import EngineConfig, TextChunkEvent, TextDoneEvent, TextRequest, check_request
 from .runner import Launched, ModelRunner
-from .scheduler import Scheduler, StepPlan
-from .scheduler import Sequence as Seq
+from .scheduler import Scheduler
 from .slots import SlotTable
+from .stepping import StepRunning
 from .tokens import PromptEncoder, load_tokenizer
 
 __all__ = ["TextEngine"]
@@ -54,7 +54,7 @@ __all__ = ["TextEngine"]
 log = logging.getLogger("loraloom.text")
 
 
-class TextEngine:
+class TextEngine(StepRunning):
     """One base model, many LoRA adapters, continuous batching."""
 
     def __init__(self, model: TextModel, tokenizer: Any, config: EngineConfig | None = None,
@@ -352,137 +352,6 @@ class TextEngine:
             self.budget.record(seconds, tokens)
         self.steps += 1
         return True
-
-    def _may_overlap(self) -> bool:
-        """Whether this step may be planned and launched before the last one's tokens reach the host
-        (`overlap_steps`): not where a running row needs its last token on the host before its next
-        forward (a grammar's mask), nor under an active GPU budget (its step times and frame windows
-        count one step at a time). A repetition penalty's history takes that token on the device."""
-        if not self.overlap_steps or (self.budget is not None and self.budget.spec.active):
-            return False
-        return not any(s.grammar is not None for s in self.scheduler.running)
-
-    def _run_overlapped(self, plan: StepPlan) -> None:
-        """Launch the step; then take the tokens of the one before it (the device runs this one
-        meanwhile) and commit this one. Its own tokens land at the next step."""
-        try:
-            launched = self.runner.launch(plan, self._catch_up)
-        except Exception:
-            if self._in_flight is not None:  # the retries run one step at a time
-                self._land_now()
-            self._run_isolated(plan)
-            return
-        previous, self._in_flight = self._in_flight, launched
-        self.overlapped_steps += previous is not None
-        for seq, last in zip(plan.sample, self._ends_at(plan), strict=True):
-            seq.ends_in_flight = last
-        if previous is not None:
-            self._land(previous)
-        self.scheduler.commit(plan)
-
-    def _ends_at(self, plan: StepPlan) -> list[bool]:
-        """For each sequence `plan` samples: whether that token is its last by length (`output`)."""
-        counts = [s.fed + 2 - s.prompt_len for s in plan.decode] + \
-            [c.start + c.length + 1 - c.seq.prompt_len for c in plan.chunks if c.completes]
-        return [n >= s.request.sampling.max_tokens or s.prompt_len + n >= self.max_context
-                for s, n in zip(plan.sample, counts, strict=True)]
-
-    def _land_now(self) -> None:
-        """Land the step in flight with no launch between: the text its predecessor's tokens wait
-        for first, as a launch would have made it (the same events)."""
-        assert self._in_flight is not None
-        self._catch_up()
-        self._land(self._in_flight)
-
-    def _land(self, launched: Launched) -> None:
-        """Take an overlapped step's tokens (waiting for the device) and accept them."""
-        if launched is self._in_flight:
-            self._in_flight = None
-        try:
-            tokens = launched.tokens()
-        except Exception as exc:  # the device failed the step after its launch: nothing of it is known
-            self.failed_steps += 1
-            log.error("a step of %d sequences failed on the device", len(launched.plan.sequences), exc_info=True)
-            for seq in launched.plan.sequences:
-                if not seq.finished and seq.serial in self._outputs:
-                    self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED,
-                                               f"the engine failed on this request: {type(exc).__name__}: {exc}"))
-            return
-        self._accept_all(launched.sample, tokens, set())
-
-    def _run_isolated(self, plan: StepPlan) -> None:
-        """Run a step; if it fails, run halves of it, so a failure that one sequence brings ends that
-        sequence alone (with FAILED) and the others' step still happens."""
-        try:
-            tokens = self.runner.run(plan, self._catch_up)
-        except Exception as exc:
-            self.failed_steps += 1
-            seqs = [s for s in plan.sequences if not s.finished]  # `_catch_up` may have ended some
-            if not seqs:
-                return
-            if len(seqs) == 1:
-                log.error("a step failed for request %r alone; ending it", seqs[0].key, exc_info=True)
-                self._end(seqs[0], EngineError(seqs[0].key, EngineErrorCode.FAILED,
-                                               f"the engine failed on this request: {type(exc).__name__}: {exc}"))
-                return
-            log.warning("a step of %d sequences failed (%s: %s); retrying them in halves", len(seqs),
-                        type(exc).__name__, exc)
-            half = len(seqs) // 2
-            for part in (seqs[:half], seqs[half:]):
-                self._run_isolated(plan.only(part))
-            return
-        self.scheduler.commit(plan)
-        self._accept_all(plan.sample, tokens, {s.serial for s in self.runner.grammar_done})
-
-    def _accept_all(self, seqs: list[Seq], tokens: list[int], complete: set[int]) -> None:
-        now = time.perf_counter()
-        for seq, token in zip(seqs, tokens, strict=True):
-            if seq.finished:  # ended after its step was launched (a stop string in the text of a token
-                continue      # before, `_catch_up`; or its token before, overlapped): this one is dropped
-            if seq.serial in complete:  # its grammar ended with its previous token (`output`): this one is dropped
-                self.grammar_late_stops += 1
-                self._end(seq, "stop")
-            else:
-                self._accept(seq, token, now)
-
-    def _accept(self, seq: Seq, token: int, now: float) -> None:
-        output = self._outputs[seq.serial]
-        self._outcome(seq, lambda: output.on_token(token, now, defer_text=self.defer_text))
-        if output.behind and not seq.finished:
-            self._behind.append(output)
-
-    def _catch_up(self) -> None:
-        """The text, stop strings and chunks of the tokens `_accept` deferred (once a step, while
-        the device runs the next forward)."""
-        behind, self._behind = self._behind, []
-        for output in behind:
-            seq = output.seq
-            if seq.serial in self._outputs and output.behind:
-                self.late_stops += self._outcome(seq, output.catch_up) == "stop"
-
-    def _outcome(self, seq: Seq, take: Callable[[], tuple[TextChunkEvent | None, str | None]]) -> str | None:
-        """Emit what `take` gives (a chunk, or the end of the sequence); the finish reason, if any."""
-        try:
-            chunk, reason = take()
-        except Exception as exc:  # e.g. a tokenizer that cannot decode this token
-            log.exception("turning a token into text failed for request %r", seq.key)
-            self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED, f"decoding the output failed: {exc}"))
-            return None
-        if reason:
-            self._end(seq, reason)
-        elif chunk is not None:
-            self._emit(seq.request, chunk)
-        return reason
-
-    def _end(self, seq: Seq, outcome: str | EngineError) -> None:
-        """Finish a sequence with a reason (stop, length, cancelled) or an error."""
-        if seq in self.scheduler.running or seq in self.scheduler.waiting:
-            self.scheduler.finish(seq)
-        self.runner.forget(seq)
-        output = self._outputs.pop(seq.serial)
-        events = [outcome] if isinstance(outcome, EngineError) else output.final_events(outcome, time.perf_counter())
-        for event in events:
-            self._emit(seq.request, event)
 
     def _emit(self, req: TextRequest, event: Any) -> None:
         final = not isinstance(event, TextChunkEvent)
