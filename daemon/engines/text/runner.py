@@ -139,10 +139,7 @@ class ModelRunner:
             tokens = self.in_flight.device_tokens
             late_tokens = (late, tokens.index_select(0, longs([self.in_flight.row(plan.decode[i]) for i in late],
                                                                tokens.device)))
-        # Each row's count of generated tokens before the one it samples, from its positions (with
-        # its input token still on the device, the host's list is one short).
-        counts = [s.fed + 1 - s.prompt_len for s in plan.decode] + \
-            [c.start + c.length - c.seq.prompt_len for c in plan.chunks if c.completes]
+        counts = plan.generated_before()  # the sampler's counters
         n = len(sample_seqs)
         if self._fixed_rows() and n < self.config.max_seqs:  # the sampler's reductions over a fixed row count too
             extra = self.config.max_seqs - n

@@ -135,6 +135,12 @@ class StepPlan:
         """Sequences that get a next token from this step, in the order of their logits."""
         return self.decode + [c.seq for c in self.chunks if c.completes]
 
+    def generated_before(self) -> list[int]:
+        """For each sequence in `sample`: how many tokens it has generated before the one this step
+        samples, from its positions (the host's `tokens` may be one short: a token in flight)."""
+        return [s.fed + 1 - s.prompt_len for s in self.decode] + \
+            [c.start + c.length - c.seq.prompt_len for c in self.chunks if c.completes]
+
     @property
     def decode_only(self) -> bool:
         return not self.chunks

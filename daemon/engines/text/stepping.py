@@ -82,10 +82,8 @@ class StepRunning:
 
     def _ends_at(self, plan: StepPlan) -> list[bool]:
         """For each sequence `plan` samples: whether that token is its last by length (`output`)."""
-        counts = [s.fed + 2 - s.prompt_len for s in plan.decode] + \
-            [c.start + c.length + 1 - c.seq.prompt_len for c in plan.chunks if c.completes]
-        return [n >= s.request.sampling.max_tokens or s.prompt_len + n >= self.max_context
-                for s, n in zip(plan.sample, counts, strict=True)]
+        return [n + 1 >= s.request.sampling.max_tokens or s.prompt_len + n + 1 >= self.max_context
+                for s, n in zip(plan.sample, plan.generated_before(), strict=True)]
 
     def _land_now(self) -> None:
         """Land the step in flight with no launch between: the text its predecessor's tokens wait
@@ -105,8 +103,7 @@ class StepRunning:
             log.error("a step of %d sequences failed on the device", len(launched.plan.sequences), exc_info=True)
             for seq in launched.plan.sequences:
                 if not seq.finished and seq.serial in self._outputs:
-                    self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED,
-                                               f"the engine failed on this request: {type(exc).__name__}: {exc}"))
+                    self._fail(seq, exc)
             return
         self._accept_all(launched.sample, tokens, set())
 
@@ -122,8 +119,7 @@ class StepRunning:
                 return
             if len(seqs) == 1:
                 log.error("a step failed for request %r alone; ending it", seqs[0].key, exc_info=True)
-                self._end(seqs[0], EngineError(seqs[0].key, EngineErrorCode.FAILED,
-                                               f"the engine failed on this request: {type(exc).__name__}: {exc}"))
+                self._fail(seqs[0], exc)
                 return
             log.warning("a step of %d sequences failed (%s: %s); retrying them in halves", len(seqs),
                         type(exc).__name__, exc)
@@ -133,6 +129,10 @@ class StepRunning:
             return
         self.scheduler.commit(plan)
         self._accept_all(plan.sample, tokens, {s.serial for s in self.runner.grammar_done})
+
+    def _fail(self, seq: Seq, exc: Exception) -> None:
+        self._end(seq, EngineError(seq.key, EngineErrorCode.FAILED,
+                                   f"the engine failed on this request: {type(exc).__name__}: {exc}"))
 
     def _accept_all(self, seqs: list[Seq], tokens: list[int], complete: set[int]) -> None:
         now = time.perf_counter()
